@@ -1,0 +1,205 @@
+"""Typed recipe configs: YAML in, validated pydantic models out.
+
+A recipe is one flat YAML file. Every key is declared here; an unknown key, a wrong type or a
+missing local file fails before any model loads, with the file, the key and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from align.errors import AlignError
+
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are type-checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str
+    """Hub id, local directory, or `builtin:tiny-llama` (a small model built offline)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tokenizer: str | None = None
+    """Tokenizer hub id or path when it differs from the model's."""
+    chat_template: str | None = None
+    """A Jinja chat template, or a path to a file holding one, replacing the tokenizer's."""
+    gradient_checkpointing: bool = False
+
+
+class AdapterConfig(Section):
+    kind: Literal["none", "lora", "qlora"] = "none"
+    r: int = Field(16, gt=0)
+    alpha: float = 32.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+
+
+class DataSource(Section):
+    path: str
+    """Local .jsonl/.json/.parquet/.csv file or directory, or a hub dataset id."""
+    name: str | None = None
+    """Hub dataset config name."""
+    split: str = "train"
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Rename map {name in the file: name Align expects}, e.g. {conversation: messages}."""
+    max_rows: int | None = Field(None, gt=0)
+
+    @property
+    def is_local(self) -> bool:
+        p = self.path
+        return Path(p).suffix in DATA_FILE_TYPES or p.startswith((".", "/", "~")) or os.path.exists(p)
+
+
+class DataConfig(Section):
+    train: DataSource
+    eval: DataSource | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Hold out this fraction of train as the eval split when `eval` is not given."""
+    format: Literal["auto", "text", "messages", "prompt_completion", "preference", "prompt"] = "auto"
+    max_length: int = Field(1024, gt=0)
+    packing: bool = True
+    """Padding-free packing: a batch is one row, position ids restart per example."""
+
+
+class TrainConfig(Section):
+    lr: float = Field(1e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides epochs when set."""
+    batch_size: int = Field(8, gt=0)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(1, gt=0)
+    warmup: float = Field(0.0, ge=0)
+    """Warm-up length: a fraction of all steps if < 1, else a number of steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    resume_from: str | None = None
+    """A checkpoint directory, or `auto` for the newest checkpoint in output_dir."""
+    progress: bool = True
+
+
+class SFTConfig(Section):
+    """Masked-loss SFT has no knobs of its own yet; the section exists so recipes can name it."""
+
+
+class Recipe(Section):
+    algorithm: Literal["sft", "reward", "dpo", "ppo", "grpo"]
+    output_dir: str
+    model: ModelConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @model_validator(mode="after")
+    def _check_files(self) -> "Recipe":
+        sources = [("data.train", self.data.train), ("data.eval", self.data.eval)]
+        for key, source in sources:
+            if source is not None and source.is_local and not os.path.exists(os.path.expanduser(source.path)):
+                raise ValueError(f"{key}.path: file not found: {source.path!r} (paths are relative to the "
+                                 f"directory you run from: {os.getcwd()})")
+        return self
+
+
+def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
+    """The valid key nearest to the unknown one at `loc`, looked up in the nested pydantic model."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            continue
+        inner = field.annotation
+        for candidate in getattr(inner, "__args__", (inner,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: `file: key: message (did you mean ...?)`."""
+    lines = [f"invalid recipe {source}:"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            hint = _closest_key(Recipe, loc)
+            msg = "unknown key" + (f"; did you mean {'.'.join(map(str, loc[:-1] + (hint,)))!r}?" if hint else "")
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            if "input" in item and not isinstance(item["input"], dict):
+                msg += f" (got {item['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=2e-5` -> (["train", "lr"], 2e-5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise AlignError(f"--set {text!r}: expected KEY=VALUE, for example --set train.lr=2e-5")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise AlignError(f"--set {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise AlignError(format_validation_error(error, source)) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe YAML file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise AlignError(f"recipe file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise AlignError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise AlignError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    return recipe_from_dict(apply_overrides(raw, overrides or []), path)
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe.model_dump(mode="json"), f, sort_keys=False)

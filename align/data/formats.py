@@ -1,0 +1,146 @@
+"""Dataset formats and their tokenization into (input_ids, labels) examples.
+
+An example is `{"input_ids": [T], "labels": [T]}` where labels are already shifted:
+`labels[t]` is the token that follows position t when that token is trained, else -100. Shifting
+per example means packed examples never predict across their boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import datasets
+
+from align.errors import AlignError
+from align.ops.logprobs import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+FORMAT_COLUMNS = {  # checked in order: the first whose columns are all present wins
+    "preference": ("chosen", "rejected"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "prompt": ("prompt",),
+}
+
+
+def detect_format(columns: Sequence[str], declared: str, key: str) -> str:
+    """The data format of a dataset with these columns; `declared` (not `auto`) is checked instead."""
+    if declared != "auto":
+        needed = FORMAT_COLUMNS[declared]
+        if not all(c in columns for c in needed):
+            raise AlignError(f"{key}: format {declared!r} needs columns {list(needed)}, found {list(columns)}; "
+                             f"rename yours with {key}.columns, e.g. {{my_column: {needed[0]}}}")
+        return declared
+    for name, needed in FORMAT_COLUMNS.items():
+        if all(c in columns for c in needed):
+            return name
+    raise AlignError(f"{key}: cannot tell the data format from columns {list(columns)}; expected one of "
+                     + ", ".join(f"{list(v)} ({k})" for k, v in FORMAT_COLUMNS.items())
+                     + f"; map your columns with {key}.columns")
+
+
+def shift_labels(input_ids: list[int], trained: list[bool]) -> list[int]:
+    """labels[t] = input_ids[t + 1] if that token is trained, else -100; the last is always -100."""
+    return [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids[1:], trained[1:])] + [IGNORE_INDEX]
+
+
+def has_generation_markers(template: str) -> bool:
+    return "generation %}" in template
+
+
+def render_chat(tokenizer, messages: list[dict], row: int, key: str) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it belongs to an assistant turn.
+
+    Templates with `{% generation %}` markers give the mask directly; for others each assistant
+    turn is located by rendering the conversation up to it (templates must render prefixes stably).
+    """
+    if not tokenizer.chat_template:
+        raise AlignError(f"{key}: the data is conversational (`messages`) but the tokenizer has no chat "
+                         f"template; set model.chat_template to a Jinja template or a file holding one")
+    _check_messages(messages, row, key)
+    if has_generation_markers(tokenizer.chat_template):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise AlignError(f"{key} row {row}: the chat template does not render conversation prefixes "
+                             "stably, so assistant turns cannot be located; use a template with "
+                             "{% generation %} markers (model.chat_template)")
+        spans.append((len(before), len(through.rstrip())))  # the turn, without the template's newline
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def _check_messages(messages, row: int, key: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise AlignError(f"{key} row {row}: `messages` must be a non-empty list of {{role, content}}")
+    for turn in messages:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise AlignError(f"{key} row {row}: each message needs `role` and `content`, got {turn!r}")
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Plain text with the tokenizer's special tokens (e.g. BOS); no EOS."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def sft_tokens(tokenizer, row: dict, fmt: str, index: int, key: str) -> tuple[list[int], list[bool]]:
+    """(input_ids, trained mask) of one SFT row before truncation."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == "messages":
+        return render_chat(tokenizer, row["messages"], index, key)
+    if fmt == "text":
+        ids = encode_text(tokenizer, row["text"]) + eos
+        return ids, [True] * len(ids)
+    if fmt == "prompt_completion":
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list):  # conversational prompt + completion messages
+            ids, mask = render_chat(tokenizer, prompt + completion, index, key)
+            n_prompt = len(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
+                                                         add_generation_prompt=True)["input_ids"])
+            return ids, [False] * n_prompt + [True] * (len(ids) - n_prompt)
+        prompt_ids = encode_text(tokenizer, prompt)
+        completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos
+        return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
+    raise AlignError(f"{key}: SFT cannot train on {fmt!r} data; use text, messages or prompt+completion rows")
+
+
+def tokenize(data: datasets.Dataset, encode: Callable[[dict, int], dict], key: str) -> datasets.Dataset:
+    """Map `encode(row, index) -> example | {"dropped": reason}` over the rows; drop and count the rest."""
+    mapped = data.map(lambda row, i: {"dropped": "", **encode(row, i)}, with_indices=True,
+                      remove_columns=data.column_names, desc=f"tokenizing {key}")
+    dropped = [i for i, reason in enumerate(mapped["dropped"]) if reason]
+    if len(dropped) == len(mapped):
+        raise AlignError(f"{key}: every row was dropped; first reason: row {dropped[0]}: "
+                         f"{mapped[dropped[0]]['dropped']}")
+    if dropped:
+        log.warning("%s: dropped %d of %d rows (first: row %d: %s)", key, len(dropped), len(mapped),
+                    dropped[0], mapped[dropped[0]]["dropped"])
+    return mapped.filter(lambda r: not r["dropped"]).remove_columns("dropped")
+
+
+def sft_encoder(tokenizer, fmt: str, max_length: int, key: str) -> Callable[[dict, int], dict]:
+    """Row -> {"input_ids", "labels"} truncated to max_length, or a drop reason if nothing is trained."""
+
+    def encode(row: dict, index: int) -> dict:
+        ids, trained = sft_tokens(tokenizer, row, fmt, index, key)
+        if not any(trained[1:max_length]):
+            first = trained.index(True) if True in trained else len(ids)
+            return {"dropped": f"no trained token within max_length={max_length} (the prompt has {first} "
+                               f"tokens); raise data.max_length or shorten the prompt",
+                    "input_ids": [], "labels": []}
+        ids, trained = ids[:max_length], trained[:max_length]
+        return {"input_ids": ids, "labels": shift_labels(ids, trained)}
+
+    return encode

@@ -1,0 +1,20 @@
+"""Merge a trained adapter into its base model and save a plain transformers model directory."""
+
+from __future__ import annotations
+
+import os
+
+from align.config import AdapterConfig, ModelConfig
+from align.errors import AlignError
+from align.models.loading import load_model, load_tokenizer
+
+
+def export_merged(run_dir: str, out_dir: str, dtype: str = "auto") -> None:
+    """Load `run_dir`'s base in full precision (also for QLoRA), merge its adapter, save to `out_dir`."""
+    if not os.path.isfile(os.path.join(run_dir, "adapter_config.json")):
+        raise AlignError(f"{run_dir}: no adapter_config.json here; only LoRA/QLoRA outputs need exporting "
+                         "(a full fine-tune output is already a transformers model directory)")
+    config = ModelConfig(name_or_path=run_dir, dtype=dtype)
+    model = load_model(config, AdapterConfig(kind="none"))  # loads the base with the adapter merged
+    model.save_pretrained(out_dir)
+    load_tokenizer(config).save_pretrained(out_dir)

@@ -1,0 +1,124 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory or `builtin:<name>`.
+
+Adapters are applied here too: LoRA through peft, QLoRA as LoRA over a 4-bit NF4 base loaded by
+bitsandbytes. A directory saved by Align with a peft adapter loads as its base with the adapter
+merged in, so a later stage (DPO after SFT) starts from the trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from align.config import AdapterConfig, ModelConfig
+from align.errors import AlignError
+from align.models import tiny
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model of an Align/peft adapter directory, or None if `path` is not one."""
+    config_file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    path = tiny.resolve(config.tokenizer or config.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise AlignError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {error}") from None
+    if config.chat_template:
+        template = config.chat_template
+        if os.path.isfile(template):
+            with open(template) as f:
+                template = f.read()
+        tokenizer.chat_template = template
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise AlignError(f"the tokenizer of {path!r} has neither a pad nor an eos token; "
+                             "add one to the tokenizer (tokenizer.add_special_tokens) and save it")
+        log.warning("tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, adapter: AdapterConfig):
+    """The trainable model: plain, LoRA or QLoRA as `adapter.kind` says."""
+    path = tiny.resolve(config.name_or_path)
+    dtype = resolve_dtype(config.dtype)
+    base = _adapter_base(path)
+    quantize = adapter.kind == "qlora"
+    kwargs = dict(dtype=dtype, attn_implementation=config.attn_implementation, revision=config.revision,
+                  trust_remote_code=config.trust_remote_code)
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        kwargs["device_map"] = {"": _device()}
+    try:
+        if base is not None:
+            model = _load_merged(path, base, kwargs, quantize)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise AlignError(f"model.name_or_path: cannot load {config.name_or_path!r}: {error}") from None
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return apply_adapter(model, adapter, config.gradient_checkpointing)
+
+
+def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool):
+    """Load an adapter directory as its base with the adapter merged in (4-bit: merge, then quantize)."""
+    from peft import PeftModel
+
+    full_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **full_kwargs),
+                                       adapter_dir).merge_and_unload()
+    if not quantize:
+        return merged
+    merged_dir = os.path.join(adapter_dir, "merged")
+    if not os.path.isdir(merged_dir):
+        merged.save_pretrained(merged_dir)
+    return AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs)
+
+
+def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = False):
+    if adapter.kind == "none":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if adapter.kind == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                      target_modules=adapter.target_modules, modules_to_save=adapter.modules_to_save,
+                      task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise AlignError(f"adapter.target_modules: {error}") from None
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

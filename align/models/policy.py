@@ -1,0 +1,139 @@
+"""The Policy: the trainable causal LM and everything a trainer asks of it.
+
+It owns loading (through `align.models.loading`), adapters, memory-lean token log-probs, the
+reference model used by DPO/PPO/GRPO, generation, and saving. No trainer loads a model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+from align.config import AdapterConfig, ModelConfig
+from align.models.loading import load_model, load_tokenizer
+from align.ops.logprobs import token_logprobs
+
+ReferenceStrategy = Literal["auto", "adapter_disabled", "frozen_copy", "none"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP/compile wrappers (not peft)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model with its lm-head (adapters injected), under any peft/DDP wrapper."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TokenLogprobModel(nn.Module):
+    """Wraps a causal LM so that its forward returns token log-probs instead of logits.
+
+    Being one module, it is what accelerate prepares (DDP/FSDP see the whole computation), and the
+    [B, T, vocab] logits are never materialized: see `align.ops.token_logprobs`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, temperature: float = 1.0, **_) -> torch.Tensor:
+        """input_ids, labels, position_ids, attention_mask: [B, T] -> log-probs of labels [B, T]."""
+        lm = causal_lm(self.model)
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature)
+
+
+class Policy:
+    """A trainable causal LM with its tokenizer and reference strategy.
+
+    reference: `adapter_disabled` (LoRA/QLoRA: the base model is the reference), `frozen_copy`
+    (a frozen deep copy taken before training), `none`, or `auto` (adapter_disabled when the model
+    has an adapter, else frozen_copy).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, reference: ReferenceStrategy = "none"):
+        self.module = TokenLogprobModel(model)
+        self.tokenizer = tokenizer
+        if reference == "auto":
+            reference = "adapter_disabled" if self.has_adapter else "frozen_copy"
+        if reference == "adapter_disabled" and not self.has_adapter:
+            raise ValueError("reference strategy 'adapter_disabled' needs a LoRA/QLoRA adapter")
+        self.reference = reference
+        self._reference_module = None
+        if reference == "frozen_copy":
+            self._reference_module = copy.deepcopy(self.module).eval().requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, adapter: AdapterConfig, reference: ReferenceStrategy = "none"):
+        return cls(load_model(model, adapter), load_tokenizer(model), reference)
+
+    @property
+    def model(self) -> nn.Module:
+        """The transformers (or peft) model being trained."""
+        return unwrap(self.module).model
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(unwrap(self.module).model, "disable_adapter")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """[B, T] log-probs of `batch["labels"]` under the trainable model (with gradient)."""
+        return self.module(**batch, temperature=temperature)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """[B, T] log-probs of `batch["labels"]` under the reference model (no gradient)."""
+        if self.reference == "frozen_copy":
+            return self._reference_module(**batch, temperature=temperature)
+        if self.reference == "adapter_disabled":
+            with self.model.disable_adapter():
+                return self.module(**batch, temperature=temperature)
+        raise RuntimeError("this policy has no reference model (reference='none')")
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            yield
+        finally:
+            self.module.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """transformers' generate on the trainable model; returns [B, T_prompt + T_new] ids."""
+        lm = unwrap(self.module).model
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        with self.eval_mode():
+            return lm.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Adapter in peft format, or full weights as safetensors; plus the tokenizer."""
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights only (the adapter for LoRA/QLoRA): what a checkpoint must hold."""
+        names = {name for name, p in self.module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in unwrap(self.module).state_dict().items() if k in names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(state) - set(unwrap(self.module).state_dict())
+        if missing:
+            raise ValueError(f"checkpoint has weights this model lacks: {sorted(missing)[:5]}")
+        unwrap(self.module).load_state_dict(state, strict=False)

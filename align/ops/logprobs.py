@@ -1,0 +1,72 @@
+"""Memory-lean token log-probs: lm-head + log-softmax + gather, computed in chunks of tokens.
+
+A plain `log_softmax(hidden @ W.T)` holds a [tokens, vocab] float32 tensor (and another for its
+gradient). Here only one [chunk, vocab] block lives at a time, in the forward and in the backward,
+which recomputes the block's logits instead of storing them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids)
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = _logits(hidden[start:start + chunk_size], weight, bias)
+            target = targets[start:start + chunk_size, None]
+            out[start:start + chunk_size] = (logits.gather(1, target) - logits.logsumexp(-1, keepdim=True))[:, 0]
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[start:start + ctx.chunk_size]
+            g = grad_out[start:start + ctx.chunk_size, None]
+            # d logp[target] / d logits = onehot(target) - softmax
+            grad_logits = -_logits(h, weight, bias).softmax(-1) * g
+            grad_logits.scatter_add_(1, targets[start:start + ctx.chunk_size, None], g)
+            if need_h:
+                grad_h[start:start + ctx.chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += grad_logits.T @ h.float()
+            if need_b:
+                grad_b += grad_logits.sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[n, H] -> [n, V] float32 logits."""
+    return torch.nn.functional.linear(hidden, weight, bias).float()
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                   chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each label under the model, chunked over tokens.
+
+    hidden: [B, T, H] final hidden states; labels: [B, T] next-token ids aligned with `hidden`
+    (labels[b, t] is the token that follows position t), IGNORE_INDEX where there is none.
+    Returns [B, T] float32 log-probs, 0 where the label is ignored. Only labelled positions reach
+    the lm-head, so prompt and padding tokens cost nothing here.
+    """
+    mask = labels != IGNORE_INDEX
+    selected = hidden[mask]
+    if temperature != 1.0:
+        selected = selected / temperature
+    values = _ChunkedLogprobs.apply(selected, lm_head.weight, lm_head.bias, labels[mask], chunk_size)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    return out.masked_scatter(mask, values)

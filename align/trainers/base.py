@@ -1,0 +1,249 @@
+"""The one training loop. Trainers subclass `Trainer` and override a few named hooks:
+
+- `build_policy(recipe)`           the Policy (and its reference strategy)
+- `build_dataset(source, key)`     rows -> tokenized examples
+- `collate(examples)`              examples -> a batch of tensors
+- `count_items(batch)`             how many units (tokens, pairs, rows) the loss averages over
+- `compute_loss(batch)`            -> (loss, metrics); the loss is normalized by `batch["num_items"]`,
+                                   the item count of the whole optimizer step, so gradient
+                                   accumulation gives exactly the update of one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from align.config import Recipe, load_recipe, save_recipe
+from align.data import detect_format, load_rows, pack, pad
+from align.errors import AlignError
+from align.models import Policy
+from align.trainers import checkpoint
+from align.trainers.callbacks import Callback, MetricsFile, ProgressBar
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    algorithm: str = ""
+    formats: tuple[str, ...] = ()
+    """Data formats this trainer accepts (see align.data.formats)."""
+
+    def __init__(self, recipe: Recipe, policy: Policy, train_data, eval_data=None,
+                 callbacks: list[Callback] | None = None):
+        self.recipe, self.cfg = recipe, recipe.train
+        self.policy = policy
+        self.train_data, self.eval_data = train_data, eval_data
+        self.output_dir = Path(recipe.output_dir)
+        self.callbacks = [MetricsFile()] + ([ProgressBar()] if self.cfg.progress else []) + (callbacks or [])
+        self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision)
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.cfg.lr,
+                                           betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
+        self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
+        self.steps_per_epoch = math.ceil(math.ceil(len(train_data) / self.cfg.batch_size) / self.cfg.grad_accum)
+        self.total_steps = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
+        warmup = self.cfg.warmup if self.cfg.warmup >= 1 else self.cfg.warmup * self.total_steps
+        name = "constant_with_warmup" if self.cfg.schedule == "constant" else self.cfg.schedule
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(warmup),
+                                       num_training_steps=self.total_steps)
+        self.step = 0
+
+    # ---- construction from a recipe -------------------------------------------------------------
+    @classmethod
+    def from_recipe(cls, recipe: Recipe | str | os.PathLike, overrides: list[str] | None = None, **kwargs):
+        """Build policy and data as the recipe says. `recipe` may be a path to a YAML file.
+
+        The data is read and its format checked before the model loads, so data mistakes fail fast.
+        """
+        if not isinstance(recipe, Recipe):
+            recipe = load_recipe(recipe, overrides)
+        set_seed(recipe.train.seed)
+        splits = cls.load_splits(recipe)
+        policy = cls.build_policy(recipe)
+        datasets = [cls.build_dataset(recipe, policy, rows, fmt, key) if rows is not None else None
+                    for key, (rows, fmt) in splits.items()]
+        return cls(recipe, policy, *datasets, **kwargs)
+
+    @classmethod
+    def load_splits(cls, recipe: Recipe) -> dict[str, tuple]:
+        """{"data.train": (rows, format), "data.eval": (rows, format) or (None, None)}."""
+        data = recipe.data
+        train = load_rows(data.train, "data.train")
+        evaluation = load_rows(data.eval, "data.eval") if data.eval else None
+        if evaluation is None and data.eval_fraction > 0:
+            split = train.train_test_split(test_size=data.eval_fraction, seed=recipe.train.seed)
+            train, evaluation = split["train"], split["test"]
+        splits = {"data.train": train, "data.eval": evaluation}
+        return {key: (rows, cls.check_format(recipe, rows, key)) if rows is not None else (None, None)
+                for key, rows in splits.items()}
+
+    @classmethod
+    def check_format(cls, recipe: Recipe, rows, key: str) -> str:
+        fmt = detect_format(rows.column_names, recipe.data.format, key)
+        if fmt not in cls.formats:
+            raise AlignError(f"{key}: {cls.algorithm} trains on {' / '.join(cls.formats)} data, but "
+                             f"{getattr(recipe.data, key.split('.')[1]).path!r} looks like {fmt!r} data "
+                             f"(columns {rows.column_names})")
+        return fmt
+
+    @classmethod
+    def build_policy(cls, recipe: Recipe) -> Policy:
+        return Policy.from_config(recipe.model, recipe.adapter, reference="none")
+
+    @classmethod
+    def build_dataset(cls, recipe: Recipe, policy: Policy, rows, fmt: str, key: str):
+        """Rows of format `fmt` -> tokenized examples (a datasets.Dataset or a list)."""
+        raise NotImplementedError
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.recipe.data.packing:
+            return pack(examples)
+        return pad(examples, self.policy.tokenizer.pad_token_id)
+
+    def count_items(self, batch: dict) -> float:
+        return float(batch["input_ids"].shape[0])
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # ---- data order -----------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        """The collated micro-batches of optimizer step `step` (a pure function of seed and step)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        size = self.cfg.batch_size
+        first = index * self.cfg.grad_accum * size
+        batches = []
+        for start in range(first, min(first + self.cfg.grad_accum * size, len(order)), size):
+            rows = [self.train_data[int(i)] for i in order[start:start + size]]
+            batches.append(self.collate(rows))
+        return batches
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(self.recipe, self.output_dir / "recipe.yaml")
+        if self.cfg.resume_from:
+            self.resume(self.cfg.resume_from)
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        self.policy.module.train()
+        record: dict[str, float] = {}
+        while self.step < self.total_steps:
+            record = self.train_step(self.micro_batches(self.step))
+            self.step += 1
+            if self.eval_data is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                record.update(self.evaluate())
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps or "eval/loss" in record:
+                self.log(record)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                self.save_checkpoint()
+        if self.eval_data is not None and "eval/loss" not in record:
+            self.log(self.evaluate())
+        self.save(self.output_dir)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return record
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over its micro-batches (gradient accumulation)."""
+        start = time.perf_counter()
+        record = self.accumulate_gradients(micro_batches)
+        if self.cfg.max_grad_norm is not None:
+            record["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(),
+                                                                          self.cfg.max_grad_norm))
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record["tokens_per_s"] = record["num_tokens"] / (time.perf_counter() - start)
+        return record
+
+    def accumulate_gradients(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Forward and backward every micro-batch; the gradients sum to those of one big batch."""
+        num_items = sum(self.count_items(b) for b in micro_batches)
+        record: dict[str, float] = {"loss": 0.0, "num_items": num_items, "num_tokens": 0.0}
+        for i, batch in enumerate(micro_batches):
+            batch = self._to_device({**batch, "num_items": num_items})
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module):
+                with self.accelerator.autocast():
+                    loss, metrics = self.compute_loss(batch)
+                self.accelerator.backward(loss)
+            record["loss"] += loss.item()
+            record["num_tokens"] += float(batch["num_tokens"])
+            weight = self.count_items(batch) / num_items
+            for key, value in metrics.items():
+                record[key] = record.get(key, 0.0) + weight * value
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics over the whole eval split, each averaged with the loss's own normalization."""
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+        batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
+                   for i in range(0, len(self.eval_data), size)]
+        num_items = sum(self.count_items(b) for b in batches)
+        totals: dict[str, float] = {"loss": 0.0}
+        with self.policy.eval_mode():
+            for batch in batches:
+                with self.accelerator.autocast():
+                    loss, metrics = self.compute_loss(self._to_device({**batch, "num_items": num_items}))
+                totals["loss"] += loss.item()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value * self.count_items(batch) / num_items
+        return {f"eval/{k}": v for k, v in totals.items()}
+
+    def log(self, record: dict[str, float]) -> None:
+        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **record}
+        for cb in self.callbacks:
+            cb.on_log(self, record)
+
+    # ---- saving and resuming --------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Final weights (adapter or full model) and tokenizer, loadable by transformers/peft."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.policy.save(directory)
+
+    def save_checkpoint(self) -> Path:
+        tensors = {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+        return checkpoint.save_checkpoint(self.output_dir / "checkpoints", self.step, tensors,
+                                          {"algorithm": self.algorithm, "total_steps": self.total_steps},
+                                          keep=self.cfg.keep_checkpoints)
+
+    def resume(self, where: str) -> None:
+        """Continue from a checkpoint directory, or the newest one in output_dir for `auto`."""
+        root = self.output_dir / "checkpoints"
+        checkpoint.clean_staging(root)
+        if where == "auto":
+            found = checkpoint.list_checkpoints(root)
+            if not found:
+                log.warning("train.resume_from=auto: no checkpoint in %s; starting from scratch", root)
+                return
+            path = found[-1]
+        else:
+            path = Path(where)
+            if not (path / checkpoint.STATE_FILE).is_file():
+                raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
+        state, tensors = checkpoint.load_checkpoint(path)
+        self.policy.load_state_dict(tensors["model"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        checkpoint.set_rng_state(tensors["rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)

@@ -1,0 +1,54 @@
+"""Callbacks: what happens around the loop without being the loop (progress bar, metrics file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class Callback:
+    """Override any of these; `trainer` is the running Trainer, `record` a flat dict of floats."""
+
+    def on_train_begin(self, trainer) -> None: ...
+
+    def on_log(self, trainer, record: dict) -> None: ...
+
+    def on_train_end(self, trainer) -> None: ...
+
+
+class MetricsFile(Callback):
+    """Appends every record to OUTPUT_DIR/metrics.jsonl; on resume drops records past the checkpoint."""
+
+    def on_train_begin(self, trainer) -> None:
+        self.path = Path(trainer.recipe.output_dir) / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= trainer.step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, trainer, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and the trainer's headline metrics."""
+
+    SHOWN = ("loss", "eval/loss", "lr", "tokens_per_s", "rewards/accuracy", "reward", "kl")
+
+    def on_train_begin(self, trainer) -> None:
+        self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=trainer.recipe.algorithm,
+                        dynamic_ncols=True)
+        self.shown: dict[str, str] = {}
+
+    def on_log(self, trainer, record: dict) -> None:
+        self.bar.update(trainer.step - self.bar.n)
+        for key in self.SHOWN:
+            if key in record:
+                self.shown[key] = f"{record[key]:.3g}" if key != "tokens_per_s" else f"{record[key]:.0f}"
+        self.bar.set_postfix(self.shown, refresh=True)
+
+    def on_train_end(self, trainer) -> None:
+        self.bar.close()

@@ -1,0 +1,27 @@
+"""Masked-loss SFT: cross-entropy on the trained tokens only (assistant turns, completions)."""
+
+from __future__ import annotations
+
+import torch
+
+from align.data import sft_encoder, tokenize
+from align.losses.sft import masked_nll
+from align.trainers.base import Trainer
+
+
+class SFTTrainer(Trainer):
+    algorithm = "sft"
+    formats = ("text", "messages", "prompt_completion")
+
+    @classmethod
+    def build_dataset(cls, recipe, policy, rows, fmt, key):
+        return tokenize(rows, sft_encoder(policy.tokenizer, fmt, recipe.data.max_length, key), key)
+
+    def count_items(self, batch: dict) -> float:
+        """SFT averages over trained tokens of the whole optimizer step."""
+        return float((batch["labels"] != -100).sum())
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = self.policy.logprobs(batch)
+        mask = batch["labels"] != -100
+        return masked_nll(logps, mask, batch["num_items"]), {}

@@ -1,0 +1,80 @@
+"""Bad input fails before any model loads, with exit code 2, no traceback, and a message that
+names the file, key or row and says how to fix it."""
+
+import pytest
+import yaml
+
+from align.cli import main
+from align.toy import chat_rows, prompt_completion_rows
+from tests.conftest import write_jsonl
+
+
+def run_cli(tmp_path, capsys, recipe: dict, *extra):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code = main(["train", str(path), *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_unknown_key_names_file_key_and_closest_valid_key(make_recipe, tmp_path, capsys):
+    recipe = make_recipe(raw=True)
+    recipe["train"]["lrr"] = 1e-4
+    code, err = run_cli(tmp_path, capsys, recipe)
+    assert code == 2
+    assert "recipe.yaml" in err and "train.lrr: unknown key; did you mean 'train.lr'?" in err
+
+
+def test_unknown_top_level_key_and_override_typo(make_recipe, tmp_path, capsys):
+    code, err = run_cli(tmp_path, capsys, make_recipe(raw=True), "--set", "adaptor.kind=lora")
+    assert code == 2 and "adaptor: unknown key; did you mean 'adapter'?" in err
+
+
+def test_wrong_type_is_named(make_recipe, tmp_path, capsys):
+    code, err = run_cli(tmp_path, capsys, make_recipe(raw=True), "--set", "train.batch_size=many")
+    assert code == 2 and "train.batch_size" in err and "'many'" in err
+
+
+def test_missing_dataset_file(make_recipe, tmp_path, capsys):
+    code, err = run_cli(tmp_path, capsys, make_recipe(raw=True), "--set", "data.train.path=nowhere/train.jsonl")
+    assert code == 2 and "data.train.path: file not found: 'nowhere/train.jsonl'" in err
+
+
+def test_missing_columns_lists_what_was_found(make_recipe, tmp_path, capsys):
+    recipe = make_recipe(raw=True, data={"train": {"path": write_jsonl(tmp_path / "odd.jsonl", [{"question": "q"}])}})
+    code, err = run_cli(tmp_path, capsys, recipe)
+    assert code == 2 and "data.train: cannot tell the data format from columns ['question']" in err
+    code, err = run_cli(tmp_path, capsys, recipe, "--set", "data.format=messages")
+    assert code == 2 and "format 'messages' needs columns ['messages'], found ['question']" in err
+
+
+def test_tokenizer_without_chat_template_on_messages_data(make_recipe, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from align.models.tiny import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "no-template")
+    code, err = run_cli(tmp_path, capsys, make_recipe(raw=True, model={"tokenizer": str(tmp_path / "no-template")}))
+    assert code == 2 and "the tokenizer has no chat template; set model.chat_template" in err
+
+
+def test_max_length_smaller_than_every_prompt(make_recipe, tmp_path, capsys):
+    rows = prompt_completion_rows(4)
+    code, err = run_cli(tmp_path, capsys, make_recipe(raw=True, rows=rows), "--set", "data.max_length=4")
+    assert code == 2
+    assert "every row was dropped" in err and "max_length=4" in err and "raise data.max_length" in err
+
+
+def test_validate_reports_rows_and_format(make_recipe, tmp_path, capsys):
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(make_recipe(raw=True, rows=chat_rows(5))))
+    assert main(["validate", str(path)]) == 0
+    assert "data.train: 5 rows, format messages" in capsys.readouterr().out
+
+
+def test_recipe_file_missing(capsys):
+    assert main(["train", "no/such/recipe.yaml"]) == 2
+    assert "recipe file not found: no/such/recipe.yaml" in capsys.readouterr().err

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from align.ops.logprobs import IGNORE_INDEX, token_logprobs
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_logprobs_match_full_log_softmax_values_and_gradients(bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 70, bias=bias).double()
+    labels = torch.randint(0, 70, (3, 9))
+    labels[0, :4] = IGNORE_INDEX
+    labels[2, -1] = IGNORE_INDEX
+    ours = token_logprobs(hidden, head, labels, chunk_size=5)
+    full = torch.log_softmax(head(hidden), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    full = full * (labels != IGNORE_INDEX)
+    torch.testing.assert_close(ours.double(), full, atol=1e-5, rtol=0)
+    assert (ours[labels == IGNORE_INDEX] == 0).all()
+    weights = torch.randn(3, 9, dtype=torch.float64)
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    for a, b in zip(torch.autograd.grad((ours * weights).sum(), params),
+                    torch.autograd.grad((full * weights).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_temperature_divides_logits():
+    torch.manual_seed(1)
+    hidden, head = torch.randn(1, 4, 8), torch.nn.Linear(8, 11, bias=False)
+    labels = torch.randint(0, 11, (1, 4))
+    ours = token_logprobs(hidden, head, labels, temperature=0.7)
+    full = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(ours, full, atol=1e-6, rtol=0)

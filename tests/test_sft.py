@@ -1,0 +1,108 @@
+import json
+
+import datasets
+import pytest
+import torch
+
+from align.data import pack, pad
+from align.losses.sft import masked_nll
+from align.ops.logprobs import IGNORE_INDEX
+from align.toy import chat_rows, prompt_completion_rows
+from align.trainers import Callback, SFTTrainer
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sft_loss_falls_on_toy_chats(make_recipe, tmp_path):
+    recipe = make_recipe(eval_rows=chat_rows(16, seed=9),
+                         train={"max_steps": 40, "batch_size": 8, "eval_every": 40, "lr": 3e-3})
+    trainer = SFTTrainer.from_recipe(recipe)
+    before = trainer.evaluate()["eval/loss"]
+    trainer.fit()
+    after = read_metrics(tmp_path / "run")[-1]["eval/loss"]
+    assert after < 0.6 * before, (before, after)
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "recipe.yaml").exists()
+
+
+def test_packed_and_padded_batches_give_the_same_loss(make_recipe):
+    trainer = SFTTrainer.from_recipe(make_recipe())
+    examples = [trainer.train_data[i] for i in range(6)]
+    packed_loss = trainer.compute_loss({**pack(examples), "num_items": None})[0]
+    padded_loss = trainer.compute_loss({**pad(examples, trainer.policy.tokenizer.pad_token_id), "num_items": None})[0]
+    assert abs(packed_loss.item() - padded_loss.item()) < 1e-5
+    # and the packed rows really are separate: shuffling example order changes nothing
+    shuffled = trainer.compute_loss({**pack(examples[::-1]), "num_items": None})[0]
+    assert abs(packed_loss.item() - shuffled.item()) < 1e-5
+
+
+def gradients(trainer):
+    trainer.accumulate_gradients(trainer.micro_batches(0))
+    return {n: p.grad.clone() for n, p in trainer.policy.module.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_4x2_equals_one_batch_of_8(make_recipe):
+    big = gradients(SFTTrainer.from_recipe(make_recipe(train={"batch_size": 8, "grad_accum": 1})))
+    small = gradients(SFTTrainer.from_recipe(make_recipe(train={"batch_size": 2, "grad_accum": 4})))
+    assert big.keys() == small.keys() and len(big) > 0
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+class Kill(Callback):
+    """Simulates a crash right after step `at` was logged."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_log(self, trainer, record):
+        if trainer.step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_resume_after_a_kill_continues_the_same_run(make_recipe, tmp_path, adapter):
+    settings = dict(adapter={"kind": adapter, "r": 4, "dropout": 0.1},
+                    train={"max_steps": 6, "save_every": 3, "log_every": 1, "schedule": "cosine", "warmup": 2})
+    straight = make_recipe(output_dir=str(tmp_path / "straight"), **settings)
+    SFTTrainer.from_recipe(straight).fit()
+    killed = make_recipe(output_dir=str(tmp_path / "killed"), **settings)
+    with pytest.raises(KeyboardInterrupt):
+        SFTTrainer.from_recipe(killed, callbacks=[Kill(at=5)]).fit()
+    assert (tmp_path / "killed" / "checkpoints" / "step-000003").is_dir()
+    resumed = make_recipe(output_dir=str(tmp_path / "killed"), **settings)
+    resumed.train.resume_from = "auto"
+    SFTTrainer.from_recipe(resumed).fit()
+    want, got = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # records past the checkpoint were replaced
+    for a, b in zip(want, got):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_sft_loss_equals_trl_on_the_same_batch(make_recipe):
+    from trl import SFTConfig
+    from trl import SFTTrainer as TRLSFTTrainer
+
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in prompt_completion_rows(8, seed=4)]
+    trainer = SFTTrainer.from_recipe(make_recipe(rows=rows, train={"batch_size": 8}))
+    trl = TRLSFTTrainer(model=trainer.policy.model, processing_class=trainer.policy.tokenizer,
+                        train_dataset=datasets.Dataset.from_list(rows),
+                        args=SFTConfig(output_dir=str(make_recipe().output_dir), report_to="none", use_cpu=True,
+                                       per_device_train_batch_size=8, max_length=128))
+    batch = next(iter(trl.get_train_dataloader()))
+    trl_loss = trl.compute_loss(trl.model, batch).item()
+    # TRL labels are unshifted (labels[t] = input_ids[t] when trained); ours name the next token.
+    shifted = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], IGNORE_INDEX)], 1)
+    ours = {"input_ids": batch["input_ids"], "labels": shifted, "attention_mask": batch["attention_mask"],
+            "position_ids": (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    our_loss = masked_nll(trainer.policy.logprobs(ours), shifted != IGNORE_INDEX).item()
+    assert our_loss == pytest.approx(trl_loss, abs=1e-5)
+    # our own tokenization of the same rows gives TRL's tokens and trained positions
+    mine = sorted((tuple(e["input_ids"]), tuple(e["labels"])) for e in trainer.train_data)
+    theirs = sorted((tuple(i[m.bool()].tolist()), tuple(s[m.bool()].tolist()))
+                    for i, s, m in zip(batch["input_ids"], shifted, batch["attention_mask"]))
+    assert mine == theirs
