@@ -90,7 +90,8 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast for forward passes; weights and optimizer state stay in their own dtype."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)

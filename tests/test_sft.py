@@ -106,3 +106,19 @@ def test_sft_loss_equals_trl_on_the_same_batch(make_recipe):
     theirs = sorted((tuple(i[m.bool()].tolist()), tuple(s[m.bool()].tolist()))
                     for i, s, m in zip(batch["input_ids"], shifted, batch["attention_mask"]))
     assert mine == theirs
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_recipe):
+    plain = gradients(SFTTrainer.from_recipe(make_recipe(adapter={"kind": "lora", "r": 4, "dropout": 0.0})))
+    recipe = make_recipe(adapter={"kind": "lora", "r": 4, "dropout": 0.0}, model={"gradient_checkpointing": True})
+    checkpointed = gradients(SFTTrainer.from_recipe(recipe))
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_mixed_precision_trains(make_recipe, tmp_path):
+    trainer = SFTTrainer.from_recipe(make_recipe(train={"mixed_precision": "bf16", "max_steps": 12, "log_every": 1}))
+    trainer.fit()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    assert losses[-1] < losses[0] - 0.5

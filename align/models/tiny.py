@@ -60,8 +60,9 @@ def build_model(name: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) ->
                          max_position_embeddings=2048, tie_word_embeddings=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng():  # building must not disturb the caller's random state
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

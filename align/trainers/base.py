@@ -45,7 +45,7 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.output_dir = Path(recipe.output_dir)
         self.callbacks = [MetricsFile()] + ([ProgressBar()] if self.cfg.progress else []) + (callbacks or [])
-        self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision)
+        self.accelerator = Accelerator()  # process state only: mixed precision is `self.autocast()`
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.cfg.lr,
                                            betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
@@ -180,7 +180,7 @@ class Trainer:
             batch = self._to_device({**batch, "num_items": num_items})
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module):
-                with self.accelerator.autocast():
+                with self.autocast():
                     loss, metrics = self.compute_loss(batch)
                 self.accelerator.backward(loss)
             record["loss"] += loss.item()
@@ -200,12 +200,17 @@ class Trainer:
         totals: dict[str, float] = {"loss": 0.0}
         with self.policy.eval_mode():
             for batch in batches:
-                with self.accelerator.autocast():
+                with self.autocast():
                     loss, metrics = self.compute_loss(self._to_device({**batch, "num_items": num_items}))
                 totals["loss"] += loss.item()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value * self.count_items(batch) / num_items
         return {f"eval/{k}": v for k, v in totals.items()}
+
+    def autocast(self):
+        """bf16 autocast when train.mixed_precision is bf16 (our own, so each Trainer may differ)."""
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.mixed_precision == "bf16")
 
     def log(self, record: dict[str, float]) -> None:
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **record}
