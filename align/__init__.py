@@ -16,6 +16,7 @@ _EXPORTS = {
     "Callback": "align.trainers",
     "Trainer": "align.trainers",
     "SFTTrainer": "align.trainers",
+    "DPOTrainer": "align.trainers",
 }
 
 __all__ = sorted(_EXPORTS)

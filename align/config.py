@@ -106,6 +106,29 @@ class SFTConfig(Section):
     """Masked-loss SFT has no knobs of its own yet; the section exists so recipes can name it."""
 
 
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Label-flip rate for `sigmoid` (conservative DPO) and `robust`."""
+    rpo_alpha: float = Field(0.0, ge=0.0)
+    """Weight of an SFT term (mean NLL of the chosen completion) added to the loss (RPO)."""
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
+    """auto: the base under a LoRA/QLoRA adapter, else a frozen copy of the starting model."""
+    reference_model: str | None = None
+    """A different reference model (hub id or path); it must share the policy's tokenizer."""
+    precompute_reference: bool = True
+    """Compute reference log-probs once before training, cached on disk and reused across runs."""
+    shared_prompt: bool = True
+    """Run each pair's prompt once ([prompt | chosen | rejected] with a 4D attention mask)."""
+
+
+class RewardConfig(Section):
+    center_coef: float = Field(0.0, ge=0.0)
+    """Weight of the reward-centering term mean((r_chosen + r_rejected)^2)."""
+    shared_prompt: bool = True
+
+
 class Recipe(Section):
     algorithm: Literal["sft", "reward", "dpo", "ppo", "grpo"]
     output_dir: str
@@ -114,6 +137,8 @@ class Recipe(Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     @model_validator(mode="after")
     def _check_files(self) -> "Recipe":

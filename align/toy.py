@@ -50,6 +50,18 @@ def prompt_completion_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Pairs preferring a worked, correct answer over a hedged, wrong one (a style SFT never saw)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question, answer = arithmetic_question(rng)
+        wrong = answer + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append({"prompt": f"Question: {question}\nAnswer:", "chosen": " " + solution(question, answer),
+                     "rejected": f" Hmm, maybe {wrong}? I am not sure."})
+    return rows
+
+
 def corpus() -> list[str]:
     """Texts the built-in tokenizer is trained on: the task's vocabulary plus plain English."""
     texts = [json.dumps(row) for row in chat_rows(400, seed=123)]
@@ -71,6 +83,8 @@ def main(out_dir: str) -> None:
     write_jsonl(chat_rows(256, seed=1), out / "arith_chat_train.jsonl")
     write_jsonl(chat_rows(32, seed=2), out / "arith_chat_eval.jsonl")
     write_jsonl(prompt_completion_rows(256, seed=3), out / "arith_pc_train.jsonl")
+    write_jsonl(preference_rows(256, seed=4), out / "arith_pref_train.jsonl")
+    write_jsonl(preference_rows(64, seed=5), out / "arith_pref_eval.jsonl")
 
 
 if __name__ == "__main__":

@@ -36,12 +36,12 @@ def deep_update(base: dict, extra: dict) -> dict:
 def make_recipe(tmp_path):
     """make_recipe(rows=None, **sections) -> a validated SFT Recipe over `rows` (default: toy chats)."""
 
-    def make(rows=None, eval_rows=None, raw=False, **sections):
+    def make(rows=None, eval_rows=None, raw=False, algorithm="sft", **sections):
         data = {"train": {"path": write_jsonl(tmp_path / "train.jsonl", rows or chat_rows(32, seed=5))},
                 "max_length": 128}
         if eval_rows is not None:
             data["eval"] = {"path": write_jsonl(tmp_path / "eval.jsonl", eval_rows)}
-        recipe = {"algorithm": "sft", "output_dir": str(tmp_path / "run"),
+        recipe = {"algorithm": algorithm, "output_dir": str(tmp_path / "run"),
                   "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
                   "data": data,
                   "train": {"lr": 3e-3, "batch_size": 4, "max_steps": 4, "schedule": "constant",

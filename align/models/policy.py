@@ -78,6 +78,20 @@ class Policy:
     def from_config(cls, model: ModelConfig, adapter: AdapterConfig, reference: ReferenceStrategy = "none"):
         return cls(load_model(model, adapter), load_tokenizer(model), reference)
 
+    def use_reference_model(self, model: nn.Module) -> None:
+        """Use a separately loaded model (frozen here) as the reference."""
+        self._reference_module = TokenLogprobModel(model).eval().requires_grad_(False)
+        self.reference = "frozen_copy"
+
+    @property
+    def reference_module(self) -> nn.Module:
+        """The module whose weights define the reference (the policy itself under adapter_disabled)."""
+        return self._reference_module if self._reference_module is not None else self.module
+
+    def release_reference(self) -> None:
+        """Free the reference model once its log-probs are cached."""
+        self._reference_module, self.reference = None, "none"
+
     @property
     def model(self) -> nn.Module:
         """The transformers (or peft) model being trained."""
@@ -98,7 +112,8 @@ class Policy:
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """[B, T] log-probs of `batch["labels"]` under the reference model (no gradient)."""
         if self.reference == "frozen_copy":
-            return self._reference_module(**batch, temperature=temperature)
+            device = next(self.module.parameters()).device
+            return self._reference_module.to(device)(**batch, temperature=temperature)
         if self.reference == "adapter_disabled":
             with self.model.disable_adapter():
                 return self.module(**batch, temperature=temperature)

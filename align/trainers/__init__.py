@@ -1,7 +1,8 @@
 from align.trainers.base import Trainer
 from align.trainers.callbacks import Callback
+from align.trainers.dpo import DPOTrainer
 from align.trainers.sft import SFTTrainer
 
-TRAINERS: dict[str, type[Trainer]] = {"sft": SFTTrainer}
+TRAINERS: dict[str, type[Trainer]] = {"sft": SFTTrainer, "dpo": DPOTrainer}
 
-__all__ = ["TRAINERS", "Callback", "SFTTrainer", "Trainer"]
+__all__ = ["TRAINERS", "Callback", "DPOTrainer", "SFTTrainer", "Trainer"]

@@ -56,6 +56,7 @@ class Trainer:
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(warmup),
                                        num_training_steps=self.total_steps)
         self.step = 0
+        self.prepare_data()
 
     # ---- construction from a recipe -------------------------------------------------------------
     @classmethod
@@ -105,6 +106,10 @@ class Trainer:
         raise NotImplementedError
 
     # ---- hooks ----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Called once the model sits on its device: precompute what the data needs (e.g. reference
+        log-probs). Default: nothing."""
+
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if self.recipe.data.packing:
             return pack(examples)

@@ -1,0 +1,155 @@
+"""Policy-gradient losses for GRPO-style training: group advantages, the clipped surrogate
+(token- or GSPO sequence-level ratio), k3 KL and the loss normalizations.
+
+Shapes: B completions, T completion tokens (right-padded), mask [B, T] marks the trained tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+SCALES = ("group", "batch", "none")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (std + eps) for rewards [N*G] or [N, G] (G = group_size consecutive
+    completions of one prompt). Returns [N*G].
+
+    scale: "group" divides by each group's std, "batch" by the std of all rewards, "none" does not
+    divide (Dr. GRPO). std is the unbiased (Bessel-corrected) one, as in TRL; a single value has std 0.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; valid: {list(SCALES)}")
+    flat = rewards.reshape(-1)
+    if group_size < 1 or flat.numel() % group_size:
+        raise ValueError(f"{flat.numel()} rewards cannot be split into groups of group_size={group_size}")
+    groups = flat.view(-1, group_size)
+    advantages = (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale == "none":
+        return advantages
+    values = groups if scale == "group" else flat.view(1, -1)
+    if values.shape[1] > 1:
+        std = values.std(dim=1, keepdim=True)
+    else:
+        std = torch.zeros_like(values)
+    return advantages / (std.expand_as(values).reshape(-1) + eps)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || ref): exp(ref - logp) - (ref - logp) - 1, >= 0.
+
+    logps, ref_logps: [B, T]. Returns [B, T].
+    """
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the entries where mask is set (0 if there are none)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
+                        mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2,
+                        importance: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+    """Negated PPO clipped surrogate per token: -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
+
+    logps, old_logps: [B, T] (old_logps None means logps.detach(), i.e. on-policy); advantages: [B]
+    or [B, T]; mask: [B, T]. importance="token": ratio = exp(logp - old_logp) per token.
+    importance="sequence" (GSPO): ratio = s = exp(mean over masked tokens of (logp - old_logp)),
+    written per token as sg[s] * pi / sg[pi] so its value is s and d ratio / d logp_t = s; with a
+    per-sequence advantage this gives the same gradient as the plain sequence ratio.
+    Returns (per_token_loss [B, T], metrics): clip fractions (only where clipping zeroes the gradient),
+    over masked tokens, or over sequences for importance="sequence".
+    """
+    if importance not in IMPORTANCE_LEVELS:
+        raise ValueError(f"unknown importance level {importance!r}; valid: {list(IMPORTANCE_LEVELS)}")
+    if old_logps is None:
+        old_logps = logps.detach()
+    log_ratio = logps - old_logps
+    weights = mask
+    if importance == "sequence":
+        seq_log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = seq_log_ratio.detach() + logps - logps.detach()
+        weights = mask / mask.sum(-1, keepdim=True).clamp(min=1)  # each sequence counts once in metrics
+    ratio = torch.exp(log_ratio)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * adv, clipped * adv)
+    with torch.no_grad():
+        low = (ratio < 1 - eps_low) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+        metrics = {"clip_ratio/low": masked_mean(low.float(), weights).item(),
+                   "clip_ratio/high": masked_mean(high.float(), weights).item(),
+                   "clip_ratio/region": masked_mean((low | high).float(), weights).item()}
+    return per_token_loss, metrics
+
+
+# Each normalization maps (masked per-token loss, mask, max_completion_length, num_items) -> scalar.
+NormFn = Callable[[torch.Tensor, torch.Tensor, int | None, float | None], torch.Tensor]
+
+
+def _grpo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
+    return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def _bnpo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
+    return loss.sum() / mask.sum().clamp(min=1)
+
+
+def _dr_grpo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
+    if max_len is None:
+        raise ValueError("norm='dr_grpo' needs max_completion_length")
+    return loss.sum() / (loss.shape[0] * max_len)
+
+
+def _dapo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
+    if num_items is None:
+        num_items = mask.sum().clamp(min=1)
+    return loss.sum() / num_items
+
+
+LOSS_NORMS: dict[str, NormFn] = {"grpo": _grpo, "bnpo": _bnpo, "dr_grpo": _dr_grpo, "dapo": _dapo}
+
+
+def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, norm: str = "grpo",
+                   max_completion_length: int | None = None, num_items: float | None = None) -> torch.Tensor:
+    """Reduce per_token_loss [B, T] over mask [B, T] to a scalar, as TRL's GRPO loss types do.
+
+    grpo: mean over sequences of each sequence's token mean. bnpo: token mean of this batch.
+    dr_grpo: sum / (B * max_completion_length). dapo: sum / num_items, where num_items is the number
+    of completion tokens in the whole optimizer step (all accumulation micro-batches; default: this
+    batch's), so summing the micro-batch losses gives the step's global token mean. The other norms
+    return this micro-batch's value: the trainer divides them by the number of accumulation steps.
+    """
+    if norm not in LOSS_NORMS:
+        raise ValueError(f"unknown loss norm {norm!r}; valid: {sorted(LOSS_NORMS)}")
+    return LOSS_NORMS[norm](per_token_loss * mask, mask, max_completion_length, num_items)
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, beta: float = 0.0, eps_low: float = 0.2,
+              eps_high: float = 0.2, norm: str = "grpo", importance: str = "token",
+              max_completion_length: int | None = None, num_items: float | None = None,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO loss: clipped surrogate + beta * k3 KL to the reference, aggregated by `norm`.
+
+    logps, old_logps, ref_logps: [B, T] (old None: on-policy; ref needed when beta != 0);
+    advantages: [B] (or [B, T]); mask: [B, T]. Returns (scalar loss, metrics with clip ratios and,
+    when ref_logps is given, "kl", the masked token mean of k3).
+    """
+    per_token_loss, metrics = clipped_policy_loss(logps, old_logps, advantages, mask, eps_low, eps_high,
+                                                  importance)
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={beta} needs ref_logps for the KL term")
+    if ref_logps is not None:
+        kl = k3_kl(logps, ref_logps)
+        metrics["kl"] = masked_mean(kl.detach(), mask).item()
+        if beta != 0.0:
+            per_token_loss = per_token_loss + beta * kl
+    loss = aggregate_loss(per_token_loss, mask, norm, max_completion_length, num_items)
+    return loss, metrics

@@ -1,0 +1,129 @@
+"""DPO and its loss family on preference pairs, with the prompt of each pair computed once."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from align.data.preference import pack_pairs, preference_encoder, sequence_sums, warn_identical
+from align.data.formats import tokenize
+from align.errors import AlignError
+from align.losses.preference import dpo_loss, rpo_sft_loss
+from align.models import Policy
+from align.models.loading import load_model, load_tokenizer
+from align.config import AdapterConfig
+from align.trainers import reference_cache
+from align.trainers.base import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class PreferenceTrainer(Trainer):
+    """What DPO and reward modeling share: pair data, packed pairs, pairs as the loss unit."""
+
+    formats = ("preference",)
+
+    @classmethod
+    def build_dataset(cls, recipe, policy, rows, fmt, key):
+        data = tokenize(rows, preference_encoder(policy.tokenizer, recipe.data.max_length, key), key)
+        warn_identical(data, key)
+        return data.remove_columns("identical")
+
+    @property
+    def shared_prompt(self) -> bool:
+        return self.recipe.model.attn_implementation != "flash_attention_2"
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = pack_pairs(examples, shared_prompt=self.shared_prompt)
+        if "ref_logps" in examples[0]:
+            batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
+        return batch
+
+    def count_items(self, batch: dict) -> float:
+        return float(len(batch["margin"]))
+
+
+class DPOTrainer(PreferenceTrainer):
+    algorithm = "dpo"
+
+    @property
+    def shared_prompt(self) -> bool:
+        return self.recipe.dpo.shared_prompt and super().shared_prompt
+
+    @classmethod
+    def build_policy(cls, recipe) -> Policy:
+        cfg = recipe.dpo
+        reference = "none" if cfg.reference_model else cfg.reference
+        policy = Policy.from_config(recipe.model, recipe.adapter, reference=reference)
+        if cfg.reference_model:
+            ref_config = recipe.model.model_copy(update={"name_or_path": cfg.reference_model, "tokenizer": None})
+            ref_tokenizer = load_tokenizer(ref_config)
+            if ref_tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+                raise AlignError(f"dpo.reference_model: {cfg.reference_model!r} has a different tokenizer than "
+                                 f"model.name_or_path {recipe.model.name_or_path!r}; the reference must score the "
+                                 "same tokens, so use a reference with the policy's tokenizer")
+            policy.use_reference_model(load_model(ref_config, AdapterConfig(kind="none")))
+        return policy
+
+    def prepare_data(self) -> None:
+        """Precompute reference log-probs for every pair, cached on disk, then free the reference."""
+        if not self.recipe.dpo.precompute_reference:
+            return
+        reference_id = reference_cache.model_fingerprint(self.policy.reference_module)
+        for name in ("train_data", "eval_data"):
+            data = getattr(self, name)
+            if data is None or "ref_logps" in data.column_names:
+                continue
+            key = reference_cache.cache_key(reference_id, self.policy.reference, str(self.shared_prompt),
+                                            reference_cache.data_fingerprint(data, ("prompt_ids", "chosen_ids",
+                                                                                    "rejected_ids")))
+            values = reference_cache.cached_reference(key, lambda: self._reference_logps(data))
+            setattr(self, name, data.add_column("ref_logps", values.tolist()))
+        self.policy.release_reference()
+
+    @torch.no_grad()
+    def _reference_logps(self, data) -> torch.Tensor:
+        """[N, 2] reference (chosen, rejected) sequence log-probs of every pair, in data order."""
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+        out = []
+        with self.policy.eval_mode():
+            for start in range(0, len(data), size):
+                batch = self._to_device(self.collate([data[i] for i in range(start, min(start + size, len(data)))]))
+                with self.autocast():
+                    logps = self.policy.reference_logprobs(batch)
+                out.append(torch.stack(sequence_sums(logps, batch["sequence_ids"], len(batch["margin"])), -1))
+        return torch.cat(out).float().cpu()
+
+    def sequence_logps(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(policy chosen, policy rejected, ref chosen, ref rejected, chosen lengths, rejected lengths), each [B]."""
+        pairs = len(batch["margin"])
+        chosen, rejected = sequence_sums(self.policy.logprobs(batch), batch["sequence_ids"], pairs)
+        if "ref_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_logps"].unbind(-1)
+        else:
+            ref_chosen, ref_rejected = sequence_sums(self.policy.reference_logprobs(batch), batch["sequence_ids"], pairs)
+        ones = torch.ones_like(batch["sequence_ids"], dtype=torch.float32)
+        lengths = sequence_sums(ones, batch["sequence_ids"], pairs)
+        return chosen, rejected, ref_chosen, ref_rejected, *lengths
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.recipe.dpo
+        chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected = self.sequence_logps(batch)
+        if cfg.loss_type == "ipo":  # IPO regresses length-normalized log-ratios
+            chosen, rejected = chosen / n_chosen, rejected / n_rejected
+            ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                            cfg.loss_type, cfg.label_smoothing)
+        if cfg.rpo_alpha:
+            losses = losses + cfg.rpo_alpha * rpo_sft_loss(chosen if cfg.loss_type != "ipo" else chosen * n_chosen,
+                                                            n_chosen)
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": chosen.detach().mean().item(),
+            "logps/rejected": rejected.detach().mean().item(),
+        }
+        return losses.sum() / batch["num_items"], metrics
