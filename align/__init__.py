@@ -17,6 +17,8 @@ _EXPORTS = {
     "Trainer": "align.trainers",
     "SFTTrainer": "align.trainers",
     "DPOTrainer": "align.trainers",
+    "RewardTrainer": "align.trainers",
+    "load_reward_model": "align.models.reward",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -43,7 +43,7 @@ def split_implicit_prompt(chosen, rejected):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _completion_ids(tokenizer, prompt, completion, row: int, key: str) -> tuple[list[int], list[int]]:
+def prompt_completion_ids(tokenizer, prompt, completion, row: int, key: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) for string or conversational data; completions end with EOS."""
     if isinstance(prompt, list):
         _check_messages(prompt + completion, row, key)
@@ -73,8 +73,8 @@ def preference_encoder(tokenizer, max_length: int, key: str):
         if not chosen or not rejected:
             raise AlignError(f"{key} row {index}: empty {'chosen' if not chosen else 'rejected'} completion; "
                              "every pair needs two non-empty answers")
-        prompt_ids, chosen_ids = _completion_ids(tokenizer, prompt, chosen, index, key)
-        _, rejected_ids = _completion_ids(tokenizer, prompt, rejected, index, key)
+        prompt_ids, chosen_ids = prompt_completion_ids(tokenizer, prompt, chosen, index, key)
+        _, rejected_ids = prompt_completion_ids(tokenizer, prompt, rejected, index, key)
         empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "margin": 0.0, "identical": False}
         if not prompt_ids:
             return {**empty, "dropped": "empty prompt; give a prompt or a BOS token"}
@@ -104,10 +104,11 @@ def pack_pairs(pairs: list[dict], shared_prompt: bool = True) -> dict[str, torch
     """Pairs -> one packed row [1, N].
 
     Returns input_ids, labels, position_ids [1, N]; sequence_ids [1, N] (2i for pair i's chosen
-    labels, 2i+1 for its rejected ones, -1 elsewhere); attention_mask [1, 1, N, N] bool when
+    labels, 2i+1 for its rejected ones, -1 elsewhere); last_index [2B] (the last token of each
+    sequence, same order: where a reward model reads its score); attention_mask [1, 1, N, N] bool when
     `shared_prompt`, else None (position ids restart per sequence); margin [B]; num_tokens.
     """
-    ids, labels, positions, seq_ids, blocks = [], [], [], [], []
+    ids, labels, positions, seq_ids, blocks, last_index = [], [], [], [], [], []
     for i, pair in enumerate(pairs):
         prompt = pair["prompt_ids"]
         if shared_prompt:
@@ -125,13 +126,15 @@ def pack_pairs(pairs: list[dict], shared_prompt: bool = True) -> dict[str, torch
                 lab = [IGNORE_INDEX] * (len(prompt) - 1) + completion + [IGNORE_INDEX]
                 segments.append((tokens, lab, list(range(len(tokens))), 2 * i + side))
         for tokens, lab, pos, sid in segments:
+            if sid >= 0:
+                last_index.append(len(ids) + len(tokens) - 1)
             ids += tokens
             labels += lab
             positions += pos
             seq_ids += [sid if label != IGNORE_INDEX else -1 for label in lab]
     batch = {
         "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
-        "sequence_ids": torch.tensor([seq_ids]), "margin": torch.tensor([p["margin"] for p in pairs]),
+        "sequence_ids": torch.tensor([seq_ids]), "last_index": torch.tensor(last_index), "margin": torch.tensor([p["margin"] for p in pairs]),
         "num_tokens": torch.tensor(len(ids)),
     }
     batch["attention_mask"] = shared_prompt_mask(blocks) if shared_prompt else None

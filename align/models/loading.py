@@ -12,7 +12,8 @@ import logging
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BitsAndBytesConfig, PreTrainedTokenizerBase)
 
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
@@ -61,48 +62,58 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(config: ModelConfig, adapter: AdapterConfig):
-    """The trainable model: plain, LoRA or QLoRA as `adapter.kind` says."""
+def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_lm"):
+    """The trainable model: plain, LoRA or QLoRA as `adapter.kind` says.
+
+    head: `causal_lm` (the lm-head) or `score` (a one-scalar sequence-classification head, for
+    reward and value models; it is trained in full precision also under QLoRA).
+    """
     path = tiny.resolve(config.name_or_path)
     dtype = resolve_dtype(config.dtype)
     base = _adapter_base(path)
     quantize = adapter.kind == "qlora"
     kwargs = dict(dtype=dtype, attn_implementation=config.attn_implementation, revision=config.revision,
                   trust_remote_code=config.trust_remote_code)
+    auto_class = AutoModelForCausalLM
+    if head == "score":
+        auto_class = AutoModelForSequenceClassification
+        kwargs["num_labels"] = 1
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=["score", "lm_head"])
         kwargs["device_map"] = {"": _device()}
     try:
         if base is not None:
-            model = _load_merged(path, base, kwargs, quantize)
+            model = _load_merged(path, base, kwargs, quantize, auto_class)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise AlignError(f"model.name_or_path: cannot load {config.name_or_path!r}: {error}") from None
     model.config.use_cache = False
+    if model.config.pad_token_id is None:  # sequence classification reads the last non-pad token
+        model.config.pad_token_id = load_tokenizer(config).pad_token_id
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return apply_adapter(model, adapter, config.gradient_checkpointing)
+    return apply_adapter(model, adapter, config.gradient_checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
 
 
-def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool):
+def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool, auto_class=AutoModelForCausalLM):
     """Load an adapter directory as its base with the adapter merged in (4-bit: merge, then quantize)."""
     from peft import PeftModel
 
     full_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **full_kwargs),
+    merged = PeftModel.from_pretrained(auto_class.from_pretrained(base, **full_kwargs),
                                        adapter_dir).merge_and_unload()
     if not quantize:
         return merged
     merged_dir = os.path.join(adapter_dir, "merged")
     if not os.path.isdir(merged_dir):
         merged.save_pretrained(merged_dir)
-    return AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs)
+    return auto_class.from_pretrained(merged_dir, **kwargs)
 
 
-def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = False):
+def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
     if adapter.kind == "none":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -113,7 +124,7 @@ def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = 
             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                       target_modules=adapter.target_modules, modules_to_save=adapter.modules_to_save,
-                      task_type="CAUSAL_LM")
+                      task_type=task_type)
     try:
         return get_peft_model(model, lora)
     except ValueError as error:

@@ -54,7 +54,53 @@ class TokenLogprobModel(nn.Module):
         return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature)
 
 
-class Policy:
+class Trainable:
+    """What every trained model wrapper offers the loop: `module` (what accelerate prepares), its
+    tokenizer, trainable parameters, eval mode, checkpoint state and saving."""
+
+    module: nn.Module
+    tokenizer: object
+
+    @property
+    def model(self) -> nn.Module:
+        """The transformers (or peft) model being trained."""
+        return unwrap(self.module).model
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(unwrap(self.module).model, "disable_adapter")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            yield
+        finally:
+            self.module.train(was_training)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Adapter in peft format, or full weights as safetensors; plus the tokenizer."""
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights only (the adapter for LoRA/QLoRA): what a checkpoint must hold."""
+        names = {name for name, p in self.module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in unwrap(self.module).state_dict().items() if k in names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(state) - set(unwrap(self.module).state_dict())
+        if missing:
+            raise ValueError(f"checkpoint has weights this model lacks: {sorted(missing)[:5]}")
+        unwrap(self.module).load_state_dict(state, strict=False)
+
+
+class Policy(Trainable):
     """A trainable causal LM with its tokenizer and reference strategy.
 
     reference: `adapter_disabled` (LoRA/QLoRA: the base model is the reference), `frozen_copy`
@@ -92,18 +138,6 @@ class Policy:
         """Free the reference model once its log-probs are cached."""
         self._reference_module, self.reference = None, "none"
 
-    @property
-    def model(self) -> nn.Module:
-        """The transformers (or peft) model being trained."""
-        return unwrap(self.module).model
-
-    @property
-    def has_adapter(self) -> bool:
-        return hasattr(unwrap(self.module).model, "disable_adapter")
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
     def logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """[B, T] log-probs of `batch["labels"]` under the trainable model (with gradient)."""
         return self.module(**batch, temperature=temperature)
@@ -119,15 +153,6 @@ class Policy:
                 return self.module(**batch, temperature=temperature)
         raise RuntimeError("this policy has no reference model (reference='none')")
 
-    @contextlib.contextmanager
-    def eval_mode(self):
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            yield
-        finally:
-            self.module.train(was_training)
-
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """transformers' generate on the trainable model; returns [B, T_prompt + T_new] ids."""
@@ -135,20 +160,3 @@ class Policy:
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         with self.eval_mode():
             return lm.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Adapter in peft format, or full weights as safetensors; plus the tokenizer."""
-        os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights only (the adapter for LoRA/QLoRA): what a checkpoint must hold."""
-        names = {name for name, p in self.module.named_parameters() if p.requires_grad}
-        return {k: v for k, v in unwrap(self.module).state_dict().items() if k in names}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(state) - set(unwrap(self.module).state_dict())
-        if missing:
-            raise ValueError(f"checkpoint has weights this model lacks: {sorted(missing)[:5]}")
-        unwrap(self.module).load_state_dict(state, strict=False)

@@ -1,0 +1,77 @@
+"""Reward models: a causal LM backbone with a one-scalar head, trained by `RewardTrainer`, and
+`load_reward_model(path)`, a scorer for PPO and GRPO."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from align.config import AdapterConfig, ModelConfig
+from align.data.preference import prompt_completion_ids
+from align.models.loading import load_model, load_tokenizer
+from align.models.policy import Trainable, causal_lm
+
+
+class ScalarHeadModel(nn.Module):
+    """Wraps a sequence-classification model: forward returns the score at chosen token positions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
+        """input_ids, position_ids: [1, N] packed; last_index: [S] -> scores [S] (float32)."""
+        lm = causal_lm(self.model)
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        return lm.score(hidden[0, last_index]).squeeze(-1).float()
+
+
+class RewardModel(Trainable):
+    def __init__(self, model: nn.Module, tokenizer):
+        self.module = ScalarHeadModel(model)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, adapter: AdapterConfig) -> "RewardModel":
+        return cls(load_model(model, adapter, head="score"), load_tokenizer(model))
+
+    def scores(self, batch: dict) -> torch.Tensor:
+        return self.module(**batch)
+
+
+class RewardScorer:
+    """`scorer(prompts, completions) -> list[float]`: a trained reward model as a reward function.
+
+    Prompts are strings or message lists, as in the data the model was trained on.
+    """
+
+    def __init__(self, reward_model: RewardModel, batch_size: int = 16):
+        self.reward_model, self.batch_size = reward_model, batch_size
+        self.__name__ = "reward_model"
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list, **_) -> list[float]:
+        tokenizer, out = self.reward_model.tokenizer, []
+        device = next(self.reward_model.module.parameters()).device
+        with self.reward_model.eval_mode():
+            for start in range(0, len(prompts), self.batch_size):
+                ids, positions, last = [], [], []
+                for prompt, completion in zip(prompts[start:start + self.batch_size],
+                                              completions[start:start + self.batch_size]):
+                    p, c = prompt_completion_ids(tokenizer, prompt, completion, start, "reward model input")
+                    ids += p + c
+                    positions += list(range(len(p) + len(c)))
+                    last.append(len(ids) - 1)
+                scores = self.reward_model.scores({"input_ids": torch.tensor([ids], device=device),
+                                                   "position_ids": torch.tensor([positions], device=device),
+                                                   "last_index": torch.tensor(last, device=device)})
+                out += scores.tolist()
+        return out
+
+
+def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16) -> RewardScorer:
+    """A reward model saved by Align (full weights or an adapter) as a callable scorer."""
+    config = ModelConfig(name_or_path=path, dtype=dtype)
+    return RewardScorer(RewardModel.from_config(config, AdapterConfig(kind="none")), batch_size)

@@ -1,0 +1,33 @@
+"""Bradley-Terry reward modeling on preference pairs (shared prompt, one scalar per sequence)."""
+
+from __future__ import annotations
+
+import torch
+
+from align.losses.preference import bradley_terry_loss
+from align.models.reward import RewardModel
+from align.trainers.dpo import PreferenceTrainer
+
+
+class RewardTrainer(PreferenceTrainer):
+    algorithm = "reward"
+
+    @property
+    def shared_prompt(self) -> bool:
+        return self.recipe.reward.shared_prompt and super().shared_prompt
+
+    @classmethod
+    def build_policy(cls, recipe) -> RewardModel:
+        return RewardModel.from_config(recipe.model, recipe.adapter)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        rewards = self.policy.scores(batch)
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        pairs = len(chosen)
+        loss = bradley_terry_loss(chosen, rejected, batch["margin"], self.recipe.reward.center_coef)
+        with torch.no_grad():
+            metrics = {"accuracy": (chosen > rejected).float().mean().item(),
+                       "margin": (chosen - rejected).mean().item(),
+                       "reward/mean": rewards.mean().item(), "reward/min": rewards.min().item(),
+                       "reward/max": rewards.max().item()}
+        return loss * pairs / batch["num_items"], metrics

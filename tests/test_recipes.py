@@ -1,0 +1,25 @@
+"""Every shipped offline recipe validates and runs a couple of steps from the command line."""
+
+from pathlib import Path
+
+import pytest
+
+from align.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = sorted(p.name for p in (ROOT / "recipes").glob("*_tiny*.yaml"))
+
+
+def test_there_are_tiny_recipes_for_each_trainer():
+    assert {name.split("_")[0] for name in TINY} >= {"sft", "rm", "dpo"}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_recipe_runs(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    recipe = f"recipes/{name}"
+    assert main(["validate", recipe]) == 0
+    code = main(["train", recipe, "--set", f"output_dir={tmp_path}/out", "--set", "train.max_steps=2",
+                 "--set", "train.progress=false", "--set", "train.eval_every=null", "--set", "train.save_every=null"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "metrics.jsonl").exists() and (tmp_path / "out" / "recipe.yaml").exists()
