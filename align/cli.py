@@ -25,9 +25,12 @@ def _validate(args) -> None:
     from align.trainers import TRAINERS
 
     recipe = load_recipe(args.recipe, args.set)
-    for key, (rows, fmt) in TRAINERS[recipe.algorithm].load_splits(recipe).items():
-        if rows is not None:
-            print(f"{key}: {len(rows)} rows, format {fmt}")
+    if all(s is None or s.is_local for s in (recipe.data.train, recipe.data.eval)):
+        for key, (rows, fmt) in TRAINERS[recipe.algorithm].load_splits(recipe).items():
+            if rows is not None:
+                print(f"{key}: {len(rows)} rows, format {fmt}")
+    else:
+        print("data from the hub: checked when `align train` downloads it")
     print(f"{args.recipe}: valid {recipe.algorithm} recipe")
 
 

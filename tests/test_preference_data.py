@@ -57,3 +57,17 @@ def test_long_prompts_are_dropped_and_completions_truncated_alike(policy):
     assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 12
     with pytest.raises(AlignError, match="row 3: empty rejected"):
         encode({"prompt": "Q:", "chosen": " a", "rejected": ""}, 3)
+
+
+def test_conversational_pairs_split_at_the_generation_prompt(policy):
+    tok = policy.tokenizer
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "4."}],
+           "rejected": [{"role": "assistant", "content": "5?"}]}
+    out = preference_encoder(tok, 128, "data.train")(row, 0)
+    assert tok.decode(out["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(out["chosen_ids"]) == "4.<|im_end|>\n"
+    assert tok.decode(out["rejected_ids"]) == "5?<|im_end|>\n"
+    implicit = preference_encoder(tok, 128, "data.train")({"chosen": prompt + row["chosen"],
+                                                         "rejected": prompt + row["rejected"]}, 0)
+    assert implicit == out

@@ -23,3 +23,9 @@ def test_tiny_recipe_runs(name, tmp_path, monkeypatch, capsys):
                  "--set", "train.progress=false", "--set", "train.eval_every=null", "--set", "train.save_every=null"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "metrics.jsonl").exists() and (tmp_path / "out" / "recipe.yaml").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes" / "real").glob("*.yaml")))
+def test_real_model_recipes_validate_offline(name, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", f"recipes/real/{name}"]) == 0, capsys.readouterr().err
