@@ -31,3 +31,17 @@ def test_temperature_divides_logits():
     ours = token_logprobs(hidden, head, labels, temperature=0.7)
     full = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, labels[..., None])[..., 0]
     torch.testing.assert_close(ours, full, atol=1e-6, rtol=0)
+
+
+def test_entropy_matches_full_softmax_entropy_and_leaves_gradients_alone():
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 13, bias=False)
+    labels = torch.randint(0, 13, (2, 6))
+    labels[1, :2] = IGNORE_INDEX
+    logps, entropy = token_logprobs(hidden, head, labels, chunk_size=4, return_entropy=True)
+    logp_all = torch.log_softmax(head(hidden), -1)
+    want = -(logp_all.exp() * logp_all).sum(-1) * (labels != IGNORE_INDEX)
+    torch.testing.assert_close(entropy, want.detach(), atol=1e-5, rtol=0)
+    assert not entropy.requires_grad
+    torch.testing.assert_close(logps, token_logprobs(hidden, head, labels), atol=0, rtol=0)

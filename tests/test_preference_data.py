@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from align.config import AdapterConfig, ModelConfig
-from align.data.preference import pack_pairs, preference_encoder, sequence_sums, split_implicit_prompt
+from align.data.preference import pack_pairs, preference_encoder, pair_sums, split_implicit_prompt
 from align.errors import AlignError
 from align.models import Policy
 
@@ -24,7 +24,7 @@ def test_shared_prompt_row_equals_two_rows_in_value_and_gradient(policy):
     for shared in (True, False):
         policy.module.zero_grad()
         batch = pack_pairs(pairs, shared_prompt=shared)
-        chosen, rejected = sequence_sums(policy.logprobs(batch), batch["sequence_ids"], len(pairs))
+        chosen, rejected = pair_sums(policy.logprobs(batch), batch["sequence_ids"], len(pairs))
         (chosen.sum() - 2 * rejected.sum()).backward()
         grads = [p.grad.clone() for p in policy.trainable_parameters()]
         results.append((torch.stack([chosen, rejected]).detach(), grads, batch["num_tokens"].item()))
@@ -35,10 +35,10 @@ def test_shared_prompt_row_equals_two_rows_in_value_and_gradient(policy):
     assert shared_tokens == two_tokens - sum(p - 1 for p, _, _ in [(9, 4, 6), (1, 3, 2), (30, 7, 1)])
 
 
-def test_sequence_sums_cover_exactly_the_completion_tokens():
+def test_pair_sums_cover_exactly_the_completion_tokens():
     pairs = random_pairs([(5, 3, 4), (2, 6, 1)])
     batch = pack_pairs(pairs)
-    chosen, rejected = sequence_sums(torch.ones_like(batch["input_ids"], dtype=torch.float), batch["sequence_ids"], 2)
+    chosen, rejected = pair_sums(torch.ones_like(batch["input_ids"], dtype=torch.float), batch["sequence_ids"], 2)
     assert chosen.tolist() == [3, 6] and rejected.tolist() == [4, 1]
 
 

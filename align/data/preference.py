@@ -1,15 +1,9 @@
 """Preference pairs: tokenization and the shared-prompt packed layout.
 
 A pair is tokenized once into `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}`.
-`pack_pairs` lays each pair out as one packed segment whose prompt is computed once:
-
-    [ prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected ]
-
-Both branches start with the last prompt token (so each branch predicts its own first token from
-it) at the same position, P-1; a 4D attention mask lets each branch see the shared prompt and
-itself, never the other branch or another pair. `pack_pairs(..., shared_prompt=False)` gives the
-plain two-sequence layout [prompt chosen][prompt rejected] for comparison and for attention
-kernels that take no 4D mask.
+`pack_pairs` lays each pair out as a group of two completions sharing their prompt
+([prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected], see `align.data.groups`), so the
+prompt is computed once per pair.
 """
 
 from __future__ import annotations
@@ -19,8 +13,8 @@ import logging
 import torch
 
 from align.data.formats import _check_messages
+from align.data.groups import pack_groups, sequence_sums
 from align.errors import AlignError
-from align.ops.logprobs import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -95,71 +89,15 @@ def warn_identical(data, key: str) -> None:
                     "signal", key, len(identical), identical[0])
 
 
-def _branch(tokens: list[int]) -> list[int]:
-    """Labels of a branch [last prompt token] + completion: the completion, then nothing."""
-    return tokens[1:] + [IGNORE_INDEX]
-
-
 def pack_pairs(pairs: list[dict], shared_prompt: bool = True) -> dict[str, torch.Tensor]:
-    """Pairs -> one packed row [1, N].
-
-    Returns input_ids, labels, position_ids [1, N]; sequence_ids [1, N] (2i for pair i's chosen
-    labels, 2i+1 for its rejected ones, -1 elsewhere); last_index [2B] (the last token of each
-    sequence, same order: where a reward model reads its score); attention_mask [1, 1, N, N] bool when
-    `shared_prompt`, else None (position ids restart per sequence); margin [B]; num_tokens.
-    """
-    ids, labels, positions, seq_ids, blocks, last_index = [], [], [], [], [], []
-    for i, pair in enumerate(pairs):
-        prompt = pair["prompt_ids"]
-        if shared_prompt:
-            shared = prompt[:-1]
-            segments = [(shared, [IGNORE_INDEX] * len(shared), list(range(len(shared))), -1)]
-            for side, completion in ((0, pair["chosen_ids"]), (1, pair["rejected_ids"])):
-                tokens = prompt[-1:] + completion
-                segments.append((tokens, _branch(tokens), list(range(len(shared), len(shared) + len(tokens))),
-                                 2 * i + side))
-            blocks.append([len(s[0]) for s in segments])
-        else:
-            segments = []
-            for side, completion in ((0, pair["chosen_ids"]), (1, pair["rejected_ids"])):
-                tokens = prompt + completion
-                lab = [IGNORE_INDEX] * (len(prompt) - 1) + completion + [IGNORE_INDEX]
-                segments.append((tokens, lab, list(range(len(tokens))), 2 * i + side))
-        for tokens, lab, pos, sid in segments:
-            if sid >= 0:
-                last_index.append(len(ids) + len(tokens) - 1)
-            ids += tokens
-            labels += lab
-            positions += pos
-            seq_ids += [sid if label != IGNORE_INDEX else -1 for label in lab]
-    batch = {
-        "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
-        "sequence_ids": torch.tensor([seq_ids]), "last_index": torch.tensor(last_index), "margin": torch.tensor([p["margin"] for p in pairs]),
-        "num_tokens": torch.tensor(len(ids)),
-    }
-    batch["attention_mask"] = shared_prompt_mask(blocks) if shared_prompt else None
+    """Pairs -> one packed row [1, N] (see `align.data.groups.pack_groups`): sequence 2i is pair i's
+    chosen completion, 2i+1 its rejected one. Adds margin [B]."""
+    batch = pack_groups([(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs], shared_prompt)
+    batch["margin"] = torch.tensor([p["margin"] for p in pairs])
     return batch
 
 
-def shared_prompt_mask(blocks: list[list[int]]) -> torch.Tensor:
-    """[1, 1, N, N] bool: causal within each pair's [shared | chosen | rejected] with the two
-    branches blind to each other. `blocks[i]` = [len shared, len chosen branch, len rejected branch]."""
-    n = sum(sum(b) for b in blocks)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    start = 0
-    for shared, chosen, rejected in blocks:
-        for branch_start, length in ((start + shared, chosen), (start + shared + chosen, rejected)):
-            end = branch_start + length
-            mask[branch_start:end, start:start + shared] = True  # sees the shared prompt
-            mask[branch_start:end, branch_start:end] = torch.tril(torch.ones(length, length, dtype=torch.bool))
-        mask[start:start + shared, start:start + shared] = torch.tril(torch.ones(shared, shared, dtype=torch.bool))
-        start += shared + chosen + rejected
-    return mask[None, None]
-
-
-def sequence_sums(values: torch.Tensor, sequence_ids: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, ...]:
+def pair_sums(values: torch.Tensor, sequence_ids: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of token values. values, sequence_ids: [1, N] -> (chosen [B], rejected [B])."""
-    keep = sequence_ids >= 0
-    sums = torch.zeros(2 * num_pairs, dtype=values.dtype, device=values.device)
-    sums = sums.index_add(0, sequence_ids[keep], values[keep])
+    sums = sequence_sums(values, sequence_ids, 2 * num_pairs)
     return sums[0::2], sums[1::2]

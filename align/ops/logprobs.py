@@ -14,19 +14,24 @@ IGNORE_INDEX = -100
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, with_entropy):
         # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids)
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             logits = _logits(hidden[start:start + chunk_size], weight, bias)
             target = targets[start:start + chunk_size, None]
-            out[start:start + chunk_size] = (logits.gather(1, target) - logits.logsumexp(-1, keepdim=True))[:, 0]
+            lse = logits.logsumexp(-1, keepdim=True)
+            out[start:start + chunk_size] = (logits.gather(1, target) - lse)[:, 0]
+            if with_entropy:  # H = lse - sum(p * logits)
+                entropy[start:start + chunk_size] = lse[:, 0] - ((logits - lse).exp() * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size = chunk_size
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -46,7 +51,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_b += grad_logits.sum(0)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -55,18 +60,23 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                   chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                   chunk_size: int = 1024, temperature: float = 1.0, return_entropy: bool = False):
     """Log-probability of each label under the model, chunked over tokens.
 
     hidden: [B, T, H] final hidden states; labels: [B, T] next-token ids aligned with `hidden`
     (labels[b, t] is the token that follows position t), IGNORE_INDEX where there is none.
     Returns [B, T] float32 log-probs, 0 where the label is ignored. Only labelled positions reach
-    the lm-head, so prompt and padding tokens cost nothing here.
+    the lm-head, so prompt and padding tokens cost nothing here. With return_entropy, also the
+    [B, T] entropy of each labelled position's next-token distribution (no gradient).
     """
     mask = labels != IGNORE_INDEX
     selected = hidden[mask]
     if temperature != 1.0:
         selected = selected / temperature
-    values = _ChunkedLogprobs.apply(selected, lm_head.weight, lm_head.bias, labels[mask], chunk_size)
+    values, entropy = _ChunkedLogprobs.apply(selected, lm_head.weight, lm_head.bias, labels[mask], chunk_size,
+                                             return_entropy)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    return out.masked_scatter(mask, values)
+    out = out.masked_scatter(mask, values)
+    if return_entropy:
+        return out, torch.zeros_like(out).masked_scatter(mask, entropy)
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -31,6 +32,18 @@ from align.trainers import checkpoint
 from align.trainers.callbacks import Callback, MetricsFile, ProgressBar
 
 log = logging.getLogger(__name__)
+
+
+def process_accelerator() -> Accelerator:
+    """accelerate's process state with its mixed precision off: Align autocasts itself, per trainer
+    (`Trainer.autocast`). The state is a process-wide singleton; if another library in this process
+    (e.g. a TRL trainer, whose default is bf16) already set it to bf16, accelerate would silently wrap
+    our model's forward in autocast, so the state is reset first."""
+    try:
+        return Accelerator(mixed_precision="no")
+    except ValueError:  # "AcceleratorState has already been initialized and cannot be changed"
+        AcceleratorState._reset_state()
+        return Accelerator(mixed_precision="no")
 
 
 class Trainer:
@@ -45,11 +58,11 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.output_dir = Path(recipe.output_dir)
         self.callbacks = [MetricsFile()] + ([ProgressBar()] if self.cfg.progress else []) + (callbacks or [])
-        self.accelerator = Accelerator()  # process state only: mixed precision is `self.autocast()`
+        self.accelerator = process_accelerator()
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.cfg.lr,
                                            betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
-        self.steps_per_epoch = math.ceil(math.ceil(len(train_data) / self.cfg.batch_size) / self.cfg.grad_accum)
+        self.steps_per_epoch = self.count_steps_per_epoch()
         self.total_steps = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
         warmup = self.cfg.warmup if self.cfg.warmup >= 1 else self.cfg.warmup * self.total_steps
         name = "constant_with_warmup" if self.cfg.schedule == "constant" else self.cfg.schedule
@@ -115,6 +128,10 @@ class Trainer:
             return pack(examples)
         return pad(examples, self.policy.tokenizer.pad_token_id)
 
+    def count_steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training data."""
+        return math.ceil(math.ceil(len(self.train_data) / self.cfg.batch_size) / self.cfg.grad_accum)
+
     def count_items(self, batch: dict) -> float:
         return float(batch["input_ids"].shape[0])
 
@@ -152,11 +169,12 @@ class Trainer:
             self.step += 1
             if self.eval_data is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 record.update(self.evaluate())
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps or "eval/loss" in record:
+            evaluated = any(key.startswith("eval/") for key in record)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps or evaluated:
                 self.log(record)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save_checkpoint()
-        if self.eval_data is not None and "eval/loss" not in record:
+        if self.eval_data is not None and not any(key.startswith("eval/") for key in record):
             self.log(self.evaluate())
         self.save(self.output_dir)
         for cb in self.callbacks:
@@ -229,9 +247,19 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.policy.save(directory)
 
+    def checkpoint_state(self) -> dict[str, object]:
+        """What a checkpoint holds (each entry one file); `restore_state` puts it back."""
+        return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+
+    def restore_state(self, tensors: dict[str, object]) -> None:
+        self.policy.load_state_dict(tensors["model"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        checkpoint.set_rng_state(tensors["rng"])
+
     def save_checkpoint(self) -> Path:
-        tensors = {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+        tensors = self.checkpoint_state()
         return checkpoint.save_checkpoint(self.output_dir / "checkpoints", self.step, tensors,
                                           {"algorithm": self.algorithm, "total_steps": self.total_steps},
                                           keep=self.cfg.keep_checkpoints)
@@ -251,9 +279,6 @@ class Trainer:
             if not (path / checkpoint.STATE_FILE).is_file():
                 raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
         state, tensors = checkpoint.load_checkpoint(path)
-        self.policy.load_state_dict(tensors["model"])
-        self.optimizer.load_state_dict(tensors["optimizer"])
-        self.scheduler.load_state_dict(tensors["scheduler"])
-        checkpoint.set_rng_state(tensors["rng"])
+        self.restore_state(tensors)
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)

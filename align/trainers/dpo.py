@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from align.data.preference import pack_pairs, preference_encoder, sequence_sums, warn_identical
+from align.data.preference import pack_pairs, pair_sums, preference_encoder, warn_identical
 from align.data.formats import tokenize
 from align.errors import AlignError
 from align.losses.preference import dpo_loss, rpo_sft_loss
@@ -92,19 +92,19 @@ class DPOTrainer(PreferenceTrainer):
                 batch = self._to_device(self.collate([data[i] for i in range(start, min(start + size, len(data)))]))
                 with self.autocast():
                     logps = self.policy.reference_logprobs(batch)
-                out.append(torch.stack(sequence_sums(logps, batch["sequence_ids"], len(batch["margin"])), -1))
+                out.append(torch.stack(pair_sums(logps, batch["sequence_ids"], len(batch["margin"])), -1))
         return torch.cat(out).float().cpu()
 
     def sequence_logps(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """(policy chosen, policy rejected, ref chosen, ref rejected, chosen lengths, rejected lengths), each [B]."""
         pairs = len(batch["margin"])
-        chosen, rejected = sequence_sums(self.policy.logprobs(batch), batch["sequence_ids"], pairs)
+        chosen, rejected = pair_sums(self.policy.logprobs(batch), batch["sequence_ids"], pairs)
         if "ref_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_logps"].unbind(-1)
         else:
-            ref_chosen, ref_rejected = sequence_sums(self.policy.reference_logprobs(batch), batch["sequence_ids"], pairs)
+            ref_chosen, ref_rejected = pair_sums(self.policy.reference_logprobs(batch), batch["sequence_ids"], pairs)
         ones = torch.ones_like(batch["sequence_ids"], dtype=torch.float32)
-        lengths = sequence_sums(ones, batch["sequence_ids"], pairs)
+        lengths = pair_sums(ones, batch["sequence_ids"], pairs)
         return chosen, rejected, ref_chosen, ref_rejected, *lengths
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
