@@ -18,6 +18,9 @@ _EXPORTS = {
     "SFTTrainer": "align.trainers",
     "DPOTrainer": "align.trainers",
     "RewardTrainer": "align.trainers",
+    "GRPOTrainer": "align.trainers",
+    "PPOTrainer": "align.trainers",
+    "RewardFunctions": "align.rewards",
     "load_reward_model": "align.models.reward",
 }
 

@@ -129,6 +129,84 @@ class RewardConfig(Section):
     shared_prompt: bool = True
 
 
+class RewardFunctionConfig(Section):
+    """One reward for GRPO/PPO: a registry name (`exact_answer`), `module:func`,
+    `path/to/file.py:func`, or a reward-model directory trained by Align."""
+
+    fn: str
+    weight: float = 1.0
+    name: str | None = None
+    """Metric name (default: derived from `fn`)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments bound to the function, e.g. {max_length: 64} for a length penalty."""
+
+
+class SamplingConfig(Section):
+    """How the rollout engine samples completions (temperature 0 = greedy)."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    """0 turns top-k off."""
+    min_p: float = Field(0.0, ge=0.0, lt=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings; the completion ends with the token that completes one."""
+    engine: Literal["prefix_shared", "hf", "vllm"] = "prefix_shared"
+    """prefix_shared: our sampler (prompt KV computed once per group); hf: transformers' generate;
+    vllm: vLLM on a GPU (optional dependency)."""
+    max_prompt_length: int | None = Field(None, gt=0)
+    """Prompts longer than this (in tokens) are an error naming the row; default data.max_length."""
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(8, ge=2)
+    """Completions sampled per prompt (G); train.batch_size counts completions and must be a multiple."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rewards: list[RewardFunctionConfig] = Field(default_factory=list)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage = (r - group mean) / std of the group / of the batch / not divided (Dr. GRPO)."""
+    beta: float = Field(0.0, ge=0.0)
+    """Weight of the k3 KL to the reference; 0 loads no reference model."""
+    epsilon: float | tuple[float, float] = 0.2
+    """Clip range: one value, or [epsilon_low, epsilon_high] (DAPO's clip-higher)."""
+    loss_norm: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    importance: Literal["token", "sequence"] = "token"
+    """sequence: GSPO's sequence-level importance ratio."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimizer passes over each rollout; old log-probs are kept from the rollout."""
+    mask_truncated: bool = False
+    """Leave completions that hit max_new_tokens out of the loss."""
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
+    shared_prompt: bool = True
+    """Training forward runs each prompt once for its G completions (4D attention mask)."""
+
+
+class PPOConfig(Section):
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rewards: list[RewardFunctionConfig] = Field(default_factory=list)
+    """Reward functions and/or reward-model directories (weighted sum = the score)."""
+    kl_coef: float = Field(0.05, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_range: float = Field(0.2, gt=0.0)
+    clip_range_value: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    ppo_epochs: int = Field(4, ge=1)
+    num_mini_batches: int = Field(1, ge=1)
+    """Each rollout (batch_size * grad_accum * num_mini_batches completions) is split into this many
+    optimizer steps per PPO epoch."""
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = Field(None, ge=0.0)
+    """Subtract this from the score of completions that did not end with EOS."""
+    critic: Literal["shared", "separate"] = "separate"
+    """shared: a value head on the policy backbone; separate: a value model (same base, own adapter)."""
+    value_model: str | None = None
+    """Start the separate critic from this model (e.g. the reward model dir); default: the policy's model."""
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
+
+
 class Recipe(Section):
     algorithm: Literal["sft", "reward", "dpo", "ppo", "grpo"]
     output_dir: str
@@ -139,6 +217,8 @@ class Recipe(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     @model_validator(mode="after")
     def _check_files(self) -> "Recipe":

@@ -40,25 +40,31 @@ def chat_rows(n: int, seed: int = 0, max_turns: int = 2) -> list[dict]:
     return rows
 
 
-def prompt_completion_rows(n: int, seed: int = 0) -> list[dict]:
+HEDGE = "Hmm, I am not sure."
+"""The careless style: no work, no answer."""
+
+
+def prompt_completion_rows(n: int, seed: int = 0, hedged: float = 0.0) -> list[dict]:
+    """Question/solution rows; a fraction `hedged` of them answer in the careless, wrong style
+    instead (like real SFT data of mixed quality, which preference training and RL then fix)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         question, answer = arithmetic_question(rng)
-        rows.append({"prompt": f"Question: {question}\nAnswer:", "completion": " " + solution(question, answer),
+        completion = HEDGE if hedged and rng.random() < hedged else solution(question, answer)
+        rows.append({"prompt": f"Question: {question}\nAnswer:", "completion": " " + completion,
                      "answer": str(answer)})
     return rows
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
-    """Pairs preferring a worked, correct answer over a hedged, wrong one (a style SFT never saw)."""
+    """Pairs preferring a worked, correct answer over the hedged non-answer."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         question, answer = arithmetic_question(rng)
-        wrong = answer + rng.choice([-3, -2, -1, 1, 2, 3])
         rows.append({"prompt": f"Question: {question}\nAnswer:", "chosen": " " + solution(question, answer),
-                     "rejected": f" Hmm, maybe {wrong}? I am not sure."})
+                     "rejected": " " + HEDGE})
     return rows
 
 
@@ -69,6 +75,34 @@ def corpus() -> list[str]:
     texts += ["The quick brown fox jumps over the lazy dog. Short answers are better than long ones.",
               "Hello! How can I help you today? Please think step by step and be concise."]
     return texts
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompt-only rows for GRPO/PPO: the question and its checkable `answer`."""
+    return [{"prompt": row["prompt"], "answer": row["answer"]} for row in prompt_completion_rows(n, seed)]
+
+
+def train_builtin(name: str, base: str, out_dir: Path) -> None:
+    """Train the built-in `name` (e.g. tiny-llama-arith) from `base` with Align's own SFT on the
+    arithmetic task, into `out_dir`: 60% of the SFT answers are the careless hedge, so the
+    model answers right only some of the time and preference training or RL has something to fix.
+    Takes well under a minute on 2 CPU cores, once per cache."""
+    import logging
+    import tempfile
+
+    from align.config import recipe_from_dict
+    from align.trainers.sft import SFTTrainer
+
+    logging.getLogger(__name__).warning("building builtin:%s: SFT of %s on the arithmetic task (once, ~1 min)",
+                                        name, base)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jsonl(prompt_completion_rows(19200, seed=1000, hedged=0.6), Path(tmp) / "train.jsonl")
+        recipe = recipe_from_dict({
+            "algorithm": "sft", "output_dir": str(out_dir), "model": {"name_or_path": base, "dtype": "float32"},
+            "data": {"train": {"path": str(Path(tmp) / "train.jsonl")}, "max_length": 64},
+            "train": {"lr": 3e-3, "max_steps": 600, "batch_size": 32, "warmup": 0.05, "schedule": "cosine",
+                      "seed": 0, "progress": False, "log_every": 10}})
+        SFTTrainer.from_recipe(recipe).fit()
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
@@ -85,6 +119,8 @@ def main(out_dir: str) -> None:
     write_jsonl(prompt_completion_rows(256, seed=3), out / "arith_pc_train.jsonl")
     write_jsonl(preference_rows(256, seed=4), out / "arith_pref_train.jsonl")
     write_jsonl(preference_rows(64, seed=5), out / "arith_pref_eval.jsonl")
+    write_jsonl(prompt_rows(512, seed=6), out / "arith_prompts_train.jsonl")
+    write_jsonl(prompt_rows(64, seed=7), out / "arith_prompts_eval.jsonl")
 
 
 if __name__ == "__main__":

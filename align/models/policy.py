@@ -46,12 +46,15 @@ class TokenLogprobModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temperature: float = 1.0, **_) -> torch.Tensor:
-        """input_ids, labels, position_ids, attention_mask: [B, T] -> log-probs of labels [B, T]."""
+                attention_mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
+                **_):
+        """input_ids, labels, position_ids, attention_mask: [B, T] -> log-probs of labels [B, T]
+        (and with return_entropy, the next-token entropy at the labelled positions [B, T])."""
         lm = causal_lm(self.model)
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
-        return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature)
+        return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
+                              return_entropy=return_entropy)
 
 
 class Trainable:
@@ -109,7 +112,7 @@ class Policy(Trainable):
     """
 
     def __init__(self, model: nn.Module, tokenizer, reference: ReferenceStrategy = "none"):
-        self.module = TokenLogprobModel(model)
+        self.module = self.wrap(model)
         self.tokenizer = tokenizer
         if reference == "auto":
             reference = "adapter_disabled" if self.has_adapter else "frozen_copy"
@@ -118,7 +121,11 @@ class Policy(Trainable):
         self.reference = reference
         self._reference_module = None
         if reference == "frozen_copy":
-            self._reference_module = copy.deepcopy(self.module).eval().requires_grad_(False)
+            self._reference_module = TokenLogprobModel(copy.deepcopy(model)).eval().requires_grad_(False)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module accelerate prepares and the loop trains (subclasses add e.g. a critic)."""
+        return TokenLogprobModel(model)
 
     @classmethod
     def from_config(cls, model: ModelConfig, adapter: AdapterConfig, reference: ReferenceStrategy = "none"):
@@ -132,15 +139,16 @@ class Policy(Trainable):
     @property
     def reference_module(self) -> nn.Module:
         """The module whose weights define the reference (the policy itself under adapter_disabled)."""
-        return self._reference_module if self._reference_module is not None else self.module
+        return self._reference_module if self._reference_module is not None else TokenLogprobModel(self.model)
 
     def release_reference(self) -> None:
         """Free the reference model once its log-probs are cached."""
         self._reference_module, self.reference = None, "none"
 
-    def logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-        """[B, T] log-probs of `batch["labels"]` under the trainable model (with gradient)."""
-        return self.module(**batch, temperature=temperature)
+    def logprobs(self, batch: dict, temperature: float = 1.0, return_entropy: bool = False):
+        """[B, T] log-probs of `batch["labels"]` under the trainable model (with gradient); with
+        return_entropy also the [B, T] next-token entropies (no gradient)."""
+        return self.module(**batch, temperature=temperature, return_entropy=return_entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
@@ -150,7 +158,7 @@ class Policy(Trainable):
             return self._reference_module.to(device)(**batch, temperature=temperature)
         if self.reference == "adapter_disabled":
             with self.model.disable_adapter():
-                return self.module(**batch, temperature=temperature)
+                return TokenLogprobModel(self.model)(**batch, temperature=temperature)
         raise RuntimeError("this policy has no reference model (reference='none')")
 
     @torch.no_grad()

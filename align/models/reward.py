@@ -60,6 +60,8 @@ class RewardScorer:
                 ids, positions, last = [], [], []
                 for prompt, completion in zip(prompts[start:start + self.batch_size],
                                               completions[start:start + self.batch_size]):
+                    if isinstance(prompt, list) and isinstance(completion, str):  # a chat: the reply as a turn
+                        completion = [{"role": "assistant", "content": completion}]
                     p, c = prompt_completion_ids(tokenizer, prompt, completion, start, "reward model input")
                     ids += p + c
                     positions += list(range(len(p) + len(c)))
@@ -71,7 +73,10 @@ class RewardScorer:
         return out
 
 
-def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16) -> RewardScorer:
-    """A reward model saved by Align (full weights or an adapter) as a callable scorer."""
+def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, device: str | None = None) -> RewardScorer:
+    """A reward model saved by Align (full weights or an adapter) as a callable scorer, on `device`
+    (default: the GPU when there is one)."""
     config = ModelConfig(name_or_path=path, dtype=dtype)
-    return RewardScorer(RewardModel.from_config(config, AdapterConfig(kind="none")), batch_size)
+    model = RewardModel.from_config(config, AdapterConfig(kind="none"))
+    model.module.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return RewardScorer(model, batch_size)

@@ -72,23 +72,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
+TRAINED = {"tiny-llama-arith": "tiny-llama"}
+"""Built-ins that Align trains itself (name -> the built-in they start from): see `align.toy.train_builtin`."""
+
+
 def resolve(name_or_path: str) -> str:
     """Map `builtin:<name>` to a local directory, building it once; other values pass through."""
     if not name_or_path.startswith(PREFIX):
         return name_or_path
     name = name_or_path.removeprefix(PREFIX)
-    if name not in SPECS:
+    if name not in SPECS and name not in TRAINED:
         raise AlignError(f"model.name_or_path: unknown built-in model {name!r}; choose one of "
-                         + ", ".join(PREFIX + n for n in SPECS))
+                         + ", ".join(PREFIX + n for n in [*SPECS, *TRAINED]))
     target = cache_dir() / "builtin" / f"{name}-v{BUILD_VERSION}"
     if not (target / "config.json").exists():
-        from align.toy import corpus
-
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-        tokenizer = build_tokenizer(corpus(), SPECS[name][0])
-        build_model(name, tokenizer).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        if name in TRAINED:
+            from align.toy import train_builtin
+
+            train_builtin(name, PREFIX + TRAINED[name], staging)
+        else:
+            from align.toy import corpus
+
+            tokenizer = build_tokenizer(corpus(), SPECS[name][0])
+            build_model(name, tokenizer).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         try:
             staging.rename(target)  # atomic: a concurrent builder either wins or finds the target there
         except OSError:

@@ -1,0 +1,39 @@
+"""Prompt-only data for online RL: each row's prompt tokenized once, every other column kept for
+the reward functions."""
+
+from __future__ import annotations
+
+import datasets
+
+from align.data.formats import _check_messages
+from align.errors import AlignError
+
+
+def encode_prompt(tokenizer, prompt, row: int, key: str) -> list[int]:
+    """A string prompt (with the tokenizer's BOS) or a message list rendered by the chat template
+    up to the assistant's turn."""
+    if isinstance(prompt, list):
+        _check_messages(prompt, row, key)
+        if not tokenizer.chat_template:
+            raise AlignError(f"{key}: conversational prompts need a chat template; set model.chat_template")
+        return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
+                                                  add_generation_prompt=True)["input_ids"])
+    if not isinstance(prompt, str) or not prompt:
+        raise AlignError(f"{key} row {row}: `prompt` must be a non-empty string or a list of messages, "
+                         f"got {prompt!r}")
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def tokenize_prompts(rows: datasets.Dataset, tokenizer, max_prompt_length: int, key: str,
+                     setting: str = "sampling.max_prompt_length") -> datasets.Dataset:
+    """Add `prompt_ids` to every row; a prompt longer than `max_prompt_length` is an error naming
+    the row (dropping it silently would change the task)."""
+
+    def encode(row: dict, index: int) -> dict:
+        ids = encode_prompt(tokenizer, row["prompt"], index, key)
+        if len(ids) > max_prompt_length:
+            raise AlignError(f"{key} row {index}: the prompt has {len(ids)} tokens, more than "
+                             f"{setting}={max_prompt_length}; raise {setting} or filter out long prompts")
+        return {"prompt_ids": ids}
+
+    return rows.map(encode, with_indices=True, desc=f"tokenizing {key}")

@@ -1,0 +1,495 @@
+"""The reward contract for GRPO and PPO: loading reward functions by name, calling them, combining them.
+
+A reward function is a plain callable
+
+    f(prompts, completions, completion_ids, **columns) -> list[float | None]
+
+with one value per completion. `prompts` are as in the dataset (strings, or message lists for
+conversational data), `completions` are decoded strings, `completion_ids` lists of token ids, and
+every dataset column of the batch comes as a keyword argument (`answer=[...]`). A function that
+takes `**kwargs` gets everything; otherwise only the parameters it declares. `None` means "does not
+apply to this sample" and is skipped when functions are combined with weights. `async def`
+functions run concurrently on one event loop owned by `RewardFunctions`.
+
+Recipes name a reward in one of four forms:
+    exact_answer                  a built-in (see REGISTRY) or a name given with @register
+    my_package.rewards:concise    module:func (the current directory is importable)
+    path/to/my_rewards.py:concise a Python file, relative to the current directory
+    runs/rm                       a reward-model directory trained by Align
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from align.errors import AlignError
+
+if TYPE_CHECKING:
+    from align.config import RewardFunctionConfig
+
+log = logging.getLogger(__name__)
+
+REGISTRY: dict[str, str | Callable] = {
+    "exact_answer": "rewards.math:exact_answer",
+    "numeric_answer": "rewards.math:numeric_answer",
+    "format_tags": "rewards.format:format_tags",
+    "format_regex": "rewards.format:format_regex",
+    "length_penalty": "rewards.length:length_penalty",
+    "overlong_penalty": "rewards.length:overlong_penalty",
+}
+"""Reward name -> `module:func` (built-ins, imported on first use) or the function itself (@register)."""
+
+FORMS = ("a registry name (" + ", ".join(REGISTRY) + ", or one added with @register), `module:func`, "
+         "`path/to/file.py:func` (relative to the current directory), or a reward-model directory trained by Align")
+STANDARD_ARGS = ("prompts", "completions", "completion_ids")
+
+
+def register(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make a reward function loadable by `name` once the module defining it is imported."""
+
+    def add(fn: Callable) -> Callable:
+        if REGISTRY.get(name, fn) is not fn:
+            raise AlignError(f"reward name {name!r} is already registered for {REGISTRY[name]}; pick another name")
+        REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _import_module(module: str):
+    """import_module, also trying the current directory (a console script does not put it on sys.path)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if not _is_missing(error, module) or os.getcwd() in sys.path or "" in sys.path:
+            raise
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _is_missing(error: ModuleNotFoundError, module: str) -> bool:
+    """True if `module` itself is missing, False if it exists but one of its own imports is."""
+    return bool(error.name) and (module == error.name or module.startswith(error.name + "."))
+
+
+def _load_file(path: str):
+    """Execute a Python file as a module (once per absolute path), kept in sys.modules under a private name."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise AlignError(f"file not found: {path!r} (paths are relative to the current directory {os.getcwd()})")
+    name = f"_align_rewards_{Path(full).stem}_{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, full)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _unknown(spec: str) -> AlignError:
+    """The error for a spec of no known form, with the likeliest fix first."""
+    close = difflib.get_close_matches(spec, REGISTRY, n=1)
+    if "/" in spec or os.sep in spec:
+        hint = f"There is no such file or directory (paths are relative to {os.getcwd()})"
+        hint += f"; name the function too, e.g. {spec}:my_reward. " if spec.endswith(".py") else ". "
+    elif spec.endswith(".py"):
+        hint = f"Name the function too, e.g. {spec}:my_reward. "
+    elif "." in spec:
+        hint = f"Did you mean {':'.join(spec.rsplit('.', 1))!r}? "
+    else:
+        hint = f"Did you mean {close[0]!r}? " if close else ""
+    return AlignError(f"unknown reward {spec!r}. {hint}A reward is {FORMS}")
+
+
+def _resolve(spec: str) -> Callable:
+    """The function a registry name, `module:func` or `file.py:func` spec points to."""
+    target = REGISTRY.get(spec, spec)
+    if callable(target):
+        return target
+    if ":" not in target:
+        raise _unknown(spec)
+    where, attr = target.rsplit(":", 1)
+    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    try:
+        module = _load_file(where) if is_file else _import_module(where)
+    except AlignError:
+        raise
+    except ModuleNotFoundError as error:
+        if spec in REGISTRY:
+            raise AlignError(f"the built-in rewards package is not importable ({error}); reinstall Align "
+                             "(pip install -e . in a checkout)") from None
+        if _is_missing(error, where):
+            raise AlignError(f"no module named {where!r} (looked on sys.path and in {os.getcwd()}). "
+                             f"A reward is {FORMS}") from None
+        raise AlignError(f"importing {where!r} failed: {error}") from error
+    except Exception as error:
+        raise AlignError(f"importing {where!r} failed: {type(error).__name__}: {error}") from error
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        names = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        close = difflib.get_close_matches(attr, names, n=1, cutoff=0.5)
+        raise AlignError(f"{where!r} has no function {attr!r}."
+                         + (f" Did you mean {close[0]!r}?" if close else "")
+                         + (f" Functions there: {', '.join(names)}" if names else ""))
+    return fn
+
+
+def _is_reward_model_dir(spec: str) -> bool:
+    return os.path.isdir(os.path.expanduser(spec))
+
+
+def spec_name(spec: str) -> str:
+    """The default metric name of a reward: the registry name for a built-in, `module.func` for
+    `module:func` and `file.py:func` (module = the last dotted part / the file's stem), the
+    directory's name for a reward model."""
+    if spec in REGISTRY:
+        return spec
+    if _is_reward_model_dir(spec):
+        return Path(os.path.abspath(os.path.expanduser(spec))).name
+    builtin = {target: name for name, target in REGISTRY.items() if isinstance(target, str)}
+    if spec in builtin:
+        return builtin[spec]
+    where, _, attr = spec.rpartition(":")
+    module = Path(where).stem if where.endswith(".py") else where.rsplit(".", 1)[-1]
+    return f"{module}.{attr}" if module else attr
+
+
+def _bind(fn: Callable, kwargs: dict, key: str) -> Callable:
+    """functools.partial(fn, **kwargs) keeping fn's name. A kwarg must be a named parameter of fn, or
+    reach a `**kwargs` catch-all (a warning); one that would fall into `**_` (ignored) is an error."""
+    if not kwargs:
+        return fn
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    named = [n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    catch_all = next((n for n, p in parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    for name in kwargs:
+        if name in named or not parameters:
+            continue
+        if catch_all is None or catch_all.startswith("_"):
+            close = difflib.get_close_matches(name, named, n=1)
+            raise AlignError(f"{key}: {_name(fn)} has no parameter {name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" Its parameters: {', '.join(named)}")
+        log.warning("%s: %r is not a named parameter of %s; it reaches the function only through **%s",
+                    key, name, _name(fn), catch_all)
+    bound = functools.partial(fn, **kwargs)
+    bound.__name__ = bound.__qualname__ = _name(fn)
+    bound.__doc__ = getattr(fn, "__doc__", None)
+    return bound
+
+
+def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | None = None) -> Callable:
+    """The reward callable named by `spec` (see the module docstring for the forms), with `kwargs` bound.
+
+    For a reward-model directory the kwargs go to `load_reward_model` (`dtype`, `batch_size`).
+    key: where the spec came from (e.g. `grpo.rewards[0]`), for error messages.
+    """
+    where_fn, where_kwargs = (f"{key}.fn", f"{key}.kwargs") if key else (f"reward {spec!r}", f"reward {spec!r} kwargs")
+    kwargs = dict(kwargs or {})
+    if spec not in REGISTRY and _is_reward_model_dir(spec):
+        path = os.path.expanduser(spec)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise AlignError(f"{where_fn}: {spec!r} is a directory but not a model (no config.json); give the "
+                             "output_dir of an Align reward-model run, or a reward function: " + FORMS)
+        unknown = set(kwargs) - {"dtype", "batch_size"}
+        if unknown:
+            raise AlignError(f"{where_kwargs}: a reward model takes only dtype and batch_size, not "
+                             f"{', '.join(sorted(unknown))}")
+        from align.models.reward import load_reward_model
+
+        return load_reward_model(path, **kwargs)
+    try:
+        fn = _resolve(spec)
+    except AlignError as error:
+        raise AlignError(f"{where_fn}: {error}") from error.__cause__
+    return _bind(fn, kwargs, where_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- calling
+
+def _name(fn: Callable) -> str:
+    fn = fn.func if isinstance(fn, functools.partial) and not hasattr(fn, "__name__") else fn
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _is_async(fn: Callable) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def _excerpt(value, limit: int = 80) -> str:
+    if isinstance(value, list) and value and isinstance(value[-1], dict):  # messages: the last turn
+        value = value[-1].get("content", value[-1])
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _EventLoop:
+    """One asyncio loop in a daemon thread: works whether or not the caller already runs a loop, and
+    keeps async clients (HTTP sessions) that a reward function caches valid across batches."""
+
+    def __init__(self):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, awaitables: list):
+        """Start awaiting all of them concurrently; returns a concurrent Future of their results
+        (exceptions are returned in place of results)."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="align-rewards", daemon=True).start()
+
+        async def gather():
+            return await asyncio.gather(*awaitables, return_exceptions=True)
+
+        return asyncio.run_coroutine_threadsafe(gather(), self._loop)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None
+
+
+class RewardFunctions:
+    """Several reward functions with weights: `values = rewards(...)` -> [B, F], `rewards.combine(values)` -> [B].
+
+    names: one metric name per function (unique); keys: where each came from in the recipe, or None.
+    """
+
+    def __init__(self, functions: list[Callable], weights: list[float] | None = None, names: list[str] | None = None,
+                 keys: list[str | None] | None = None):
+        if not functions:
+            raise AlignError("no reward functions given; add at least one, e.g. grpo.rewards: [{fn: exact_answer}]")
+        weights = [1.0] * len(functions) if weights is None else [float(w) for w in weights]
+        names = names or [_name(fn) for fn in functions]
+        keys = keys or [None] * len(functions)
+        if not len(weights) == len(names) == len(keys) == len(functions):
+            raise ValueError(f"{len(functions)} reward functions but {len(weights)} weights, {len(names)} names")
+        for fn, name, key in zip(functions, names, keys):
+            if not callable(fn):
+                raise AlignError(f"{key or 'reward ' + repr(name)}: {fn!r} is not callable")
+        self.functions, self.weights, self.keys = list(functions), weights, keys
+        self.names = _unique(names)
+        self._loop = _EventLoop()
+        self._warned_all_none = False
+
+    @classmethod
+    def from_config(cls, entries: list["RewardFunctionConfig"], key: str = "grpo.rewards") -> "RewardFunctions":
+        """Load every `{fn, weight, name, kwargs}` entry of a recipe's reward list."""
+        if not entries:
+            raise AlignError(f"{key} is empty: add at least one reward, e.g.\n  {key}:\n    - {{fn: exact_answer}}\n"
+                             f"A reward is {FORMS}")
+        functions = [load_reward_function(e.fn, e.kwargs, key=f"{key}[{i}]") for i, e in enumerate(entries)]
+        return cls(functions, [e.weight for e in entries], [e.name or spec_name(e.fn) for e in entries],
+                   [f"{key}[{i}]" for i in range(len(entries))])
+
+    # --- calling
+
+    def __call__(self, prompts: list, completions: list[str], completion_ids: list[list[int]],
+                 columns: dict[str, list]) -> torch.Tensor:
+        """Every function on the batch -> float32 [B, F], NaN where a function returned None.
+
+        Async functions are awaited together while the plain ones run. Raises AlignError naming the
+        function and the first failing row (with an excerpt of its prompt and completion).
+        """
+        return self._call(prompts, completions, completion_ids, columns, phase="")
+
+    def dry_run(self, prompts: list, completions: list[str], completion_ids: list[list[int]],
+                columns: dict[str, list]) -> None:
+        """Call each function once on real sample rows before training; AlignError on a signature the
+        columns cannot satisfy, an exception, a wrong length, a non-numeric, NaN or infinite value."""
+        values = self._call(prompts, completions, completion_ids, columns, phase="dry run before training: ")
+        for f, name in enumerate(self.names):
+            if values[:, f].isnan().all():
+                log.warning("reward %s returned None for all %d sample rows of the dry run", name, len(completions))
+
+    def _call(self, prompts, completions, completion_ids, columns, phase: str) -> torch.Tensor:
+        batch = {**columns, "prompts": prompts, "completions": completions, "completion_ids": completion_ids}
+        size = len(completions)
+        for name, column in batch.items():
+            if len(column) != size:
+                raise ValueError(f"column {name!r} has {len(column)} values for {size} completions")
+        labels = [phase + self._label(i) for i in range(len(self.functions))]
+        plans = [self._arguments(fn, batch, label) for fn, label in zip(self.functions, labels)]
+        results: list = [None] * len(self.functions)
+        pending = [i for i, fn in enumerate(self.functions) if _is_async(fn)]
+        future = self._loop.submit([self._invoke(i, plans[i], results) for i in pending]) if pending else None
+        for i, fn in enumerate(self.functions):
+            if i not in pending:
+                try:
+                    results[i] = self._await(fn(**plans[i]))
+                except Exception as error:  # noqa: BLE001 - reported with the function and row below
+                    results[i] = error
+        if future is not None:
+            future.result()
+        out = []
+        for fn, plan, label, result in zip(self.functions, plans, labels, results):
+            if isinstance(result, Exception):
+                self._raise_failure(fn, plan, batch, result, label)
+            out.append(_check(result, size, batch, label))
+        return torch.tensor(out, dtype=torch.float32).reshape(len(self.functions), size).T.contiguous()
+
+    async def _invoke(self, i: int, arguments: dict, results: list) -> None:
+        try:
+            results[i] = await self.functions[i](**arguments)
+        except Exception as error:  # noqa: BLE001
+            results[i] = error
+
+    def _await(self, result):
+        """A plain function may still return an awaitable (e.g. an object with an async __call__)."""
+        if not inspect.isawaitable(result):
+            return result
+        out = self._loop.submit([result]).result()[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def _label(self, i: int) -> str:
+        return f"reward function {self.names[i]!r}" + (f" ({self.keys[i]})" if self.keys[i] else "")
+
+    @staticmethod
+    def _arguments(fn: Callable, batch: dict, label: str) -> dict:
+        """The keyword arguments `fn` takes: all of `batch` (less kwargs already bound) if it has
+        **kwargs, else the parameters it declares; AlignError if a required parameter is not there."""
+        bound = fn.keywords if isinstance(fn, functools.partial) else {}
+        available = {k: v for k, v in batch.items() if k not in bound}
+        try:
+            parameters = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # some builtins and C callables have no signature
+            return available
+        out = {}
+        for name, p in parameters.items():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if name in available and p.kind is not p.POSITIONAL_ONLY:
+                out[name] = available[name]
+            elif p.default is p.empty:
+                columns = [k for k in batch if k not in STANDARD_ARGS]
+                raise AlignError(
+                    f"{label} requires a parameter {name!r}, which is neither one of {', '.join(STANDARD_ARGS)} "
+                    f"nor a dataset column (columns: {', '.join(columns) or 'none'}). Rename it to a column, give "
+                    f"it a default, or bind it with `kwargs: {{{name}: ...}}` in the recipe")
+        return available if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else out
+
+    def _raise_failure(self, fn: Callable, arguments: dict, batch: dict, error: Exception, label: str):
+        """Re-call `fn` row by row to find the first failing row, then raise an AlignError naming it."""
+        size = len(batch["completions"])
+        for row in range(size):
+            one = {k: v[row:row + 1] if isinstance(v, (list, tuple)) else v for k, v in arguments.items()}
+            try:
+                self._await(fn(**one))
+            except Exception as row_error:  # noqa: BLE001
+                raise AlignError(f"{label} raised {type(row_error).__name__}: {row_error}\n{_where(batch, row)}\n"
+                                 "Fix the function, or return None for rows it does not apply to") from row_error
+        raise AlignError(f"{label} raised {type(error).__name__}: {error}\n  on the batch of {size} rows "
+                         "(each row alone succeeds)") from error
+
+    # --- combining and logging
+
+    def combine(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, F] -> [B]: sum over functions of weight * value, skipping None (NaN) entries.
+
+        A row where every function returned None gets 0 (with a warning, once).
+        """
+        if values.isnan().all(dim=1).any() and not self._warned_all_none:
+            self._warned_all_none = True
+            log.warning("every reward function returned None for some completions; their reward is 0 "
+                        "(this is reported once)")
+        return self._combine(values)
+
+    def _combine(self, values: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor(self.weights, dtype=values.dtype, device=values.device)
+        return torch.nansum(values * weights, dim=1)
+
+    def metrics(self, values: torch.Tensor) -> dict[str, float]:
+        """`rewards/<name>/mean`, `/std` (over the values that are not None) and `/none` (fraction of None)
+        per function, and `rewards/total/mean`, `/std` of the weighted sum."""
+        out = {}
+        for f, name in enumerate(self.names):
+            column = values[:, f]
+            present = column[~column.isnan()]
+            if len(present):
+                out[f"rewards/{name}/mean"] = present.mean().item()
+                out[f"rewards/{name}/std"] = present.std(correction=0).item()
+            out[f"rewards/{name}/none"] = column.isnan().float().mean().item()
+        total = self._combine(values)
+        out["rewards/total/mean"] = total.mean().item()
+        out["rewards/total/std"] = total.std(correction=0).item()
+        return out
+
+    def close(self) -> None:
+        """Stop the event loop thread used for async functions (it is a daemon; closing is optional)."""
+        self._loop.close()
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Suffix repeated names: [a, a, b] -> [a, a_2, b]."""
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out:
+            n += 1
+            candidate = f"{name}_{n}"
+        out.append(candidate)
+    return out
+
+
+def _where(batch: dict, row: int) -> str:
+    """`at row 3 of the batch` with excerpts of that row's prompt and completion."""
+    return (f"  at row {row} of the batch\n  prompt: {_excerpt(batch['prompts'][row])}\n"
+            f"  completion: {_excerpt(batch['completions'][row])}")
+
+
+def _check(result, size: int, batch: dict, label: str) -> list[float]:
+    """A function's result as `size` floats (NaN for None), or an AlignError saying what is wrong."""
+    if isinstance(result, (str, bytes)) or not hasattr(result, "__len__") or not hasattr(result, "__iter__"):
+        raise AlignError(f"{label} returned {type(result).__name__} {_excerpt(result)}; a reward function returns "
+                         "a list with one float (or None) per completion")
+    if len(result) != size:
+        raise AlignError(f"{label} returned {len(result)} value(s) for {size} completions; return one value per "
+                         "completion (None where it does not apply)")
+    values = []
+    for row, value in enumerate(result):
+        if value is None:
+            values.append(math.nan)
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+            raise AlignError(f"{label} returned {type(value).__name__} {_excerpt(value)}; values must be numbers "
+                             f"(or None)\n{_where(batch, row)}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise AlignError(f"{label} returned {number}; values must be finite numbers (return None for a sample "
+                             f"the function does not apply to)\n{_where(batch, row)}")
+        values.append(number)
+    return values

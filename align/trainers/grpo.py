@@ -1,0 +1,84 @@
+"""GRPO: G samples per prompt, group-normalized rewards as advantages, a clipped policy update
+with an optional k3 KL to the reference, and the loss normalizations of its variants
+(grpo, bnpo, Dr. GRPO, DAPO) and GSPO's sequence-level ratio."""
+
+from __future__ import annotations
+
+import torch
+
+from align.data.groups import sequence_tokens
+from align.losses.policy_gradient import group_advantages, grpo_loss, masked_mean
+from align.models import Policy
+from align.rollout import Rollout
+from align.trainers.online import OnlineTrainer, check_divisible
+
+
+class GRPOTrainer(OnlineTrainer):
+    algorithm = "grpo"
+
+    @property
+    def group_size(self) -> int:
+        return self.rl.group_size
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.rl.num_iterations
+
+    @property
+    def epsilon(self) -> tuple[float, float]:
+        eps = self.rl.epsilon
+        return (eps, eps) if isinstance(eps, (int, float)) else tuple(eps)
+
+    @property
+    def shared_prompt(self) -> bool:
+        return self.rl.shared_prompt and super().shared_prompt
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        check_divisible(recipe.train.batch_size, recipe.grpo.group_size, "grpo.group_size")
+
+    @classmethod
+    def build_policy(cls, recipe) -> Policy:
+        reference = recipe.grpo.reference if recipe.grpo.beta > 0 else "none"
+        return Policy.from_config(recipe.model, recipe.adapter, reference=reference)
+
+    # ---- experience -----------------------------------------------------------------------------
+    def build_groups(self, rows: list[dict], rollout: Rollout, scores: torch.Tensor) -> list[dict]:
+        g = self.group_size
+        advantages = group_advantages(scores, g, self.rl.scale_rewards)
+        trained = [f or not self.rl.mask_truncated for f in rollout.finished]
+        return [{"prompt_ids": rows[i]["prompt_ids"], "completions": rollout.completion_ids[i * g:(i + 1) * g],
+                 "trained": trained[i * g:(i + 1) * g], "advantages": advantages[i * g:(i + 1) * g].float()}
+                for i in range(len(rows))]
+
+    def annotate(self, groups: list[dict]) -> dict[str, float]:
+        """Old log-probs only when the rollout is reused (num_iterations > 1): with one pass the
+        policy that sampled is the policy being trained, so the ratio's denominator is logp.detach().
+        Reference log-probs only when beta > 0."""
+        temperature = self.logprob_temperature
+        if self.rl.num_iterations > 1:
+            self.forward_groups(groups, lambda b: {"old_logps": self.policy.logprobs(b, temperature)})
+        if self.rl.beta > 0:
+            self.forward_groups(groups, lambda b: {"ref_logps": self.policy.reference_logprobs(b, temperature)})
+        return {}
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def count_items(self, batch: dict) -> float:
+        """dapo averages over the step's completion tokens; the other norms over its completions."""
+        return float(batch["mask"].sum()) if self.rl.loss_norm == "dapo" else float(batch["mask"].shape[0])
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch["mask"]
+        packed, entropy = self.policy.logprobs(batch, self.logprob_temperature, return_entropy=True)
+        logps = sequence_tokens(packed, batch["sequence_ids"], *mask.shape)
+        eps_low, eps_high = self.epsilon
+        norm = self.rl.loss_norm
+        loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
+                                  beta=self.rl.beta, eps_low=eps_low, eps_high=eps_high, norm=norm,
+                                  importance=self.rl.importance,
+                                  max_completion_length=self.rl.sampling.max_new_tokens,
+                                  num_items=batch["num_items"] if norm == "dapo" else None)
+        if norm != "dapo":  # a per-micro-batch mean: weight it by this micro-batch's share of the step
+            loss = loss * mask.shape[0] / batch["num_items"]
+        metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()
+        return loss, metrics

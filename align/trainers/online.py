@@ -1,0 +1,251 @@
+"""What GRPO and PPO share: prompt data, rollout rounds, reward functions and experience batches.
+
+Every optimizer step belongs to a *round*. The first step of a round samples completions for the
+round's prompts, scores them and keeps the result (`make_experience`); the round's
+`steps_per_round` optimizer steps then train on it (GRPO: num_iterations passes over all of it;
+PPO: ppo_epochs x num_mini_batches). The prompts of round r are a pure function of the seed and r,
+and a checkpoint taken mid-round holds the round's experience, so a resumed run continues the
+same run.
+
+Experience is kept per prompt group: {"prompt_ids", "completions": [G id lists], "trained": [G]
+bool} plus per-sequence values ([G] tensors, e.g. advantages) and per-token values (lists of G
+[L_i] tensors, e.g. old log-probs). `collate` packs groups with the prompt computed once and pads
+the per-sequence values to [S, T].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from align.data.groups import pack_groups, sequence_tokens
+from align.data.prompts import tokenize_prompts
+from align.errors import AlignError
+from align.rewards import RewardFunctions
+from align.rollout import Rollout, SamplingParams, make_engine
+from align.trainers.base import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class OnlineTrainer(Trainer):
+    formats = ("prompt", "prompt_completion")
+
+    # ---- settings -------------------------------------------------------------------------------
+    @classmethod
+    def settings(cls, recipe):
+        """The algorithm's recipe section (recipe.grpo / recipe.ppo)."""
+        return getattr(recipe, cls.algorithm)
+
+    @property
+    def rl(self):
+        return self.settings(self.recipe)
+
+    @property
+    def group_size(self) -> int:
+        return 1
+
+    @property
+    def mini_batches(self) -> int:
+        """Optimizer steps that split one pass over a round's experience."""
+        return 1
+
+    @property
+    def steps_per_round(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def prompts_per_round(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.mini_batches // self.group_size
+
+    @property
+    def rounds_per_epoch(self) -> int:
+        return math.ceil(len(self.train_data) / self.prompts_per_round)
+
+    @property
+    def shared_prompt(self) -> bool:
+        return self.recipe.model.attn_implementation != "flash_attention_2"
+
+    @property
+    def logprob_temperature(self) -> float:
+        """Log-probs are taken at the sampling temperature, so ratios compare like with like."""
+        return self.rl.sampling.temperature or 1.0
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        """Settings that must agree before anything loads."""
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load_splits(cls, recipe):
+        cls.check_recipe(recipe)
+        return super().load_splits(recipe)
+
+    @classmethod
+    def build_dataset(cls, recipe, policy, rows, fmt, key):
+        sampling = cls.settings(recipe).sampling
+        limit = sampling.max_prompt_length or recipe.data.max_length
+        setting = f"{cls.algorithm}.sampling.max_prompt_length" if sampling.max_prompt_length else "data.max_length"
+        return tokenize_prompts(rows, policy.tokenizer, limit, key, setting)
+
+    def count_steps_per_epoch(self) -> int:
+        self.check_recipe(self.recipe)
+        return self.rounds_per_epoch * self.steps_per_round
+
+    def prepare_data(self) -> None:
+        """Reward functions and the rollout engine; then every reward is tried once on real samples."""
+        self.rewards = RewardFunctions.from_config(self.rl.rewards, key=f"{self.algorithm}.rewards")
+        self.engine = make_engine(self.rl.sampling.engine, self.policy.model, self.policy.tokenizer)
+        self.experience: dict | None = None
+        rows = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
+        params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
+        rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
+        self.rewards.dry_run(*self.reward_inputs(rows, rollout))
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        s = self.rl.sampling
+        params = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                      min_p=s.min_p, repetition_penalty=s.repetition_penalty, stop=list(s.stop))
+        return SamplingParams(**{**params, **overrides})
+
+    # ---- rounds ---------------------------------------------------------------------------------
+    def round_rows(self, round_: int) -> list[dict]:
+        """The prompt rows of round `round_` (a pure function of seed and round)."""
+        epoch, k = divmod(round_, self.rounds_per_epoch)
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        size = self.prompts_per_round
+        return [self.train_data[int(i)] for i in order[k * size:(k + 1) * size]]
+
+    def micro_batches(self, step: int) -> list[dict]:
+        round_, index = divmod(step, self.steps_per_round)
+        if self.experience is None or self.experience["round"] != round_:
+            self.experience = self.make_experience(round_)
+        groups = self.step_groups(self.experience["groups"], round_, index)
+        per_batch = self.cfg.batch_size // self.group_size
+        return [self.collate(groups[i:i + per_batch]) for i in range(0, len(groups), per_batch)]
+
+    def step_groups(self, groups: list[dict], round_: int, index: int) -> list[dict]:
+        """The groups optimizer step `index` of the round trains on. Default: all of them."""
+        return groups
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        record = super().train_step(micro_batches)
+        record.update(self.experience["metrics"])
+        return record
+
+    # ---- experience -----------------------------------------------------------------------------
+    def make_experience(self, round_: int) -> dict:
+        """Sample, score and annotate the completions of round `round_`."""
+        rows = self.round_rows(round_)
+        start = time.perf_counter()
+        rollout = self.engine.generate([r["prompt_ids"] for r in rows],
+                                       self.sampling_params(seed=self.cfg.seed * 1_000_003 + round_), self.group_size)
+        seconds = time.perf_counter() - start
+        values = self.score(rows, rollout)
+        scores = self.rewards.combine(values)
+        groups = self.build_groups(rows, rollout, scores)
+        metrics = {**self.rollout_metrics(rollout, seconds), **self.rewards.metrics(values),
+                   "reward": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0}
+        if self.group_size > 1:
+            metrics["frac_reward_zero_std"] = (scores.view(-1, self.group_size).std(1) == 0).float().mean().item()
+        metrics.update(self.annotate(groups))
+        return {"round": round_, "groups": groups, "metrics": metrics}
+
+    def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
+        """[N*G, F] rewards of every completion from every reward function (NaN = not applicable)."""
+        return self.rewards(*self.reward_inputs(rows, rollout))
+
+    def reward_inputs(self, rows: list[dict], rollout: Rollout) -> tuple:
+        """(prompts, completions, completion_ids, columns) for the reward functions: prompts as in the
+        data, completions decoded, every other dataset column repeated for each completion."""
+        n, g = len(rollout.completion_ids), rollout.group_size
+        completions = self.policy.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        prompts = [rows[i // g]["prompt"] for i in range(n)]
+        columns = {key: [rows[i // g][key] for i in range(n)] for key in rows[0] if key not in ("prompt", "prompt_ids")}
+        return prompts, completions, rollout.completion_ids, columns
+
+    def build_groups(self, rows: list[dict], rollout: Rollout, scores: torch.Tensor) -> list[dict]:
+        """Experience groups for the algorithm (advantages and the like). scores: [N*G]."""
+        raise NotImplementedError
+
+    def annotate(self, groups: list[dict]) -> dict[str, float]:
+        """Add per-token values computed without gradient (old / reference log-probs, values)."""
+        return {}
+
+    def rollout_metrics(self, rollout: Rollout, seconds: float) -> dict[str, float]:
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
+        return {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+                "completions/max_length": lengths.max().item(),
+                "completions/clipped_ratio": 1.0 - sum(rollout.finished) / len(rollout.finished),
+                "rollout_tokens_per_s": lengths.sum().item() / max(seconds, 1e-9)}
+
+    @torch.no_grad()
+    def forward_groups(self, groups: list[dict], fn) -> None:
+        """Run `fn(batch) -> {name: [1, N] packed per-token values}` over the groups in micro-batches,
+        without gradient, and store each as group[name] = its G per-sequence [L_i] tensors (CPU)."""
+        per_batch = max(1, (self.cfg.eval_batch_size or self.cfg.batch_size) // self.group_size)
+        with self.policy.eval_mode():
+            for start in range(0, len(groups), per_batch):
+                chunk = groups[start:start + per_batch]
+                batch = self._to_device(self.collate(chunk))
+                with self.autocast():
+                    outputs = fn(batch)
+                for name, packed in outputs.items():
+                    rows = sequence_tokens(packed.float(), batch["sequence_ids"], *batch["mask"].shape).cpu()
+                    s = 0
+                    for group in chunk:
+                        group[name] = [rows[s + j, :len(c)] for j, c in enumerate(group["completions"])]
+                        s += len(group["completions"])
+
+    def collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:
+        """Groups -> packed batch (prompt once per group) + mask [S, T] and per-sequence values
+        ([S] or padded [S, T])."""
+        batch = pack_groups([(g["prompt_ids"], g["completions"]) for g in groups], self.shared_prompt)
+        lengths = torch.tensor([len(c) for g in groups for c in g["completions"]])
+        trained = torch.tensor([t for g in groups for t in g["trained"]])
+        batch["mask"] = ((torch.arange(int(lengths.max()))[None] < lengths[:, None]) & trained[:, None]).float()
+        for key, value in groups[0].items():
+            if isinstance(value, torch.Tensor):
+                batch[key] = torch.cat([g[key] for g in groups])
+            elif key not in ("prompt_ids", "completions", "trained"):
+                batch[key] = pad_sequence([t for g in groups for t in g[key]], batch_first=True)
+        return batch
+
+    # ---- evaluation and checkpoints -------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions for every eval prompt, scored by the reward functions."""
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+        params = self.sampling_params(temperature=0.0, seed=0)
+        values, lengths = [], []
+        for start in range(0, len(self.eval_data), size):
+            rows = [self.eval_data[i] for i in range(start, min(start + size, len(self.eval_data)))]
+            rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
+            values.append(self.score(rows, rollout))
+            lengths += [len(c) for c in rollout.completion_ids]
+        values = torch.cat(values)
+        metrics = {"reward": self.rewards.combine(values).mean().item(),
+                   "completions/mean_length": sum(lengths) / len(lengths), **self.rewards.metrics(values)}
+        return {f"eval/{k}": v for k, v in metrics.items() if not k.endswith("/std")}
+
+    def checkpoint_state(self) -> dict[str, object]:
+        state = super().checkpoint_state()
+        if self.experience is not None and self.step % self.steps_per_round:
+            state["experience"] = self.experience  # mid-round: the rest of the round trains on it
+        return state
+
+    def restore_state(self, tensors: dict[str, object]) -> None:
+        super().restore_state(tensors)
+        self.experience = tensors.get("experience")
+
+
+def check_divisible(batch_size: int, group_size: int, key: str) -> None:
+    if batch_size % group_size:
+        lower = max(group_size, batch_size - batch_size % group_size)
+        raise AlignError(f"train.batch_size={batch_size} is not a multiple of {key}={group_size}: a micro-batch "
+                         f"holds whole groups of completions; use train.batch_size={lower} or "
+                         f"{lower + group_size}")

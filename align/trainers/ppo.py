@@ -1,0 +1,112 @@
+"""PPO with a critic: one completion per prompt, the score at the last token minus a KL penalty
+to the reference on every token, GAE advantages, and several clipped epochs over mini-batches of
+each rollout."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from align.data.groups import sequence_tokens
+from align.errors import AlignError
+from align.losses.policy_gradient import masked_mean
+from align.losses.ppo import gae, missing_eos_penalty, ppo_policy_loss, ppo_value_loss, token_level_rewards, whiten
+from align.models.critic import ActorCriticPolicy
+from align.models.loading import load_model, load_tokenizer
+from align.rollout import Rollout
+from align.trainers.online import OnlineTrainer
+
+
+class PPOTrainer(OnlineTrainer):
+    algorithm = "ppo"
+
+    @property
+    def mini_batches(self) -> int:
+        return self.rl.num_mini_batches
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.rl.ppo_epochs * self.rl.num_mini_batches
+
+    @classmethod
+    def build_policy(cls, recipe) -> ActorCriticPolicy:
+        cfg = recipe.ppo
+        tokenizer = load_tokenizer(recipe.model)
+        value_model = None
+        if cfg.critic == "separate":
+            source = cfg.value_model or recipe.model.name_or_path
+            value_config = recipe.model.model_copy(update={"name_or_path": source, "tokenizer": None})
+            if cfg.value_model and load_tokenizer(value_config).get_vocab() != tokenizer.get_vocab():
+                raise AlignError(f"ppo.value_model: {source!r} has a different tokenizer than model.name_or_path "
+                                 f"{recipe.model.name_or_path!r}; the critic reads the policy's tokens, so start it "
+                                 "from a model with the same tokenizer")
+            value_model = load_model(value_config, recipe.adapter, head="score")
+        reference = cfg.reference if cfg.kl_coef > 0 else "none"
+        return ActorCriticPolicy(load_model(recipe.model, recipe.adapter), tokenizer, reference, value_model)
+
+    # ---- experience -----------------------------------------------------------------------------
+    def build_groups(self, rows: list[dict], rollout: Rollout, scores: torch.Tensor) -> list[dict]:
+        if self.rl.missing_eos_penalty is not None:
+            scores = missing_eos_penalty(scores, torch.tensor(rollout.finished), self.rl.missing_eos_penalty)
+        return [{"prompt_ids": row["prompt_ids"], "completions": [completion], "trained": [True],
+                 "scores": scores[i:i + 1].float()}
+                for i, (row, completion) in enumerate(zip(rows, rollout.completion_ids))]
+
+    def annotate(self, groups: list[dict]) -> dict[str, float]:
+        """Old log-probs and values (one forward), reference log-probs, then per-token rewards,
+        GAE advantages (whitened) and returns for the whole rollout."""
+        temperature = self.logprob_temperature
+
+        def old(batch):
+            logps, values, _ = self.policy.logprobs_and_values(batch, temperature)
+            return {"old_logps": logps, "old_values": values}
+
+        self.forward_groups(groups, old)
+        if self.rl.kl_coef > 0:
+            self.forward_groups(groups, lambda b: {"ref_logps": self.policy.reference_logprobs(b, temperature)})
+        padded = {key: pad_sequence([g[key][0] for g in groups], batch_first=True)
+                  for key in ("old_logps", "old_values") + (("ref_logps",) if self.rl.kl_coef > 0 else ())}
+        lengths = torch.tensor([len(g["completions"][0]) for g in groups])
+        mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).float()
+        scores = torch.cat([g["scores"] for g in groups])
+        ref = padded.get("ref_logps", padded["old_logps"])
+        rewards = token_level_rewards(scores, padded["old_logps"], ref, mask, self.rl.kl_coef)
+        advantages, returns = gae(rewards, padded["old_values"], mask, self.rl.gamma, self.rl.lam)
+        if self.rl.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        for i, group in enumerate(groups):
+            n = int(lengths[i])
+            group["advantages"], group["returns"] = [advantages[i, :n]], [returns[i, :n]]
+            group.pop("ref_logps", None)
+            group.pop("scores")
+        kl = ((padded["old_logps"] - ref) * mask).sum(-1)
+        return {"score": scores.mean().item(), "kl": kl.mean().item(),
+                "non_score_reward": (-self.rl.kl_coef * kl).mean().item(),
+                "values/mean": masked_mean(padded["old_values"], mask).item()}
+
+    def step_groups(self, groups: list[dict], round_: int, index: int) -> list[dict]:
+        """Mini-batch `index % M` of PPO epoch `index // M`, reshuffled every epoch."""
+        epoch, mini = divmod(index, self.rl.num_mini_batches)
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(
+            self.cfg.seed * 1_000_003 + round_ * 1_009 + epoch))
+        size = -(-len(groups) // self.rl.num_mini_batches)
+        return [groups[int(i)] for i in order[mini * size:(mini + 1) * size]]
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def count_items(self, batch: dict) -> float:
+        return float(batch["mask"].sum())
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch["mask"]
+        packed_logps, packed_values, entropy = self.policy.logprobs_and_values(batch, self.logprob_temperature,
+                                                                               return_entropy=True)
+        logps, values = (sequence_tokens(x, batch["sequence_ids"], *mask.shape) for x in (packed_logps, packed_values))
+        policy_loss, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, self.rl.clip_range)
+        value_loss, value_clipfrac = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                                    self.rl.clip_range_value)
+        loss = (policy_loss + self.rl.vf_coef * value_loss) * mask.sum() / batch["num_items"]
+        metrics.update({"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                        "value_clipfrac": value_clipfrac,
+                        "entropy": masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()})
+        return loss, metrics
+
