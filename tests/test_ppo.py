@@ -56,3 +56,18 @@ def test_experience_has_gae_returns_and_a_kl_penalised_reward(ppo_recipe):
     # with gamma = lambda = 1, advantage_t = return_t - value_t and return_0 = score - kl_coef * sum of k1 KL
     torch.testing.assert_close(group["advantages"][0], returns - values)
     assert returns.shape == values.shape == (len(group["completions"][0]),)
+
+
+def test_reward_model_dir_scores_and_starts_the_critic(ppo_recipe, tmp_path):
+    from align.config import AdapterConfig, ModelConfig
+    from align.models.reward import RewardModel
+
+    rm_dir = tmp_path / "rm"
+    RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama-arith", dtype="float32"),
+                            AdapterConfig()).save(rm_dir)
+    trainer = PPOTrainer.from_recipe(ppo_recipe(ppo={"rewards": [{"fn": str(rm_dir)}], "value_model": str(rm_dir)}))
+    critic_head = trainer.policy.module.value_model.base_model.model.score.original_module.weight
+    saved = RewardModel.from_config(ModelConfig(name_or_path=str(rm_dir), dtype="float32"), AdapterConfig())
+    assert torch.equal(critic_head, saved.model.score.weight)  # the critic starts as the reward model
+    record = trainer.train_step(trainer.micro_batches(0))
+    assert "rewards/rm/mean" in record and record["score"] != 0.0
