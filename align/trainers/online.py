@@ -142,6 +142,7 @@ class OnlineTrainer(Trainer):
         """Sample, score and annotate the completions of round `round_`."""
         rows = self.round_rows(round_)
         start = time.perf_counter()
+        self.engine.sync_weights()  # engines outside the trained modules (vLLM) get the current weights
         rollout = self.engine.generate([r["prompt_ids"] for r in rows],
                                        self.sampling_params(seed=self.cfg.seed * 1_000_003 + round_), self.group_size)
         seconds = time.perf_counter() - start

@@ -1,0 +1,225 @@
+"""Loading reward functions by name: the registry, `module:func`, `path/to/file.py:func` and
+reward-model directories (see `align.rewards` for the contract).
+
+    exact_answer                  a built-in (see REGISTRY) or a name given with @register
+    my_package.rewards:concise    module:func (the current directory is importable)
+    path/to/my_rewards.py:concise a Python file, relative to the current directory
+    runs/rm                       a reward-model directory trained by Align
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from align.errors import AlignError
+
+log = logging.getLogger(__name__)
+
+
+def function_name(fn: Callable) -> str:
+    """The name a function (or a partial of one, or a callable object) goes by in messages."""
+    fn = fn.func if isinstance(fn, functools.partial) and not hasattr(fn, "__name__") else fn
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+REGISTRY: dict[str, str | Callable] = {
+    "exact_answer": "rewards.math:exact_answer",
+    "numeric_answer": "rewards.math:numeric_answer",
+    "format_tags": "rewards.format:format_tags",
+    "format_regex": "rewards.format:format_regex",
+    "length_penalty": "rewards.length:length_penalty",
+    "overlong_penalty": "rewards.length:overlong_penalty",
+}
+"""Reward name -> `module:func` (built-ins, imported on first use) or the function itself (@register)."""
+
+FORMS = ("a registry name (" + ", ".join(REGISTRY) + ", or one added with @register), `module:func`, "
+         "`path/to/file.py:func` (relative to the current directory), or a reward-model directory trained by Align")
+STANDARD_ARGS = ("prompts", "completions", "completion_ids")
+
+
+def register(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make a reward function loadable by `name` once the module defining it is imported."""
+
+    def add(fn: Callable) -> Callable:
+        if REGISTRY.get(name, fn) is not fn:
+            raise AlignError(f"reward name {name!r} is already registered for {REGISTRY[name]}; pick another name")
+        REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _import_module(module: str):
+    """import_module, also trying the current directory (a console script does not put it on sys.path)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if not _is_missing(error, module) or os.getcwd() in sys.path or "" in sys.path:
+            raise
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _is_missing(error: ModuleNotFoundError, module: str) -> bool:
+    """True if `module` itself is missing, False if it exists but one of its own imports is."""
+    return bool(error.name) and (module == error.name or module.startswith(error.name + "."))
+
+
+def _load_file(path: str):
+    """Execute a Python file as a module (once per absolute path), kept in sys.modules under a private name."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise AlignError(f"file not found: {path!r} (paths are relative to the current directory {os.getcwd()})")
+    name = f"_align_rewards_{Path(full).stem}_{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, full)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _unknown(spec: str) -> AlignError:
+    """The error for a spec of no known form, with the likeliest fix first."""
+    close = difflib.get_close_matches(spec, REGISTRY, n=1)
+    if "/" in spec or os.sep in spec:
+        hint = f"There is no such file or directory (paths are relative to {os.getcwd()})"
+        hint += f"; name the function too, e.g. {spec}:my_reward. " if spec.endswith(".py") else ". "
+    elif spec.endswith(".py"):
+        hint = f"Name the function too, e.g. {spec}:my_reward. "
+    elif "." in spec:
+        hint = f"Did you mean {':'.join(spec.rsplit('.', 1))!r}? "
+    else:
+        hint = f"Did you mean {close[0]!r}? " if close else ""
+    return AlignError(f"unknown reward {spec!r}. {hint}A reward is {FORMS}")
+
+
+def _resolve(spec: str) -> Callable:
+    """The function a registry name, `module:func` or `file.py:func` spec points to."""
+    target = REGISTRY.get(spec, spec)
+    if callable(target):
+        return target
+    if ":" not in target:
+        raise _unknown(spec)
+    where, attr = target.rsplit(":", 1)
+    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    try:
+        module = _load_file(where) if is_file else _import_module(where)
+    except AlignError:
+        raise
+    except ModuleNotFoundError as error:
+        if spec in REGISTRY:
+            raise AlignError(f"the built-in rewards package is not importable ({error}); reinstall Align "
+                             "(pip install -e . in a checkout)") from None
+        if _is_missing(error, where):
+            raise AlignError(f"no module named {where!r} (looked on sys.path and in {os.getcwd()}). "
+                             f"A reward is {FORMS}") from None
+        raise AlignError(f"importing {where!r} failed: {error}") from error
+    except Exception as error:
+        raise AlignError(f"importing {where!r} failed: {type(error).__name__}: {error}") from error
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        names = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        close = difflib.get_close_matches(attr, names, n=1, cutoff=0.5)
+        raise AlignError(f"{where!r} has no function {attr!r}."
+                         + (f" Did you mean {close[0]!r}?" if close else "")
+                         + (f" Functions there: {', '.join(names)}" if names else ""))
+    return fn
+
+
+def _is_reward_model_dir(spec: str) -> bool:
+    return os.path.isdir(os.path.expanduser(spec))
+
+
+def spec_name(spec: str) -> str:
+    """The default metric name of a reward: the registry name for a built-in, `module.func` for
+    `module:func` and `file.py:func` (module = the last dotted part / the file's stem), the
+    directory's name for a reward model."""
+    if spec in REGISTRY:
+        return spec
+    if _is_reward_model_dir(spec):
+        return Path(os.path.abspath(os.path.expanduser(spec))).name
+    builtin = {target: name for name, target in REGISTRY.items() if isinstance(target, str)}
+    if spec in builtin:
+        return builtin[spec]
+    where, _, attr = spec.rpartition(":")
+    module = Path(where).stem if where.endswith(".py") else where.rsplit(".", 1)[-1]
+    return f"{module}.{attr}" if module else attr
+
+
+def _bind(fn: Callable, kwargs: dict, key: str) -> Callable:
+    """functools.partial(fn, **kwargs) keeping fn's name. A kwarg must be a named parameter of fn, or
+    reach a `**kwargs` catch-all (a warning); one that would fall into `**_` (ignored) is an error."""
+    if not kwargs:
+        return fn
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    named = [n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    catch_all = next((n for n, p in parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    for name in kwargs:
+        if name in named or not parameters:
+            continue
+        if catch_all is None or catch_all.startswith("_"):
+            close = difflib.get_close_matches(name, named, n=1)
+            raise AlignError(f"{key}: {function_name(fn)} has no parameter {name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" Its parameters: {', '.join(named)}")
+        log.warning("%s: %r is not a named parameter of %s; it reaches the function only through **%s",
+                    key, name, function_name(fn), catch_all)
+    bound = functools.partial(fn, **kwargs)
+    bound.__name__ = bound.__qualname__ = function_name(fn)
+    bound.__doc__ = getattr(fn, "__doc__", None)
+    return bound
+
+
+def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | None = None) -> Callable:
+    """The reward callable named by `spec` (see the module docstring for the forms), with `kwargs` bound.
+
+    For a reward-model directory the kwargs go to `load_reward_model` (`dtype`, `batch_size`).
+    key: where the spec came from (e.g. `grpo.rewards[0]`), for error messages.
+    """
+    where_fn, where_kwargs = (f"{key}.fn", f"{key}.kwargs") if key else (f"reward {spec!r}", f"reward {spec!r} kwargs")
+    kwargs = dict(kwargs or {})
+    if spec not in REGISTRY and _is_reward_model_dir(spec):
+        path = os.path.expanduser(spec)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise AlignError(f"{where_fn}: {spec!r} is a directory but not a model (no config.json); give the "
+                             "output_dir of an Align reward-model run, or a reward function: " + FORMS)
+        unknown = set(kwargs) - {"dtype", "batch_size"}
+        if unknown:
+            raise AlignError(f"{where_kwargs}: a reward model takes only dtype and batch_size, not "
+                             f"{', '.join(sorted(unknown))}")
+        from align.models.reward import load_reward_model
+
+        return load_reward_model(path, **kwargs)
+    try:
+        fn = _resolve(spec)
+    except AlignError as error:
+        raise AlignError(f"{where_fn}: {error}") from error.__cause__
+    return _bind(fn, kwargs, where_kwargs)
+
+
