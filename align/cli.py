@@ -1,4 +1,5 @@
-"""`align train | validate | export`: the command line. User mistakes exit with code 2, no traceback."""
+"""`align train | validate | export | plot | generate | eval`: the command line. User mistakes exit
+with code 2, no traceback."""
 
 from __future__ import annotations
 
@@ -41,6 +42,70 @@ def _export(args) -> None:
     print(f"merged model written to {args.out_dir}")
 
 
+def _plot(args) -> None:
+    from align.plot import plot_metrics
+
+    for path in plot_metrics(args.run_dir, args.out):
+        print(path)
+
+
+def _read_prompts(args) -> list:
+    """--prompt values, then the `prompt` of every row of --file (jsonl)."""
+    import json
+    from pathlib import Path
+
+    prompts = list(args.prompt)
+    if args.file:
+        try:
+            lines = Path(args.file).read_text().splitlines()
+        except OSError as error:
+            raise AlignError(f"--file: cannot read {args.file!r}: {error.strerror}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise AlignError(f"--file {args.file} line {n}: not JSON; each line must be an object like "
+                                 '{"prompt": "..."}') from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise AlignError(f"--file {args.file} line {n}: no `prompt` key; each line must be an object like "
+                                 '{"prompt": "..."} (a string or a list of messages)')
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise AlignError("no prompts: give --prompt TEXT (repeatable) and/or --file prompts.jsonl")
+    return prompts
+
+
+def _generate(args) -> None:
+    from align.generate import generate
+
+    prompts = _read_prompts(args)
+    texts = generate(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_p=args.top_p, n=args.n, chat=args.chat, seed=args.seed, dtype=args.dtype)
+    for i, prompt in enumerate(prompts):
+        shown = prompt if isinstance(prompt, str) else prompt[-1].get("content", prompt)
+        print(f"### prompt {i}: {shown}")
+        for j in range(args.n):
+            print(("" if args.n == 1 else f"--- sample {j}:\n") + texts[i * args.n + j])
+        print()
+
+
+def _eval(args) -> None:
+    from align.generate import evaluate
+
+    result = evaluate(args.model, args.data, args.reward, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                      limit=args.limit, dtype=args.dtype)
+    for i in range(min(args.show, len(result.rows))):
+        print(f"### {result.rows[i]['prompt']!r} -> {result.completions[i]!r}  "
+              f"rewards {[round(v, 3) for v in result.scores[i].tolist()]}")
+    if args.out:
+        result.save(args.out)
+    print(f"{len(result.rows)} prompts from {args.data}, greedy, max {args.max_new_tokens} new tokens")
+    for name, mean in result.means.items():
+        print(f"{name}: {mean:.4f}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align", description="Post-training for causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -55,6 +120,41 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("run_dir", help="an output dir (or checkpoint) holding an adapter")
     cmd.add_argument("out_dir")
     cmd.set_defaults(fn=_export)
+
+    cmd = sub.add_parser("plot", help="draw PNG training curves from a run's metrics.jsonl")
+    cmd.add_argument("run_dir", help="an output dir holding metrics.jsonl (or the file itself)")
+    cmd.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
+    cmd.set_defaults(fn=_plot)
+
+    def model_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("model", help="a run's output dir (full weights or LoRA adapter), a model dir, "
+                                       "a hub id or builtin:<name>")
+        cmd.add_argument("--max-new-tokens", type=int, default=64)
+        cmd.add_argument("--chat", action="store_true", help="wrap string prompts as a user message "
+                                                             "in the chat template")
+        cmd.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    cmd = sub.add_parser("generate", help="sample completions from a trained model")
+    model_args(cmd)
+    cmd.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    cmd.add_argument("--file", help="a jsonl file of {\"prompt\": ...} rows")
+    cmd.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
+    cmd.add_argument("--top-p", type=float, default=1.0)
+    cmd.add_argument("--n", type=int, default=1, help="samples per prompt (needs a temperature above 0)")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.set_defaults(fn=_generate)
+
+    cmd = sub.add_parser("eval", help="score a model's greedy completions of a dataset's prompts with rewards")
+    model_args(cmd)
+    cmd.add_argument("--data", required=True, help="jsonl/json/parquet/csv (or a hub id) with a `prompt` column; "
+                                                   "other columns (e.g. answer) go to the rewards")
+    cmd.add_argument("--reward", action="append", required=True, metavar="SPEC",
+                     help="exact_answer, path/to/file.py:fn, module:fn or a reward-model dir (repeatable)")
+    cmd.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    cmd.add_argument("--show", type=int, default=3, help="print the first N completions (default 3)")
+    cmd.add_argument("--out", default=None, metavar="FILE.jsonl", help="write every row with its completion "
+                                                                       "and rewards")
+    cmd.set_defaults(fn=_eval)
     return p
 
 

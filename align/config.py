@@ -94,12 +94,16 @@ class TrainConfig(Section):
     """bf16 autocast for forward passes; weights and optimizer state stay in their own dtype."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
+    eval_at_start: bool = False
+    """Also evaluate before the first step (the baseline point in metrics.jsonl and the plots)."""
     eval_batch_size: int | None = Field(None, gt=0)
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     resume_from: str | None = None
     """A checkpoint directory, or `auto` for the newest checkpoint in output_dir."""
     progress: bool = True
+    plots: bool = True
+    """Write PNG curves of metrics.jsonl to OUTPUT_DIR/plots at the end (needs matplotlib)."""
 
 
 class SFTConfig(Section):

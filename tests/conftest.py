@@ -45,7 +45,7 @@ def make_recipe(tmp_path):
                   "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
                   "data": data,
                   "train": {"lr": 3e-3, "batch_size": 4, "max_steps": 4, "schedule": "constant",
-                            "progress": False, "seed": 0}}
+                            "progress": False, "plots": False, "seed": 0}}
         deep_update(recipe, sections)
         return recipe if raw else recipe_from_dict(recipe)
 

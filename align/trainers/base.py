@@ -29,7 +29,7 @@ from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
 from align.models import Policy
 from align.trainers import checkpoint
-from align.trainers.callbacks import Callback, MetricsFile, ProgressBar
+from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class Trainer:
         self.policy = policy
         self.train_data, self.eval_data = train_data, eval_data
         self.output_dir = Path(recipe.output_dir)
-        self.callbacks = [MetricsFile()] + ([ProgressBar()] if self.cfg.progress else []) + (callbacks or [])
+        self.callbacks = ([MetricsFile()] + ([ProgressBar()] if self.cfg.progress else [])
+                          + ([Plots()] if self.cfg.plots else []) + (callbacks or []))
         self.accelerator = process_accelerator()
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.cfg.lr,
                                            betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
@@ -162,6 +163,8 @@ class Trainer:
             self.resume(self.cfg.resume_from)
         for cb in self.callbacks:
             cb.on_train_begin(self)
+        if self.eval_data is not None and self.cfg.eval_at_start and self.step == 0:
+            self.log(self.evaluate())
         self.policy.module.train()
         record: dict[str, float] = {}
         while self.step < self.total_steps:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+
+log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -52,3 +57,18 @@ class ProgressBar(Callback):
 
     def on_train_end(self, trainer) -> None:
         self.bar.close()
+
+
+class Plots(Callback):
+    """PNG curves of metrics.jsonl in OUTPUT_DIR/plots when training ends (see `align plot`)."""
+
+    def on_train_end(self, trainer) -> None:
+        if not trainer.accelerator.is_main_process:
+            return
+        if importlib.util.find_spec("matplotlib") is None:
+            log.info("matplotlib is not installed: no plots (pip install 'align[plot]', then `align plot %s`)",
+                     trainer.output_dir)
+            return
+        from align.plot import plot_metrics
+
+        plot_metrics(trainer.output_dir)
