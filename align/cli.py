@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from align.errors import AlignError
 
@@ -40,6 +41,16 @@ def _export(args) -> None:
 
     export_merged(args.run_dir, args.out_dir)
     print(f"merged model written to {args.out_dir}")
+
+
+def _quickstart(args) -> None:
+    from align.errors import AlignError
+    from align.quickstart import main as quickstart
+
+    if not (Path(args.recipes) / "sft.yaml").is_file():
+        raise AlignError(f"--recipes: no sft.yaml in {args.recipes!r}; run `align quickstart` from the repository "
+                         "root (it reads recipes/quickstart/ and recipes/data/)")
+    quickstart(args.recipes, fresh=args.fresh)
 
 
 def _plot(args) -> None:
@@ -155,6 +166,12 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", default=None, metavar="FILE.jsonl", help="write every row with its completion "
                                                                        "and rewards")
     cmd.set_defaults(fn=_eval)
+
+    cmd = sub.add_parser("quickstart", help="offline demo: SFT -> RM -> PPO, SFT -> DPO, SFT -> GRPO on a tiny "
+                                            "model, then a report (run from the repository root)")
+    cmd.add_argument("--recipes", default="recipes/quickstart", help="the stage recipes (default recipes/quickstart)")
+    cmd.add_argument("--fresh", action="store_true", help="retrain the SFT stage even if its output exists")
+    cmd.set_defaults(fn=_quickstart)
     return p
 
 

@@ -119,6 +119,8 @@ def main(out_dir: str) -> None:
     write_jsonl(prompt_completion_rows(256, seed=3), out / "arith_pc_train.jsonl")
     write_jsonl(preference_rows(256, seed=4), out / "arith_pref_train.jsonl")
     write_jsonl(preference_rows(64, seed=5), out / "arith_pref_eval.jsonl")
+    write_jsonl(prompt_completion_rows(4800, seed=8, hedged=0.6), out / "arith_sft_mixed_train.jsonl")
+    write_jsonl(prompt_completion_rows(64, seed=9, hedged=0.6), out / "arith_sft_mixed_eval.jsonl")
     write_jsonl(prompt_rows(512, seed=6), out / "arith_prompts_train.jsonl")
     write_jsonl(prompt_rows(64, seed=7), out / "arith_prompts_eval.jsonl")
 
