@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,22 @@ def _validate(args) -> None:
                 print(f"{key}: {len(rows)} rows, format {fmt}")
     else:
         print("data from the hub: checked when `align train` downloads it")
+    _check_rewards(recipe)
     print(f"{args.recipe}: valid {recipe.algorithm} recipe")
+
+
+def _check_rewards(recipe) -> None:
+    """Resolve every reward of a GRPO/PPO recipe (imports functions; loads no reward model)."""
+    from align.rewards import load_reward_function
+
+    for i, entry in enumerate(getattr(getattr(recipe, recipe.algorithm), "rewards", [])):
+        key = f"{recipe.algorithm}.rewards[{i}]"
+        if ":" not in entry.fn and ("/" in entry.fn or os.sep in entry.fn):  # a reward-model directory
+            found = (Path(entry.fn) / "config.json").is_file()
+            print(f"{key}: reward model {entry.fn!r} " + ("found" if found else "not there yet (train it first)"))
+            continue
+        load_reward_function(entry.fn, entry.kwargs, key=key)
+        print(f"{key}: {entry.fn} ok")
 
 
 def _export(args) -> None:

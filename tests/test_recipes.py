@@ -29,3 +29,11 @@ def test_tiny_recipe_runs(name, tmp_path, monkeypatch, capsys):
 def test_real_model_recipes_validate_offline(name, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["validate", f"recipes/real/{name}"]) == 0, capsys.readouterr().err
+
+
+def test_validate_resolves_reward_functions(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", "recipes/grpo_tiny_custom_reward.yaml"]) == 0
+    assert "grpo.rewards[1]: recipes/rewards/brevity.py:brief_and_right ok" in capsys.readouterr().out
+    assert main(["validate", "recipes/grpo_tiny.yaml", "--set", "grpo.rewards=[{fn: exact_anwser}]"]) == 2
+    assert "grpo.rewards[0].fn: unknown reward 'exact_anwser'. Did you mean 'exact_answer'?" in capsys.readouterr().err
