@@ -1,4 +1,12 @@
-"""Rollout engines: our prefix-shared sampler against transformers' generate."""
+"""Rollout engines: our prefix-shared sampler against transformers' generate and exact distributions.
+
+The built-in tiny model is untrained: its attention is near-uniform (so position ids barely matter)
+and its next-token distributions are near-flat. The tests sharpen both by scaling its weights, so
+that a wrong position, mask or cache row changes the tokens, and distributions have a few likely
+tokens to check.
+"""
+
+import math
 
 import pytest
 import torch
@@ -6,135 +14,238 @@ import torch
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
 from align.models import Policy
-from align.rollout import HFGenerateEngine, PrefixSharedEngine, SamplingParams, make_engine
+from align.rollout import HFGenerateEngine, PrefixSharedEngine, Rollout, SamplingParams, make_engine
+
+TEXTS = ["Question: What is 3 + 4?\nAnswer:", "Hi", "Question: What is 13 - 20? Think carefully.\nAnswer:"]
 
 
-def _policy(kind="none"):
-    config = ModelConfig(name_or_path="builtin:tiny-llama-arith", dtype="float32")
-    return Policy.from_config(config, AdapterConfig(kind=kind, r=8, dropout=0.0))
+def _policy(kind: str = "none") -> Policy:
+    return Policy.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"),
+                              AdapterConfig(kind=kind, r=8, dropout=0.0))
+
+
+def _sharpen(model: torch.nn.Module) -> None:
+    """Attention logits x64 and output logits x10."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= 8
+            layer.self_attn.k_proj.weight *= 8
+        model.lm_head.weight *= 10
 
 
 @pytest.fixture(scope="module")
 def policy():
-    return _policy()
+    policy = _policy()
+    _sharpen(policy.model)
+    return policy
 
 
-def _prompts(tokenizer):
-    texts = ["Question: What is 3 + 4?\nAnswer:", "Question: What is 13 - 20? Think carefully.\nAnswer:",
-             "Question: What is 1 + 19?\nAnswer:"]
-    return [tokenizer(t)["input_ids"] for t in texts]
+@pytest.fixture(scope="module")
+def prompts(policy):
+    return [policy.tokenizer(t)["input_ids"] for t in TEXTS]  # 11, 2 and 20 tokens
 
 
-@pytest.mark.parametrize("max_new_tokens", [4, 24])
-def test_greedy_equals_transformers_generate(policy, max_new_tokens):
-    prompts, params = _prompts(policy.tokenizer), SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
-    ours = PrefixSharedEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=3)
-    reference = HFGenerateEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=3)
-    assert ours.completion_ids == reference.completion_ids and ours.finished == reference.finished
-    for i, prompt in enumerate(prompts):  # and each prompt alone, unpadded
-        alone = policy.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=policy.tokenizer.pad_token_id)[0, len(prompt):].tolist()
-        assert ours.completion_ids[3 * i] == alone[:len(ours.completion_ids[3 * i])]
-    assert all(len(c) <= max_new_tokens for c in ours.completion_ids)
-    assert ours.finished == [c[-1] == policy.tokenizer.eos_token_id for c in ours.completion_ids]
+def _engines(policy):
+    return PrefixSharedEngine(policy.model, policy.tokenizer), HFGenerateEngine(policy.model, policy.tokenizer)
 
+
+def _alone(model, prompt, max_new_tokens, **kwargs) -> list[int]:
+    """transformers' greedy generate on one unpadded prompt."""
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def _expected(free: list[int], tokenizer, max_new: int, stop_ids=(), stop=()) -> tuple[list[int], bool]:
+    """What a completion must be, given the unstopped greedy one: cut at its first stop."""
+    for end in range(1, min(len(free), max_new) + 1):
+        text = tokenizer.decode(free[:end])
+        if free[end - 1] in {tokenizer.eos_token_id, *stop_ids} or any(s in text for s in stop):
+            return free[:end], True
+    return free[:max_new], False
+
+
+# ---- greedy: exactly transformers' tokens ------------------------------------------------------
+
+def test_greedy_equals_transformers_generate(policy, prompts):
+    model, tokenizer = policy.model, policy.tokenizer
+    ours, hf = _engines(policy)
+    free = ours.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10)).completion_ids
+    stop_id = free[0][3]  # prompt 0's group stops early, the others (most likely) run to the budget
+    params = SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[stop_id])
+    rollout = ours.generate(prompts, params, group_size=3)
+    reference = hf.generate(prompts, params, group_size=3)
+    assert rollout.completion_ids == reference.completion_ids and rollout.finished == reference.finished
+    assert len(rollout) == 9 and rollout.prompt_ids == prompts and [rollout.prompt_index(r) for r in (0, 3, 8)] == [0, 1, 2]
+    for row, completion in enumerate(rollout.completion_ids):  # and each prompt alone, unpadded
+        prompt = prompts[row // 3]
+        alone = _alone(model, prompt, 10, eos_token_id=[tokenizer.eos_token_id, stop_id])
+        assert completion == alone
+        assert (completion, rollout.finished[row]) == _expected(free[row // 3], tokenizer, 10, [stop_id])
+    assert rollout.finished[0] and len(rollout.completion_ids[0]) <= 4
+
+
+def test_stop_strings_stop_ids_and_the_token_budget(policy, prompts):
+    tokenizer = policy.tokenizer
+    ours, hf = _engines(policy)
+    free = ours.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16)).completion_ids
+    # a stop string: the text of a clean token that greedy decoding writes in row 0
+    word = next(w for w in (tokenizer.decode([t]) for t in free[0][2:])
+                if len(w.strip()) >= 2 and w.isprintable() and "\ufffd" not in w)
+    cases = [dict(stop=[word]), dict(stop_token_ids=[free[0][2]]), dict(max_new_tokens=3)]
+    for case in cases:
+        params = SamplingParams(**{"temperature": 0, "max_new_tokens": 16, **case})
+        rollout = ours.generate(prompts, params, group_size=2)
+        expected = [_expected(free[r // 2], tokenizer, params.max_new_tokens, params.stop_token_ids, params.stop)
+                    for r in range(len(rollout))]
+        assert list(zip(rollout.completion_ids, rollout.finished)) == expected, case
+        assert rollout.completion_ids == hf.generate(prompts, params, group_size=2).completion_ids, case
+    stopped = ours.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=16, stop=[word]))
+    text = tokenizer.decode(stopped.completion_ids[0])
+    assert stopped.finished[0] and word in text and word not in tokenizer.decode(stopped.completion_ids[0][:-1])
+
+
+def test_repetition_penalty_matches_unpadded_transformers(policy, prompts):
+    ours, _ = _engines(policy)
+    params = SamplingParams(temperature=0, max_new_tokens=12, repetition_penalty=1.5)
+    rollout = ours.generate(prompts, params, group_size=2)
+    plain = ours.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12), group_size=2)
+    for row, completion in enumerate(rollout.completion_ids):
+        assert completion == _alone(policy.model, prompts[row // 2], 12, repetition_penalty=1.5)
+    assert rollout.completion_ids != plain.completion_ids  # the penalty did something
+
+
+def test_top_k_one_tiny_top_p_and_full_min_p_are_greedy(policy, prompts):
+    ours, _ = _engines(policy)
+    greedy = ours.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8), 2).completion_ids
+    for knob in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+        params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=0, **knob)
+        assert ours.generate(prompts, params, 2).completion_ids == greedy, knob
+
+
+# ---- sampling: the right distribution, reproducibly --------------------------------------------
+
+def _exact(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution [V] written out by hand: temperature, top-k, top-p, min-p."""
+    probs = torch.softmax(logits.double() / params.temperature, -1)
+    if params.top_k:
+        probs[probs < probs.topk(params.top_k).values[-1]] = 0
+        probs /= probs.sum()
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(0) - sorted_probs
+        probs[order[mass_before >= params.top_p]] = 0
+        probs /= probs.sum()
+    if params.min_p:
+        probs[probs < params.min_p * probs.max()] = 0
+        probs /= probs.sum()
+    return probs
+
+
+def _check_distribution(samples: torch.Tensor, exact: torch.Tensor) -> None:
+    """Total variation of the empirical distribution below a bound that n samples over k outcomes
+    exceed with probability below 1e-6 (Bretagnolle-Huber-Carol)."""
+    n, k = len(samples), int((exact > 0).sum())
+    empirical = torch.bincount(samples, minlength=len(exact)).double() / n
+    assert empirical[exact == 0].sum() == 0, "sampled a token the warpers cut"
+    assert 1 < k < 10  # the check is about a real choice among a few tokens
+    bound = math.sqrt((k * math.log(2) + math.log(1e6)) / (2 * n))
+    assert 0.5 * (empirical - exact).abs().sum() < bound
+
+
+@pytest.mark.parametrize("engine,knobs", [
+    ("prefix_shared", dict(top_k=4)), ("prefix_shared", dict(temperature=0.5, top_p=0.5)),
+    ("prefix_shared", dict(min_p=0.3)), ("hf", dict(temperature=0.7, top_k=6, top_p=0.9, min_p=0.1))])
+def test_sampling_follows_the_processed_distribution(policy, prompts, engine, knobs):
+    """First tokens against the exact distribution, and second tokens (after the shared prefill and
+    one decode step on the expanded cache) against the exact conditional distribution."""
+    prompt, n = prompts[0], 2000
+    params = SamplingParams(**{"max_new_tokens": 2, "seed": 7, **knobs})
+    rollout = make_engine(engine, policy.model, policy.tokenizer).generate([prompt], params, group_size=n)
+    first = torch.tensor([c[0] for c in rollout.completion_ids])
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    _check_distribution(first, _exact(logits, params))
+    top = int(first.mode().values)
+    second = torch.tensor([c[1] for c in rollout.completion_ids if c[0] == top])
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.tensor([prompt + [top]])).logits[0, -1]
+    _check_distribution(second, _exact(logits, params))
+
+
+def test_seeds_make_sampling_reproducible_without_touching_the_global_rng(policy, prompts):
+    for engine in _engines(policy):
+        sample = lambda seed: engine.generate(prompts, SamplingParams(max_new_tokens=6, seed=seed), 3).completion_ids
+        state = torch.get_rng_state()
+        assert sample(1) == sample(1) != sample(2)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert sample(None) != sample(None)  # unseeded: the global RNG moves on
+
+
+# ---- prefix sharing is real --------------------------------------------------------------------
+
+def _forward_shapes(model) -> tuple[list[tuple[int, int]], object]:
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    return shapes, hook
+
+
+def test_prompts_are_prefilled_once_and_finished_rows_leave_the_batch(policy, prompts):
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=0, stop_token_ids=list(range(3, 100)))
+    shapes, hook = _forward_shapes(policy.model)
+    try:
+        rollout = PrefixSharedEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=8)
+    finally:
+        hook.remove()
+    assert shapes[0] == (3, 20)  # one prefill of the 3 prompts (padded to 20 tokens), not of 24 rows
+    assert all(width == 1 for _, width in shapes[1:])  # then only one new token per row and step
+    lengths = [len(c) for c in rollout.completion_ids]
+    decode_rows = [rows for rows, _ in shapes[1:]]
+    # decode step s feeds token s of every row that has a token s + 1: exactly the unfinished rows
+    assert decode_rows == [sum(n > s + 1 for n in lengths) for s in range(max(lengths) - 1)]
+    assert decode_rows[0] <= 24 and decode_rows[-1] < decode_rows[0]  # rows left as they finished
+    assert rollout.finished == [n < 12 or c[-1] in range(3, 100) for n, c in zip(lengths, rollout.completion_ids)]
+
+    shapes, hook = _forward_shapes(policy.model)  # transformers' generate prefills every row
+    try:
+        HFGenerateEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=8)
+    finally:
+        hook.remove()
+    assert shapes[0] == (24, 20)
+
+
+# ---- adapters ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
-def test_greedy_equality_holds_for_adapter_policies(kind):
-    torch.manual_seed(0)
+def test_greedy_equality_holds_for_adapter_policies(kind, prompts):
     policy = _policy(kind)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so its effect is part of the comparison
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
-                p.normal_(std=0.05)
-    prompts, params = _prompts(policy.tokenizer), SamplingParams(temperature=0, max_new_tokens=16)
-    ours = PrefixSharedEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=2)
-    reference = HFGenerateEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=2)
-    assert ours.completion_ids == reference.completion_ids
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    policy.model.train()
+    ours, hf = _engines(policy)
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    rollout = ours.generate(prompts, params, group_size=2)
+    assert rollout.completion_ids == hf.generate(prompts, params, group_size=2).completion_ids
+    assert policy.model.training  # the engines restore the training mode
+    with policy.model.disable_adapter():
+        assert ours.generate(prompts, params, group_size=2).completion_ids != rollout.completion_ids
 
 
-def _first_token_frequencies(engine, prompt, params, n, vocab):
-    rollout = engine.generate([prompt], params, group_size=n)
-    return torch.bincount(torch.tensor([c[0] for c in rollout.completion_ids]), minlength=vocab).float() / n
+# ---- edges and errors --------------------------------------------------------------------------
 
-
-def test_sampling_follows_the_processed_distribution(policy):
-    tokenizer = policy.tokenizer
-    prompt = tokenizer("Question: What is 13 - 20?\nAnswer:")["input_ids"]
-    params = SamplingParams(temperature=1.5, top_k=6, max_new_tokens=1, seed=3)
-    with torch.no_grad():
-        logits = policy.model(input_ids=torch.tensor([prompt])).logits[0, -1]
-    top = torch.topk(logits / 1.5, 6)
-    exact = torch.zeros_like(logits).index_put((top.indices,), top.values.softmax(-1))
-    n = 4000
-    ours = _first_token_frequencies(PrefixSharedEngine(policy.model, tokenizer), prompt, params, n, len(logits))
-    theirs = _first_token_frequencies(HFGenerateEngine(policy.model, tokenizer), prompt, params, n, len(logits))
-    # total variation of an n-sample empirical distribution over 6 outcomes is ~0.02; 0.05 is far in the tail
-    assert 0.5 * (ours - exact).abs().sum() < 0.05
-    assert 0.5 * (theirs - exact).abs().sum() < 0.05
-    assert ours[exact == 0].sum() == 0  # top-k really cut the rest
-
-
-def test_seeds_make_sampling_reproducible(policy):
-    engine, prompts = PrefixSharedEngine(policy.model, policy.tokenizer), _prompts(policy.tokenizer)
-    sample = lambda seed: engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=seed), 4)
-    assert sample(1).completion_ids == sample(1).completion_ids
-    assert sample(1).completion_ids != sample(2).completion_ids
-
-
-def test_prompt_is_prefilled_once_and_finished_rows_leave_the_batch(policy):
-    shapes = []
-    hook = policy.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-                                                  with_kwargs=True)
-    try:
-        prompts = _prompts(policy.tokenizer)
-        rollout = PrefixSharedEngine(policy.model, policy.tokenizer).generate(
-            prompts, SamplingParams(temperature=1.0, max_new_tokens=40, seed=0), group_size=8)
-    finally:
-        hook.remove()
-    assert shapes[0] == (3, max(len(p) for p in prompts))  # one prefill of the 3 prompts, not 24 rows
-    decode_rows = [rows for rows, width in shapes[1:]]
-    assert all(width == 1 for _, width in shapes[1:])
-    assert decode_rows[0] <= 24 and decode_rows == sorted(decode_rows, reverse=True)
-    assert decode_rows[-1] < decode_rows[0]  # rows that finished stopped costing compute
-    lengths = sorted(len(c) for c in rollout.completion_ids)
-    assert len(decode_rows) == lengths[-1] - 1  # the batch ran only as long as its longest row
-
-
-def test_stop_strings_stop_ids_and_the_token_budget(policy):
-    tokenizer, prompts = policy.tokenizer, _prompts(policy.tokenizer)
-    engine = PrefixSharedEngine(policy.model, tokenizer)
-    free = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24))
-    word = tokenizer.decode(free.completion_ids[0]).split()[1]  # a word that greedy decoding writes
-    stopped = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24, stop=[word]))
-    text = tokenizer.decode(stopped.completion_ids[0])
-    assert stopped.finished[0] and text.rstrip().endswith(word) and word not in tokenizer.decode(stopped.completion_ids[0][:-1])
-    reference = HFGenerateEngine(policy.model, tokenizer).generate(prompts, SamplingParams(temperature=0, max_new_tokens=24, stop=[word]))
-    assert stopped.completion_ids == reference.completion_ids
-    second = free.completion_ids[0][1]
-    by_id = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=[second]))
-    assert by_id.completion_ids[0] == free.completion_ids[0][:2] and by_id.finished[0]
-    short = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=3))
-    assert all(len(c) <= 3 for c in short.completion_ids)
-    assert short.finished == [c[-1] == tokenizer.eos_token_id for c in short.completion_ids]
-
-
-def test_top_k_one_and_extreme_min_p_are_greedy(policy):
-    engine, prompts = PrefixSharedEngine(policy.model, policy.tokenizer), _prompts(policy.tokenizer)
-    greedy = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16), 2).completion_ids
-    assert engine.generate(prompts, SamplingParams(top_k=1, max_new_tokens=16, seed=0), 2).completion_ids == greedy
-    assert engine.generate(prompts, SamplingParams(min_p=0.999, max_new_tokens=16, seed=0), 2).completion_ids == greedy
-
-
-def test_repetition_penalty_matches_transformers(policy):
-    prompts, params = _prompts(policy.tokenizer), SamplingParams(temperature=0, max_new_tokens=16, repetition_penalty=1.8)
-    ours = PrefixSharedEngine(policy.model, policy.tokenizer).generate(prompts, params)
-    reference = HFGenerateEngine(policy.model, policy.tokenizer).generate(prompts, params)
-    plain = PrefixSharedEngine(policy.model, policy.tokenizer).generate(prompts, SamplingParams(temperature=0, max_new_tokens=16))
-    assert ours.completion_ids == reference.completion_ids != plain.completion_ids
-
-
-def test_unknown_and_unavailable_engines_are_clear_errors(policy):
+def test_edges_and_clear_errors(policy, prompts):
+    ours, hf = _engines(policy)
+    for engine in (ours, hf):
+        assert engine.generate([], SamplingParams(), 4) == Rollout([], [], [], 4)
+        with pytest.raises(ValueError, match="prompt 1 is empty"):
+            engine.generate([prompts[0], []], SamplingParams())
+        engine.sync_weights()
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
     with pytest.raises(AlignError, match="unknown engine 'fast'"):
         make_engine("fast", policy.model, policy.tokenizer)
     with pytest.raises(AlignError, match="vllm"):

@@ -1,8 +1,8 @@
 """Rollout engines: sample G completions per prompt behind one interface.
 
-- `PrefixSharedEngine` (default): prompt KV computed once per group, finished rows leave the batch.
+- `PrefixSharedEngine` (default): each prompt prefilled once for its group, finished rows leave the batch.
 - `HFGenerateEngine`: transformers' generate, the correctness reference.
-- vLLM: optional, on a GPU (`sampling.engine: vllm`).
+- vLLM: not supported yet (`align.rollout.vllm` says so clearly).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from align.rollout.sampling import Rollout, SamplingParams
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, group_size: int = 1) -> Rollout: ...
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, group_size: int = 1) -> Rollout:
+        """G completions for each of the N prompts, grouped by prompt (see `Rollout`)."""
 
     def sync_weights(self) -> None:
-        """Make the engine sample from the policy's current weights."""
+        """Make the engine sample from the policy's current weights (a no-op for in-process engines)."""
 
 
 def make_engine(name: str, model, tokenizer) -> RolloutEngine:
@@ -29,8 +30,9 @@ def make_engine(name: str, model, tokenizer) -> RolloutEngine:
     if name == "hf":
         return HFGenerateEngine(model, tokenizer)
     if name == "vllm":
-        raise AlignError("sampling.engine: vllm is not available in this version of Align (it needs a CUDA GPU and "
-                         "`pip install vllm`); use prefix_shared")
+        from align.rollout.vllm import make_vllm_engine
+
+        return make_vllm_engine(model, tokenizer)
     raise AlignError(f"sampling.engine: unknown engine {name!r}; use prefix_shared, hf or vllm")
 
 

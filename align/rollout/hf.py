@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from align.rollout.prefix_shared import inference, left_pad
-from align.rollout.sampling import Rollout, SamplingParams, hits_stop_string, stop_ids
+from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
+                                    model_device)
 
 
 class HFGenerateEngine:
-    """Each prompt repeated G times through `model.generate` (the prompt is prefilled G times)."""
+    """Each prompt repeated G times, left-padded, through `model.generate` (so every prompt is
+    prefilled G times). Note that transformers' repetition penalty also counts the pad token of
+    padded rows."""
 
     def __init__(self, model: torch.nn.Module, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -18,30 +22,39 @@ class HFGenerateEngine:
         """The engine runs the trained modules themselves."""
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, group_size: int = 1) -> Rollout:
-        device = next(self.model.parameters()).device
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        check_prompts(prompt_ids, group_size)
+        rollout = Rollout([list(p) for p in prompt_ids], [], [], group_size)
+        if not prompt_ids:
+            return rollout
+        device = model_device(self.model)
+        stop = StopRule(self.tokenizer, params)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         ids, mask = left_pad([p for p in prompt_ids for _ in range(group_size)], pad_id, device)
-        stops = stop_ids(self.tokenizer, params)
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, pad_token_id=pad_id,
-                      eos_token_id=sorted(stops), repetition_penalty=params.repetition_penalty, use_cache=True)
-        if not params.greedy:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None,
+                      eos_token_id=sorted(stop.ids), repetition_penalty=params.repetition_penalty, use_cache=True)
+        if not params.greedy:  # explicit values, so the model's own generation_config defaults do not leak in
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                           min_p=params.min_p or None)
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
-        with inference(self.model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+        with inference(self.model), self.seeded(params, device):
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        completions, finished = [], []
         for row in out[:, ids.shape[1]:].tolist():
-            tokens, done = [], False
-            for token in row:
-                tokens.append(token)
-                if token in stops or hits_stop_string(self.tokenizer, tokens, params.stop):
-                    done = True
-                    break
-            completions.append(tokens)
-            finished.append(done)
-        return Rollout(prompt_ids=[list(p) for p in prompt_ids], completion_ids=completions, finished=finished,
-                       group_size=group_size)
+            end = next((i + 1 for i in range(len(row)) if stop(row[:i + 1])), None)
+            rollout.completion_ids.append(row[:end] if end else row)
+            rollout.finished.append(end is not None)
+        return rollout
+
+    @staticmethod
+    @contextlib.contextmanager
+    def seeded(params: SamplingParams, device: torch.device):
+        """With a seed, sample from a forked global RNG seeded with it (the caller's RNG state is
+        left as it was); without one, from the global RNG itself."""
+        if params.seed is None or params.greedy:
+            yield
+            return
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(params.seed)
+            yield

@@ -1,38 +1,45 @@
-"""Our sampler: each prompt's KV cache is computed once and shared by its G samples, all live
+"""Our sampler: each prompt is prefilled once and its KV cache shared by its G samples, all live
 rows decode together one token per step, and finished rows leave the batch."""
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from align.rollout.sampling import (Rollout, SamplingParams, hits_stop_string, logits_processors, next_tokens,
-                                    stop_ids)
+from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
+                                    logits_processors, model_device, next_tokens, sampling_generator)
 
 
-@contextlib.contextmanager
-def inference(model: torch.nn.Module):
-    """Eval mode without gradients; the model's training mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+@dataclass
+class LiveRows:
+    """The rows still decoding, B of them, and their state.
 
+    rows [B]: each row's index in the rollout. ids [B, L + max_new]: prompt (left-padded with its
+    own first token) then the tokens generated so far; mask [B, L + max_new]: 0 on the padding, 1
+    elsewhere (the columns still to be generated included). width: the columns in use, the same
+    for every row. positions [B]: the position id of each row's next input token (its real length,
+    not the padded one). cache: keys and values of the columns fed to the model so far.
+    """
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> (input_ids [N, L], attention_mask [N, L]), left-padded."""
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = torch.tensor(prompt)
-        mask[row, length - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
+    rows: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    width: int
+    positions: torch.Tensor
+    cache: DynamicCache
+
+    def push(self, tokens: torch.Tensor) -> None:
+        """Append the [B] new tokens."""
+        self.ids[:, self.width] = tokens
+        self.width += 1
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the rows at `index` [B'] (cache included): finished rows stop costing compute."""
+        self.rows, self.ids, self.mask, self.positions = (x[index] for x in (self.rows, self.ids, self.mask,
+                                                                             self.positions))
+        self.cache.batch_select_indices(index)
 
 
 class PrefixSharedEngine:
@@ -45,47 +52,56 @@ class PrefixSharedEngine:
         """The engine runs the trained modules themselves."""
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, group_size: int = 1) -> Rollout:
-        device = next(self.model.parameters()).device
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device).manual_seed(params.seed)
-        processors = logits_processors(params)
-        stops = stop_ids(self.tokenizer, params)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        check_prompts(prompt_ids, group_size)
+        total = len(prompt_ids) * group_size
+        completions: list[list[int]] = [[] for _ in range(total)]
+        finished = [False] * total
+        rollout = Rollout([list(p) for p in prompt_ids], completions, finished, group_size)
+        if total == 0:
+            return rollout
+        device = model_device(self.model)
+        processors, stop = logits_processors(params), StopRule(self.tokenizer, params)
+        generator = sampling_generator(params, device)
         with inference(self.model):
-            # Prefill: every prompt once. Then the cache rows are repeated G times.
-            ids, mask = left_pad(prompt_ids, pad_id, device)
-            cache = DynamicCache(config=getattr(self.model, "config", None))
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             cache=cache, use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(group_size)
-            logits = out.logits[:, -1].repeat_interleave(group_size, 0)
-            mask = mask.repeat_interleave(group_size, 0)
-            sequences = ids.repeat_interleave(group_size, 0)  # what the repetition penalty looks at
-            positions = mask.sum(-1)
-            rows = torch.arange(len(prompt_ids) * group_size, device=device)  # which completion each live row is
-            completions = [[] for _ in range(len(rows))]
-            finished = [False] * len(rows)
+            live, logits = self.prefill(prompt_ids, group_size, params.max_new_tokens, device)
             for step in range(params.max_new_tokens):
-                tokens = next_tokens(processors(sequences, logits), params, generator)
-                done = []
-                for i, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
+                scores = processors(live.ids[:, :live.width], logits.float())  # float32, as in generate
+                tokens = next_tokens(scores, params, generator)
+                alive = []
+                for row, token in zip(live.rows.tolist(), tokens.tolist()):
                     completions[row].append(token)
-                    if token in stops or hits_stop_string(self.tokenizer, completions[row], params.stop):
-                        finished[row] = True
-                        done.append(i)
-                if step == params.max_new_tokens - 1 or len(done) == len(rows):
+                    finished[row] = stop(completions[row])
+                    alive.append(not finished[row])
+                if step == params.max_new_tokens - 1 or not any(alive):
                     break
-                if done:  # finished rows stop costing compute: drop them from the batch and the cache
-                    keep = torch.tensor([i for i in range(len(rows)) if i not in set(done)], device=device)
-                    cache.batch_select_indices(keep)
-                    rows, tokens, mask, sequences, positions = (x[keep] for x in (rows, tokens, mask, sequences,
-                                                                                  positions))
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-                sequences = torch.cat([sequences, tokens[:, None]], 1)
-                out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                                 cache=cache, use_cache=True)
-                logits = out.logits[:, -1]
-                positions = positions + 1
-        return Rollout(prompt_ids=[list(p) for p in prompt_ids], completion_ids=completions, finished=finished,
-                       group_size=group_size)
+                live.push(tokens)
+                if not all(alive):
+                    live.keep(torch.tensor(alive, device=device).nonzero()[:, 0])
+                logits = self.decode(live)
+        return rollout
+
+    def prefill(self, prompt_ids: list[list[int]], group_size: int, max_new_tokens: int,
+                device: torch.device) -> tuple[LiveRows, torch.Tensor]:
+        """Run the N prompts once (left-padded, one batch), then repeat every cache row G times.
+
+        Returns the N*G live rows and the logits of their first new token [N*G, V].
+        """
+        ids, mask = left_pad(prompt_ids, None, device)
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(group_size)
+        n, length = ids.shape
+        room = ids.new_zeros(n, max_new_tokens)
+        live = LiveRows(rows=torch.arange(n * group_size, device=device),
+                        ids=torch.cat([ids, room], 1).repeat_interleave(group_size, 0),
+                        mask=torch.cat([mask, room + 1], 1).repeat_interleave(group_size, 0),
+                        width=length, positions=mask.sum(-1).repeat_interleave(group_size, 0), cache=cache)
+        return live, out.logits[:, -1].repeat_interleave(group_size, 0)
+
+    def decode(self, live: LiveRows) -> torch.Tensor:
+        """Feed each live row its newest token; returns the logits of the next one [B, V]."""
+        out = self.model(input_ids=live.ids[:, live.width - 1:live.width], attention_mask=live.mask[:, :live.width],
+                         position_ids=live.positions[:, None], cache=live.cache, use_cache=True)
+        live.positions = live.positions + 1
+        return out.logits[:, -1]

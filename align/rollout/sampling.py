@@ -1,8 +1,10 @@
-"""What every rollout engine shares: sampling settings, the Rollout it returns, the logit
-processing (transformers' own processors, in generate's order) and the stop rules."""
+"""What every rollout engine shares: the sampling settings, the Rollout it returns, the logit
+processing (transformers' own processors, in generate's order), the stop rule, and running a
+model for inference."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -15,18 +17,28 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 1.0
-    """0 means greedy decoding."""
+    """0 means greedy decoding (argmax); the other warpers are then ignored."""
     top_p: float = 1.0
     top_k: int = 0
     """0 turns top-k off."""
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    """transformers' semantics: over the prompt and the completion so far."""
     stop: list[str] = field(default_factory=list)
-    """Stop strings: a completion ends with the token that completes one."""
+    """Stop strings: a completion ends with the token that completes one (its decoded text then
+    contains the string for the first time)."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Stop ids besides the tokenizer's EOS."""
     seed: int | None = None
     """Seeds the sampling generator: the same seed and weights give the same tokens."""
+
+    def __post_init__(self):
+        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
+                  "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0, "min_p": 0 <= self.min_p <= 1,
+                  "repetition_penalty": self.repetition_penalty > 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}: {getattr(self, name)!r} is out of range")
 
     @property
     def greedy(self) -> bool:
@@ -53,8 +65,17 @@ class Rollout:
         return len(self.completion_ids)
 
 
+def check_prompts(prompt_ids: list[list[int]], group_size: int) -> None:
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    for i, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+
+
 def logits_processors(params: SamplingParams) -> LogitsProcessorList:
-    """transformers' processors in the order `generate` applies them (penalty, then the warpers)."""
+    """transformers' processors in the order `generate` applies them: the repetition penalty, then
+    (when sampling) temperature, top-k, top-p, min-p. Call as processors(input_ids [B, T], scores [B, V])."""
     processors = LogitsProcessorList()
     if params.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
@@ -71,25 +92,73 @@ def logits_processors(params: SamplingParams) -> LogitsProcessorList:
     return processors
 
 
+def sampling_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A generator on `device` seeded with params.seed (None: the global RNG is used)."""
+    if params.seed is None or params.greedy:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
 def next_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Processed scores [B, V] -> next token ids [B]: argmax when greedy, else a sample."""
+    """Processed float32 scores [B, V] -> next token ids [B]: argmax when greedy, else a sample."""
     if params.greedy:
         return scores.argmax(-1)
-    probs = torch.softmax(scores.float(), -1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
 
 
-def stop_ids(tokenizer, params: SamplingParams) -> set[int]:
-    ids = set(params.stop_token_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+class StopRule:
+    """Whether a completion has ended: its last token is EOS or a stop id, or its decoded text
+    contains a stop string (checked after every token, so the first time it does, the last token
+    completed it). Only the completion counts, never the prompt."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.tokenizer, self.strings = tokenizer, list(params.stop)
+        self.ids = set(params.stop_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.ids.add(tokenizer.eos_token_id)
+        # A stop string of L characters has at most 4L bytes, so it spans at most 4L byte-level tokens,
+        # +3 so that a character cut at the window's start cannot hide it.
+        self.window = 4 * max((len(s) for s in self.strings), default=0) + 3
+
+    def __call__(self, completion: list[int]) -> bool:
+        if completion[-1] in self.ids:
+            return True
+        if not self.strings:
+            return False
+        text = self.tokenizer.decode(completion[-self.window:], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        return any(s in text for s in self.strings)
 
 
-def hits_stop_string(tokenizer, tokens: list[int], stops: list[str]) -> bool:
-    """Whether the decoded completion contains a stop string (checked after every token, so the
-    first time it is true the last token completed it)."""
-    if not stops:
-        return False
-    text = tokenizer.decode(tokens[-64:], skip_special_tokens=False)
-    return any(s in text for s in stops)
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go (the device of its first parameter: the embeddings)."""
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module):
+    """Eval mode without gradients; the model's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (input_ids [N, L], attention_mask [N, L]), left-padded to the longest.
+
+    pad_id None pads each row with its own first token: the pads are masked out of attention
+    anyway, and a token the row already holds leaves the repetition penalty (a set of seen tokens)
+    exactly as without padding.
+    """
+    length = max(len(p) for p in prompts)
+    ids = torch.empty((len(prompts), length), dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row] = prompt[0] if pad_id is None else pad_id
+        ids[row, length - len(prompt):] = torch.tensor(prompt)
+        mask[row, length - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
