@@ -19,8 +19,9 @@ def _train(args) -> None:
     recipe = load_recipe(args.recipe, args.set)
     trainer = TRAINERS[recipe.algorithm].from_recipe(recipe)
     record = trainer.fit()
-    print(f"done: {trainer.step} steps; outputs in {recipe.output_dir} "
-          f"(weights, recipe.yaml, metrics.jsonl); last loss {record.get('loss', float('nan')):.4f}")
+    if trainer.accelerator.is_main_process:
+        print(f"done: {trainer.step} steps; outputs in {recipe.output_dir} "
+              f"(weights, recipe.yaml, metrics.jsonl); last loss {record.get('loss', float('nan')):.4f}")
 
 
 def _validate(args) -> None:

@@ -93,8 +93,9 @@ class Trainable:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights only (the adapter for LoRA/QLoRA): what a checkpoint must hold."""
-        names = {name for name, p in self.module.named_parameters() if p.requires_grad}
-        return {k: v for k, v in unwrap(self.module).state_dict().items() if k in names}
+        module = unwrap(self.module)
+        names = {name for name, p in module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in module.state_dict().items() if k in names}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(state) - set(unwrap(self.module).state_dict())

@@ -86,6 +86,10 @@ def resolve(name_or_path: str) -> str:
                          + ", ".join(PREFIX + n for n in [*SPECS, *TRAINED]))
     target = cache_dir() / "builtin" / f"{name}-v{BUILD_VERSION}"
     if not (target / "config.json").exists():
+        if name in TRAINED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise AlignError(f"model.name_or_path: {name_or_path} is built by a training run of its own, once per "
+                             "cache, and a launch of several processes cannot do that; build it in one process first: "
+                             f"python -c \"from align.models.tiny import resolve; resolve('{name_or_path}')\"")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
         if name in TRAINED:

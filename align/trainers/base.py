@@ -5,8 +5,14 @@
 - `collate(examples)`              examples -> a batch of tensors
 - `count_items(batch)`             how many units (tokens, pairs, rows) the loss averages over
 - `compute_loss(batch)`            -> (loss, metrics); the loss is normalized by `batch["num_items"]`,
-                                   the item count of the whole optimizer step, so gradient
-                                   accumulation gives exactly the update of one big batch.
+                                   the item count of the whole optimizer step (all micro-batches of
+                                   all processes), so gradient accumulation and data parallelism give
+                                   exactly the update of one big batch.
+
+Under several processes (`accelerate launch`, `torchrun`: DDP), `train.batch_size` is per process:
+an optimizer step holds batch_size * grad_accum * num_processes examples, shared out among the
+processes (see `align.trainers.distributed`). Logged metrics are those of the whole step; only the
+main process writes files.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
 from align.config import Recipe, load_recipe, save_recipe
@@ -30,20 +36,29 @@ from align.errors import AlignError
 from align.models import Policy
 from align.trainers import checkpoint
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar
+from align.trainers.distributed import gather_shares, shard, sum_over_processes
 
 log = logging.getLogger(__name__)
 
 
 def process_accelerator() -> Accelerator:
-    """accelerate's process state with its mixed precision off: Align autocasts itself, per trainer
-    (`Trainer.autocast`). The state is a process-wide singleton; if another library in this process
-    (e.g. a TRL trainer, whose default is bf16) already set it to bf16, accelerate would silently wrap
-    our model's forward in autocast, so the state is reset first."""
+    """accelerate's process state: one process, or one of several under `accelerate launch` or
+    `torchrun` (DDP; over gloo on a machine without a GPU).
+
+    Mixed precision is off: Align autocasts itself, per trainer (`Trainer.autocast`). The state is a
+    process-wide singleton; if another library in this process (e.g. a TRL trainer, whose default is
+    bf16) already set it to bf16, accelerate would silently wrap our model's forward in autocast, so
+    the state is reset first. DDP does not broadcast buffers at each forward (a causal LM's buffers
+    are constants such as rotary frequencies), so forwards need no other process: only backwards
+    synchronize, and processes may run different numbers of forwards (evaluation, rollouts).
+    """
+    options = dict(mixed_precision="no", cpu=not torch.accelerator.is_available(),
+                   kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     try:
-        return Accelerator(mixed_precision="no")
+        return Accelerator(**options)
     except ValueError:  # "AcceleratorState has already been initialized and cannot be changed"
         AcceleratorState._reset_state()
-        return Accelerator(mixed_precision="no")
+        return Accelerator(**options)
 
 
 class Trainer:
@@ -129,9 +144,14 @@ class Trainer:
             return pack(examples)
         return pad(examples, self.policy.tokenizer.pad_token_id)
 
+    @property
+    def global_batch_size(self) -> int:
+        """Examples in one optimizer step, over all micro-batches of all processes."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
     def count_steps_per_epoch(self) -> int:
         """Optimizer steps in one pass over the training data."""
-        return math.ceil(math.ceil(len(self.train_data) / self.cfg.batch_size) / self.cfg.grad_accum)
+        return math.ceil(len(self.train_data) / self.global_batch_size)
 
     def count_items(self, batch: dict) -> float:
         return float(batch["input_ids"].shape[0])
@@ -141,16 +161,22 @@ class Trainer:
 
     # ---- data order -----------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:
-        """The collated micro-batches of optimizer step `step` (a pure function of seed and step)."""
+        """This process's collated micro-batches of optimizer step `step` (a pure function of seed,
+        step and process)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        size = self.cfg.batch_size
-        first = index * self.cfg.grad_accum * size
-        batches = []
-        for start in range(first, min(first + self.cfg.grad_accum * size, len(order)), size):
-            rows = [self.train_data[int(i)] for i in order[start:start + size]]
-            batches.append(self.collate(rows))
-        return batches
+        size = self.global_batch_size
+        return self.share_micro_batches([self.train_data[int(i)] for i in order[index * size:(index + 1) * size]],
+                                        self.cfg.batch_size)
+
+    def share_micro_batches(self, items: list, per_batch: int) -> list[dict]:
+        """This process's share of one optimizer step's items (examples, prompt groups), collated in
+        micro-batches of `per_batch` items. A process left without items (a short last step) gets the
+        step's first item as a `padding` batch, trained with weight 0: DDP needs every process's backward."""
+        mine = shard(items)
+        if not mine:
+            return [{**self.collate(items[:1]), "padding": True}]
+        return [self.collate(mine[i:i + per_batch]) for i in range(0, len(mine), per_batch)]
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -158,7 +184,8 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(self.recipe, self.output_dir / "recipe.yaml")
+        if self.accelerator.is_main_process:
+            save_recipe(self.recipe, self.output_dir / "recipe.yaml")
         if self.cfg.resume_from:
             self.resume(self.cfg.resume_from)
         for cb in self.callbacks:
@@ -198,31 +225,43 @@ class Trainer:
         record["tokens_per_s"] = record["num_tokens"] / (time.perf_counter() - start)
         return record
 
+    def count_step_items(self, batches: list[dict]) -> float:
+        """`count_items` summed over the batches of every process (padding batches count 0)."""
+        items = sum(self.count_items(b) for b in batches if not b.get("padding"))
+        return sum_over_processes({"items": items})["items"]
+
     def accumulate_gradients(self, micro_batches: list[dict]) -> dict[str, float]:
-        """Forward and backward every micro-batch; the gradients sum to those of one big batch."""
-        num_items = sum(self.count_items(b) for b in micro_batches)
-        record: dict[str, float] = {"loss": 0.0, "num_items": num_items, "num_tokens": 0.0}
+        """Forward and backward this process's micro-batches; the gradients, once DDP has averaged
+        them over the processes, equal those of one big batch. Returns the step's metrics."""
+        num_items = self.count_step_items(micro_batches)
+        record: dict[str, float] = {"loss": 0.0, "num_tokens": 0.0}
         for i, batch in enumerate(micro_batches):
             batch = self._to_device({**batch, "num_items": num_items})
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module):
                 with self.autocast():
                     loss, metrics = self.compute_loss(batch)
-                self.accelerator.backward(loss)
+                if batch.get("padding"):
+                    loss = loss * 0.0
+                # each process's loss is its share of the step's sum; DDP averages, so scale it back up
+                self.accelerator.backward(loss * self.accelerator.num_processes)
+            if batch.get("padding"):
+                continue
             record["loss"] += loss.item()
             record["num_tokens"] += float(batch["num_tokens"])
             weight = self.count_items(batch) / num_items
             for key, value in metrics.items():
                 record[key] = record.get(key, 0.0) + weight * value
-        return record
+        return {**sum_over_processes(record), "num_items": num_items}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Metrics over the whole eval split, each averaged with the loss's own normalization."""
+        """Metrics over the whole eval split (its batches shared out among the processes), each
+        averaged with the loss's own normalization."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
         batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
-                   for i in range(0, len(self.eval_data), size)]
-        num_items = sum(self.count_items(b) for b in batches)
+                   for i in shard(range(0, len(self.eval_data), size))]
+        num_items = self.count_step_items(batches)
         totals: dict[str, float] = {"loss": 0.0}
         with self.policy.eval_mode():
             for batch in batches:
@@ -231,7 +270,7 @@ class Trainer:
                 totals["loss"] += loss.item()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value * self.count_items(batch) / num_items
-        return {f"eval/{k}": v for k, v in totals.items()}
+        return {f"eval/{k}": v for k, v in sum_over_processes(totals).items()}
 
     def autocast(self):
         """bf16 autocast when train.mixed_precision is bf16 (our own, so each Trainer may differ)."""
@@ -251,26 +290,35 @@ class Trainer:
             self.policy.save(directory)
 
     def checkpoint_state(self) -> dict[str, object]:
-        """What a checkpoint holds (each entry one file); `restore_state` puts it back."""
+        """What a checkpoint holds (each entry one file); `restore_state` puts it back. Called on
+        every process; the state is the same on all but the random generators (one per process)."""
         return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+                "scheduler": self.scheduler.state_dict(), "rng": gather_shares([checkpoint.rng_state()])}
 
     def restore_state(self, tensors: dict[str, object]) -> None:
         self.policy.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
-        checkpoint.set_rng_state(tensors["rng"])
+        rng = tensors["rng"] if isinstance(tensors["rng"], list) else [tensors["rng"]]
+        checkpoint.set_rng_state(rng[min(self.accelerator.process_index, len(rng) - 1)])
 
     def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (written by the main process; the others wait for it)."""
         tensors = self.checkpoint_state()
-        return checkpoint.save_checkpoint(self.output_dir / "checkpoints", self.step, tensors,
-                                          {"algorithm": self.algorithm, "total_steps": self.total_steps},
-                                          keep=self.cfg.keep_checkpoints)
+        root = self.output_dir / "checkpoints"
+        if self.accelerator.is_main_process:
+            checkpoint.save_checkpoint(root, self.step, tensors,
+                                       {"algorithm": self.algorithm, "total_steps": self.total_steps},
+                                       keep=self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return checkpoint.checkpoint_dir(root, self.step)
 
     def resume(self, where: str) -> None:
         """Continue from a checkpoint directory, or the newest one in output_dir for `auto`."""
         root = self.output_dir / "checkpoints"
-        checkpoint.clean_staging(root)
+        if self.accelerator.is_main_process:
+            checkpoint.clean_staging(root)
+        self.accelerator.wait_for_everyone()
         if where == "auto":
             found = checkpoint.list_checkpoints(root)
             if not found:

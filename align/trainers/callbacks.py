@@ -14,7 +14,9 @@ log = logging.getLogger(__name__)
 
 
 class Callback:
-    """Override any of these; `trainer` is the running Trainer, `record` a flat dict of floats."""
+    """Override any of these; `trainer` is the running Trainer, `record` a flat dict of floats.
+    Under several processes every process calls them with the same record; write files only where
+    `trainer.accelerator.is_main_process`."""
 
     def on_train_begin(self, trainer) -> None: ...
 
@@ -28,12 +30,15 @@ class MetricsFile(Callback):
 
     def on_train_begin(self, trainer) -> None:
         self.path = Path(trainer.recipe.output_dir) / "metrics.jsonl"
-        if self.path.exists():
+        self.enabled = trainer.accelerator.is_main_process
+        if self.enabled and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= trainer.step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, trainer, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -45,7 +50,7 @@ class ProgressBar(Callback):
 
     def on_train_begin(self, trainer) -> None:
         self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=trainer.recipe.algorithm,
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, disable=not trainer.accelerator.is_main_process)
         self.shown: dict[str, str] = {}
 
     def on_log(self, trainer, record: dict) -> None:

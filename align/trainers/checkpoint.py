@@ -41,6 +41,10 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
 def save_checkpoint(root: Path, step: int, tensors: dict[str, object], state: dict, keep: int,
                     write_extra=None) -> Path:
     """Write `tensors` (torch.save-able objects, one file each) and `state` as checkpoint `step`.
@@ -48,7 +52,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, object], state: di
     `write_extra(directory)` may add files (e.g. a loadable adapter). Keeps the newest `keep`.
     """
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
+    final = checkpoint_dir(root, step)
     staging = root / f".staging-step-{step:06d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

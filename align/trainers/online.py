@@ -7,6 +7,11 @@ PPO: ppo_epochs x num_mini_batches). The prompts of round r are a pure function 
 and a checkpoint taken mid-round holds the round's experience, so a resumed run continues the
 same run.
 
+Under several processes each process samples, scores and annotates its share of the round's
+prompts (whole groups); the results are then gathered, so every process holds the whole round's
+experience, in prompt order, and advantages, whitening and metrics use the whole round. Each
+optimizer step's groups are then shared out like any step's examples (`share_micro_batches`).
+
 Experience is kept per prompt group: {"prompt_ids", "completions": [G id lists], "trained": [G]
 bool} plus per-sequence values ([G] tensors, e.g. advantages) and per-token values (lists of G
 [L_i] tensors, e.g. old log-probs). `collate` packs groups with the prompt computed once and pads
@@ -28,6 +33,7 @@ from align.errors import AlignError
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers.base import Trainer
+from align.trainers.distributed import gather_shares, shard
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,7 @@ class OnlineTrainer(Trainer):
 
     @property
     def prompts_per_round(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.mini_batches // self.group_size
+        return self.global_batch_size * self.mini_batches // self.group_size
 
     @property
     def rounds_per_epoch(self) -> int:
@@ -125,8 +131,7 @@ class OnlineTrainer(Trainer):
         if self.experience is None or self.experience["round"] != round_:
             self.experience = self.make_experience(round_)
         groups = self.step_groups(self.experience["groups"], round_, index)
-        per_batch = self.cfg.batch_size // self.group_size
-        return [self.collate(groups[i:i + per_batch]) for i in range(0, len(groups), per_batch)]
+        return self.share_micro_batches(groups, self.cfg.batch_size // self.group_size)
 
     def step_groups(self, groups: list[dict], round_: int, index: int) -> list[dict]:
         """The groups optimizer step `index` of the round trains on. Default: all of them."""
@@ -142,11 +147,8 @@ class OnlineTrainer(Trainer):
         """Sample, score and annotate the completions of round `round_`."""
         rows = self.round_rows(round_)
         start = time.perf_counter()
-        self.engine.sync_weights()  # engines outside the trained modules (vLLM) get the current weights
-        rollout = self.engine.generate([r["prompt_ids"] for r in rows],
-                                       self.sampling_params(seed=self.cfg.seed * 1_000_003 + round_), self.group_size)
+        rollout, values = self.sample_and_score(rows, round_)
         seconds = time.perf_counter() - start
-        values = self.score(rows, rollout)
         scores = self.rewards.combine(values)
         groups = self.build_groups(rows, rollout, scores)
         metrics = {**self.rollout_metrics(rollout, seconds), **self.rewards.metrics(values),
@@ -155,6 +157,23 @@ class OnlineTrainer(Trainer):
             metrics["frac_reward_zero_std"] = (scores.view(-1, self.group_size).std(1) == 0).float().mean().item()
         metrics.update(self.annotate(groups))
         return {"round": round_, "groups": groups, "metrics": metrics}
+
+    def sample_and_score(self, rows: list[dict], round_: int) -> tuple[Rollout, torch.Tensor]:
+        """The rollout of `rows` and its [N*G, F] reward values: each process samples and scores its
+        share of the prompts (its own sampling seed), then every process gets all of it."""
+        g, mine = self.group_size, shard(rows)
+        self.engine.sync_weights()  # engines outside the trained modules (vLLM) get the current weights
+        per_prompt = []
+        if mine:
+            seed = self.cfg.seed * 1_000_003 + round_ + 1_000_000_007 * self.accelerator.process_index
+            rollout = self.engine.generate([r["prompt_ids"] for r in mine], self.sampling_params(seed=seed), g)
+            values = self.score(mine, rollout)
+            per_prompt = [(rollout.completion_ids[i * g:(i + 1) * g], rollout.finished[i * g:(i + 1) * g],
+                           values[i * g:(i + 1) * g]) for i in range(len(mine))]
+        per_prompt = gather_shares(per_prompt)
+        rollout = Rollout([r["prompt_ids"] for r in rows], [c for p in per_prompt for c in p[0]],
+                          [f for p in per_prompt for f in p[1]], g)
+        return rollout, torch.cat([p[2] for p in per_prompt])
 
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
         """[N*G, F] rewards of every completion from every reward function (NaN = not applicable)."""
@@ -187,20 +206,25 @@ class OnlineTrainer(Trainer):
     @torch.no_grad()
     def forward_groups(self, groups: list[dict], fn) -> None:
         """Run `fn(batch) -> {name: [1, N] packed per-token values}` over the groups in micro-batches,
-        without gradient, and store each as group[name] = its G per-sequence [L_i] tensors (CPU)."""
+        without gradient, and store each as group[name] = its G per-sequence [L_i] tensors (CPU).
+        Each process runs its share of the groups; every process then gets all the values."""
         per_batch = max(1, (self.cfg.eval_batch_size or self.cfg.batch_size) // self.group_size)
+        mine = shard(groups)
+        values: list[dict] = [{} for _ in mine]
         with self.policy.eval_mode():
-            for start in range(0, len(groups), per_batch):
-                chunk = groups[start:start + per_batch]
+            for start in range(0, len(mine), per_batch):
+                chunk = mine[start:start + per_batch]
                 batch = self._to_device(self.collate(chunk))
                 with self.autocast():
                     outputs = fn(batch)
                 for name, packed in outputs.items():
                     rows = sequence_tokens(packed.float(), batch["sequence_ids"], *batch["mask"].shape).cpu()
                     s = 0
-                    for group in chunk:
-                        group[name] = [rows[s + j, :len(c)] for j, c in enumerate(group["completions"])]
+                    for k, group in enumerate(chunk):
+                        values[start + k][name] = [rows[s + j, :len(c)] for j, c in enumerate(group["completions"])]
                         s += len(group["completions"])
+        for group, value in zip(groups, gather_shares(values)):
+            group.update(value)
 
     def collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:
         """Groups -> packed batch (prompt once per group) + mask [S, T] and per-sequence values
@@ -219,16 +243,18 @@ class OnlineTrainer(Trainer):
     # ---- evaluation and checkpoints -------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy completions for every eval prompt, scored by the reward functions."""
+        """Greedy completions for every eval prompt (shared out among the processes), scored by the
+        reward functions."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
         params = self.sampling_params(temperature=0.0, seed=0)
-        values, lengths = [], []
-        for start in range(0, len(self.eval_data), size):
-            rows = [self.eval_data[i] for i in range(start, min(start + size, len(self.eval_data)))]
+        mine = shard(range(len(self.eval_data)))
+        scored = []  # (reward values [F], completion length) of each of this process's prompts
+        for start in range(0, len(mine), size):
+            rows = [self.eval_data[i] for i in mine[start:start + size]]
             rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
-            values.append(self.score(rows, rollout))
-            lengths += [len(c) for c in rollout.completion_ids]
-        values = torch.cat(values)
+            scored += zip(self.score(rows, rollout), map(len, rollout.completion_ids))
+        scored = gather_shares(scored)
+        values, lengths = torch.stack([v for v, _ in scored]), [n for _, n in scored]
         metrics = {"reward": self.rewards.combine(values).mean().item(),
                    "completions/mean_length": sum(lengths) / len(lengths), **self.rewards.metrics(values)}
         return {f"eval/{k}": v for k, v in metrics.items() if not k.endswith("/std")}

@@ -14,8 +14,10 @@ import tempfile
 from collections.abc import Callable
 
 import torch
+from accelerate import PartialState
 
 from align.models.tiny import cache_dir
+from align.trainers.distributed import from_main_process
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +42,24 @@ def data_fingerprint(examples, columns: tuple[str, ...]) -> str:
 
 
 def cached_reference(key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Load the tensor stored under `key`, or compute and store it atomically."""
+    """Load the tensor stored under `key`, or compute and store it atomically.
+
+    Under several processes only the main process reads and writes the file (the others get the
+    tensor from it), and `compute` runs on every process, each returning the whole tensor.
+    """
     path = cache_dir() / "reference" / f"{key}.pt"
-    if path.is_file():
+    main = PartialState().is_main_process
+    values = from_main_process(torch.load(path) if main and path.is_file() else None)
+    if values is not None:
         log.info("reference log-probs: reusing %s", path)
-        return torch.load(path)
+        return values
     values = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-        torch.save(values, f)
-    os.replace(f.name, path)
-    log.info("reference log-probs: computed and cached in %s", path)
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
+            torch.save(values, f)
+        os.replace(f.name, path)
+        log.info("reference log-probs: computed and cached in %s", path)
     return values
 
 

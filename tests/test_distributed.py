@@ -1,0 +1,168 @@
+"""Data parallelism: two CPU processes (`torchrun`, gloo) train exactly as one process whose batch
+holds both processes' examples. One launch runs every recipe through `align train`; the
+single-process runs happen here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from align.config import recipe_from_dict
+from align.models.tiny import cache_dir, resolve
+from align.toy import chat_rows, preference_rows, prompt_rows
+from align.trainers import DPOTrainer, GRPOTrainer, PPOTrainer, SFTTrainer
+from tests.conftest import deep_update, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = """
+import sys
+from align.cli import main
+
+for recipe in sys.argv[1:]:
+    if main(["train", recipe]) != 0:
+        sys.exit(1)
+"""
+LORA = {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+TRAIN = {"lr": 3e-3, "schedule": "constant", "log_every": 1, "progress": False, "plots": False, "seed": 0}
+
+
+def recipe_dict(root: Path, name: str, algorithm: str, rows, eval_rows=None, **sections) -> dict:
+    """A tiny-llama recipe writing to root/name; `train.batch_size` is per process."""
+    data = {"train": {"path": write_jsonl(root / f"{name}-train.jsonl", rows)}, "max_length": 128}
+    if eval_rows is not None:
+        data["eval"] = {"path": write_jsonl(root / f"{name}-eval.jsonl", eval_rows)}
+    recipe = {"algorithm": algorithm, "output_dir": str(root / name), "data": data, "train": dict(TRAIN),
+              "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"}}
+    return deep_update(recipe, sections)
+
+
+def single_process(recipe: dict, batch_size: int, **train) -> dict:
+    """The same recipe for one process holding both processes' examples, in its own output dir."""
+    out = {**recipe, "output_dir": recipe["output_dir"] + "-single"}
+    return deep_update(json.loads(json.dumps(out)), {"train": {"batch_size": batch_size, **train}})
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    run_dir = Path(run_dir)
+    name = "adapter_model.safetensors" if (run_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(run_dir / name)
+
+
+def assert_same_run(got_dir, want_dir, keys=("loss", "grad_norm"), first_step=1):
+    """The same metrics at every step from `first_step` on (to float rounding) and the same final
+    weights. Weights get 1e-4: AdamW divides by sqrt(v), so an element whose gradient is ~0 turns
+    the rounding differences of another summation order into visible ones (a few in 10^5 elements
+    differ by more than 1e-6)."""
+    got, want = [r for r in metrics(got_dir) if r["step"] >= first_step], metrics(want_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want] and want
+    for g, w in zip(got, want):
+        for key in keys:
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (key, g, w)
+    got, want = weights(got_dir), weights(want_dir)
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Runs every recipe once under `torchrun --nproc_per_node 2` (CPU, gloo), with its own cache."""
+    root = tmp_path_factory.mktemp("distributed")
+    digits = {"fn": f"{root / 'digits.py'}:digits"}  # a reward that varies between random completions
+    recipes = {
+        # 21 rows, 8 a step (2 per micro-batch x 2 accumulation x 2 processes): the last step's 5 rows
+        # give one process two micro-batches and the other one
+        "sft": recipe_dict(root, "sft", "sft", chat_rows(21, seed=5),
+                           train={"batch_size": 2, "grad_accum": 2, "save_every": 2}),
+        # 9 pairs, 4 a step: the last step's one pair leaves the second process a padding batch
+        "dpo": recipe_dict(root, "dpo", "dpo", preference_rows(9, seed=11), preference_rows(7, seed=12),
+                           adapter=LORA, train={"batch_size": 2, "lr": 5e-3}),
+        # 2 prompts of 4 completions a round (a group per process), 2 optimizer steps on each round
+        "grpo": recipe_dict(root, "grpo", "grpo", prompt_rows(8, seed=21), adapter=LORA,
+                            train={"batch_size": 4, "max_steps": 2, "save_every": 1, "lr": 1e-2},
+                            grpo={"group_size": 4, "num_iterations": 2, "beta": 0.05, "loss_norm": "dapo",
+                                  "sampling": {"max_new_tokens": 12}, "rewards": [digits]}),
+        # 8 prompts a round, 2 epochs x 2 mini-batches of 4 (2 per process, drawn from both processes' samples)
+        "ppo": recipe_dict(root, "ppo", "ppo", prompt_rows(16, seed=31), adapter=LORA,
+                           train={"batch_size": 2, "max_steps": 4, "save_every": 1, "keep_checkpoints": 4, "lr": 1e-2},
+                           ppo={"ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.05, "critic": "shared",
+                                "sampling": {"max_new_tokens": 10}, "rewards": [digits]}),
+    }
+    recipes["sft-resumed"] = {**recipes["sft"], "output_dir": str(root / "sft-resumed"),
+                              "train": {**recipes["sft"]["train"], "resume_from": str(root / "sft/checkpoints/step-000002")}}
+    paths = []
+    for name, recipe in recipes.items():
+        paths.append(root / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(recipe))
+    (root / "worker.py").write_text(WORKER)
+    (root / "digits.py").write_text("def digits(completions, **_):\n"
+                                    "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
+    cache = root / "cache"  # the processes' own cache: their reference log-probs are checked against ours
+    shutil.copytree(Path(resolve("builtin:tiny-llama")).parent, cache / "builtin")
+    env = {**os.environ, "ALIGN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(root / "worker.py"), *map(str, paths)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("done:") == len(recipes)  # the main process alone reports
+    return recipes
+
+
+def test_sft_on_two_processes_equals_one_process_with_their_joint_batch(launched):
+    recipe = launched["sft"]
+    SFTTrainer.from_recipe(recipe_from_dict(single_process(recipe, batch_size=4))).fit()
+    assert [r["step"] for r in metrics(recipe["output_dir"])] == [1, 2, 3]  # written once, by the main process
+    assert_same_run(recipe["output_dir"], recipe["output_dir"] + "-single", keys=("loss", "grad_norm", "num_items"))
+
+
+def test_a_two_process_run_resumes_from_its_checkpoint(launched):
+    resumed, straight = launched["sft-resumed"]["output_dir"], launched["sft"]["output_dir"]
+    assert [r["step"] for r in metrics(resumed)] == [3]
+    for name, tensor in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_dpo_on_two_processes_equals_one_process_and_shares_the_reference_cache(launched):
+    recipe = launched["dpo"]
+    DPOTrainer.from_recipe(recipe_from_dict(single_process(recipe, batch_size=4))).fit()
+    assert_same_run(recipe["output_dir"], recipe["output_dir"] + "-single",
+                    keys=("loss", "grad_norm", "rewards/margin", "eval/loss", "eval/rewards/accuracy"))
+    # reference log-probs computed in shares by the two processes, written once, equal ours
+    ours = {p.name: torch.load(p) for p in (cache_dir() / "reference").glob("*.pt")}
+    theirs = list((Path(recipe["output_dir"]).parent / "cache" / "reference").glob("*.pt"))
+    assert len(theirs) == 2 and not list(theirs[0].parent.glob("*.tmp"))  # train and eval splits
+    for path in theirs:
+        torch.testing.assert_close(torch.load(path), ours[path.name], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm,trainer", [("grpo", GRPOTrainer), ("ppo", PPOTrainer)])
+def test_online_steps_on_two_processes_equal_one_process_on_the_same_experience(launched, algorithm, trainer):
+    """Sampling differs between one and two processes (each process samples its own prompts), so
+    the one-process run resumes from the two-process checkpoint after step 1, mid-round: the same
+    weights and the same whole-round experience (gathered from both processes). The rest of the
+    round (GRPO: its second pass; PPO: mini-batches drawn across both processes' samples) must agree."""
+    recipe = launched[algorithm]
+    checkpoint = Path(recipe["output_dir"], "checkpoints", "step-000001")
+    groups = torch.load(checkpoint / "experience.pt", weights_only=False)["groups"]
+    assert sum(len(g["completions"]) for g in groups) == 8
+    assert all(len(g["completions"]) == recipe[algorithm].get("group_size", 1) for g in groups)
+    assert metrics(recipe["output_dir"])[0]["grad_norm"] > 0.01  # the rewards vary: a real gradient
+    single = single_process(recipe, batch_size=2 * recipe["train"]["batch_size"], resume_from=str(checkpoint))
+    trainer.from_recipe(recipe_from_dict(single)).fit()
+    assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "kl", "reward"),
+                    first_step=2)
