@@ -173,6 +173,25 @@ def test_sampling_follows_the_processed_distribution(policy, prompts, engine, kn
     _check_distribution(second, _exact(logits, params))
 
 
+def test_categorical_sampler_draws_the_given_distribution():
+    """The inverse-CDF sampler the engines use: a long tail, zeros never drawn."""
+    from align.rollout.sampling import sample_categorical
+
+    probs = torch.softmax(torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    probs[probs.argmax()] = 0.0  # the likeliest token cut, as top-k / top-p cut tokens
+    probs /= probs.sum()
+    n, generator = 200_000, torch.Generator().manual_seed(1)
+    draws = torch.cat([sample_categorical(probs.expand(10_000, -1), generator) for _ in range(n // 10_000)])
+    assert draws[probs[draws] == 0].numel() == 0
+    top = probs.topk(8).indices  # the head token by token; the tail (most of the mass here) as one bin
+    exact = torch.cat([probs[top], 1 - probs[top].sum()[None]])
+    counts = torch.stack([(draws == t).sum() for t in top] + [(~torch.isin(draws, top)).sum()]).double()
+    bound = math.sqrt((9 * math.log(2) + math.log(1e6)) / (2 * n))
+    assert 0.5 * (counts / n - exact.double()).abs().sum() < bound
+    generator = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(sample_categorical(probs[None], generator()), sample_categorical(probs[None], generator()))
+
+
 def test_seeds_make_sampling_reproducible_without_touching_the_global_rng(policy, prompts):
     for engine in _engines(policy):
         sample = lambda seed: engine.generate(prompts, SamplingParams(max_new_tokens=6, seed=seed), 3).completion_ids
