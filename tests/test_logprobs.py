@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from align.ops.logprobs import IGNORE_INDEX, token_logprobs
+from align.ops.logprobs import IGNORE_INDEX, token_logprobs, weighted_logprob_sum
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -45,3 +45,23 @@ def test_entropy_matches_full_softmax_entropy_and_leaves_gradients_alone():
     torch.testing.assert_close(entropy, want.detach(), atol=1e-5, rtol=0)
     assert not entropy.requires_grad
     torch.testing.assert_close(logps, token_logprobs(hidden, head, labels), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_weighted_sum_computes_value_and_gradient_in_the_forward(bias):
+    """The SFT path: sum(w * logp) whose gradient is made in the forward equals the plain sum."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=bias).double()
+    labels = torch.randint(0, 50, (2, 7))
+    labels[1, :3] = IGNORE_INDEX
+    weights = torch.rand(2, 7, dtype=torch.float64)
+    ours = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=4)
+    full = torch.log_softmax(head(hidden), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    plain = (full * weights * (labels != IGNORE_INDEX)).sum()
+    torch.testing.assert_close(ours.double(), plain, atol=1e-5, rtol=0)  # float32 logits, as token_logprobs
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    for a, b in zip(torch.autograd.grad(3.0 * ours, params), torch.autograd.grad(3.0 * plain, params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with torch.no_grad():  # evaluation: the value alone
+        torch.testing.assert_close(weighted_logprob_sum(hidden, head, labels, weights), ours.detach())

@@ -39,6 +39,18 @@ def test_packed_and_padded_batches_give_the_same_loss(make_recipe):
     assert abs(packed_loss.item() - shuffled.item()) < 1e-5
 
 
+def test_fused_loss_equals_masked_nll_of_the_token_logprobs(make_recipe):
+    """SFT's loss makes the lm-head gradient in the forward; value and gradients are masked_nll's."""
+    trainer = SFTTrainer.from_recipe(make_recipe())
+    batch = {**pack([trainer.train_data[i] for i in range(6)]), "num_items": 50.0}
+    params = [p for p in trainer.policy.module.parameters() if p.requires_grad]
+    fused = trainer.compute_loss(batch)[0]
+    plain = masked_nll(trainer.policy.logprobs(batch), batch["labels"] != IGNORE_INDEX, 50.0)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    for a, b in zip(torch.autograd.grad(fused, params), torch.autograd.grad(plain, params)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def gradients(trainer):
     trainer.accumulate_gradients(trainer.micro_batches(0))
     return {n: p.grad.clone() for n, p in trainer.policy.module.named_parameters() if p.grad is not None}

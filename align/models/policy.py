@@ -16,7 +16,7 @@ from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
 from align.models.loading import load_model, load_tokenizer
-from align.ops.logprobs import token_logprobs
+from align.ops.logprobs import token_logprobs, weighted_logprob_sum
 
 ReferenceStrategy = Literal["auto", "adapter_disabled", "frozen_copy", "none"]
 
@@ -47,12 +47,17 @@ class TokenLogprobModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
-                **_):
+                token_weights: torch.Tensor | None = None, **_):
         """input_ids, labels, position_ids, attention_mask: [B, T] -> log-probs of labels [B, T]
-        (and with return_entropy, the next-token entropy at the labelled positions [B, T])."""
+        (and with return_entropy, the next-token entropy at the labelled positions [B, T]).
+        With token_weights [B, T]: the scalar sum(token_weights * log-probs) instead, its gradient
+        made in the forward (`align.ops.weighted_logprob_sum`)."""
         lm = causal_lm(self.model)
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
+        if token_weights is not None:
+            return weighted_logprob_sum(hidden / temperature if temperature != 1.0 else hidden,
+                                        lm.get_output_embeddings(), labels, token_weights)
         return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
                               return_entropy=return_entropy)
 
@@ -150,6 +155,11 @@ class Policy(Trainable):
         """[B, T] log-probs of `batch["labels"]` under the trainable model (with gradient); with
         return_entropy also the [B, T] next-token entropies (no gradient)."""
         return self.module(**batch, temperature=temperature, return_entropy=return_entropy)
+
+    def weighted_logprob_sum(self, batch: dict, token_weights: torch.Tensor) -> torch.Tensor:
+        """sum(token_weights [B, T] * log-probs of `batch["labels"]`), a scalar with gradient: the
+        fast path for losses whose token weights are known before the forward (SFT)."""
+        return self.module(**batch, token_weights=token_weights)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:

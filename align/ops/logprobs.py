@@ -54,6 +54,45 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+class _ChunkedWeightedLogprobSum(torch.autograd.Function):
+    """sum_i weights[i] * logp[i] with its gradient computed during the forward, chunk by chunk
+    (the weights are known then, as in SFT's cross-entropy): the backward only scales it, so the
+    lm-head runs three matmuls per token (logits, d hidden, d weight) instead of four."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, weights, chunk_size):
+        # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids), weights: [N]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, w = hidden[start:start + chunk_size], weights[start:start + chunk_size, None].float()
+            target = targets[start:start + chunk_size, None]
+            logits = _logits(h, weight, bias)
+            lse = logits.logsumexp(-1, keepdim=True)
+            total += (w * (logits.gather(1, target) - lse)).sum()
+            if need_h or need_w or need_b:
+                grad_logits = -(logits - lse).exp_() * w  # d(w * logp[target]) / d logits = w * (onehot - softmax)
+                grad_logits.scatter_add_(1, target, w)
+                if need_h:
+                    grad_h[start:start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += grad_logits.T @ h.float()
+                if need_b:
+                    grad_b += grad_logits.sum(0)
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return *grads, None, None, None
+
+
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """[n, H] -> [n, V] float32 logits."""
     return torch.nn.functional.linear(hidden, weight, bias).float()
@@ -80,3 +119,17 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch
     if return_entropy:
         return out, torch.zeros_like(out).masked_scatter(mask, entropy)
     return out
+
+
+def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                         weights: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """sum(weights * log-probs of labels), a scalar, for losses whose per-token weights are known
+    before the forward (SFT: 1 / trained tokens of the step). Same value and gradient as
+    `(weights * token_logprobs(hidden, lm_head, labels)).sum()`, but the gradient is computed in
+    the forward's chunk loop, so the logits are never recomputed.
+
+    hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad.
+    """
+    mask = labels != IGNORE_INDEX
+    return _ChunkedWeightedLogprobSum.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask],
+                                            weights[mask].detach(), chunk_size)

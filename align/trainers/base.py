@@ -61,6 +61,17 @@ def process_accelerator() -> Accelerator:
         return Accelerator(**options)
 
 
+def adamw(params, **settings) -> torch.optim.AdamW:
+    """AdamW as one fused kernel per step where torch has one for these parameters (CUDA and CPU
+    float tensors; several times faster than the per-tensor loop on a CPU), else the multi-tensor
+    (foreach) version. All three compute the same update."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **settings)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **settings)
+
+
 class Trainer:
     algorithm: str = ""
     formats: tuple[str, ...] = ()
@@ -75,8 +86,8 @@ class Trainer:
         self.callbacks = ([MetricsFile()] + ([ProgressBar()] if self.cfg.progress else [])
                           + ([Plots()] if self.cfg.plots else []) + (callbacks or []))
         self.accelerator = process_accelerator()
-        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.cfg.lr,
-                                           betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
+        self.optimizer = adamw(policy.trainable_parameters(), lr=self.cfg.lr, betas=self.cfg.adam_betas,
+                               weight_decay=self.cfg.weight_decay)
         self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
         self.steps_per_epoch = self.count_steps_per_epoch()
         self.total_steps = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
