@@ -23,8 +23,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             target = targets[start:start + chunk_size, None]
             lse = logits.logsumexp(-1, keepdim=True)
             out[start:start + chunk_size] = (logits.gather(1, target) - lse)[:, 0]
-            if with_entropy:  # H = lse - sum(p * logits)
-                entropy[start:start + chunk_size] = lse[:, 0] - ((logits - lse).exp() * logits).sum(-1)
+            if with_entropy:  # H = -sum(p * log p)
+                logp = logits.sub_(lse)
+                entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -33,25 +34,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grads = _new_grads(ctx, hidden, weight, bias)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             h = hidden[start:start + ctx.chunk_size]
             g = grad_out[start:start + ctx.chunk_size, None]
             # d logp[target] / d logits = onehot(target) - softmax
-            grad_logits = -_logits(h, weight, bias).softmax(-1) * g
+            grad_logits = _logits(h, weight, bias).softmax(-1).mul_(-g)
             grad_logits.scatter_add_(1, targets[start:start + ctx.chunk_size, None], g)
-            if need_h:
-                grad_h[start:start + ctx.chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += grad_logits.T @ h.float()
-            if need_b:
-                grad_b += grad_logits.sum(0)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None
+            _add_chunk_grads(grads, start, grad_logits, h, weight)
+        return *_finish_grads(grads, weight, bias), None, None, None
 
 
 class _ChunkedWeightedLogprobSum(torch.autograd.Function):
@@ -62,35 +53,52 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, weights, chunk_size):
         # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids), weights: [N]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grads = _new_grads(ctx, hidden, weight, bias)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h, w = hidden[start:start + chunk_size], weights[start:start + chunk_size, None].float()
             target = targets[start:start + chunk_size, None]
-            logits = _logits(h, weight, bias)
-            lse = logits.logsumexp(-1, keepdim=True)
-            total += (w * (logits.gather(1, target) - lse)).sum()
-            if need_h or need_w or need_b:
-                grad_logits = -(logits - lse).exp_() * w  # d(w * logp[target]) / d logits = w * (onehot - softmax)
+            logp = _logits(h, weight, bias).log_softmax(-1)
+            total += (w * logp.gather(1, target)).sum()
+            if any(g is not None for g in grads):
+                grad_logits = logp.exp_().mul_(-w)  # d(w * logp[target]) / d logits = w * (onehot - softmax)
                 grad_logits.scatter_add_(1, target, w)
-                if need_h:
-                    grad_h[start:start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += grad_logits.T @ h.float()
-                if need_b:
-                    grad_b += grad_logits.sum(0)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                     None if grad_b is None else grad_b.to(bias.dtype))
+                _add_chunk_grads(grads, start, grad_logits, h, weight)
+        ctx.grads = _finish_grads(grads, weight, bias)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads)
+        grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return *grads, None, None, None
+
+
+def _new_grads(ctx, hidden, weight, bias) -> tuple:
+    """(d hidden, d weight, d bias) buffers for the inputs that need a gradient, else None; the
+    weight and bias sums accumulate in float32."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    return (torch.empty_like(hidden) if need_h else None,
+            torch.zeros_like(weight, dtype=torch.float32) if need_w else None,
+            torch.zeros_like(bias, dtype=torch.float32) if need_b else None)
+
+
+def _add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: torch.Tensor,
+                     weight: torch.Tensor) -> None:
+    """One chunk's share: grad_logits [n, V] -> rows start:start+n of d hidden, += d weight, d bias."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        grad_h[start:start + len(h)] = (grad_logits.to(weight.dtype) @ weight).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w.addmm_(grad_logits.T, h.float())
+    if grad_b is not None:
+        grad_b += grad_logits.sum(0)
+
+
+def _finish_grads(grads: tuple, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    grad_h, grad_w, grad_b = grads
+    return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
