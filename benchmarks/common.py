@@ -1,0 +1,187 @@
+"""What every case shares: the job spec, the untimed/timed split, and the one set of
+hyper-parameters handed to Align (as a recipe) and to TRL (as a TrainingArguments config).
+
+A case's side (`align`, `trl`, `floor`) is a function `spec -> Prepared`: everything it does before
+returning is setup (untimed: imports, tokenization, model load); `Prepared.train()` is the timed
+epoch; `Prepared.model()` hands back the trained model for the held-out loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+@dataclasses.dataclass
+class Spec:
+    """One job: a case, a side and variant, its data, model and hyper-parameters."""
+
+    case: str
+    side: str            # align | trl | floor
+    variant: str         # default | padding_free | packing ...
+    model_dir: str
+    train_path: str
+    eval_path: str
+    run_dir: str
+    lr: float
+    batch_size: int      # examples (pairs) per micro-batch
+    grad_accum: int
+    max_length: int
+    seed: int = 0
+    beta: float = 0.1    # DPO's beta; GRPO's KL weight
+    log_every: int = 10
+    threads: int = 0          # torch threads in the worker; 0: torch's default (all cores)
+    group_size: int = 8       # GRPO: completions per prompt
+    max_new_tokens: int = 64  # GRPO / PPO
+
+    @property
+    def cuda(self) -> bool:
+        return torch.cuda.is_available()
+
+
+@dataclasses.dataclass
+class Prepared:
+    train: Callable[[], None]
+    model: Callable[[], torch.nn.Module]
+    steps: Callable[[], int] = lambda: 0
+    """Optimizer steps actually taken (a check that both sides ran the same schedule)."""
+    work: Callable[[], dict] = dict
+    """Online RL: {"completions": n, "completion_tokens": n} sampled during the epoch."""
+
+
+def load_rows(path: str) -> list[dict]:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(spec: Spec):
+    """bf16 autocast on a GPU (weights stay fp32), nothing on the CPU: what both trainers do."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.cuda)
+
+
+# ---- Align ---------------------------------------------------------------------------------------
+def align_recipe(spec: Spec, algorithm: str, **sections) -> dict:
+    recipe = {
+        "algorithm": algorithm,
+        "output_dir": str(Path(spec.run_dir) / "align"),
+        "model": {"name_or_path": spec.model_dir, "dtype": "float32"},
+        "data": {"train": {"path": spec.train_path}, "max_length": spec.max_length, "packing": True},
+        "train": {"lr": spec.lr, "epochs": 1, "batch_size": spec.batch_size, "grad_accum": spec.grad_accum,
+                  "warmup": 0, "schedule": "linear", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": spec.seed,
+                  "mixed_precision": "bf16" if spec.cuda else "no", "log_every": spec.log_every,
+                  "progress": False, "plots": False},
+    }
+    recipe.update(sections)
+    return recipe
+
+
+def align_job(trainer_class, raw_recipe: dict) -> Prepared:
+    """Setup as `Trainer.from_recipe` does it (data read and tokenized, model loaded), untimed; the
+    trainer's construction (optimizer, and for DPO the reference log-prob cache) and `fit()` are
+    timed. The final save of `fit()` is skipped and plots are off: TRL's `train()` does neither.
+    Online trainers count the completions they sample (`Prepared.work`)."""
+    from accelerate.utils import set_seed
+
+    from align.config import recipe_from_dict
+
+    work = {"completions": 0, "completion_tokens": 0}
+    methods = {"save": lambda self, directory: None}
+    if hasattr(trainer_class, "make_experience"):
+        def make_experience(self, round_):
+            experience = trainer_class.make_experience(self, round_)
+            completions = [c for group in experience["groups"] for c in group["completions"]]
+            work["completions"] += len(completions)
+            work["completion_tokens"] += sum(len(c) for c in completions)
+            return experience
+
+        methods["make_experience"] = make_experience
+    cls = type(trainer_class.__name__, (trainer_class,), methods)
+    recipe = recipe_from_dict(raw_recipe)
+    set_seed(recipe.train.seed)
+    splits = cls.load_splits(recipe)
+    policy = cls.build_policy(recipe)
+    datasets = [cls.build_dataset(recipe, policy, rows, fmt, key) if rows is not None else None
+                for key, (rows, fmt) in splits.items()]
+    state = {}
+
+    def train():
+        state["trainer"] = trainer = cls(recipe, policy, *datasets)
+        trainer.fit()
+
+    return Prepared(train=train, model=lambda: state["trainer"].policy.model,
+                    steps=lambda: state["trainer"].step, work=lambda: dict(work))
+
+
+# ---- TRL -----------------------------------------------------------------------------------------
+def trl_args(spec: Spec) -> dict:
+    """Keyword arguments shared by every TRL config: TRL's defaults, except the shared
+    hyper-parameters and gradient checkpointing (TRL defaults it on, Align off)."""
+    return dict(
+        output_dir=str(Path(spec.run_dir) / "trl"), learning_rate=spec.lr, num_train_epochs=1,
+        per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.grad_accum,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=spec.seed,
+        bf16=spec.cuda, gradient_checkpointing=False, logging_steps=spec.log_every, save_strategy="no",
+        eval_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+def trl_job(trainer) -> Prepared:
+    return Prepared(train=trainer.train, model=lambda: trainer.model, steps=lambda: trainer.state.global_step)
+
+
+def hf_dataset(path: str):
+    import datasets
+
+    return datasets.Dataset.from_list(load_rows(path))
+
+
+# ---- the floor -----------------------------------------------------------------------------------
+def floor_job(spec: Spec, model: torch.nn.Module, steps: list[list[dict]],
+              loss_fn: Callable[[torch.nn.Module, dict, float], torch.Tensor],
+              items: Callable[[dict], float]) -> Prepared:
+    """A bare loop: for each optimizer step, forward+backward every micro-batch (laid out before
+    timing), then one fused AdamW step; no clipping, scheduler, logging or metrics. `loss_fn(model, batch, num_items)`; `items(batch)` counts the
+    loss's units so accumulation normalizes like the trainers do."""
+    model.to(device()).train()
+    optimizer = fastest_adamw(model, spec.lr)
+    steps = [[{k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step]
+             for step in steps]
+
+    def train():
+        for micro_batches in steps:
+            num_items = sum(items(b) for b in micro_batches)
+            for batch in micro_batches:
+                with autocast(spec):
+                    loss = loss_fn(model, batch, num_items)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return Prepared(train=train, model=lambda: model, steps=lambda: len(steps))
+
+
+def fastest_adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The fastest AdamW torch has here (TRL's default too): the floor is a lower bound."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+
+
+def group_steps(batches: list[dict], grad_accum: int) -> list[list[dict]]:
+    return [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+
+
+def num_steps(n: int, spec: Spec) -> int:
+    return math.ceil(math.ceil(n / spec.batch_size) / spec.grad_accum)

@@ -1,0 +1,101 @@
+"""Held-out losses, computed by the harness itself with the same code on every final model.
+
+Each runs in fp32, without autocast, one padded batch at a time with an attention mask, through
+the plain transformers forward, so it shares nothing with either trainer's training code path.
+Tokenization is the tokenizer's own (chat template with assistant masks; prompt and completion
+tokenized apart, the completion ending with EOS), which is what both frameworks produce on this data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import device
+
+
+def _padded(seqs: list[list[int]], pad_id: int):
+    """ -> input_ids [B, T], attention_mask [B, T]"""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device()), mask.to(device())
+
+
+@torch.no_grad()
+def token_logprobs(model, seqs: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """Log-prob of each token given its prefix: one [len(s) - 1] tensor per sequence."""
+    ids, mask = _padded(seqs, pad_id)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return [logps[i, :len(s) - 1].cpu() for i, s in enumerate(seqs)]
+
+
+def chat_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    out = []
+    for row in rows:
+        enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        out.append((list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]))
+    return out
+
+
+def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Mean NLL per assistant token over the held-out chats."""
+    examples = chat_examples(tokenizer, rows)
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        for logps, (_, trained) in zip(token_logprobs(model, [ids for ids, _ in chunk], tokenizer.pad_token_id), chunk):
+            keep = torch.tensor(trained[1:])
+            total -= float(logps[keep].sum())
+            count += int(keep.sum())
+    return total / count
+
+
+def pair_tokens(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+    prompt = list(tokenizer(row["prompt"])["input_ids"])
+    eos = [tokenizer.eos_token_id]
+    return (prompt, list(tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]) + eos,
+            list(tokenizer(row["rejected"], add_special_tokens=False)["input_ids"]) + eos)
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, rows: list[dict], batch_size: int = 8) -> torch.Tensor:
+    """[N, 2] summed log-probs of the (chosen, rejected) completions given the prompt."""
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        triples = [pair_tokens(tokenizer, r) for r in rows[start:start + batch_size]]
+        seqs = [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
+        prompts = [len(p) for p, _, _ in triples] * 2
+        logps = token_logprobs(model, seqs, tokenizer.pad_token_id)
+        sums = torch.stack([lp[n - 1:].sum() for lp, n in zip(logps, prompts)])
+        out.append(torch.stack(sums.chunk(2), -1))
+    return torch.cat(out)
+
+
+def dpo_loss(model, reference_logps: torch.Tensor, tokenizer, rows: list[dict], beta: float) -> float:
+    """Mean sigmoid DPO loss of `model` against precomputed reference (chosen, rejected) log-probs."""
+    policy = completion_logps(model, tokenizer, rows)
+    h = (policy[:, 0] - reference_logps[:, 0]) - (policy[:, 1] - reference_logps[:, 1])
+    return float(-F.logsigmoid(beta * h).mean())
+
+
+@torch.no_grad()
+def reward_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Mean Bradley-Terry loss of a sequence-classification reward model on held-out pairs."""
+    model.eval()
+    losses = []
+    for start in range(0, len(rows), batch_size):
+        triples = [pair_tokens(tokenizer, r) for r in rows[start:start + batch_size]]
+        seqs = [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
+        ids, mask = _padded(seqs, tokenizer.pad_token_id)
+        scores = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
+        chosen, rejected = scores.chunk(2)
+        losses.append(-F.logsigmoid(chosen - rejected).cpu())
+    return float(torch.cat(losses).mean())

@@ -1,0 +1,152 @@
+"""From job results to rows of medians and ratios, and a markdown table.
+
+Agreement of the final losses: the held-out loss of Align's and TRL's final models must differ by
+at most TOLERANCE[variant] of the loss decrease both achieved from the initial model,
+    |L_align - L_trl| <= tol * (L_initial - (L_align + L_trl) / 2),
+and that decrease must be real (at least MIN_LEARNED of L_initial); otherwise the row is VOID.
+Relative to the decrease, not to the loss, because that is what training changes: two runs that
+both learned nothing would agree to many digits on the initial loss.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+TOLERANCE = {"default": 0.02, "padding_free": 0.02, "packing": 0.10}
+"""Same micro-batches as Align (default, padding_free): 2% of the decrease. TRL's packing builds
+other batches (best-fit-decreasing rows) and a slightly different number of steps: 10%."""
+MIN_LEARNED = 0.02
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get("ok") and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def agreement(initial: float | None, align: float | None, trl: float | None, variant: str) -> dict:
+    if None in (initial, align, trl):
+        return {"agree": False, "why": "missing loss"}
+    learned = initial - (align + trl) / 2
+    gap = abs(align - trl)
+    tol = TOLERANCE.get(variant, TOLERANCE["default"])
+    if learned < MIN_LEARNED * abs(initial):
+        return {"agree": False, "gap_of_decrease": None, "tolerance": tol, "why": "no learning to compare"}
+    share = gap / learned
+    return {"agree": share <= tol, "gap_of_decrease": share, "tolerance": tol,
+            "why": "" if share <= tol else f"losses differ by {share:.1%} of the decrease (tolerance {tol:.0%})"}
+
+
+WORK_TOLERANCE = 0.02
+"""Online RL: completion tokens sampled by the two sides may differ by this share (EOS is rare)."""
+
+
+def work_agreement(align: list[dict], trl: list[dict]) -> dict:
+    """Online RL sides train on their own samples, so no held-out loss can agree; the comparison
+    holds when they did the same work: the same optimizer steps and completions, and completion
+    tokens within WORK_TOLERANCE."""
+    def work(runs: list[dict], key: str) -> float | None:
+        values = [r["work"][key] for r in runs if r.get("ok") and r.get("work")]
+        return statistics.median(values) if values else None
+
+    steps = (_median(align, "steps"), _median(trl, "steps"))
+    completions = (work(align, "completions"), work(trl, "completions"))
+    tokens = (work(align, "completion_tokens"), work(trl, "completion_tokens"))
+    if None in steps + completions + tokens:
+        return {"agree": False, "why": "missing work counts"}
+    gap = abs(tokens[0] - tokens[1]) / max(tokens)
+    why = []
+    if steps[0] != steps[1]:
+        why.append(f"steps {steps[0]} vs {steps[1]}")
+    if completions[0] != completions[1]:
+        why.append(f"completions {completions[0]} vs {completions[1]}")
+    if gap > WORK_TOLERANCE:
+        why.append(f"completion tokens differ by {gap:.1%} (tolerance {WORK_TOLERANCE:.0%})")
+    return {"agree": not why, "tokens_gap": gap, "why": "; ".join(why)}
+
+
+def summarize(case: str, module, results: list[dict]) -> list[dict]:
+    """One row per baseline variant of `case` (a module of benchmarks/cases): medians over repeats,
+    ratios Align/baseline, floor overheads. Tokens are the case's trained tokens per epoch, or for
+    online RL (COMPARE = "work") each side's sampled completion tokens."""
+    def runs(side: str, variant: str = "default") -> list[dict]:
+        return [r for r in results if r["spec"]["case"] == case and r["spec"]["side"] == side
+                and r["spec"]["variant"] == variant]
+
+    def sampled(runs: list[dict]) -> float | None:
+        values = [r["work"]["completion_tokens"] for r in runs if r.get("ok") and r.get("work")]
+        return statistics.median(values) if values else None
+
+    online = getattr(module, "COMPARE", "loss") == "work"
+    align, floor = runs("align"), runs("floor")
+    tokens = sampled(align) if online else _median(floor, "tokens")
+    initial = _median(floor, "initial_loss")
+    a_s, f_s = _median(align, "seconds"), _median(floor, "seconds")
+    rows = []
+    for variant in module.VARIANTS:
+        trl = runs("trl", variant)
+        t_s = _median(trl, "seconds")
+        t_tokens = sampled(trl) if online else tokens
+        a_loss, t_loss = _median(align, "heldout_loss"), _median(trl, "heldout_loss")
+        failed = [r["error"] for r in align + trl + floor if not r.get("ok")]
+        rows.append({
+            "case": case, "trl_variant": variant, "baseline": f"{getattr(module, 'BASELINE', 'TRL')} {variant}",
+            "repeats": min(len(align), len(trl)), "tokens_per_epoch": tokens, "online": online,
+            "trl_tokens_per_epoch": t_tokens,
+            "align_s": a_s, "trl_s": t_s, "floor_s": f_s, "time_ratio": _ratio(a_s, t_s),
+            "align_tokens_per_s": _ratio(tokens, a_s), "trl_tokens_per_s": _ratio(t_tokens, t_s),
+            "tokens_per_s_ratio": _ratio(_ratio(tokens, a_s), _ratio(t_tokens, t_s)),
+            "cpu_time_ratio": _ratio(_median(align, "cpu_seconds"), _median(trl, "cpu_seconds")),
+            "align_peak_mb": _mb(_median(align, "peak_bytes")), "trl_peak_mb": _mb(_median(trl, "peak_bytes")),
+            "memory_ratio": _ratio(_median(align, "peak_bytes"), _median(trl, "peak_bytes")),
+            "memory_growth_ratio": _ratio(_median(align, "growth_bytes"), _median(trl, "growth_bytes")),
+            "align_over_floor": _ratio(a_s, f_s) - 1 if _ratio(a_s, f_s) else None,
+            "trl_over_floor": _ratio(t_s, f_s) - 1 if _ratio(t_s, f_s) else None,
+            "align_steps": _median(align, "steps"), "trl_steps": _median(trl, "steps"),
+            "initial_loss": initial, "align_loss": a_loss, "trl_loss": t_loss,
+            **(work_agreement(align, trl) if online else agreement(initial, a_loss, t_loss, variant)),
+            "failed": failed,
+        })
+    return rows
+
+
+def _mb(value: float | None) -> float | None:
+    return value / 2**20 if value is not None else None
+
+
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _outcome(r: dict) -> str:
+    if r["online"]:
+        return f"{_fmt(r['tokens_per_epoch'], '.0f')} / {_fmt(r['trl_tokens_per_epoch'], '.0f')} tokens"
+    return f"{_fmt(r['initial_loss'], '.3f')} → {_fmt(r['align_loss'], '.4f')} / {_fmt(r['trl_loss'], '.4f')}"
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| case | baseline B | time A/B | tok/s A/B | peak mem A/B | mem growth A/B | Align s | B s | floor s "
+             "| Align over floor | B over floor | Align tok/s | peak MB A / B | loss init → A / B (online: sampled tokens) | |",
+             "|" + "---|" * 15]
+    for r in rows:
+        status = "FAILED" if r["failed"] else ("ok" if r["agree"] else "VOID")
+        lines.append(
+            f"| {r['case']} | {r['baseline']} | {_fmt(r['time_ratio'])} | {_fmt(r['tokens_per_s_ratio'])} "
+            f"| {_fmt(r['memory_ratio'])} | {_fmt(r['memory_growth_ratio'])} | {_fmt(r['align_s'])} | {_fmt(r['trl_s'])} | {_fmt(r['floor_s'])} "
+            f"| {_fmt(r['align_over_floor'], '+.0%')} | {_fmt(r['trl_over_floor'], '+.0%')} "
+            f"| {_fmt(r['align_tokens_per_s'], '.0f')} | {_fmt(r['align_peak_mb'], '.0f')} / "
+            f"{_fmt(r['trl_peak_mb'], '.0f')} | {_outcome(r)} | {status} |")
+    lines += ["", "A: Align; B: the baseline (TRL's trainer, or for ppo Align's own GRPO). Ratios are A/B of medians "
+              "over repeats (time and memory: lower is better for Align; tok/s: higher). Peak memory counts the "
+              "process (imports and the loaded model included, ~0.5 GB on both sides); mem growth is the peak "
+              "minus the memory at the start of training, what training itself adds. Over floor: trainer time / "
+              "bare forward+backward+AdamW loop time - 1. VOID: the held-out losses (online RL: the amount of work) "
+              "disagree, see `why` in the JSON; FAILED: a job raised."]
+    for r in rows:
+        if r["failed"] or not r["agree"]:
+            lines.append(f"- {r['case']} vs {r['baseline']}: " + ("; ".join(r["failed"]) or r["why"]))
+    return "\n".join(lines)

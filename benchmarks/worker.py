@@ -1,0 +1,67 @@
+"""One measured job in its own process: `python -m benchmarks.worker SPEC.json RESULT.json`.
+
+Setup (imports, tokenization, model load) is untimed; then the training epoch runs inside a
+`Region` (wall time, peak memory); then the harness's held-out loss is computed on the result.
+A fresh process per job keeps peak memory and caches from leaking between jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def run(spec) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from benchmarks.cases import CASES
+    from benchmarks.measure import Region, device_kind, quiet
+
+    os.environ["ALIGN_CACHE"] = str(Path(spec.run_dir) / "align-cache")  # fresh: the DPO reference cache is built
+    case = CASES[spec.case]
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    result: dict = {}
+    with quiet():
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        if spec.side == "floor":
+            model = case.initial_model(spec)
+            result["initial_loss"] = case.heldout(spec, model, tokenizer)
+            if hasattr(case, "tokens"):
+                result["tokens"] = case.tokens(spec, tokenizer)
+            prepared = case.floor(spec, model, tokenizer)
+            del model
+        else:
+            prepared = getattr(case, spec.side)(spec)
+    gc.collect()
+    with Region() as region:
+        prepared.train()
+    final = prepared.model()
+    result.update(seconds=region.seconds, cpu_seconds=region.cpu_seconds, peak_bytes=region.peak_bytes, start_bytes=region.start_bytes,
+                  growth_bytes=region.peak_bytes - region.start_bytes,
+                  memory_kind=region.memory_kind, steps=prepared.steps(), work=prepared.work(), device=device_kind(),
+                  heldout_loss=case.heldout(spec, final, tokenizer))
+    return result
+
+
+def main(spec_path: str, result_path: str) -> None:
+    from benchmarks.common import Spec
+
+    spec = Spec(**json.loads(Path(spec_path).read_text()))
+    try:
+        result = {"ok": True, **run(spec)}
+    except Exception as error:  # reported in the table as FAILED, with the traceback in the JSON
+        result = {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    result["spec"] = dataclasses.asdict(spec)
+    Path(result_path).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
