@@ -187,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("quickstart", help="offline demo: SFT -> RM -> PPO, SFT -> DPO, SFT -> GRPO on a tiny "
                                             "model, then a report (run from the repository root)")
     cmd.add_argument("--recipes", default="recipes/quickstart", help="the stage recipes (default recipes/quickstart)")
-    cmd.add_argument("--fresh", action="store_true", help="retrain the SFT stage even if its output exists")
+    cmd.add_argument("--fresh", action="store_true", help="retrain the pre-training and SFT stages even if their outputs exist")
     cmd.set_defaults(fn=_quickstart)
     return p
 

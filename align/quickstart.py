@@ -1,8 +1,9 @@
-"""The offline quickstart: SFT -> reward model -> PPO, SFT -> DPO and SFT -> GRPO on a tiny Llama
-that Align trains itself, then a short report of what each stage changed.
+"""The offline quickstart: pre-training -> SFT -> reward model -> PPO, SFT -> DPO and SFT -> GRPO
+on a tiny Llama that Align trains itself, then a short report of what each stage changed.
 
 `align quickstart` runs the recipes in recipes/quickstart/ (each stage reads the previous stage's
-output dir) from the repository root. The SFT stage is kept once trained (`--fresh` redoes it).
+output dir) from the repository root. The pre-trained and SFT models are kept once trained
+(`--fresh` redoes them).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 from align.config import load_recipe
 
-STAGES = ("sft", "rm", "dpo", "grpo", "ppo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
+KEPT = ("pretrain", "sft")
+"""Stages whose output a later run reuses (unless --fresh)."""
 EVAL_PROMPTS = "recipes/data/arith_prompts_eval.jsonl"
 SAMPLES = ("Question: What is 7 + 5?\nAnswer:", "Question: What is 14 - 9?\nAnswer:")
 
@@ -48,13 +51,15 @@ def main(recipes: str = "recipes/quickstart", fresh: bool = False, progress: boo
     outputs = {name: Path(load_recipe(recipes_dir / f"{name}.yaml").output_dir) for name in STAGES}
     seconds = {}
     for name in STAGES:
-        if name == "sft" and not fresh and (outputs["sft"] / "config.json").exists():
-            print(f"== sft: reusing {outputs['sft']} (--fresh retrains it)")
+        if name in KEPT and not fresh and (outputs[name] / "config.json").exists():
+            print(f"== {name}: reusing {outputs[name]} (--fresh retrains it)")
             continue
+        fresh = fresh or name in KEPT  # a retrained stage invalidates the kept ones after it
         print(f"== {name}: align train {recipes_dir / name}.yaml")
         seconds[name] = run_stage(recipes_dir / f"{name}.yaml", overrides)
 
     report = {"seconds": seconds}
+    report["pretrain_eval_loss"] = first_last(outputs["pretrain"], "eval/loss")
     report["sft_eval_loss"] = first_last(outputs["sft"], "eval/loss")
     report["rm_accuracy"] = first_last(outputs["rm"], "eval/accuracy")
     report["dpo_accuracy"] = first_last(outputs["dpo"], "eval/rewards/accuracy")
@@ -68,10 +73,12 @@ def main(recipes: str = "recipes/quickstart", fresh: bool = False, progress: boo
 
 
 def print_report(report: dict, outputs: dict[str, Path]) -> None:
-    sft, rm, dpo, margin = (report[k] for k in ("sft_eval_loss", "rm_accuracy", "dpo_accuracy", "dpo_margin"))
+    pretrain, sft, rm, dpo, margin = (report[k] for k in ("pretrain_eval_loss", "sft_eval_loss", "rm_accuracy",
+                                                          "dpo_accuracy", "dpo_margin"))
     exact = report["exact_answer"]
     lines = [
         "", "Align quickstart report (greedy decoding, held-out prompts)",
+        f"  Pre-training eval loss           {pretrain[0]:.3f} -> {pretrain[1]:.3f}   (plain arithmetic text)",
         f"  SFT   eval loss                  {sft[0]:.3f} -> {sft[1]:.3f}",
         f"  RM    held-out pair accuracy     {rm[0]:.2f} -> {rm[1]:.2f}",
         f"  DPO   preference accuracy        {dpo[0]:.2f} -> {dpo[1]:.2f}   (reward margin {margin[0]:.2f} -> {margin[1]:.2f})",

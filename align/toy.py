@@ -57,6 +57,20 @@ def prompt_completion_rows(n: int, seed: int = 0, hedged: float = 0.0) -> list[d
     return rows
 
 
+def text_rows(n: int, seed: int = 0, facts: int = 4) -> list[dict]:
+    """Plain-text pre-training rows: a few arithmetic facts each ("12 + 7 = 19."), no questions
+    and no answer format (that is what SFT then teaches)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        lines = []
+        for _ in range(facts):
+            question, answer = arithmetic_question(rng)
+            lines.append(f"{question.removeprefix('What is ').removesuffix('?')} = {answer}.")
+        rows.append({"text": " ".join(lines)})
+    return rows
+
+
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
     """Pairs preferring a worked, correct answer over the hedged non-answer."""
     rng = random.Random(seed)
@@ -114,6 +128,8 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
+    write_jsonl(text_rows(3000, seed=10), out / "arith_text_train.jsonl")
+    write_jsonl(text_rows(64, seed=11), out / "arith_text_eval.jsonl")
     write_jsonl(chat_rows(256, seed=1), out / "arith_chat_train.jsonl")
     write_jsonl(chat_rows(32, seed=2), out / "arith_chat_eval.jsonl")
     write_jsonl(prompt_completion_rows(256, seed=3), out / "arith_pc_train.jsonl")

@@ -24,8 +24,9 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, monkeypatch, capsys):
     report = main(progress=False)
     out = capsys.readouterr().out
     assert set(report["exact_answer"]) == {"sft", "dpo", "grpo", "ppo"}
-    for line in ("SFT   eval loss", "RM    held-out pair accuracy", "DPO   preference accuracy", "exact-answer accuracy",
-                 "Greedy samples", "Plots: runs/quickstart/sft/plots"):
+    for line in ("Pre-training eval loss", "SFT   eval loss", "RM    held-out pair accuracy", "DPO   preference accuracy", "exact-answer accuracy",
+                 "Greedy samples", "Plots: runs/quickstart/pretrain/plots, runs/quickstart/sft/plots"):
         assert line in out
-    main(progress=False)  # a second run reuses the SFT stage
-    assert "sft: reusing runs/quickstart/sft" in capsys.readouterr().out
+    main(progress=False)  # a second run reuses the pre-trained and SFT models
+    out = capsys.readouterr().out
+    assert "pretrain: reusing runs/quickstart/pretrain" in out and "sft: reusing runs/quickstart/sft" in out
