@@ -26,14 +26,15 @@ class Callback:
 
 
 class MetricsFile(Callback):
-    """Appends every record to OUTPUT_DIR/metrics.jsonl; on resume drops records past the checkpoint."""
+    """Appends every record to OUTPUT_DIR/metrics.jsonl: a new run starts the file afresh; a resumed
+    one keeps the records up to its checkpoint and drops those past it."""
 
     def on_train_begin(self, trainer) -> None:
         self.path = Path(trainer.recipe.output_dir) / "metrics.jsonl"
         self.enabled = trainer.accelerator.is_main_process
         if self.enabled and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= trainer.step]
+                    if trainer.step > 0 and line.strip() and json.loads(line).get("step", 0) <= trainer.step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, trainer, record: dict) -> None:
