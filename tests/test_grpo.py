@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from align.data.groups import sequence_tokens
 from align.errors import AlignError
 from align.toy import prompt_rows
 from align.trainers import GRPOTrainer
@@ -53,6 +54,24 @@ def test_shared_prompt_and_separate_rows_give_the_same_loss_and_gradients(grpo_r
     assert loss_a == pytest.approx(loss_b, abs=1e-5) and kl_a == pytest.approx(kl_b, abs=1e-6)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["dapo", "grpo", "dr_grpo"])
+def test_on_policy_fast_path_equals_the_general_loss(grpo_recipe, norm):
+    """One iteration, no KL: the loss with its lm-head gradient made in the forward equals the
+    surrogate of the plain token log-probs, in value, gradients and metrics."""
+    trainer = GRPOTrainer.from_recipe(grpo_recipe(grpo={"loss_norm": norm}))
+    assert trainer.linear_in_logprobs
+    batch = trainer._to_device({**trainer.micro_batches(0)[0], "num_items": 123.0})
+    params = list(trainer.policy.trainable_parameters())
+    fast, fast_metrics = trainer.compute_loss(batch)
+    packed = trainer.policy.logprobs(batch, trainer.logprob_temperature)
+    plain, plain_metrics = trainer.surrogate(sequence_tokens(packed, batch["sequence_ids"], *batch["mask"].shape),
+                                             batch)
+    assert fast.item() == pytest.approx(plain.item(), abs=1e-6) and fast.requires_grad
+    assert {k: v for k, v in fast_metrics.items() if k != "entropy"} == pytest.approx(plain_metrics)
+    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(plain, params)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_gradient_accumulation_equals_one_big_batch(grpo_recipe):

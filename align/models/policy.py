@@ -57,7 +57,8 @@ class TokenLogprobModel(nn.Module):
                                   use_cache=False).last_hidden_state
         if token_weights is not None:
             return weighted_logprob_sum(hidden / temperature if temperature != 1.0 else hidden,
-                                        lm.get_output_embeddings(), labels, token_weights)
+                                        lm.get_output_embeddings(), labels, token_weights,
+                                        return_entropy=return_entropy)
         return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
                               return_entropy=return_entropy)
 
@@ -156,10 +157,13 @@ class Policy(Trainable):
         return_entropy also the [B, T] next-token entropies (no gradient)."""
         return self.module(**batch, temperature=temperature, return_entropy=return_entropy)
 
-    def weighted_logprob_sum(self, batch: dict, token_weights: torch.Tensor) -> torch.Tensor:
+    def weighted_logprob_sum(self, batch: dict, token_weights: torch.Tensor, temperature: float = 1.0,
+                             return_entropy: bool = False):
         """sum(token_weights [B, T] * log-probs of `batch["labels"]`), a scalar with gradient: the
-        fast path for losses whose token weights are known before the forward (SFT)."""
-        return self.module(**batch, token_weights=token_weights)
+        fast path for losses whose token weights are known before the forward (SFT, on-policy
+        GRPO); with return_entropy also the [B, T] next-token entropies (no gradient)."""
+        return self.module(**batch, token_weights=token_weights, temperature=temperature,
+                           return_entropy=return_entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:

@@ -51,27 +51,31 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
     lm-head runs three matmuls per token (logits, d hidden, d weight) instead of four."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, weights, chunk_size, with_entropy):
         # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids), weights: [N]
         grads = _new_grads(ctx, hidden, weight, bias)
         total = hidden.new_zeros((), dtype=torch.float32)
+        entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h, w = hidden[start:start + chunk_size], weights[start:start + chunk_size, None].float()
             target = targets[start:start + chunk_size, None]
             logp = _logits(h, weight, bias).log_softmax(-1)
             total += (w * logp.gather(1, target)).sum()
+            if with_entropy:
+                entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
             if any(g is not None for g in grads):
                 grad_logits = logp.exp_().mul_(-w)  # d(w * logp[target]) / d logits = w * (onehot - softmax)
                 grad_logits.scatter_add_(1, target, w)
                 _add_chunk_grads(grads, start, grad_logits, h, weight)
         ctx.grads = _finish_grads(grads, weight, bias)
-        return total
+        ctx.mark_non_differentiable(entropy)
+        return total, entropy
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _grad_entropy):
         grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 def _new_grads(ctx, hidden, weight, bias) -> tuple:
@@ -130,14 +134,18 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch
 
 
 def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                         weights: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+                         weights: torch.Tensor, chunk_size: int = 1024, return_entropy: bool = False):
     """sum(weights * log-probs of labels), a scalar, for losses whose per-token weights are known
-    before the forward (SFT: 1 / trained tokens of the step). Same value and gradient as
-    `(weights * token_logprobs(hidden, lm_head, labels)).sum()`, but the gradient is computed in
-    the forward's chunk loop, so the logits are never recomputed.
+    before the forward (SFT: 1 / trained tokens of the step; on-policy GRPO: advantage x norm).
+    Same value and gradient as `(weights * token_logprobs(hidden, lm_head, labels)).sum()`, but
+    the gradient is computed in the forward's chunk loop, so the logits are never recomputed.
 
     hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad.
+    With return_entropy, also the [B, T] next-token entropies at the labelled positions (no grad).
     """
     mask = labels != IGNORE_INDEX
-    return _ChunkedWeightedLogprobSum.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask],
-                                            weights[mask].detach(), chunk_size)
+    total, entropy = _ChunkedWeightedLogprobSum.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask],
+                                                      weights[mask].detach(), chunk_size, return_entropy)
+    if return_entropy:
+        return total, torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, entropy)
+    return total

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from align.data.groups import sequence_tokens
+from align.data.groups import packed_tokens, sequence_tokens
 from align.losses.policy_gradient import group_advantages, grpo_loss, masked_mean
 from align.models import Policy
 from align.rollout import Rollout
@@ -67,10 +67,35 @@ class GRPOTrainer(OnlineTrainer):
         """dapo averages over the step's completion tokens; the other norms over its completions."""
         return float(batch["mask"].sum()) if self.rl.loss_norm == "dapo" else float(batch["mask"].shape[0])
 
+    @property
+    def linear_in_logprobs(self) -> bool:
+        """One pass over each rollout, no KL term, token-level ratios: every ratio is exactly 1 (the
+        policy that sampled is the one trained), so the loss's gradient is that of a weighted sum
+        of the token log-probs whose weights are known before the forward (see `compute_loss`)."""
+        return self.rl.num_iterations == 1 and self.rl.beta == 0 and self.rl.importance == "token"
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """`surrogate` of the policy's log-probs. When it is linear in them, its token weights are
+        read off the loss function itself (the gradient at a probe), and the lm-head's gradient is
+        made in the forward, as SFT's (tests/test_grpo.py checks both paths agree)."""
         mask = batch["mask"]
-        packed, entropy = self.policy.logprobs(batch, self.logprob_temperature, return_entropy=True)
-        logps = sequence_tokens(packed, batch["sequence_ids"], *mask.shape)
+        if self.linear_in_logprobs:
+            probe = torch.zeros_like(mask, requires_grad=True)
+            loss, metrics = self.surrogate(probe, batch)
+            (weights,) = torch.autograd.grad(loss, probe)
+            total, entropy = self.policy.weighted_logprob_sum(
+                batch, packed_tokens(weights, batch["sequence_ids"]), self.logprob_temperature, return_entropy=True)
+            loss = loss.detach() + (total - total.detach())
+        else:
+            packed, entropy = self.policy.logprobs(batch, self.logprob_temperature, return_entropy=True)
+            loss, metrics = self.surrogate(sequence_tokens(packed, batch["sequence_ids"], *mask.shape), batch)
+        metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()
+        return loss, metrics
+
+    def surrogate(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """The GRPO loss of per-sequence token log-probs [S, T], weighted by this micro-batch's share
+        of the optimizer step."""
+        mask = batch["mask"]
         eps_low, eps_high = self.epsilon
         norm = self.rl.loss_norm
         loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
@@ -80,5 +105,4 @@ class GRPOTrainer(OnlineTrainer):
                                   num_items=batch["num_items"] if norm == "dapo" else None)
         if norm != "dapo":  # a per-micro-batch mean: weight it by this micro-batch's share of the step
             loss = loss * mask.shape[0] / batch["num_items"]
-        metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()
         return loss, metrics
