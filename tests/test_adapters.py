@@ -75,3 +75,22 @@ def test_reference_strategies(make_recipe):
     want = torch.log_softmax(plain(input_ids=INPUT).logits, -1).gather(-1, batch["labels"][..., None])[..., 0]
     torch.testing.assert_close(lora.reference_logprobs(batch), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(full.reference_logprobs(batch), want, atol=1e-5, rtol=0)
+
+
+def test_lm_head_as_lora_target_is_refused_and_modules_to_save_trains_the_head():
+    """Log-probs come from the head's weight in chunks: a LoRA on the head would be bypassed, so it
+    is refused; a fully trained head (modules_to_save) is what the chunked log-probs see."""
+    from align.errors import AlignError
+    from align.models import Policy
+
+    config = ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32")
+    with pytest.raises(AlignError, match="lm-head.*modules_to_save"):
+        Policy.from_config(config, AdapterConfig(kind="lora", r=4, target_modules=["q_proj", "lm_head"]))
+    policy = Policy.from_config(config, AdapterConfig(kind="lora", r=4, dropout=0.0, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = {"input_ids": INPUT, "labels": torch.roll(INPUT, -1)}
+    with torch.no_grad():
+        want = torch.log_softmax(policy.model(input_ids=INPUT).logits, -1).gather(-1, batch["labels"][..., None])[..., 0]
+    torch.testing.assert_close(policy.logprobs(batch), want, atol=1e-5, rtol=0)

@@ -126,9 +126,15 @@ def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = 
                       target_modules=adapter.target_modules, modules_to_save=adapter.modules_to_save,
                       task_type=task_type)
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as error:
         raise AlignError(f"adapter.target_modules: {error}") from None
+    head = model.get_output_embeddings() if task_type == "CAUSAL_LM" else None
+    if head is not None and hasattr(head, "lora_A"):
+        raise AlignError("adapter.target_modules: a LoRA on the lm-head is not supported: Align computes log-probs "
+                         "from the head's weight in chunks, which would bypass it; leave the head out of "
+                         "target_modules, or train it fully with adapter.modules_to_save: [lm_head]")
+    return model
 
 
 def _device() -> str:
