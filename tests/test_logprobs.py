@@ -56,12 +56,14 @@ def test_weighted_sum_computes_value_and_gradient_in_the_forward(bias):
     labels = torch.randint(0, 50, (2, 7))
     labels[1, :3] = IGNORE_INDEX
     weights = torch.rand(2, 7, dtype=torch.float64)
-    ours = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=4)
+    ours, logps, entropy = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=4)
     full = torch.log_softmax(head(hidden), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     plain = (full * weights * (labels != IGNORE_INDEX)).sum()
+    assert entropy is None and not logps.requires_grad
+    torch.testing.assert_close(logps.double(), (full * (labels != IGNORE_INDEX)).detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.double(), plain, atol=1e-5, rtol=0)  # float32 logits, as token_logprobs
     params = [hidden, head.weight] + ([head.bias] if bias else [])
     for a, b in zip(torch.autograd.grad(3.0 * ours, params), torch.autograd.grad(3.0 * plain, params)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     with torch.no_grad():  # evaluation: the value alone
-        torch.testing.assert_close(weighted_logprob_sum(hidden, head, labels, weights), ours.detach())
+        torch.testing.assert_close(weighted_logprob_sum(hidden, head, labels, weights)[0], ours.detach())

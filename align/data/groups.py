@@ -87,30 +87,17 @@ def sequence_sums(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequence
     return sums.index_add(0, sequence_ids[keep], values[keep])
 
 
-def _token_places(sequence_ids: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, ...]:
-    """(keep [1, N] bool, sequence [K], column [K]) of the K completion tokens of a packed row.
+def sequence_tokens(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
+                    length: int) -> torch.Tensor:
+    """Packed token values [1, N] -> right-padded per-sequence rows [S, length] (0 after the end).
 
     Each sequence's tokens are contiguous and in order in the packed row (both layouts), so a
-    token's column is its offset from the first token of its sequence."""
+    token's column is its offset from the first token of its sequence. Differentiable.
+    """
     keep = sequence_ids >= 0
     seq = sequence_ids[keep]
     counts = torch.bincount(seq, minlength=num_sequences)
     starts = torch.cumsum(counts, 0) - counts
-    return keep, seq, torch.arange(seq.numel(), device=seq.device) - starts[seq]
-
-
-def sequence_tokens(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
-                    length: int) -> torch.Tensor:
-    """Packed token values [1, N] -> right-padded per-sequence rows [S, length] (0 after the end).
-    Differentiable."""
-    keep, seq, column = _token_places(sequence_ids, num_sequences)
+    column = torch.arange(seq.numel(), device=seq.device) - starts[seq]
     out = torch.zeros(num_sequences, length, dtype=values.dtype, device=values.device)
     return out.index_put((seq, column), values[keep])
-
-
-def packed_tokens(rows: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
-    """The inverse of `sequence_tokens`: per-sequence rows [S, T] -> packed values [1, N] (0 where
-    no completion token is)."""
-    keep, seq, column = _token_places(sequence_ids, rows.shape[0])
-    out = torch.zeros(sequence_ids.shape, dtype=rows.dtype, device=rows.device)
-    return out.masked_scatter(keep, rows[seq, column])

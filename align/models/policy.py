@@ -50,8 +50,8 @@ class TokenLogprobModel(nn.Module):
                 token_weights: torch.Tensor | None = None, **_):
         """input_ids, labels, position_ids, attention_mask: [B, T] -> log-probs of labels [B, T]
         (and with return_entropy, the next-token entropy at the labelled positions [B, T]).
-        With token_weights [B, T]: the scalar sum(token_weights * log-probs) instead, its gradient
-        made in the forward (`align.ops.weighted_logprob_sum`)."""
+        With token_weights [B, T]: (sum(token_weights * log-probs), its gradient made in the forward;
+        the log-probs; the entropies or None) instead (`align.ops.weighted_logprob_sum`)."""
         lm = causal_lm(self.model)
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
@@ -159,9 +159,10 @@ class Policy(Trainable):
 
     def weighted_logprob_sum(self, batch: dict, token_weights: torch.Tensor, temperature: float = 1.0,
                              return_entropy: bool = False):
-        """sum(token_weights [B, T] * log-probs of `batch["labels"]`), a scalar with gradient: the
-        fast path for losses whose token weights are known before the forward (SFT, on-policy
-        GRPO); with return_entropy also the [B, T] next-token entropies (no gradient)."""
+        """(sum(token_weights [B, T] * log-probs of `batch["labels"]`), a scalar with gradient; the
+        [B, T] log-probs and, with return_entropy, next-token entropies, both without gradient, else
+        None): the fast path for losses whose token weights are known before the forward
+        (`Trainer.linear_loss`)."""
         return self.module(**batch, token_weights=token_weights, temperature=temperature,
                            return_entropy=return_entropy)
 

@@ -48,19 +48,20 @@ class _ChunkedLogprobs(torch.autograd.Function):
 class _ChunkedWeightedLogprobSum(torch.autograd.Function):
     """sum_i weights[i] * logp[i] with its gradient computed during the forward, chunk by chunk
     (the weights are known then, as in SFT's cross-entropy): the backward only scales it, so the
-    lm-head runs three matmuls per token (logits, d hidden, d weight) instead of four."""
+    lm-head runs three matmuls per token (logits, d hidden, d weight) instead of four. Also
+    returns the token log-probs and entropies themselves, without gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, weights, chunk_size, with_entropy):
         # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids), weights: [N]
         grads = _new_grads(ctx, hidden, weight, bias)
-        total = hidden.new_zeros((), dtype=torch.float32)
+        values = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h, w = hidden[start:start + chunk_size], weights[start:start + chunk_size, None].float()
             target = targets[start:start + chunk_size, None]
             logp = _logits(h, weight, bias).log_softmax(-1)
-            total += (w * logp.gather(1, target)).sum()
+            values[start:start + chunk_size] = logp.gather(1, target)[:, 0]
             if with_entropy:
                 entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
             if any(g is not None for g in grads):
@@ -68,11 +69,11 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
                 grad_logits.scatter_add_(1, target, w)
                 _add_chunk_grads(grads, start, grad_logits, h, weight)
         ctx.grads = _finish_grads(grads, weight, bias)
-        ctx.mark_non_differentiable(entropy)
-        return total, entropy
+        ctx.mark_non_differentiable(values, entropy)
+        return (weights.float() * values).sum(), values, entropy
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_entropy):
+    def backward(ctx, grad_total, _grad_values, _grad_entropy):
         grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return *grads, None, None, None, None
@@ -141,11 +142,13 @@ def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels:
     the gradient is computed in the forward's chunk loop, so the logits are never recomputed.
 
     hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad.
-    With return_entropy, also the [B, T] next-token entropies at the labelled positions (no grad).
+    Returns (the sum, the [B, T] log-probs without gradient, 0 where the label is ignored, and the
+    [B, T] next-token entropies with return_entropy, else None).
     """
     mask = labels != IGNORE_INDEX
-    total, entropy = _ChunkedWeightedLogprobSum.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask],
-                                                      weights[mask].detach(), chunk_size, return_entropy)
-    if return_entropy:
-        return total, torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, entropy)
-    return total
+    total, values, entropy = _ChunkedWeightedLogprobSum.apply(hidden[mask], lm_head.weight, lm_head.bias,
+                                                              labels[mask], weights[mask].detach(), chunk_size,
+                                                              return_entropy)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    return (total, out.masked_scatter(mask, values),
+            out.masked_scatter(mask, entropy) if return_entropy else None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from align.data.groups import packed_tokens, sequence_tokens
+from align.data.groups import sequence_tokens
 from align.losses.policy_gradient import group_advantages, grpo_loss, masked_mean
 from align.models import Policy
 from align.rollout import Rollout
@@ -75,20 +75,15 @@ class GRPOTrainer(OnlineTrainer):
         return self.rl.num_iterations == 1 and self.rl.beta == 0 and self.rl.importance == "token"
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """`surrogate` of the policy's log-probs. When it is linear in them, its token weights are
-        read off the loss function itself (the gradient at a probe), and the lm-head's gradient is
-        made in the forward, as SFT's (tests/test_grpo.py checks both paths agree)."""
+        """`surrogate` of the policy's log-probs; by the fused path (`linear_loss`) when it is linear
+        in them (tests/test_grpo.py checks both paths agree)."""
         mask = batch["mask"]
+        per_sequence = lambda packed: self.surrogate(sequence_tokens(packed, batch["sequence_ids"], *mask.shape), batch)
         if self.linear_in_logprobs:
-            probe = torch.zeros_like(mask, requires_grad=True)
-            loss, metrics = self.surrogate(probe, batch)
-            (weights,) = torch.autograd.grad(loss, probe)
-            total, entropy = self.policy.weighted_logprob_sum(
-                batch, packed_tokens(weights, batch["sequence_ids"]), self.logprob_temperature, return_entropy=True)
-            loss = loss.detach() + (total - total.detach())
+            loss, metrics, entropy = self.linear_loss(batch, per_sequence, self.logprob_temperature, return_entropy=True)
         else:
             packed, entropy = self.policy.logprobs(batch, self.logprob_temperature, return_entropy=True)
-            loss, metrics = self.surrogate(sequence_tokens(packed, batch["sequence_ids"], *mask.shape), batch)
+            loss, metrics = per_sequence(packed)
         metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()
         return loss, metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from align.data import sft_encoder, tokenize
+from align.losses.sft import masked_nll
 from align.trainers.base import Trainer
 
 
@@ -21,9 +22,8 @@ class SFTTrainer(Trainer):
         return float((batch["labels"] != -100).sum())
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """masked_nll(policy.logprobs(batch), mask, num_items), computed by the fused path: every
-        trained token weighs 1 / num_items, known before the forward, so the lm-head's gradient is
-        made in its forward pass (tests/test_sft.py checks the two agree)."""
-        mask = (batch["labels"] != -100).float()
-        num_items = batch["num_items"] if batch.get("num_items") is not None else mask.sum().clamp(min=1)
-        return -self.policy.weighted_logprob_sum(batch, mask / num_items), {}
+        """masked_nll of the policy's token log-probs, by the fused path (`linear_loss`: every
+        trained token weighs 1 / num_items, known before the forward)."""
+        mask = batch["labels"] != -100
+        loss, metrics, _ = self.linear_loss(batch, lambda logps: (masked_nll(logps, mask, batch.get("num_items")), {}))
+        return loss, metrics
