@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (Prepared, Spec, align_job, align_recipe, autocast, device, fastest_adamw, hf_dataset,
-                               trl_args, trl_job)
+                               load_rows, trl_args, trl_job)
 
 VARIANTS = ("default",)
 BASELINE = "TRL"
@@ -100,9 +100,10 @@ def trl(spec: Spec) -> Prepared:
 
 # ---- the floor -----------------------------------------------------------------------------------
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int) -> list[list[int]]:
+def sample(model, prompts: list[list[int]], spec: Spec) -> list[list[int]]:
     """The least a sampler must do: prefill the N prompts once (left-padded), repeat the cache G
-    times, decode max_new_tokens steps for all N*G rows (no stopping). -> N*G completions."""
+    times (G = spec.group_size), decode spec.max_new_tokens steps for all N*G rows (no stopping).
+    -> N*G completions."""
     from transformers import DynamicCache
 
     from align.rollout.sampling import sample_categorical
@@ -111,27 +112,23 @@ def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int
     ids = torch.tensor([[p[0]] * (length - len(p)) + p for p in prompts], device=device())
     mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device())
     cache = DynamicCache(config=model.config)
-    with autocast_for(model):
+    with autocast(spec):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    cache.batch_repeat_interleave(group_size)
-    logits, mask = logits.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+    cache.batch_repeat_interleave(spec.group_size)
+    logits, mask = logits.repeat_interleave(spec.group_size, 0), mask.repeat_interleave(spec.group_size, 0)
     positions = mask.sum(-1, keepdim=True)
     tokens = []
-    for step in range(max_new_tokens):
+    for step in range(spec.max_new_tokens):
         token = sample_categorical(torch.softmax(logits.float(), -1))[:, None]  # the fastest exact sampler we know
         tokens.append(token)
-        if step == max_new_tokens - 1:
+        if step == spec.max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(token)], 1)
-        with autocast_for(model):
+        with autocast(spec):
             logits = model(input_ids=token, attention_mask=mask, position_ids=positions + step,
                            past_key_values=cache, use_cache=True).logits[:, -1]
     return torch.cat(tokens, 1).tolist()
-
-
-def autocast_for(model):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(model.parameters()).is_cuda)
 
 
 def floor(spec: Spec, model, tokenizer) -> Prepared:
@@ -140,7 +137,6 @@ def floor(spec: Spec, model, tokenizer) -> Prepared:
     tokens only, loss -sum(advantage * logp) / completion tokens, then AdamW. Random advantages:
     the floor scores nothing."""
     from align.data.groups import pack_groups
-    from benchmarks.common import load_rows
 
     model.to(device()).train()
     optimizer = fastest_adamw(model, spec.lr)
@@ -155,7 +151,7 @@ def floor(spec: Spec, model, tokenizer) -> Prepared:
         for start in range(0, len(prompts), per_step):
             step_prompts = prompts[start:start + per_step]
             model.eval()
-            completions = sample(model, step_prompts, g, spec.max_new_tokens)
+            completions = sample(model, step_prompts, spec)
             model.train()
             work["completions"] += len(completions)
             work["completion_tokens"] += sum(len(c) for c in completions)
