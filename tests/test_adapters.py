@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from align.config import AdapterConfig, ModelConfig
 from align.export import export_merged
+from align.models.loading import keep_4bit_forward_exact, load_model
+from align.models.merged import merged_weights
 from align.models.tiny import resolve
 from align.trainers import SFTTrainer
 
@@ -42,6 +44,7 @@ def test_adapter_training_changes_only_the_adapter_and_reloads(make_recipe, tmp_
                                        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
         fresh_base = AutoModelForCausalLM.from_pretrained(
             resolve("builtin:tiny-llama"), quantization_config=quantized if kind == "qlora" else None)
+        keep_4bit_forward_exact(fresh_base)  # as Align loads it: no bf16 CPU kernel
         reloaded = PeftModel.from_pretrained(fresh_base, str(out)).eval()
         torch.testing.assert_close(reloaded(input_ids=INPUT).logits, trained, atol=1e-5, rtol=0)
 
@@ -94,3 +97,65 @@ def test_lm_head_as_lora_target_is_refused_and_modules_to_save_trains_the_head()
     with torch.no_grad():
         want = torch.log_softmax(policy.model(input_ids=INPUT).logits, -1).gather(-1, batch["labels"][..., None])[..., 0]
     torch.testing.assert_close(policy.logprobs(batch), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["none", "lora", "qlora"])
+def test_merged_weights_are_the_model_the_policy_computes(make_recipe, kind):
+    """What an outside engine (vLLM) loads: a plain model built from merged_weights gives the
+    trained policy's logits, LoRA deltas added and 4-bit weights dequantized, the head kept fully
+    trained through modules_to_save, and the policy itself left untouched."""
+    adapter = {"kind": kind, "r": 4, "dropout": 0.0}
+    if kind != "none":
+        adapter["modules_to_save"] = ["lm_head"]
+    trainer = SFTTrainer.from_recipe(make_recipe(adapter=adapter, train={"max_steps": 3, "lr": 1e-2}))
+    trainer.fit()
+    model = trainer.policy.model.eval()
+    before = base_weights(model)
+    weights = dict(merged_weights(model))
+    assert not any("lora_" in n or "base_layer" in n or "modules_to_save" in n for n in weights)
+    plain = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama"), dtype=torch.float32).eval()
+    assert sorted(weights) == sorted(n for n, _ in plain.named_parameters())
+    plain.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        expected = model(input_ids=INPUT).logits
+        torch.testing.assert_close(plain(input_ids=INPUT).logits, expected, atol=1e-4, rtol=0)
+        if kind != "none":  # the adapter did train: without its delta the logits differ
+            assert (causal_lm_without_adapter(model)(input_ids=INPUT).logits - expected).abs().max() > 1e-3
+    assert all(torch.equal(v, before[n]) for n, v in base_weights(model).items())
+
+
+def causal_lm_without_adapter(model):
+    class Disabled(torch.nn.Module):
+        def forward(self, **inputs):
+            with model.disable_adapter():
+                return model(**inputs)
+
+    return Disabled()
+
+
+def test_qlora_gradients_are_the_same_after_an_eval_forward():
+    """bitsandbytes' CPU inference kernel must not take over the 4-bit layers after generation or
+    evaluation ran in eval mode: the training forward and its gradients stay exactly as before."""
+
+    def forward_and_grads(eval_first: bool):
+        torch.manual_seed(0)
+        model = load_model(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"),
+                           AdapterConfig(kind="qlora", r=4, dropout=0.0))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=INPUT)
+            model.train()
+        logits = model(input_ids=INPUT).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    logits, grads = forward_and_grads(eval_first=False)
+    logits_after_eval, grads_after_eval = forward_and_grads(eval_first=True)
+    assert torch.equal(logits_after_eval, logits)
+    assert grads.keys() == grads_after_eval.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.equal(grads_after_eval[name], grad), name

@@ -90,11 +90,13 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
             model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise AlignError(f"model.name_or_path: cannot load {config.name_or_path!r}: {error}") from None
+    if quantize:
+        keep_4bit_forward_exact(model)
     model.config.use_cache = False
     if model.config.pad_token_id is None:  # sequence classification reads the last non-pad token
         model.config.pad_token_id = load_tokenizer(config).pad_token_id
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return apply_adapter(model, adapter, config.gradient_checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
 
 
@@ -111,6 +113,29 @@ def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool, auto
     if not os.path.isdir(merged_dir):
         merged.save_pretrained(merged_dir)
     return auto_class.from_pretrained(merged_dir, **kwargs)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward (non-reentrant), under the name this transformers
+    version has: `activation_checkpointing_enable` (newer), `gradient_checkpointing_enable` (older)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_4bit_forward_exact(model) -> None:
+    """Keep every bitsandbytes 4-bit layer on its dequantize-then-matmul path.
+
+    On a CPU with AVX512-BF16, the first forward of a `Linear4bit` in eval mode without gradients
+    (generation, evaluation) repacks its weight in place for a bf16 inference kernel, and every
+    later forward uses that kernel, training ones included: it rounds to bf16 and has no backward,
+    so the gradients of everything below the layer (the LoRA weights of earlier layers) come out
+    wrong, silently. The layer's own switch for that kernel is turned off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
