@@ -9,7 +9,8 @@ import torch
 from transformers import DynamicCache
 
 from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
-                                    logits_processors, model_device, next_tokens, sampling_generator)
+                                    logits_processors, model_device, next_tokens, sampling_generator,
+                                    with_cache)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class PrefixSharedEngine:
         ids, mask = left_pad(prompt_ids, None, device)
         cache = DynamicCache(config=getattr(self.model, "config", None))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                         cache=cache, use_cache=True, logits_to_keep=1)
+                         logits_to_keep=1, **with_cache(self.model, cache))
         cache.batch_repeat_interleave(group_size)
         n, length = ids.shape
         room = ids.new_zeros(n, max_new_tokens)
@@ -102,6 +103,6 @@ class PrefixSharedEngine:
     def decode(self, live: LiveRows) -> torch.Tensor:
         """Feed each live row its newest token; returns the logits of the next one [B, V]."""
         out = self.model(input_ids=live.ids[:, live.width - 1:live.width], attention_mask=live.mask[:, :live.width],
-                         position_ids=live.positions[:, None], cache=live.cache, use_cache=True)
+                         position_ids=live.positions[:, None], **with_cache(self.model, live.cache))
         live.positions = live.positions + 1
         return out.logits[:, -1]

@@ -5,6 +5,7 @@ model for inference."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,15 @@ class StopRule:
         text = self.tokenizer.decode(completion[-self.window:], skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
         return any(s in text for s in self.strings)
+
+
+def with_cache(model: torch.nn.Module, cache) -> dict:
+    """The keyword arguments that hand `model` (a transformers causal LM, under any peft wrapper)
+    its KV cache: `cache=` in newer transformers, `past_key_values=` before (a model ignores the
+    name it does not know, which would silently run every step without the earlier tokens)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
