@@ -48,7 +48,8 @@ class VLLMEngine:
 
         self.model, self.tokenizer = model, tokenizer
         lm = causal_lm(model)
-        self.dtype = lm.config.dtype if isinstance(lm.config.dtype, torch.dtype) else torch.float32
+        dtype = getattr(lm.config, "dtype", None) or torch.float32
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # the policy's compute dtype
         self.workdir = tempfile.TemporaryDirectory(prefix="align-vllm-")
         config = copy.deepcopy(lm.config)
         if hasattr(config, "quantization_config"):
