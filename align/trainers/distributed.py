@@ -7,7 +7,7 @@ every function here is the identity (or a plain sum), so the trainers read the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
@@ -23,6 +23,16 @@ def gather_shares(share: list) -> list:
     """The inverse of `shard`: every process's share, back in the original order, on every process."""
     parts = gather_object([share])
     return [parts[i % len(parts)][i // len(parts)] for i in range(sum(len(part) for part in parts))]
+
+
+def map_in_shares(items: Sequence, chunk_size: int, fn: Callable[[Sequence], list]) -> list:
+    """`fn` over this process's share of `items`, `chunk_size` items a call (fn returns one result
+    per item of its chunk); every process gets all the results, in the order of `items`."""
+    mine = shard(items)
+    results: list = []
+    for start in range(0, len(mine), chunk_size):
+        results.extend(fn(mine[start:start + chunk_size]))
+    return gather_shares(results)
 
 
 def sum_over_processes(values: dict[str, float]) -> dict[str, float]:

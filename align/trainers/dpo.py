@@ -15,7 +15,7 @@ from align.models.loading import load_model, load_tokenizer
 from align.config import AdapterConfig
 from align.trainers import reference_cache
 from align.trainers.base import Trainer
-from align.trainers.distributed import gather_shares, shard
+from align.trainers.distributed import map_in_shares
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,15 @@ class DPOTrainer(PreferenceTrainer):
     def _reference_logps(self, data) -> torch.Tensor:
         """[N, 2] reference (chosen, rejected) sequence log-probs of every pair, in data order (each
         process computes its share of the pairs)."""
-        size = self.cfg.eval_batch_size or self.cfg.batch_size
-        mine = shard(range(len(data)))
-        out = []  # one [2] row per pair of this process
+        def reference(indices) -> list[torch.Tensor]:  # one [2] row per pair
+            batch = self._to_device(self.collate([data[i] for i in indices]))
+            with self.autocast():
+                logps = self.policy.reference_logprobs(batch)
+            return list(torch.stack(pair_sums(logps, batch["sequence_ids"], len(indices)), -1).float().cpu())
+
         with self.policy.eval_mode():
-            for start in range(0, len(mine), size):
-                batch = self._to_device(self.collate([data[i] for i in mine[start:start + size]]))
-                with self.autocast():
-                    logps = self.policy.reference_logprobs(batch)
-                out.extend(torch.stack(pair_sums(logps, batch["sequence_ids"], len(batch["margin"])), -1).float().cpu())
-        return torch.stack(gather_shares(out))
+            return torch.stack(map_in_shares(range(len(data)), self.cfg.eval_batch_size or self.cfg.batch_size,
+                                             reference))
 
     def sequence_logps(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """(policy chosen, policy rejected, ref chosen, ref rejected, chosen lengths, rejected lengths), each [B]."""

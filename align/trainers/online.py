@@ -33,7 +33,7 @@ from align.errors import AlignError
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers.base import Trainer
-from align.trainers.distributed import gather_shares, shard
+from align.trainers.distributed import gather_shares, map_in_shares, shard
 
 log = logging.getLogger(__name__)
 
@@ -210,23 +210,21 @@ class OnlineTrainer(Trainer):
         """Run `fn(batch) -> {name: [1, N] packed per-token values}` over the groups in micro-batches,
         without gradient, and store each as group[name] = its G per-sequence [L_i] tensors (CPU).
         Each process runs its share of the groups; every process then gets all the values."""
+        def values_of(chunk: list[dict]) -> list[dict]:  # {name: G tensors [L_i]} per group
+            batch = self._to_device(self.collate(chunk))
+            with self.autocast():
+                outputs = fn(batch)
+            values: list[dict] = [{} for _ in chunk]
+            for name, packed in outputs.items():
+                rows = iter(sequence_tokens(packed.float(), batch["sequence_ids"], *batch["mask"].shape).cpu())
+                for value, group in zip(values, chunk):
+                    value[name] = [next(rows)[:len(c)] for c in group["completions"]]
+            return values
+
         per_batch = max(1, (self.cfg.eval_batch_size or self.cfg.batch_size) // self.group_size)
-        mine = shard(groups)
-        values: list[dict] = [{} for _ in mine]
         with self.policy.eval_mode():
-            for start in range(0, len(mine), per_batch):
-                chunk = mine[start:start + per_batch]
-                batch = self._to_device(self.collate(chunk))
-                with self.autocast():
-                    outputs = fn(batch)
-                for name, packed in outputs.items():
-                    rows = sequence_tokens(packed.float(), batch["sequence_ids"], *batch["mask"].shape).cpu()
-                    s = 0
-                    for k, group in enumerate(chunk):
-                        values[start + k][name] = [rows[s + j, :len(c)] for j, c in enumerate(group["completions"])]
-                        s += len(group["completions"])
-        for group, value in zip(groups, gather_shares(values)):
-            group.update(value)
+            for group, value in zip(groups, map_in_shares(groups, per_batch, values_of)):
+                group.update(value)
 
     def collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:
         """Groups -> packed batch (prompt once per group) + mask [S, T] and per-sequence values
@@ -247,16 +245,15 @@ class OnlineTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         """Greedy completions for every eval prompt (shared out among the processes), scored by the
         reward functions."""
-        size = self.cfg.eval_batch_size or self.cfg.batch_size
         params = self.sampling_params(temperature=0.0, seed=0)
-        mine = shard(range(len(self.eval_data)))
-        scored = []  # (reward values [F], completion length) of each of this process's prompts
-        self.engine.sync_weights()
-        for start in range(0, len(mine), size):
-            rows = [self.eval_data[i] for i in mine[start:start + size]]
+
+        def scored(indices) -> list[tuple[torch.Tensor, int]]:  # (reward values [F], completion length)
+            rows = [self.eval_data[i] for i in indices]
             rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
-            scored += zip(self.score(rows, rollout), map(len, rollout.completion_ids))
-        scored = gather_shares(scored)
+            return list(zip(self.score(rows, rollout), map(len, rollout.completion_ids)))
+
+        self.engine.sync_weights()
+        scored = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size, scored)
         values, lengths = torch.stack([v for v, _ in scored]), [n for _, n in scored]
         metrics = {"reward": self.rewards.combine(values).mean().item(),
                    "completions/mean_length": sum(lengths) / len(lengths), **self.rewards.metrics(values)}
