@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -48,9 +47,7 @@ def load(model_path: str, dtype: str = "auto") -> LoadedModel:
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise AlignError(f"no such model directory: {model_path!r} (relative to {os.getcwd()})")
     config = ModelConfig(name_or_path=model_path, dtype=dtype)
-    with warnings.catch_warnings():  # peft's adapter merge trips a transformers deprecation warning
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = load_model(config, AdapterConfig(kind="none"))
+    model = load_model(config, AdapterConfig(kind="none"))
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     tokenizer = load_tokenizer(config)
     return LoadedModel(model_path, model, tokenizer, PrefixSharedEngine(model, tokenizer))

@@ -7,9 +7,11 @@ merged in, so a later stage (DPO after SFT) starts from the trained weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import warnings
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -100,13 +102,23 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
     return apply_adapter(model, adapter, config.gradient_checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
 
 
+@contextlib.contextmanager
+def _peft_quietly():
+    """peft asks transformers' deprecated `is_gradient_checkpointing`, a FutureWarning on every
+    adapter a user can do nothing about; it is silenced around peft's calls only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool, auto_class=AutoModelForCausalLM):
     """Load an adapter directory as its base with the adapter merged in (4-bit: merge, then quantize)."""
     from peft import PeftModel
 
     full_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
-    merged = PeftModel.from_pretrained(auto_class.from_pretrained(base, **full_kwargs),
-                                       adapter_dir).merge_and_unload()
+    with _peft_quietly():
+        merged = PeftModel.from_pretrained(auto_class.from_pretrained(base, **full_kwargs),
+                                           adapter_dir).merge_and_unload()
     if not quantize:
         return merged
     merged_dir = os.path.join(adapter_dir, "merged")
@@ -143,17 +155,18 @@ def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = 
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if adapter.kind == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                       target_modules=adapter.target_modules, modules_to_save=adapter.modules_to_save,
                       task_type=task_type)
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as error:
-        raise AlignError(f"adapter.target_modules: {error}") from None
+    with _peft_quietly():
+        if adapter.kind == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise AlignError(f"adapter.target_modules: {error}") from None
     head = model.get_output_embeddings() if task_type == "CAUSAL_LM" else None
     if head is not None and hasattr(head, "lora_A"):
         raise AlignError("adapter.target_modules: a LoRA on the lm-head is not supported: Align computes log-probs "
