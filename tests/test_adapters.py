@@ -1,5 +1,7 @@
 """LoRA and QLoRA train only the adapter; saved adapters and exports reload with the same outputs."""
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -36,6 +38,8 @@ def test_adapter_training_changes_only_the_adapter_and_reloads(make_recipe, tmp_
 
     out = tmp_path / "run"
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == "builtin:tiny-llama"  # not this cache's path: the run dir loads under any ALIGN_CACHE
     model.eval()
     with torch.no_grad():
         trained = model(input_ids=INPUT).logits

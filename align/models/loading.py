@@ -39,7 +39,7 @@ def _adapter_base(path: str) -> str | None:
     if not os.path.isfile(config_file):
         return None
     with open(config_file) as f:
-        return json.load(f)["base_model_name_or_path"]
+        return tiny.resolve(json.load(f)["base_model_name_or_path"])
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 from typing import Literal
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
+from align.models import tiny
 from align.models.loading import load_model, load_tokenizer
 from align.ops.logprobs import token_logprobs, weighted_logprob_sum
 
@@ -96,6 +98,13 @@ class Trainable:
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        adapter_config = os.path.join(directory, "adapter_config.json")
+        if os.path.isfile(adapter_config):  # name a built-in base portably, not by this cache's path
+            with open(adapter_config) as f:
+                settings = json.load(f)
+            settings["base_model_name_or_path"] = tiny.portable(settings["base_model_name_or_path"])
+            with open(adapter_config, "w") as f:
+                json.dump(settings, f, indent=2)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights only (the adapter for LoRA/QLoRA): what a checkpoint must hold."""

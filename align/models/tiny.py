@@ -107,3 +107,12 @@ def resolve(name_or_path: str) -> str:
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def portable(path: str) -> str:
+    """`builtin:<name>` for the directory a built-in was built into here (any cache rebuilds it),
+    else `path` unchanged: what a saved adapter should name as its base."""
+    built = Path(path)
+    if built.parent == cache_dir() / "builtin" and built.name.endswith(f"-v{BUILD_VERSION}"):
+        return PREFIX + built.name.removesuffix(f"-v{BUILD_VERSION}")
+    return path
