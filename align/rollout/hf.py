@@ -42,9 +42,9 @@ class HFGenerateEngine:
         with inference(self.model), self.seeded(params, device):
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         for row in out[:, ids.shape[1]:].tolist():
-            end = next((i + 1 for i in range(len(row)) if stop(row[:i + 1])), None)
-            rollout.completion_ids.append(row[:end] if end else row)
-            rollout.finished.append(end is not None)
+            completion, finished = stop.cut(row)
+            rollout.completion_ids.append(completion)
+            rollout.finished.append(finished)
         return rollout
 
     @staticmethod

@@ -5,6 +5,7 @@ model for inference."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -140,14 +141,25 @@ class StopRule:
                                      clean_up_tokenization_spaces=False)
         return any(s in text for s in self.strings)
 
+    def cut(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """A completion generated past its end (no stop checks on the way) -> (it up to and
+        including the token that ended it, True), or (it unchanged, False) if nothing ended it."""
+        end = next((i + 1 for i in range(len(tokens)) if self(tokens[:i + 1])), None)
+        return (tokens[:end], True) if end else (tokens, False)
+
 
 def with_cache(model: torch.nn.Module, cache) -> dict:
     """The keyword arguments that hand `model` (a transformers causal LM, under any peft wrapper)
     its KV cache: `cache=` in newer transformers, `past_key_values=` before (a model ignores the
     name it does not know, which would silently run every step without the earlier tokens)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
+    return {_cache_keyword(type(lm)): cache, "use_cache": True}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """Looked up once per model class: with_cache runs at every decoding step."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -91,10 +91,9 @@ class VLLMEngine:
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], requests, use_tqdm=False)
         for output in outputs:
             for sample in sorted(output.outputs, key=lambda s: s.index) * (group_size // n):
-                tokens = list(sample.token_ids)
-                end = next((i + 1 for i in range(len(tokens)) if stop(tokens[:i + 1])), None)
-                rollout.completion_ids.append(tokens[:end] if end else tokens)
-                rollout.finished.append(end is not None)
+                completion, finished = stop.cut(list(sample.token_ids))
+                rollout.completion_ids.append(completion)
+                rollout.finished.append(finished)
         return rollout
 
 
