@@ -106,7 +106,7 @@ def sample(model, prompts: list[list[int]], spec: Spec) -> list[list[int]]:
     -> N*G completions."""
     from transformers import DynamicCache
 
-    from align.rollout.sampling import sample_categorical
+    from align.rollout.sampling import sample_categorical, with_cache
 
     length = max(len(p) for p in prompts)
     ids = torch.tensor([[p[0]] * (length - len(p)) + p for p in prompts], device=device())
@@ -114,7 +114,7 @@ def sample(model, prompts: list[list[int]], spec: Spec) -> list[list[int]]:
     cache = DynamicCache(config=model.config)
     with autocast(spec):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       logits_to_keep=1, **with_cache(model, cache)).logits[:, -1]
     cache.batch_repeat_interleave(spec.group_size)
     logits, mask = logits.repeat_interleave(spec.group_size, 0), mask.repeat_interleave(spec.group_size, 0)
     positions = mask.sum(-1, keepdim=True)
@@ -127,7 +127,7 @@ def sample(model, prompts: list[list[int]], spec: Spec) -> list[list[int]]:
         mask = torch.cat([mask, torch.ones_like(token)], 1)
         with autocast(spec):
             logits = model(input_ids=token, attention_mask=mask, position_ids=positions + step,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+                           **with_cache(model, cache)).logits[:, -1]
     return torch.cat(tokens, 1).tolist()
 
 
