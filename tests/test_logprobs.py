@@ -4,6 +4,12 @@ import torch
 from align.ops.logprobs import IGNORE_INDEX, token_logprobs, weighted_logprob_sum
 
 
+def full_logprobs(hidden, head, labels):
+    """The reference: log-softmax over the whole vocabulary, the labels' log-probs, 0 at ignored labels."""
+    full = torch.log_softmax(head(hidden), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return full * (labels != IGNORE_INDEX)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_chunked_logprobs_match_full_log_softmax_values_and_gradients(bias):
     torch.manual_seed(0)
@@ -13,8 +19,7 @@ def test_chunked_logprobs_match_full_log_softmax_values_and_gradients(bias):
     labels[0, :4] = IGNORE_INDEX
     labels[2, -1] = IGNORE_INDEX
     ours = token_logprobs(hidden, head, labels, chunk_size=5)
-    full = torch.log_softmax(head(hidden), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    full = full * (labels != IGNORE_INDEX)
+    full = full_logprobs(hidden, head, labels)
     torch.testing.assert_close(ours.double(), full, atol=1e-5, rtol=0)
     assert (ours[labels == IGNORE_INDEX] == 0).all()
     weights = torch.randn(3, 9, dtype=torch.float64)
@@ -57,10 +62,10 @@ def test_weighted_sum_computes_value_and_gradient_in_the_forward(bias):
     labels[1, :3] = IGNORE_INDEX
     weights = torch.rand(2, 7, dtype=torch.float64)
     ours, logps, entropy = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=4)
-    full = torch.log_softmax(head(hidden), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    plain = (full * weights * (labels != IGNORE_INDEX)).sum()
+    full = full_logprobs(hidden, head, labels)
+    plain = (full * weights).sum()
     assert entropy is None and not logps.requires_grad
-    torch.testing.assert_close(logps.double(), (full * (labels != IGNORE_INDEX)).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logps.double(), full.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.double(), plain, atol=1e-5, rtol=0)  # float32 logits, as token_logprobs
     params = [hidden, head.weight] + ([head.bias] if bias else [])
     for a, b in zip(torch.autograd.grad(3.0 * ours, params), torch.autograd.grad(3.0 * plain, params)):

@@ -24,10 +24,7 @@ MODEL = "lm"
 
 
 def data(n_train: int, n_eval: int, context_lines=(12, 28)) -> tuple[list[dict], list[dict]]:
-    from benchmarks.assets import long_prompt_preference_rows
-
-    return (long_prompt_preference_rows(n_train, seed=31, context_lines=context_lines),
-            long_prompt_preference_rows(n_eval, seed=32, context_lines=context_lines))
+    return rm.data(n_train, n_eval, context_lines, seeds=(31, 32))  # the reward model's pairs, other seeds
 
 
 tokens = rm.tokens  # distinct tokens: prompt + chosen + rejected of every pair

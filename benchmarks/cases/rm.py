@@ -19,9 +19,9 @@ ALGORITHM = "reward"
 MODEL = "rm"
 
 
-def data(n_train: int, n_eval: int, context_lines=(12, 28)) -> tuple[list[dict], list[dict]]:
-    return (long_prompt_preference_rows(n_train, seed=21, context_lines=context_lines),
-            long_prompt_preference_rows(n_eval, seed=22, context_lines=context_lines))
+def data(n_train: int, n_eval: int, context_lines=(12, 28), seeds=(21, 22)) -> tuple[list[dict], list[dict]]:
+    return (long_prompt_preference_rows(n_train, seed=seeds[0], context_lines=context_lines),
+            long_prompt_preference_rows(n_eval, seed=seeds[1], context_lines=context_lines))
 
 
 def pairs(spec: Spec, tokenizer) -> list[dict]:
