@@ -1,6 +1,7 @@
 """LoRA and QLoRA train only the adapter; saved adapters and exports reload with the same outputs."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from align.config import AdapterConfig, ModelConfig
 from align.export import export_merged
 from align.models.loading import keep_4bit_forward_exact, load_model
 from align.models.merged import merged_weights
-from align.models.tiny import resolve
+from align.models.tiny import cache_dir, resolve
 from align.trainers import SFTTrainer
 
 INPUT = torch.tensor([[5, 17, 42, 99, 7, 3, 120, 11]])
@@ -163,3 +164,34 @@ def test_qlora_gradients_are_the_same_after_an_eval_forward():
     assert grads.keys() == grads_after_eval.keys() and len(grads) > 0
     for name, grad in grads.items():
         assert torch.equal(grads_after_eval[name], grad), name
+
+
+def save_random_adapter(directory, seed: int) -> None:
+    """A LoRA adapter on builtin:tiny-llama with random (not zero) weights, saved into `directory`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama"), dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(directory)
+
+
+def test_qlora_from_an_adapter_dir_merges_its_current_adapter_outside_the_dir(tmp_path, caplog):
+    """Re-running a stage into the same directory must not leave a later QLoRA stage on the old
+    weights, and the merged base is cached outside the user's directory, saying where."""
+    caplog.set_level(logging.INFO, logger="align.models.loading")
+    directory = tmp_path / "stage"
+    config = ModelConfig(name_or_path=str(directory), dtype="float32")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    plain = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama"), dtype=torch.float32)
+    candidates = {"base": plain.state_dict()[name]}
+    for adapter, seed in (("A", 1), ("B", 2)):  # adapter B is written over adapter A, in the same directory
+        save_random_adapter(directory, seed)
+        candidates[adapter] = dict(merged_weights(load_model(config, AdapterConfig(kind="none"))))[name]
+        got = dict(merged_weights(load_model(config, AdapterConfig(kind="qlora", r=4))))[name]  # dequantized
+        distances = {k: (got - weight).abs().mean().item() for k, weight in candidates.items()}
+        assert min(distances, key=distances.get) == adapter, distances
+        assert f"{directory} merged into its base" in caplog.text and str(cache_dir() / "merged") in caplog.text
+        caplog.clear()
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "adapter_config.json",
+                                                           "adapter_model.safetensors"]  # no `merged` inside

@@ -143,11 +143,11 @@ def test_dpo_on_two_processes_equals_one_process_and_shares_the_reference_cache(
     assert_same_run(recipe["output_dir"], recipe["output_dir"] + "-single",
                     keys=("loss", "grad_norm", "rewards/margin", "eval/loss", "eval/rewards/accuracy"))
     # reference log-probs computed in shares by the two processes, written once, equal ours
-    ours = {p.name: torch.load(p) for p in (cache_dir() / "reference").glob("*.pt")}
-    theirs = list((Path(recipe["output_dir"]).parent / "cache" / "reference").glob("*.pt"))
+    ours = {p.name: load_file(p)["logps"] for p in (cache_dir() / "reference").glob("*.safetensors")}
+    theirs = list((Path(recipe["output_dir"]).parent / "cache" / "reference").glob("*.safetensors"))
     assert len(theirs) == 2 and not list(theirs[0].parent.glob("*.tmp"))  # train and eval splits
     for path in theirs:
-        torch.testing.assert_close(torch.load(path), ours[path.name], atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(load_file(path)["logps"], ours[path.name], atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("algorithm,trainer", [("grpo", GRPOTrainer), ("ppo", PPOTrainer)])

@@ -11,7 +11,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -20,6 +23,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
 from align.models import tiny
+from align.models.reference_cache import files_hash, json_hash
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +116,66 @@ def _peft_quietly():
 
 
 def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool, auto_class=AutoModelForCausalLM):
-    """Load an adapter directory as its base with the adapter merged in (4-bit: merge, then quantize)."""
+    """Load an adapter directory as its base with the adapter merged in.
+
+    4-bit: the merged model is saved once in full precision and loaded quantized from there, a
+    directory of the cache keyed by the content of the adapter and of the base (`_merged_dir`): a
+    stage re-run into the same adapter directory gets merged anew, and nothing is written into it.
+    """
+    full_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+    if not quantize:
+        return _merge(adapter_dir, base, full_kwargs, auto_class)
+    merged_dir = _merged_dir(adapter_dir, base, full_kwargs, auto_class)
+    if not merged_dir.is_dir():
+        _save_atomically(_merge(adapter_dir, base, full_kwargs, auto_class), merged_dir)
+        log.info("QLoRA: %s merged into its base %s, saved in full precision for 4-bit loading in %s",
+                 adapter_dir, base, merged_dir)
+    return auto_class.from_pretrained(merged_dir, **kwargs)
+
+
+def _merge(adapter_dir: str, base: str, full_kwargs: dict, auto_class):
     from peft import PeftModel
 
-    full_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
     with _peft_quietly():
-        merged = PeftModel.from_pretrained(auto_class.from_pretrained(base, **full_kwargs),
-                                           adapter_dir).merge_and_unload()
-    if not quantize:
-        return merged
-    merged_dir = os.path.join(adapter_dir, "merged")
-    if not os.path.isdir(merged_dir):
-        merged.save_pretrained(merged_dir)
-    return auto_class.from_pretrained(merged_dir, **kwargs)
+        return PeftModel.from_pretrained(auto_class.from_pretrained(base, **full_kwargs),
+                                         adapter_dir).merge_and_unload()
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.py")  # weights, configs, remote code
+
+
+def _merged_dir(adapter_dir: str, base: str, full_kwargs: dict, auto_class) -> Path:
+    """`<cache>/merged/<key>`: the key hashes the adapter's files, the base model's files and how
+    the base is loaded (class, dtype, revision...), so any change to them names another directory."""
+    key = json_hash({"adapter": files_hash(adapter_dir, ADAPTER_FILES),
+                     "base": files_hash(_model_files_dir(base, full_kwargs.get("revision")), MODEL_FILES),
+                     "class": auto_class.__name__, "kwargs": full_kwargs})
+    return tiny.cache_dir() / "merged" / key
+
+
+def _model_files_dir(name_or_path: str, revision: str | None) -> str:
+    """The local directory of a model's files: `name_or_path` itself, or its hub snapshot."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name_or_path, revision=revision, allow_patterns=list(MODEL_FILES))
+
+
+def _save_atomically(model, target: Path) -> None:
+    """save_pretrained into a temp directory beside `target`, fsynced, then renamed to it (a
+    concurrent writer of the same key either wins or finds `target` there)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name[:16]}-"))
+    model.save_pretrained(staging)
+    for file in staging.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    try:
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -11,13 +11,15 @@ from align.data.formats import tokenize
 from align.errors import AlignError
 from align.losses.preference import dpo_loss, rpo_sft_loss
 from align.models import Policy
-from align.models.loading import load_model, load_tokenizer
+from align.models import reference_cache
+from align.models.loading import load_model, load_tokenizer, resolve_dtype
 from align.config import AdapterConfig
-from align.trainers import reference_cache
 from align.trainers.base import Trainer
 from align.trainers.distributed import map_in_shares
 
 log = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 class PreferenceTrainer(Trainer):
@@ -71,31 +73,42 @@ class DPOTrainer(PreferenceTrainer):
         """Precompute reference log-probs for every pair, cached on disk, then free the reference."""
         if not self.recipe.dpo.precompute_reference:
             return
-        reference_id = reference_cache.model_fingerprint(self.policy.reference_module)
+        recipe = self.recipe
+        settings = {"model": reference_cache.model_identity(self.policy.reference_module),
+                    "reference": self.policy.reference,
+                    "tokenizer": reference_cache.tokenizer_hash(self.policy.tokenizer),
+                    "dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation,
+                    "mixed_precision": self.cfg.mixed_precision, "max_length": recipe.data.max_length,
+                    "shared_prompt": self.shared_prompt, "dpo": recipe.dpo.model_dump()}
+        low_precision = self.cfg.mixed_precision == "bf16" or resolve_dtype(recipe.model.dtype) != torch.float32
         for name in ("train_data", "eval_data"):
             data = getattr(self, name)
             if data is None or "ref_logps" in data.column_names:
                 continue
-            key = reference_cache.cache_key(reference_id, self.policy.reference, str(self.shared_prompt),
-                                            reference_cache.data_fingerprint(data, ("prompt_ids", "chosen_ids",
-                                                                                    "rejected_ids")))
-            values = reference_cache.cached_reference(key, lambda: self._reference_logps(data))
+            key = reference_cache.reference_key({**settings, "data": reference_cache.data_hash(data, PAIR_COLUMNS)})
+            values = reference_cache.cached_reference(key, len(data), lambda: self._reference_logps(data),
+                                                      lambda: self._reference_logps(data, first_batch=True),
+                                                      low_precision)
             setattr(self, name, data.add_column("ref_logps", values.tolist()))
         self.policy.release_reference()
 
     @torch.no_grad()
-    def _reference_logps(self, data) -> torch.Tensor:
+    def _reference_logps(self, data, first_batch: bool = False) -> torch.Tensor:
         """[N, 2] reference (chosen, rejected) sequence log-probs of every pair, in data order (each
-        process computes its share of the pairs)."""
+        process computes its share of the pairs); with first_batch, [n, 2] for the first micro-batch's
+        n pairs only, computed whole by every process."""
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+
         def reference(indices) -> list[torch.Tensor]:  # one [2] row per pair
             batch = self._to_device(self.collate([data[i] for i in indices]))
             with self.autocast():
                 logps = self.policy.reference_logprobs(batch)
             return list(torch.stack(pair_sums(logps, batch["sequence_ids"], len(indices)), -1).float().cpu())
 
-        with self.policy.eval_mode():
-            return torch.stack(map_in_shares(range(len(data)), self.cfg.eval_batch_size or self.cfg.batch_size,
-                                             reference))
+        with self.policy.eval_mode():  # a fixed number per pair: no dropout (see train.dropout_during_training)
+            if first_batch:
+                return torch.stack(reference(range(min(size, len(data)))))
+            return torch.stack(map_in_shares(range(len(data)), size, reference))
 
     def sequence_logps(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """(policy chosen, policy rejected, ref chosen, ref rejected, chosen lengths, rejected lengths), each [B]."""
