@@ -12,13 +12,10 @@ import os
 import torch
 from torch import nn
 
+from align.models.head import logit_transform
+from align.models.packed import decoder_hidden
 from align.models.policy import Policy, ReferenceStrategy, causal_lm, unwrap
 from align.ops.logprobs import token_logprobs
-
-
-def _hidden(lm: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state
 
 
 class ActorCritic(nn.Module):
@@ -44,15 +41,15 @@ class ActorCritic(nn.Module):
                 attention_mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
                 **_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         lm = causal_lm(self.model)
-        hidden = _hidden(lm, input_ids, attention_mask, position_ids)
+        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
         out = token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
-                             return_entropy=return_entropy)
+                             return_entropy=return_entropy, transform=logit_transform(lm.config))
         logps, entropy = out if return_entropy else (out, None)
         if self.value_head is not None:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
             critic = causal_lm(self.value_model)
-            values = critic.score(_hidden(critic, input_ids, attention_mask, position_ids)).squeeze(-1)
+            values = critic.score(decoder_hidden(critic, input_ids, position_ids, attention_mask)).squeeze(-1)
         return logps, values.float(), entropy
 
 

@@ -82,6 +82,7 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
                   trust_remote_code=config.trust_remote_code)
     auto_class = AutoModelForCausalLM
     if head == "score":
+        check_has_score_head(path, config)
         auto_class = AutoModelForSequenceClassification
         kwargs["num_labels"] = 1
     if quantize:
@@ -104,6 +105,23 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return apply_adapter(model, adapter, config.gradient_checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+
+
+def check_has_score_head(path: str, config: ModelConfig) -> None:
+    """Reward and value models are transformers' sequence-classification models; refuse a family
+    that has none (e.g. Cohere, Granite) before loading anything."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(_adapter_base(path) or path, revision=config.revision,
+                                                trust_remote_code=config.trust_remote_code).model_type
+    except (OSError, ValueError):
+        return  # from_pretrained reports it
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not config.trust_remote_code:
+        raise AlignError(f"model type {model_type!r} has no sequence-classification model in transformers, which "
+                         "Align uses for reward models and PPO's separate critic; for PPO use ppo.critic: shared "
+                         "(a value head on the policy), for a reward model pick a family that has one")
 
 
 @contextlib.contextmanager

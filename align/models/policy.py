@@ -17,7 +17,10 @@ from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
 from align.models import tiny
+from align.models.dropout import disable_dropout
+from align.models.head import check_logprobs_match_forward, logit_transform
 from align.models.loading import load_model, load_tokenizer
+from align.models.packed import decoder_hidden
 from align.ops.logprobs import token_logprobs, weighted_logprob_sum
 
 ReferenceStrategy = Literal["auto", "adapter_disabled", "frozen_copy", "none"]
@@ -55,14 +58,13 @@ class TokenLogprobModel(nn.Module):
         With token_weights [B, T]: (sum(token_weights * log-probs), its gradient made in the forward;
         the log-probs; the entropies or None) instead (`align.ops.weighted_logprob_sum`)."""
         lm = causal_lm(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state
+        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
         if token_weights is not None:
-            return weighted_logprob_sum(hidden / temperature if temperature != 1.0 else hidden,
-                                        lm.get_output_embeddings(), labels, token_weights,
-                                        return_entropy=return_entropy)
+            return weighted_logprob_sum(hidden, lm.get_output_embeddings(), labels, token_weights,
+                                        return_entropy=return_entropy, temperature=temperature,
+                                        transform=logit_transform(lm.config))
         return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
-                              return_entropy=return_entropy)
+                              return_entropy=return_entropy, transform=logit_transform(lm.config))
 
 
 class Trainable:
@@ -128,6 +130,7 @@ class Policy(Trainable):
     """
 
     def __init__(self, model: nn.Module, tokenizer, reference: ReferenceStrategy = "none"):
+        check_logprobs_match_forward(causal_lm(model))
         self.module = self.wrap(model)
         self.tokenizer = tokenizer
         if reference == "auto":

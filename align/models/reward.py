@@ -9,6 +9,7 @@ from torch import nn
 from align.config import AdapterConfig, ModelConfig
 from align.data.preference import prompt_completion_ids
 from align.models.loading import load_model, load_tokenizer
+from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
 
 
@@ -23,8 +24,7 @@ class ScalarHeadModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
         """input_ids, position_ids: [1, N] packed; last_index: [S] -> scores [S] (float32)."""
         lm = causal_lm(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state
+        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
         return lm.score(hidden[0, last_index]).squeeze(-1).float()
 
 

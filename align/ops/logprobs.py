@@ -3,23 +3,63 @@
 A plain `log_softmax(hidden @ W.T)` holds a [tokens, vocab] float32 tensor (and another for its
 gradient). Here only one [chunk, vocab] block lives at a time, in the forward and in the backward,
 which recomputes the block's logits instead of storing them.
+
+The logits are the model's own: `LogitTransform` applies what a family does after its lm-head
+(Gemma-2/3's tanh soft-cap, Cohere's and Granite's scaling) and the sampling temperature, in the
+order the model and the sampler do, so the log-probs equal `log_softmax(model(...).logits / T)`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 IGNORE_INDEX = -100
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """logits = softcap(scale * z) / temperature, where z = W h + b is the lm-head's output and
+    softcap(x) = cap * tanh(x / cap) (no cap: the identity).
+
+    scale: Cohere's `logit_scale` (multiplies), Granite's 1 / `logits_scaling`; softcap: Gemma-2/3's
+    `final_logit_softcapping`; temperature: sampling temperature (divides the final logits, so an
+    lm-head bias is divided too, as in the sampler).
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be > 0, got {self.softcap}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """z [n, V] float32 (overwritten) -> (logits [n, V], d logits / d z: a [n, V] tensor or a float)."""
+        if self.softcap is None:
+            factor = self.scale / self.temperature
+            return (z.mul_(factor) if factor != 1.0 else z), factor
+        t = z.mul_(self.scale / self.softcap).tanh_()
+        derivative = (1 - t * t).mul_(self.scale / self.temperature)
+        return t.mul(self.softcap / self.temperature), derivative
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, with_entropy):
         # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids)
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = _logits(hidden[start:start + chunk_size], weight, bias)
+            logits, _ = transform(_lm_head(hidden[start:start + chunk_size], weight, bias))
             target = targets[start:start + chunk_size, None]
             lse = logits.logsumexp(-1, keepdim=True)
             out[start:start + chunk_size] = (logits.gather(1, target) - lse)[:, 0]
@@ -27,7 +67,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 logp = logits.sub_(lse)
                 entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk_size = chunk_size
+        ctx.transform, ctx.chunk_size = transform, chunk_size
         ctx.mark_non_differentiable(entropy)
         return out, entropy
 
@@ -38,11 +78,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             h = hidden[start:start + ctx.chunk_size]
             g = grad_out[start:start + ctx.chunk_size, None]
+            logits, derivative = ctx.transform(_lm_head(h, weight, bias))
             # d logp[target] / d logits = onehot(target) - softmax
-            grad_logits = _logits(h, weight, bias).softmax(-1).mul_(-g)
+            grad_logits = logits.softmax(-1).mul_(-g)
             grad_logits.scatter_add_(1, targets[start:start + ctx.chunk_size, None], g)
-            _add_chunk_grads(grads, start, grad_logits, h, weight)
-        return *_finish_grads(grads, weight, bias), None, None, None
+            _add_chunk_grads(grads, start, _chain(grad_logits, derivative), h, weight)
+        return *_finish_grads(grads, weight, bias), None, None, None, None
 
 
 class _ChunkedWeightedLogprobSum(torch.autograd.Function):
@@ -52,7 +93,7 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
     returns the token log-probs and entropies themselves, without gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, weights, transform, chunk_size, with_entropy):
         # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids), weights: [N]
         grads = _new_grads(ctx, hidden, weight, bias)
         values = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
@@ -60,14 +101,15 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h, w = hidden[start:start + chunk_size], weights[start:start + chunk_size, None].float()
             target = targets[start:start + chunk_size, None]
-            logp = _logits(h, weight, bias).log_softmax(-1)
+            logits, derivative = transform(_lm_head(h, weight, bias))
+            logp = logits.log_softmax(-1)
             values[start:start + chunk_size] = logp.gather(1, target)[:, 0]
             if with_entropy:
                 entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
             if any(g is not None for g in grads):
                 grad_logits = logp.exp_().mul_(-w)  # d(w * logp[target]) / d logits = w * (onehot - softmax)
                 grad_logits.scatter_add_(1, target, w)
-                _add_chunk_grads(grads, start, grad_logits, h, weight)
+                _add_chunk_grads(grads, start, _chain(grad_logits, derivative), h, weight)
         ctx.grads = _finish_grads(grads, weight, bias)
         ctx.mark_non_differentiable(values, entropy)
         return (weights.float() * values).sum(), values, entropy
@@ -76,7 +118,7 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_values, _grad_entropy):
         grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
 def _new_grads(ctx, hidden, weight, bias) -> tuple:
@@ -106,13 +148,19 @@ def _finish_grads(grads: tuple, weight: torch.Tensor, bias: torch.Tensor | None)
             None if grad_b is None else grad_b.to(bias.dtype))
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[n, H] -> [n, V] float32 logits."""
+def _lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[n, H] -> [n, V] float32 lm-head outputs (in the head's dtype, then upcast, as the model does)."""
     return torch.nn.functional.linear(hidden, weight, bias).float()
 
 
+def _chain(grad_logits: torch.Tensor, derivative: torch.Tensor | float) -> torch.Tensor:
+    """d loss / d logits [n, V] -> d loss / d (lm-head output), in place."""
+    return grad_logits if isinstance(derivative, float) and derivative == 1.0 else grad_logits.mul_(derivative)
+
+
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                   chunk_size: int = 1024, temperature: float = 1.0, return_entropy: bool = False):
+                   chunk_size: int = 1024, temperature: float = 1.0, return_entropy: bool = False,
+                   transform: LogitTransform | None = None):
     """Log-probability of each label under the model, chunked over tokens.
 
     hidden: [B, T, H] final hidden states; labels: [B, T] next-token ids aligned with `hidden`
@@ -120,13 +168,13 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch
     Returns [B, T] float32 log-probs, 0 where the label is ignored. Only labelled positions reach
     the lm-head, so prompt and padding tokens cost nothing here. With return_entropy, also the
     [B, T] entropy of each labelled position's next-token distribution (no gradient).
+    transform: the model's logit post-processing (`LogitTransform`); its temperature is replaced
+    by `temperature`.
     """
     mask = labels != IGNORE_INDEX
-    selected = hidden[mask]
-    if temperature != 1.0:
-        selected = selected / temperature
-    values, entropy = _ChunkedLogprobs.apply(selected, lm_head.weight, lm_head.bias, labels[mask], chunk_size,
-                                             return_entropy)
+    transform = _with_temperature(transform, temperature)
+    values, entropy = _ChunkedLogprobs.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask], transform,
+                                             chunk_size, return_entropy)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     out = out.masked_scatter(mask, values)
     if return_entropy:
@@ -135,7 +183,8 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch
 
 
 def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                         weights: torch.Tensor, chunk_size: int = 1024, return_entropy: bool = False):
+                         weights: torch.Tensor, chunk_size: int = 1024, return_entropy: bool = False,
+                         temperature: float = 1.0, transform: LogitTransform | None = None):
     """sum(weights * log-probs of labels), a scalar, for losses whose per-token weights are known
     before the forward (SFT: 1 / trained tokens of the step; on-policy GRPO: advantage x norm).
     Same value and gradient as `(weights * token_logprobs(hidden, lm_head, labels)).sum()`, but
@@ -146,9 +195,15 @@ def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels:
     [B, T] next-token entropies with return_entropy, else None).
     """
     mask = labels != IGNORE_INDEX
+    transform = _with_temperature(transform, temperature)
     total, values, entropy = _ChunkedWeightedLogprobSum.apply(hidden[mask], lm_head.weight, lm_head.bias,
-                                                              labels[mask], weights[mask].detach(), chunk_size,
-                                                              return_entropy)
+                                                              labels[mask], weights[mask].detach(), transform,
+                                                              chunk_size, return_entropy)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     return (total, out.masked_scatter(mask, values),
             out.masked_scatter(mask, entropy) if return_entropy else None)
+
+
+def _with_temperature(transform: LogitTransform | None, temperature: float) -> LogitTransform:
+    transform = transform or LogitTransform()
+    return LogitTransform(transform.scale, transform.softcap, temperature)
