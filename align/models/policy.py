@@ -87,13 +87,21 @@ class Trainable:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
-    def eval_mode(self):
+    def mode(self, training: bool):
+        """Run in training (dropout active) or eval mode, then restore the mode it had."""
         was_training = self.module.training
-        self.module.eval()
+        self.module.train(training)
         try:
             yield
         finally:
             self.module.train(was_training)
+
+    def eval_mode(self):
+        return self.mode(training=False)
+
+    def disable_dropout(self) -> None:
+        """No dropout while training, nor in the passes compared with it (see `align.models.dropout`)."""
+        disable_dropout(self.module)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Adapter in peft format, or full weights as safetensors; plus the tokenizer."""
@@ -160,6 +168,11 @@ class Policy(Trainable):
         """The module whose weights define the reference (the policy itself under adapter_disabled)."""
         return self._reference_module if self._reference_module is not None else TokenLogprobModel(self.model)
 
+    def disable_dropout(self) -> None:
+        super().disable_dropout()
+        if self._reference_module is not None:
+            disable_dropout(self._reference_module)
+
     def release_reference(self) -> None:
         """Free the reference model once its log-probs are cached."""
         self._reference_module, self.reference = None, "none"
@@ -181,9 +194,9 @@ class Policy(Trainable):
     @torch.no_grad()
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """[B, T] log-probs of `batch["labels"]` under the reference model (no gradient)."""
-        if self.reference == "frozen_copy":
+        if self.reference == "frozen_copy":  # in the policy's mode: the same dropout setting
             device = next(self.module.parameters()).device
-            return self._reference_module.to(device)(**batch, temperature=temperature)
+            return self._reference_module.to(device).train(self.module.training)(**batch, temperature=temperature)
         if self.reference == "adapter_disabled":
             with self.model.disable_adapter():
                 return TokenLogprobModel(self.model)(**batch, temperature=temperature)

@@ -76,6 +76,8 @@ class Trainer:
     algorithm: str = ""
     formats: tuple[str, ...] = ()
     """Data formats this trainer accepts (see align.data.formats)."""
+    dropout_by_default: bool = True
+    """Whether dropout is on while training when train.dropout_during_training is not set."""
 
     def __init__(self, recipe: Recipe, policy: Policy, train_data, eval_data=None,
                  callbacks: list[Callback] | None = None):
@@ -85,6 +87,10 @@ class Trainer:
         self.output_dir = Path(recipe.output_dir)
         self.callbacks = ([MetricsFile()] + ([ProgressBar()] if self.cfg.progress else [])
                           + ([Plots()] if self.cfg.plots else []) + (callbacks or []))
+        self.dropout = self.dropout_by_default if self.cfg.dropout_during_training is None \
+            else self.cfg.dropout_during_training
+        if not self.dropout:
+            policy.disable_dropout()
         self.accelerator = process_accelerator()
         self.optimizer = adamw(policy.trainable_parameters(), lr=self.cfg.lr, betas=self.cfg.adam_betas,
                                weight_decay=self.cfg.weight_decay)
@@ -182,6 +188,11 @@ class Trainer:
         total, logps, entropy = self.policy.weighted_logprob_sum(batch, weights, temperature, return_entropy)
         loss, metrics = loss_of_logprobs(logps)
         return loss.detach() + (total - total.detach()), metrics, entropy
+
+    def scoring_mode(self):
+        """The mode of the passes whose numbers the loss compares with the training forward (reference
+        and old log-probs): the training mode, dropout included, when dropout is on, else eval mode."""
+        return self.policy.mode(training=self.dropout)
 
     # ---- data order -----------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:

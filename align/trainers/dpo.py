@@ -49,6 +49,7 @@ class PreferenceTrainer(Trainer):
 
 class DPOTrainer(PreferenceTrainer):
     algorithm = "dpo"
+    dropout_by_default = False  # implicit rewards compare the training forward with the reference's
 
     @property
     def shared_prompt(self) -> bool:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 class OnlineTrainer(Trainer):
     formats = ("prompt", "prompt_completion")
+    dropout_by_default = False  # old and reference log-probs must see the model the update trains
 
     # ---- settings -------------------------------------------------------------------------------
     @classmethod
@@ -222,7 +223,7 @@ class OnlineTrainer(Trainer):
             return values
 
         per_batch = max(1, (self.cfg.eval_batch_size or self.cfg.batch_size) // self.group_size)
-        with self.policy.eval_mode():
+        with self.scoring_mode():
             for group, value in zip(groups, map_in_shares(groups, per_batch, values_of)):
                 group.update(value)
 
