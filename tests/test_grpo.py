@@ -56,7 +56,7 @@ def test_shared_prompt_and_separate_rows_give_the_same_loss_and_gradients(grpo_r
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("norm", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("norm", ["dapo", "grpo", "dr_grpo", "bnpo"])
 def test_on_policy_fast_path_equals_the_general_loss(grpo_recipe, norm):
     """One iteration, no KL: the loss with its lm-head gradient made in the forward equals the
     surrogate of the plain token log-probs, in value, gradients and metrics."""
@@ -71,6 +71,28 @@ def test_on_policy_fast_path_equals_the_general_loss(grpo_recipe, norm):
     assert fast.item() == pytest.approx(plain.item(), abs=1e-6) and fast.requires_grad
     assert {k: v for k, v in fast_metrics.items() if k != "entropy"} == pytest.approx(plain_metrics)
     for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(plain, params)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+class SquaredLogprobGRPO(GRPOTrainer):
+    """A subclass whose loss is not linear in the log-probs (it adds 0.1 * mean(logp^2))."""
+
+    def surrogate(self, logps, batch):
+        loss, metrics = super().surrogate(logps, batch)
+        return loss + 0.1 * (logps ** 2 * batch["mask"]).sum() / batch["mask"].sum(), metrics
+
+
+def test_a_subclass_overriding_the_surrogate_gets_its_true_gradient(grpo_recipe):
+    """The fused path reads token weights off the built-in loss; a subclass's own surrogate trains by
+    the plain path (before, its gradient came out ~26% off with the right value)."""
+    trainer = SquaredLogprobGRPO.from_recipe(grpo_recipe())
+    assert not trainer.linear_in_logprobs
+    batch = trainer._to_device({**trainer.micro_batches(0)[0], "num_items": 123.0})
+    params = list(trainer.policy.trainable_parameters())
+    loss, _ = trainer.compute_loss(batch)
+    packed = trainer.policy.logprobs(batch, trainer.logprob_temperature)
+    plain, _ = trainer.surrogate(sequence_tokens(packed, batch["sequence_ids"], *batch["mask"].shape), batch)
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(plain, params)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 

@@ -101,3 +101,16 @@ def sequence_tokens(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequen
     column = torch.arange(seq.numel(), device=seq.device) - starts[seq]
     out = torch.zeros(num_sequences, length, dtype=values.dtype, device=values.device)
     return out.index_put((seq, column), values[keep])
+
+
+def packed_tokens(values: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sequence rows [S, T] -> the packed layout [1, N] (0 where no sequence's token is): the
+    inverse of `sequence_tokens`."""
+    keep = sequence_ids[0] >= 0
+    seq = sequence_ids[0, keep]
+    counts = torch.bincount(seq, minlength=values.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    column = torch.arange(seq.numel(), device=seq.device) - starts[seq]
+    out = torch.zeros(sequence_ids.shape, dtype=values.dtype, device=values.device)
+    out[0, keep] = values[seq, column]
+    return out

@@ -153,3 +153,28 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
             per_token_loss = per_token_loss + beta * kl
     loss = aggregate_loss(per_token_loss, mask, norm, max_completion_length, num_items)
     return loss, metrics
+
+
+# Each norm's d aggregate_loss / d per_token_loss [B, T] (every norm is linear in the token losses).
+NORM_WEIGHTS: dict[str, Callable[[torch.Tensor, int | None, float | None], torch.Tensor]] = {
+    "grpo": lambda mask, max_len, num_items: mask / (mask.shape[0] * mask.sum(-1, keepdim=True).clamp(min=1)),
+    "bnpo": lambda mask, max_len, num_items: mask / mask.sum().clamp(min=1),
+    "dr_grpo": lambda mask, max_len, num_items: mask / (mask.shape[0] * max_len),
+    "dapo": lambda mask, max_len, num_items: mask / (mask.sum().clamp(min=1) if num_items is None else num_items),
+}
+
+
+def on_policy_token_weights(advantages: torch.Tensor, mask: torch.Tensor, norm: str = "grpo",
+                            max_completion_length: int | None = None, num_items: float | None = None) -> torch.Tensor:
+    """d grpo_loss / d logps [B, T] when every ratio is 1 (one pass over fresh samples, token-level
+    ratios, beta 0): -advantage x the norm's weight of each token. The loss is then linear in the
+    log-probs, so these weights give its gradient as a weighted log-prob sum (`Trainer.linear_loss`).
+
+    advantages: [B] (or [B, T]); mask: [B, T]; the rest as in `aggregate_loss`.
+    """
+    if norm not in NORM_WEIGHTS:
+        raise ValueError(f"unknown loss norm {norm!r}; valid: {sorted(NORM_WEIGHTS)}")
+    if norm == "dr_grpo" and max_completion_length is None:
+        raise ValueError("norm='dr_grpo' needs max_completion_length")
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    return -adv * NORM_WEIGHTS[norm](mask.to(adv.dtype), max_completion_length, num_items)

@@ -15,3 +15,10 @@ def masked_nll(logps: torch.Tensor, mask: torch.Tensor, num_items: float | torch
     if num_items is None:
         num_items = mask.sum().clamp(min=1)
     return -(logps * mask).sum() / num_items
+
+
+def masked_nll_token_weights(mask: torch.Tensor, num_items: float | torch.Tensor | None = None) -> torch.Tensor:
+    """d masked_nll / d logps [B, T]: -mask / num_items (the loss is linear in the log-probs)."""
+    if num_items is None:
+        num_items = mask.sum().clamp(min=1)
+    return -mask.float() / num_items

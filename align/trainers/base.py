@@ -176,16 +176,15 @@ class Trainer:
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def linear_loss(self, batch: dict, loss_of_logprobs, temperature: float = 1.0, return_entropy: bool = False):
-        """`loss_of_logprobs(policy.logprobs(batch)) -> (loss, metrics)` for a loss whose gradient in
-        the [B, T] token log-probs does not depend on them (SFT's NLL; on-policy GRPO, whose ratios
-        are all 1), computed faster: the token weights are that gradient, read off the function at a
-        probe, so the lm-head's gradient is made in the forward and its logits are never recomputed.
-        Same value, metrics and gradients. Returns (loss, metrics, [B, T] entropies or None)."""
-        with torch.enable_grad():  # evaluation runs under no_grad; the probe needs its gradient anyway
-            probe = torch.zeros(batch["labels"].shape, device=batch["labels"].device, requires_grad=True)
-            (weights,) = torch.autograd.grad(loss_of_logprobs(probe)[0], probe)
-        total, logps, entropy = self.policy.weighted_logprob_sum(batch, weights, temperature, return_entropy)
+    def linear_loss(self, batch: dict, loss_of_logprobs, token_weights: torch.Tensor, temperature: float = 1.0,
+                    return_entropy: bool = False):
+        """`loss_of_logprobs(policy.logprobs(batch)) -> (loss, metrics)` computed faster, for a loss
+        that is linear in the [B, T] token log-probs with gradient `token_weights` [B, T] (SFT's NLL;
+        on-policy GRPO, whose ratios are all 1): the lm-head's gradient is made in the forward and its
+        logits are never recomputed. The value and metrics come from `loss_of_logprobs` itself; the
+        gradient is the weights' (each loss's weight function sits next to it in `align.losses` and
+        tests check it against autograd). Returns (loss, metrics, [B, T] entropies or None)."""
+        total, logps, entropy = self.policy.weighted_logprob_sum(batch, token_weights, temperature, return_entropy)
         loss, metrics = loss_of_logprobs(logps)
         return loss.detach() + (total - total.detach()), metrics, entropy
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from align.data.groups import sequence_tokens
-from align.losses.policy_gradient import group_advantages, grpo_loss, masked_mean
+from align.data.groups import packed_tokens, sequence_tokens
+from align.losses.policy_gradient import group_advantages, grpo_loss, masked_mean, on_policy_token_weights
 from align.models import Policy
 from align.rollout import Rollout
 from align.trainers.online import OnlineTrainer, check_divisible
@@ -70,8 +70,12 @@ class GRPOTrainer(OnlineTrainer):
     @property
     def linear_in_logprobs(self) -> bool:
         """One pass over each rollout, no KL term, token-level ratios: every ratio is exactly 1 (the
-        policy that sampled is the one trained), so the loss's gradient is that of a weighted sum
-        of the token log-probs whose weights are known before the forward (see `compute_loss`)."""
+        policy that sampled is the one trained), so the loss's gradient is that of a weighted sum of
+        the token log-probs whose weights are known before the forward (`token_weights`). A subclass
+        that overrides `surrogate` trains by the plain path, unless it overrides `token_weights` too."""
+        overridden = type(self).surrogate is not GRPOTrainer.surrogate
+        if overridden and type(self).token_weights is GRPOTrainer.token_weights:
+            return False
         return self.rl.num_iterations == 1 and self.rl.beta == 0 and self.rl.importance == "token"
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -80,12 +84,22 @@ class GRPOTrainer(OnlineTrainer):
         mask = batch["mask"]
         per_sequence = lambda packed: self.surrogate(sequence_tokens(packed, batch["sequence_ids"], *mask.shape), batch)
         if self.linear_in_logprobs:
-            loss, metrics, entropy = self.linear_loss(batch, per_sequence, self.logprob_temperature, return_entropy=True)
+            weights = packed_tokens(self.token_weights(batch), batch["sequence_ids"])
+            loss, metrics, entropy = self.linear_loss(batch, per_sequence, weights, self.logprob_temperature,
+                                                      return_entropy=True)
         else:
             packed, entropy = self.policy.logprobs(batch, self.logprob_temperature, return_entropy=True)
             loss, metrics = per_sequence(packed)
         metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()
         return loss, metrics
+
+    def token_weights(self, batch: dict) -> torch.Tensor:
+        """d surrogate / d logps [S, T] on-policy (all ratios 1): -advantage x the norm's token weight,
+        scaled like `surrogate` by this micro-batch's share of the step."""
+        mask, norm = batch["mask"], self.rl.loss_norm
+        weights = on_policy_token_weights(batch["advantages"], mask, norm, self.rl.sampling.max_new_tokens,
+                                          batch["num_items"] if norm == "dapo" else None)
+        return weights if norm == "dapo" else weights * mask.shape[0] / batch["num_items"]
 
     def surrogate(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """The GRPO loss of per-sequence token log-probs [S, T], weighted by this micro-batch's share

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from align.data import sft_encoder, tokenize
-from align.losses.sft import masked_nll
+from align.losses.sft import masked_nll, masked_nll_token_weights
 from align.trainers.base import Trainer
 
 
@@ -24,6 +24,7 @@ class SFTTrainer(Trainer):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """masked_nll of the policy's token log-probs, by the fused path (`linear_loss`: every
         trained token weighs 1 / num_items, known before the forward)."""
-        mask = batch["labels"] != -100
-        loss, metrics, _ = self.linear_loss(batch, lambda logps: (masked_nll(logps, mask, batch.get("num_items")), {}))
+        mask, num_items = batch["labels"] != -100, batch.get("num_items")
+        loss, metrics, _ = self.linear_loss(batch, lambda logps: (masked_nll(logps, mask, num_items), {}),
+                                            masked_nll_token_weights(mask, num_items))
         return loss, metrics
