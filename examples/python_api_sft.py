@@ -22,7 +22,7 @@ class LabelSmoothedSFT(SFTTrainer):
         # push a little probability mass off the targets: penalize over-confident log-probs
         logps = self.policy.logprobs(batch)
         extra = self.smoothing * (logps.exp() * mask).sum() / batch["num_items"]
-        return loss + extra, {**metrics, "confidence": float((logps.exp() * mask).sum() / mask.sum())}
+        return loss + extra, {**metrics, "confidence": float((logps.detach().exp() * mask).sum() / mask.sum())}
 
 
 def main(output_dir: str = "runs/example-python-api", max_steps: int = 20) -> dict:

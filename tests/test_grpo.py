@@ -153,3 +153,54 @@ def test_bad_reward_function_fails_before_training(grpo_recipe, tmp_path):
     bad.write_text("def wrong_length(completions, **_):\n    return [1.0]\n")
     with pytest.raises(AlignError, match="wrong_length"):
         GRPOTrainer.from_recipe(grpo_recipe(grpo={"rewards": [{"fn": f"{bad}:wrong_length"}]}))
+
+
+def test_completions_without_any_reward_are_left_out_of_the_group_statistics(grpo_recipe, monkeypatch):
+    # as TRL: NaN reward, advantage 0, not counted in the group's mean/std nor in the reward metrics;
+    # the completion stays in the loss (trained) with advantage 0, so it moves nothing but the KL term
+    from align.rollout import Rollout
+
+    trainer = GRPOTrainer.from_recipe(grpo_recipe())
+    nan = float("nan")
+    values = torch.tensor([1.0, 0.0, 1.0, 0.0, nan, nan, nan, nan] + [1.0, 1.0] + [nan] * 6)[:, None]
+
+    def sample_and_score(rows, round_):
+        completions = [[5, 6, 7]] * (len(rows) * 8)
+        return Rollout([r["prompt_ids"] for r in rows], completions, [True] * len(completions), 8), values
+
+    monkeypatch.setattr(trainer, "sample_and_score", sample_and_score)
+    experience = trainer.make_experience(0)
+    first, second = (g["advantages"] for g in experience["groups"])
+    a = 0.5 / (torch.tensor([1.0, 0.0, 1.0, 0.0]).std().item() + 1e-4)
+    torch.testing.assert_close(first, torch.tensor([a, -a, a, -a, 0.0, 0.0, 0.0, 0.0]))
+    assert second.tolist() == [0.0] * 8 and all(all(g["trained"]) for g in experience["groups"])
+    metrics, scored = experience["metrics"], torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    assert metrics["reward"] == pytest.approx(scored.mean().item())
+    assert metrics["reward_std"] == pytest.approx(scored.std().item())
+    assert metrics["frac_reward_zero_std"] == 0.5  # the second group's scored rewards are all 1
+    assert metrics["rewards/total/none"] == 10 / 16
+
+
+def _gspo_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "importance: sequence" in r.getMessage()]
+
+
+def test_gspo_with_dapo_warns_once(grpo_recipe, caplog):
+    from align.trainers import grpo
+
+    grpo._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="align.trainers.grpo"):
+        GRPOTrainer.from_recipe(grpo_recipe(grpo={"importance": "sequence", "loss_norm": "dapo"}))
+    (message,) = _gspo_warnings(caplog)  # the recipe is checked twice while the trainer is built
+    assert "grpo.loss_norm: dapo" in message and "grpo.loss_norm: grpo" in message
+
+
+@pytest.mark.parametrize("importance, norm, warns", [("sequence", "bnpo", True), ("sequence", "dr_grpo", True),
+                                                     ("sequence", "grpo", False), ("token", "dapo", False)])
+def test_gspo_norm_warning_only_for_token_summing_norms(grpo_recipe, caplog, importance, norm, warns):
+    from align.trainers import grpo
+
+    grpo._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="align.trainers.grpo"):
+        GRPOTrainer.check_recipe(grpo_recipe(grpo={"importance": importance, "loss_norm": norm}))
+    assert len(_gspo_warnings(caplog)) == warns

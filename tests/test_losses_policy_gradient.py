@@ -58,6 +58,41 @@ def test_group_advantages_match_trl_formula(scale):
     torch.testing.assert_close(group_advantages(rewards, G, scale), (rewards - mean) / (std + 1e-4))
 
 
+def test_group_advantages_leave_unscorable_completions_out_by_hand():
+    # NaN = every reward function returned None: left out of its group's mean and std, advantage 0
+    nan = math.nan
+    rewards = t([1.0, nan, 3.0, 2.0] + [nan] * 4 + [nan, 4.0, nan, nan])
+    eps = 1e-4  # group 0: scored values 1, 3, 2 -> mean 2, unbiased std 1; group 2: one scored value
+    torch.testing.assert_close(group_advantages(rewards, 4),
+                               t([-1 / (1 + eps), 0.0, 1 / (1 + eps), 0.0] + [0.0] * 8))
+    torch.testing.assert_close(group_advantages(rewards, 4, scale="none"), t([-1.0, 0.0, 1.0, 0.0] + [0.0] * 8))
+    batch_std = statistics.stdev([1.0, 3.0, 2.0, 4.0])  # the batch's scored values
+    torch.testing.assert_close(group_advantages(rewards, 4, scale="batch", eps=0.0),
+                               t([-1 / batch_std, 0.0, 1 / batch_std, 0.0] + [0.0] * 8))
+
+
+def _trl_advantages(rewards: torch.Tensor, G: int, scale: str) -> torch.Tensor:
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions (sum_then_normalize), line for line, on
+    combined rewards where NaN marks an unscorable completion."""
+    from trl.trainer.utils import nanstd
+
+    mean = torch.nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0)
+    std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0) if scale == "group" else nanstd(rewards)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_with_unscorable_completions_match_trl(scale):
+    pytest.importorskip("trl")
+    torch.manual_seed(0)
+    rewards, G = torch.randn(24), 4
+    rewards[torch.tensor([1, 5, 6, 8, 9, 10, 11, 13, 14, 15])] = math.nan  # one empty group, one with a single value
+    torch.testing.assert_close(group_advantages(rewards, G, scale), _trl_advantages(rewards, G, scale))
+
+
 # --- k3 KL ---------------------------------------------------------------------------------------
 
 def test_k3_kl_by_hand():

@@ -67,6 +67,25 @@ def test_gae_closed_forms():
     torch.testing.assert_close(adv, t([[1 + 0.5 * 0.25 - 0.5, 0.5 * 1.0 - 0.25, 2.0 - 1.0]]))
 
 
+def test_kl_shaped_rewards_and_gae_returns_by_hand():
+    """The experience of PPO for two rows, written out: per-token reward -kl_coef * (logp - ref_logp),
+    plus the score at the last token; then GAE with gamma = 0.9, lam = 0.8 (gamma * lam = 0.72)."""
+    logps = t([[-1.0, -0.5, -2.0], [-0.3, -0.7, -9.0]])
+    ref = t([[-1.5, -0.5, -1.0], [-0.1, -1.7, 0.0]])  # logp - ref: [0.5, 0, -1] and [-0.2, 1.0]
+    values = t([[0.2, 0.4, 0.5], [0.1, -0.2, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards = token_level_rewards(t([1.0, -0.5]), logps, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(rewards, t([[-0.05, 0.0, 0.1 + 1.0], [0.02, -0.1 - 0.5, 0.0]]))
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 0: deltas 1.1 - 0.5 = 0.6; 0 + 0.9 * 0.5 - 0.4 = 0.05; -0.05 + 0.9 * 0.4 - 0.2 = 0.11
+    a0 = [0.11 + 0.72 * (0.05 + 0.72 * 0.6), 0.05 + 0.72 * 0.6, 0.6]
+    # row 1: deltas -0.6 + 0.2 = -0.4; 0.02 + 0.9 * (-0.2) - 0.1 = -0.26 (the padded value 7 is never read)
+    a1 = [-0.26 + 0.72 * -0.4, -0.4, 0.0]
+    torch.testing.assert_close(advantages, t([a0, a1]))
+    torch.testing.assert_close(advantages, t([[0.45704, 0.482, 0.6], [-0.548, -0.4, 0.0]]))
+    torch.testing.assert_close(returns, t([[0.65704, 0.882, 1.1], [-0.448, -0.6, 0.0]]))
+
+
 def test_whiten_masked_stats():
     torch.manual_seed(1)
     x = torch.randn(3, 4, dtype=F64) * 3 + 2

@@ -48,14 +48,78 @@ def test_a_round_is_epochs_times_mini_batches_over_one_rollout(ppo_recipe):
     assert trainer.experience["round"] == 1
 
 
-def test_experience_has_gae_returns_and_a_kl_penalised_reward(ppo_recipe):
-    trainer = PPOTrainer.from_recipe(ppo_recipe(ppo={"whiten_advantages": False, "gamma": 1.0, "lam": 1.0}))
-    trainer.micro_batches(0)
-    group = trainer.experience["groups"][0]
-    values, returns = group["old_values"][0], group["returns"][0]
-    # with gamma = lambda = 1, advantage_t = return_t - value_t and return_0 = score - kl_coef * sum of k1 KL
-    torch.testing.assert_close(group["advantages"][0], returns - values)
-    assert returns.shape == values.shape == (len(group["completions"][0]),)
+def _gae_by_hand(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """A_t = sum_k (gamma * lam)^k delta_{t+k}, delta_t = r_t + gamma * V_{t+1} - V_t, V after the end = 0."""
+    deltas = [r + gamma * (values[t + 1] if t + 1 < len(values) else 0.0) - v
+              for t, (r, v) in enumerate(zip(rewards, values))]
+    return [sum((gamma * lam) ** k * d for k, d in enumerate(deltas[t:])) for t in range(len(deltas))]
+
+
+def test_experience_has_kl_shaped_rewards_and_gae_returns(ppo_recipe):
+    """annotate() on a rollout, against the per-token rewards and GAE written out from the stored
+    old log-probs, values and the reference log-probs: score at the last token, -kl_coef * (logp -
+    ref_logp) on every token."""
+    kl_coef, gamma, lam = 0.5, 0.9, 0.8
+    trainer = PPOTrainer.from_recipe(ppo_recipe(ppo={"whiten_advantages": False, "gamma": gamma, "lam": lam,
+                                                     "kl_coef": kl_coef}))
+    with torch.no_grad():  # move the policy off the reference so the KL penalty is not zero
+        for p in trainer.policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    rows = trainer.round_rows(0)[:4]
+    rollout, values = trainer.sample_and_score(rows, 0)
+    groups = trainer.build_groups(rows, rollout, trainer.rewards.combine(values))
+    scores = [g["scores"].item() for g in groups]
+    reference = [dict(g) for g in groups]
+    trainer.forward_groups(reference, lambda b: {"ref_logps": trainer.policy.reference_logprobs(b, 1.0)})
+    metrics = trainer.annotate(groups)
+    kls = []
+    for group, ref, score in zip(groups, reference, scores):
+        logps, ref_logps, old_values = group["old_logps"][0].tolist(), ref["ref_logps"][0].tolist(), \
+            group["old_values"][0].tolist()
+        kl = [a - b for a, b in zip(logps, ref_logps)]
+        rewards = [-kl_coef * k for k in kl]
+        rewards[-1] += score
+        advantages = _gae_by_hand(rewards, old_values, gamma, lam)
+        torch.testing.assert_close(group["advantages"][0], torch.tensor(advantages), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(group["returns"][0], torch.tensor([a + v for a, v in zip(advantages, old_values)]),
+                                   atol=1e-5, rtol=1e-5)
+        kls.append(sum(kl))
+    assert min(abs(k) for k in kls) > 1e-3  # the KL term does shape these returns
+    assert metrics["kl"] == pytest.approx(sum(kls) / 4, rel=1e-5)
+    assert metrics["non_score_reward"] == pytest.approx(-kl_coef * sum(kls) / 4, rel=1e-5)
+    assert metrics["score"] == pytest.approx(sum(scores) / 4)
+
+
+def _rollout(trainer, rows, completions: list[list[int]]):
+    from align.rollout import Rollout
+    from align.rollout.sampling import SamplingParams, StopRule
+
+    stop = StopRule(trainer.policy.tokenizer, SamplingParams(stop=["."]))
+    return Rollout([r["prompt_ids"] for r in rows], completions, [stop(c) for c in completions], 1)
+
+
+def test_missing_eos_penalty_spares_only_completions_that_end_in_eos(ppo_recipe):
+    # TRL's PPO penalises a completion that does not contain the EOS token; a stop string is no EOS
+    trainer = PPOTrainer.from_recipe(ppo_recipe(ppo={"missing_eos_penalty": 2.0}))
+    tokenizer, rows = trainer.policy.tokenizer, trainer.round_rows(0)[:3]
+    text = tokenizer(" The answer is 19.", add_special_tokens=False)["input_ids"]
+    rollout = _rollout(trainer, rows, [text + [tokenizer.eos_token_id], text, text[:-1]])
+    assert rollout.finished == [True, True, False]  # EOS, the stop string ".", max_new_tokens
+    groups = trainer.build_groups(rows, rollout, torch.tensor([1.0, 1.0, 1.0]))
+    assert [g["scores"].item() for g in groups] == [1.0, -1.0, -1.0]
+
+
+def test_completion_without_any_reward_is_left_out_of_the_loss(ppo_recipe):
+    # PPO has no group to take a baseline from: a completion that no reward function scored is not
+    # trained at all (not toward a score of 0); its stand-in score 0 keeps the rollout maths finite
+    trainer = PPOTrainer.from_recipe(ppo_recipe())
+    tokenizer, rows = trainer.policy.tokenizer, trainer.round_rows(0)[:3]
+    text = tokenizer(" The answer is 19.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    groups = trainer.build_groups(rows, _rollout(trainer, rows, [text] * 3), torch.tensor([1.0, float("nan"), 0.5]))
+    assert [g["trained"] for g in groups] == [[True], [False], [True]]
+    assert [g["scores"].item() for g in groups] == [1.0, 0.0, 0.5]
+    mask = trainer.collate(groups)["mask"]
+    assert mask[1].sum() == 0 and mask[0].sum() == mask[2].sum() == len(text)
 
 
 def test_reward_model_dir_scores_and_starts_the_critic(ppo_recipe, tmp_path):

@@ -48,3 +48,28 @@ def test_margin_column_enters_the_loss(rm_recipe):
     trainer2 = RewardTrainer.from_recipe(rm_recipe(rows=with_margin))
     shifted = trainer2.compute_loss({**trainer2.collate([trainer2.train_data[i] for i in range(8)]), "num_items": 8})[0]
     assert shifted.item() > plain.item() + 0.1
+
+
+def test_scorer_scores_a_truncated_completion_as_sampled_without_an_eos():
+    """A completion that hit max_new_tokens is scored on its sampled ids, with no EOS appended; one
+    whose sampled ids end in EOS is scored as before (re-tokenized, EOS appended)."""
+    from align.config import AdapterConfig, ModelConfig
+    from align.models.reward import RewardModel, RewardScorer
+
+    torch.manual_seed(0)
+    model = RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama-arith", dtype="float32"),
+                                    AdapterConfig())
+    scorer, tokenizer = RewardScorer(model), model.tokenizer
+    prompts = ["Question: What is 4 + 18?\nAnswer:"] * 2
+    texts = [" 4 + 18 = 22. The answer is 22.", " 4 + 18 = 22. The"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    finished = [ids[0] + [tokenizer.eos_token_id], ids[1] + [tokenizer.eos_token_id]]
+    as_text = scorer(prompts, texts)  # no ids: each text is a whole answer
+    assert scorer(prompts, texts, completion_ids=finished) == as_text
+    truncated = scorer(prompts, texts, completion_ids=ids)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(truncated, as_text))
+    prompt_ids = tokenizer(prompts[0])["input_ids"]
+    with torch.no_grad():
+        by_hand = [model.scores({"input_ids": torch.tensor([prompt_ids + c]), "last_index": torch.tensor([-1]),
+                                 "position_ids": torch.arange(len(prompt_ids + c))[None]}).item() for c in ids]
+    assert truncated == pytest.approx(by_hand, abs=1e-5)

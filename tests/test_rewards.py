@@ -205,11 +205,24 @@ def test_combine_weights_and_none():
     rewards = RewardFunctions([half, minus], weights=[2.0, 0.5])
     values = rewards(*batch(["a", "b", "c", "d"]))
     assert torch.equal(values.isnan(), torch.tensor([[False, False], [True, False], [False, True], [True, True]]))
-    assert rewards.combine(values).tolist() == [2 * 0.5 - 0.5, 1.0, 2.0, 0.0]
+    combined = rewards.combine(values)  # a row where every function returned None has no reward: NaN, not 0
+    assert combined[:3].tolist() == [2 * 0.5 - 0.5, 1.0, 2.0] and combined[3].isnan()
     metrics = rewards.metrics(values)
     assert metrics["rewards/half/mean"] == 0.75 and metrics["rewards/half/std"] == 0.25
     assert metrics["rewards/half/none"] == 0.5 and metrics["rewards/minus/mean"] == 0.5
-    assert metrics["rewards/total/mean"] == pytest.approx((0.5 + 1 + 2 + 0) / 4)
+    assert metrics["rewards/total/mean"] == pytest.approx((0.5 + 1 + 2) / 3)  # over the scored rows only
+    assert metrics["rewards/total/std"] == pytest.approx(torch.tensor([0.5, 1.0, 2.0]).std(correction=0).item())
+    assert metrics["rewards/total/none"] == 0.25
+
+
+def test_combine_warns_once_about_rows_without_any_reward(caplog):
+    rewards = RewardFunctions([lambda completions, **_: [None, 1.0]])
+    values = rewards(*batch(["a", "b"]))
+    with caplog.at_level("WARNING"):
+        rewards.combine(values)
+        rewards.combine(values)
+    messages = [r.getMessage() for r in caplog.records if "returned None" in r.getMessage()]
+    assert len(messages) == 1 and "NaN" in messages[0] and "advantage 0" in messages[0]
 
 
 def test_async_rewards_run_concurrently_also_inside_a_running_loop(monkeypatch):

@@ -20,7 +20,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     completions of one prompt). Returns [N*G].
 
     scale: "group" divides by each group's std, "batch" by the std of all rewards, "none" does not
-    divide (Dr. GRPO). std is the unbiased (Bessel-corrected) one, as in TRL; a single value has std 0.
+    divide (Dr. GRPO). std is the unbiased (Bessel-corrected) one, as in TRL.
+    A NaN reward marks a completion no reward function scored: as in TRL, it is left out of every
+    mean and std and its advantage is 0. So is the advantage of a value whose std is undefined
+    (fewer than two scored values): it is the only one in its group, equal to the group's mean.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; valid: {list(SCALES)}")
@@ -28,15 +31,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if group_size < 1 or flat.numel() % group_size:
         raise ValueError(f"{flat.numel()} rewards cannot be split into groups of group_size={group_size}")
     groups = flat.view(-1, group_size)
-    advantages = (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
-    if scale == "none":
-        return advantages
-    values = groups if scale == "group" else flat.view(1, -1)
-    if values.shape[1] > 1:
-        std = values.std(dim=1, keepdim=True)
-    else:
-        std = torch.zeros_like(values)
-    return advantages / (std.expand_as(values).reshape(-1) + eps)
+    advantages = groups - groups.nanmean(dim=1, keepdim=True)
+    if scale != "none":
+        values = groups if scale == "group" else flat.view(1, -1)
+        advantages = advantages / (nan_std(values, dim=1).unsqueeze(1) + eps)
+    return advantages.reshape(-1).nan_to_num(nan=0.0)
+
+
+def nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unbiased std along `dim` of the values that are not NaN; NaN where fewer than two are (as
+    TRL's `nanstd`). x: any shape, e.g. [N, G] with dim=1 -> [N]."""
+    present = ~x.isnan()
+    count = present.sum(dim)
+    mean = x.nanmean(dim, keepdim=True)
+    squares = torch.where(present, (x - mean) ** 2, 0.0).sum(dim)
+    return (squares / (count - 1)).sqrt().masked_fill(count < 2, float("nan"))
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

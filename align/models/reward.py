@@ -42,9 +42,13 @@ class RewardModel(Trainable):
 
 
 class RewardScorer:
-    """`scorer(prompts, completions) -> list[float]`: a trained reward model as a reward function.
+    """`scorer(prompts, completions, completion_ids=None) -> list[float]`: a trained reward model as a
+    reward function.
 
-    Prompts are strings or message lists, as in the data the model was trained on.
+    Prompts are strings or message lists, as in the data the model was trained on. completion_ids,
+    when given, are the sampled ids (the policy shares the reward model's tokenizer): a completion
+    whose ids do not end in EOS (it hit max_new_tokens, or a stop string ended it) is scored on
+    those ids as sampled, with no EOS appended, so it is not scored as a finished answer.
     """
 
     def __init__(self, reward_model: RewardModel, batch_size: int = 16):
@@ -52,17 +56,16 @@ class RewardScorer:
         self.__name__ = "reward_model"
 
     @torch.no_grad()
-    def __call__(self, prompts: list, completions: list, **_) -> list[float]:
-        tokenizer, out = self.reward_model.tokenizer, []
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]] | None = None,
+                 **_) -> list[float]:
+        out = []
+        sampled = completion_ids or [None] * len(completions)
         device = next(self.reward_model.module.parameters()).device
         with self.reward_model.eval_mode():
             for start in range(0, len(prompts), self.batch_size):
                 ids, positions, last = [], [], []
-                for prompt, completion in zip(prompts[start:start + self.batch_size],
-                                              completions[start:start + self.batch_size]):
-                    if isinstance(prompt, list) and isinstance(completion, str):  # a chat: the reply as a turn
-                        completion = [{"role": "assistant", "content": completion}]
-                    p, c = prompt_completion_ids(tokenizer, prompt, completion, start, "reward model input")
+                for row in range(start, min(start + self.batch_size, len(prompts))):
+                    p, c = self.input_ids(prompts[row], completions[row], sampled[row], row)
                     ids += p + c
                     positions += list(range(len(p) + len(c)))
                     last.append(len(ids) - 1)
@@ -71,6 +74,17 @@ class RewardScorer:
                                                    "last_index": torch.tensor(last, device=device)})
                 out += scores.tolist()
         return out
+
+    def input_ids(self, prompt, completion, sampled: list[int] | None, row: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) as the reward model reads them: the completion re-tokenized
+        with EOS (or the chat template's end of turn) appended, as in training, unless its sampled
+        ids are given and do not end in EOS; then those ids as they are."""
+        tokenizer = self.reward_model.tokenizer
+        if isinstance(prompt, list) and isinstance(completion, str):  # a chat: the reply as a turn
+            completion = [{"role": "assistant", "content": completion}]
+        p, c = prompt_completion_ids(tokenizer, prompt, completion, row, "reward model input")
+        unfinished = sampled is not None and sampled[-1:] != [tokenizer.eos_token_id]
+        return p, list(sampled) if unfinished else c
 
 
 def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, device: str | None = None) -> RewardScorer:

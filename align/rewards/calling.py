@@ -200,37 +200,44 @@ class RewardFunctions:
     def combine(self, values: torch.Tensor) -> torch.Tensor:
         """[B, F] -> [B]: sum over functions of weight * value, skipping None (NaN) entries.
 
-        A row where every function returned None gets 0 (with a warning, once).
+        A row where every function returned None has no reward: NaN, never 0 (with a warning, once).
+        GRPO gives it advantage 0 and leaves it out of its group's mean and std (as TRL does); PPO
+        leaves it out of the loss.
         """
         if values.isnan().all(dim=1).any() and not self._warned_all_none:
             self._warned_all_none = True
-            log.warning("every reward function returned None for some completions; their reward is 0 "
-                        "(this is reported once)")
+            log.warning("every reward function returned None for some completions: their reward is NaN, not 0 "
+                        "(GRPO: advantage 0, left out of the group's mean and std; PPO: not trained; metrics: "
+                        "rewards/total/none). This is reported once")
         return self._combine(values)
 
     def _combine(self, values: torch.Tensor) -> torch.Tensor:
         weights = torch.tensor(self.weights, dtype=values.dtype, device=values.device)
-        return torch.nansum(values * weights, dim=1)
+        total = torch.nansum(values * weights, dim=1)
+        return total.masked_fill(values.isnan().all(dim=1), math.nan)
 
     def metrics(self, values: torch.Tensor) -> dict[str, float]:
         """`rewards/<name>/mean`, `/std` (over the values that are not None) and `/none` (fraction of None)
-        per function, and `rewards/total/mean`, `/std` of the weighted sum."""
+        per function; `rewards/total/mean`, `/std` of the weighted sum over the rows with at least one
+        value, and `rewards/total/none`, the fraction of rows where every function returned None."""
         out = {}
         for f, name in enumerate(self.names):
-            column = values[:, f]
-            present = column[~column.isnan()]
-            if len(present):
-                out[f"rewards/{name}/mean"] = present.mean().item()
-                out[f"rewards/{name}/std"] = present.std(correction=0).item()
-            out[f"rewards/{name}/none"] = column.isnan().float().mean().item()
-        total = self._combine(values)
-        out["rewards/total/mean"] = total.mean().item()
-        out["rewards/total/std"] = total.std(correction=0).item()
+            out.update(_column_metrics(f"rewards/{name}", values[:, f]))
+        out.update(_column_metrics("rewards/total", self._combine(values)))
         return out
 
     def close(self) -> None:
         """Stop the event loop thread used for async functions (it is a daemon; closing is optional)."""
         self._loop.close()
+
+
+def _column_metrics(prefix: str, column: torch.Tensor) -> dict[str, float]:
+    """`<prefix>/mean`, `/std` (population) over the values that are not NaN, when there are any, and
+    `<prefix>/none`, the fraction of NaN."""
+    present = column[~column.isnan()]
+    out = {f"{prefix}/mean": present.mean().item(), f"{prefix}/std": present.std(correction=0).item()} \
+        if len(present) else {}
+    return {**out, f"{prefix}/none": column.isnan().float().mean().item()}
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -4,6 +4,9 @@ with an optional k3 KL to the reference, and the loss normalizations of its vari
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from align.data.groups import packed_tokens, sequence_tokens
@@ -11,6 +14,14 @@ from align.losses.policy_gradient import group_advantages, grpo_loss, masked_mea
 from align.models import Policy
 from align.rollout import Rollout
 from align.trainers.online import OnlineTrainer, check_divisible
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A recipe is checked more than once while a trainer is built: say each thing once per process."""
+    log.warning(message)
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -36,6 +47,10 @@ class GRPOTrainer(OnlineTrainer):
     @classmethod
     def check_recipe(cls, recipe) -> None:
         check_divisible(recipe.train.batch_size, recipe.grpo.group_size, "grpo.group_size")
+        if recipe.grpo.importance == "sequence" and recipe.grpo.loss_norm != "grpo":  # as TRL 1.16 warns
+            _warn_once(f"grpo.importance: sequence (GSPO) with grpo.loss_norm: {recipe.grpo.loss_norm} sums per-token "
+                       "terms, which weights each sequence by its completion length instead of optimizing GSPO's "
+                       "per-sequence objective; to reproduce the GSPO paper's setup, set grpo.loss_norm: grpo")
 
     @classmethod
     def build_policy(cls, recipe) -> Policy:

@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 from align.data.groups import pack_groups, sequence_tokens
 from align.data.prompts import tokenize_prompts
 from align.errors import AlignError
+from align.losses.policy_gradient import nan_std
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers.base import Trainer
@@ -152,12 +153,15 @@ class OnlineTrainer(Trainer):
         start = time.perf_counter()
         rollout, values = self.sample_and_score(rows, round_)
         seconds = time.perf_counter() - start
-        scores = self.rewards.combine(values)
+        scores = self.rewards.combine(values)  # NaN: no reward function scored the completion
         groups = self.build_groups(rows, rollout, scores)
-        metrics = {**self.rollout_metrics(rollout, seconds), **self.rewards.metrics(values),
-                   "reward": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0}
-        if self.group_size > 1:
-            metrics["frac_reward_zero_std"] = (scores.view(-1, self.group_size).std(1) == 0).float().mean().item()
+        metrics = {**self.rollout_metrics(rollout, seconds), **self.rewards.metrics(values)}
+        scored = scores[~scores.isnan()]
+        if len(scored):  # as TRL: over the scored completions; reward_std is unbiased
+            metrics.update(reward=scored.mean().item(), reward_std=scored.std().item() if len(scored) > 1 else 0.0)
+        if self.group_size > 1:  # a group with fewer than two scored rewards has no std (TRL: not zero)
+            std = nan_std(scores.view(-1, self.group_size), dim=1)
+            metrics["frac_reward_zero_std"] = torch.isclose(std, torch.zeros_like(std)).float().mean().item()
         metrics.update(self.annotate(groups))
         return {"round": round_, "groups": groups, "metrics": metrics}
 
@@ -256,8 +260,10 @@ class OnlineTrainer(Trainer):
         self.engine.sync_weights()
         scored = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size, scored)
         values, lengths = torch.stack([v for v, _ in scored]), [n for _, n in scored]
-        metrics = {"reward": self.rewards.combine(values).mean().item(),
-                   "completions/mean_length": sum(lengths) / len(lengths), **self.rewards.metrics(values)}
+        combined = self.rewards.combine(values)  # NaN where no function scored the completion
+        metrics = {"completions/mean_length": sum(lengths) / len(lengths), **self.rewards.metrics(values)}
+        if not combined.isnan().all():
+            metrics["reward"] = combined.nanmean().item()
         return {f"eval/{k}": v for k, v in metrics.items() if not k.endswith("/std")}
 
     def checkpoint_state(self) -> dict[str, object]:

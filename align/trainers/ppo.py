@@ -46,10 +46,18 @@ class PPOTrainer(OnlineTrainer):
 
     # ---- experience -----------------------------------------------------------------------------
     def build_groups(self, rows: list[dict], rollout: Rollout, scores: torch.Tensor) -> list[dict]:
+        """One group per completion with its score [1]. The missing-EOS penalty goes to every
+        completion whose last token is not EOS (max_new_tokens, a stop string or a stop id ended it),
+        as TRL's PPO penalises completions that do not contain EOS. A completion that no reward
+        function scored (NaN) has no group to take a baseline from: it is left out of the loss
+        (trained False), with a stand-in score 0 that keeps the rollout's maths finite."""
         if self.rl.missing_eos_penalty is not None:
-            scores = missing_eos_penalty(scores, torch.tensor(rollout.finished), self.rl.missing_eos_penalty)
-        return [{"prompt_ids": row["prompt_ids"], "completions": [completion], "trained": [True],
-                 "scores": scores[i:i + 1].float()}
+            eos = self.policy.tokenizer.eos_token_id
+            has_eos = torch.tensor([completion[-1:] == [eos] for completion in rollout.completion_ids])
+            scores = missing_eos_penalty(scores, has_eos, self.rl.missing_eos_penalty)
+        scored = ~scores.isnan()
+        return [{"prompt_ids": row["prompt_ids"], "completions": [completion], "trained": [bool(scored[i])],
+                 "scores": scores[i:i + 1].nan_to_num(nan=0.0).float()}
                 for i, (row, completion) in enumerate(zip(rows, rollout.completion_ids))]
 
     def annotate(self, groups: list[dict]) -> dict[str, float]:
@@ -72,17 +80,20 @@ class PPOTrainer(OnlineTrainer):
         ref = padded.get("ref_logps", padded["old_logps"])
         rewards = token_level_rewards(scores, padded["old_logps"], ref, mask, self.rl.kl_coef)
         advantages, returns = gae(rewards, padded["old_values"], mask, self.rl.gamma, self.rl.lam)
+        trained = torch.tensor([g["trained"][0] for g in groups])  # False: no reward function scored it
         if self.rl.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask * trained[:, None] if trained.any() else mask)
         for i, group in enumerate(groups):
             n = int(lengths[i])
             group["advantages"], group["returns"] = [advantages[i, :n]], [returns[i, :n]]
             group.pop("ref_logps", None)
             group.pop("scores")
         kl = ((padded["old_logps"] - ref) * mask).sum(-1)
-        return {"score": scores.mean().item(), "kl": kl.mean().item(),
-                "non_score_reward": (-self.rl.kl_coef * kl).mean().item(),
-                "values/mean": masked_mean(padded["old_values"], mask).item()}
+        metrics = {"kl": kl.mean().item(), "non_score_reward": (-self.rl.kl_coef * kl).mean().item(),
+                   "values/mean": masked_mean(padded["old_values"], mask).item()}
+        if trained.any():
+            metrics["score"] = scores[trained].mean().item()
+        return metrics
 
     def step_groups(self, groups: list[dict], round_: int, index: int) -> list[dict]:
         """Mini-batch `index % M` of PPO epoch `index // M`, reshuffled every epoch."""
