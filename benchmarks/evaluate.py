@@ -11,26 +11,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device
+
+def model_device(model) -> torch.device:
+    """Where the model's weights are: every batch goes there (the model may sit on the CPU while a
+    GPU is present, e.g. the initial model of a floor job, or on the GPU after training)."""
+    return next(model.parameters()).device
 
 
-def _padded(seqs: list[list[int]], pad_id: int):
-    """ -> input_ids [B, T], attention_mask [B, T]"""
+def _padded(seqs: list[list[int]], pad_id: int, device: torch.device):
+    """ -> input_ids [B, T], attention_mask [B, T] on `device`"""
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
-    return ids.to(device()), mask.to(device())
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
 def token_logprobs(model, seqs: list[list[int]], pad_id: int) -> list[torch.Tensor]:
     """Log-prob of each token given its prefix: one [len(s) - 1] tensor per sequence."""
-    ids, mask = _padded(seqs, pad_id)
+    ids, mask = _padded(seqs, pad_id, model_device(model))
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    logits = logits[:, :-1]  # no second [B, T, vocab] tensor: a 151k vocabulary on a GPU makes it ~10 GB
+    logps = logits.gather(-1, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, -1)
     return [logps[i, :len(s) - 1].cpu() for i, s in enumerate(seqs)]
 
 
@@ -94,7 +99,7 @@ def reward_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> floa
     for start in range(0, len(rows), batch_size):
         triples = [pair_tokens(tokenizer, r) for r in rows[start:start + batch_size]]
         seqs = [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
-        ids, mask = _padded(seqs, tokenizer.pad_token_id)
+        ids, mask = _padded(seqs, tokenizer.pad_token_id, model_device(model))
         scores = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
         chosen, rejected = scores.chunk(2)
         losses.append(-F.logsigmoid(chosen - rejected).cpu())

@@ -68,7 +68,7 @@ def work_agreement(align: list[dict], trl: list[dict]) -> dict:
     return {"agree": not why, "tokens_gap": gap, "why": "; ".join(why)}
 
 
-def summarize(case: str, module, results: list[dict]) -> list[dict]:
+def summarize(case: str, module, results: list[dict], variants: list[str] | None = None) -> list[dict]:
     """One row per baseline variant of `case` (a module of benchmarks/cases): medians over repeats,
     ratios Align/baseline, floor overheads. Tokens are the case's trained tokens per epoch, or for
     online RL (COMPARE = "work") each side's sampled completion tokens."""
@@ -86,7 +86,7 @@ def summarize(case: str, module, results: list[dict]) -> list[dict]:
     initial = _median(floor, "initial_loss")
     a_s, f_s = _median(align, "seconds"), _median(floor, "seconds")
     rows = []
-    for variant in module.VARIANTS:
+    for variant in variants or module.VARIANTS:
         trl = runs("trl", variant)
         t_s = _median(trl, "seconds")
         t_tokens = sampled(trl) if online else tokens
@@ -109,8 +109,26 @@ def summarize(case: str, module, results: list[dict]) -> list[dict]:
             "initial_loss": initial, "align_loss": a_loss, "trl_loss": t_loss,
             **(work_agreement(align, trl) if online else agreement(initial, a_loss, t_loss, variant)),
             "failed": failed,
+            **mfu(module, tokens, a_s, t_s, align + trl),
         })
     return rows
+
+
+def mfu(module, tokens: float | None, align_s: float | None, trl_s: float | None, runs: list[dict]) -> dict:
+    """Model FLOP utilization of full-parameter SFT: 6 x N x tokens / time / peak bf16 FLOP/s, with N
+    the parameters in matrix multiplies (`benchmarks.assets.matmul_parameters`) and the peak from
+    the device name (`assets.PEAK_BF16_FLOPS`, or $ALIGN_PEAK_FLOPS). Attention's own FLOPs are not
+    counted. None where it does not apply: other algorithms, a CPU, an unknown device. (For LoRA or
+    QLoRA the 6N rule does not hold: frozen weights need no weight gradients; tokens/s is the
+    number to compare there.)"""
+    ok = [r for r in runs if r.get("ok")]
+    peak = ok[0].get("peak_flops") if ok else None
+    params = ok[0].get("matmul_params") if ok else None
+    if getattr(module, "ALGORITHM", "") != "sft" or not (peak and params and tokens):
+        return {"align_mfu": None, "trl_mfu": None}
+    flops = 6 * params * tokens
+    return {"align_mfu": flops / align_s / peak if align_s else None,
+            "trl_mfu": flops / trl_s / peak if trl_s else None, "matmul_params": params, "peak_flops": peak}
 
 
 def _mb(value: float | None) -> float | None:
@@ -146,6 +164,11 @@ def markdown(rows: list[dict], header: str) -> str:
               "minus the memory at the start of training, what training itself adds. Over floor: trainer time / "
               "bare forward+backward+AdamW loop time - 1. VOID: the held-out losses (online RL: the amount of work) "
               "disagree, see `why` in the JSON; FAILED: a job raised."]
+    for r in rows:
+        if r.get("align_mfu") is not None:
+            lines.append(f"- {r['case']} vs {r['baseline']}: MFU Align {_fmt(r['align_mfu'], '.1%')}, "
+                         f"{r['baseline']} {_fmt(r['trl_mfu'], '.1%')} (6 x {r['matmul_params'] / 1e6:.0f}M params x "
+                         f"tokens / time / {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak)")
     for r in rows:
         if r["failed"] or not r["agree"]:
             lines.append(f"- {r['case']} vs {r['baseline']}: " + ("; ".join(r["failed"]) or r["why"]))

@@ -1,4 +1,4 @@
-"""Align vs TRL, side by side: `python -m benchmarks.run [--smoke] [--cases sft,rm,dpo] [--repeats 3]`.
+"""Align vs TRL, side by side: `python -m benchmarks.run [--smoke] [--cases sft,rm,dpo] [--repeats 3] [--model 0.5b]`.
 
 For every case and repeat, each side (Align, every TRL variant, the bare floor loop) runs once in
 its own fresh process, in alternating order (reversed on odd repeats, so slow drift of a shared
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks import report
+from benchmarks.assets import PRESETS as MODEL_PRESETS
 from benchmarks.assets import cache_root, model_dirs, write_jsonl
 from benchmarks.cases import CASES
 from benchmarks.common import Spec
@@ -37,9 +38,32 @@ PRESETS = {
     # the grpo case's prompts, each 8 times (PPO samples one completion per prompt): the same work
     "ppo": dict(n_train=16, n_eval=4, batch_size=16, grad_accum=2, lr=1e-6, max_length=512, beta=0.0,
                 max_new_tokens=64),
+    # many short chats (~17 tokens), 64 per optimizer step: packing must not cost more than padding
+    "sft_short": dict(n_train=64 * 100, n_eval=64, batch_size=64, grad_accum=1, lr=1e-3, max_length=512),
+    # GRPO with a KL reference (beta > 0: a frozen reference forward on both sides) and short prompts
+    "grpo_kl": dict(n_train=16, n_eval=4, batch_size=16, grad_accum=2, lr=1e-6, max_length=512, beta=0.04,
+                    group_size=8, max_new_tokens=64, context_lines=(0, 1)),
 }
+GPU_PRESETS = {
+    # ~14k trained tokens per optimizer step (128 chats of ~110 tokens), 8 steps
+    "sft": dict(n_train=128 * 8, n_eval=32, batch_size=32, grad_accum=4, lr=1e-5, max_length=1024),
+    "sft_short": dict(n_train=64 * 40, n_eval=64, batch_size=64, grad_accum=1, lr=1e-5, max_length=512),
+    # pairs with ~1k-token prompts, 8 per step
+    "rm": dict(n_train=8 * 8, n_eval=16, batch_size=8, grad_accum=1, lr=1e-5, max_length=2048, context_lines=(60, 80)),
+    "dpo": dict(n_train=8 * 8, n_eval=16, batch_size=8, grad_accum=1, lr=1e-5, max_length=2048, context_lines=(60, 80)),
+    # 64 completions of 256 tokens per optimizer step (8 prompts x G=8), 4 steps
+    "grpo": dict(n_train=8 * 4, n_eval=4, batch_size=32, grad_accum=2, lr=1e-6, max_length=2048, beta=0.0,
+                 group_size=8, max_new_tokens=256),
+    "ppo": dict(n_train=8 * 4, n_eval=4, batch_size=32, grad_accum=2, lr=1e-6, max_length=2048, beta=0.0,
+                max_new_tokens=256),
+    "grpo_kl": dict(n_train=8 * 4, n_eval=4, batch_size=32, grad_accum=2, lr=1e-6, max_length=2048, beta=0.04,
+                    group_size=8, max_new_tokens=256, context_lines=(0, 1)),
+}
+"""Workloads for the GPU-sized --model presets (0.5b, 1.5b): what a GPU user trains per step."""
 SMOKE = {
     "sft": dict(n_train=12, n_eval=6, batch_size=4),
+    "sft_short": dict(n_train=64, n_eval=8, batch_size=32),
+    "grpo_kl": dict(n_train=4, n_eval=2, batch_size=8, grad_accum=1, max_new_tokens=16),
     "rm": dict(n_train=8, n_eval=6, batch_size=4, context_lines=(3, 6)),
     "dpo": dict(n_train=8, n_eval=6, batch_size=4, context_lines=(3, 6)),
     "grpo": dict(n_train=4, n_eval=2, batch_size=8, grad_accum=1, max_new_tokens=16, context_lines=(1, 3)),
@@ -60,21 +84,33 @@ def machine_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def prepare_case(name: str, settings: dict, work: Path) -> dict:
+def prepare_case(name: str, settings: dict, work: Path, model: str = "tiny") -> dict:
     """Write the case's data once; return the Spec fields every job of the case shares."""
     case = CASES[name]
     extra = {"context_lines": settings["context_lines"]} if "context_lines" in settings else {}
     train, evaluation = case.data(settings["n_train"], settings["n_eval"], **extra)
-    return dict(case=name, model_dir=str(model_dirs()[case.MODEL]),
+    if model == "tiny" and hasattr(case, "CPU_MODEL"):  # the case's own CPU model, e.g. builtin:tiny-llama
+        from align.models.tiny import resolve
+
+        model_dir = resolve(case.CPU_MODEL)
+    else:
+        model_dir = str(model_dirs(model, (case.MODEL,))[case.MODEL])
+    return dict(case=name, model_dir=model_dir,
                 train_path=write_jsonl(train, work / name / "train.jsonl"),
                 eval_path=write_jsonl(evaluation, work / name / "eval.jsonl"),
                 **{k: v for k, v in settings.items() if k not in DATA_KEYS})
 
 
-def sides(name: str) -> list[tuple[str, str]]:
+def variants(name: str, only: list[str] | None = None) -> list[str]:
+    """The case's baseline variants, or those of them named in `only` (its first if none is named)."""
+    all_ = list(CASES[name].VARIANTS)
+    return all_ if not only else ([v for v in all_ if v in only] or all_[:1])
+
+
+def sides(name: str, only: list[str] | None = None) -> list[tuple[str, str]]:
     case = CASES[name]
     floor = [("floor", "default")] if hasattr(case, "floor") else []
-    return [("align", "default")] + [("trl", v) for v in case.VARIANTS] + floor
+    return [("align", "default")] + [("trl", v) for v in variants(name, only)] + floor
 
 
 def run_job(spec: Spec, timeout: float) -> dict:
@@ -101,6 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="one repeat, tiny data: checks the harness runs")
+    parser.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS),
+                        help="model preset (random init, built offline): tiny (CPU), 0.5b / 0.5b-32k / 1.5b "
+                             "(Qwen2 shapes, run with the GPU workloads of GPU_PRESETS)")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated baseline variants to run (e.g. default); a case with none of "
+                             "them runs its first. Default: every variant")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's number of training rows")
     parser.add_argument("--set", action="append", default=[], metavar="CASE.KEY=VALUE",
                         help="override a preset, e.g. --set sft.batch_size=32 --set dpo.lr=5e-6")
@@ -116,26 +158,30 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     repeats = 1 if args.smoke else args.repeats
+    only = [v.strip() for v in args.variants.split(",") if v.strip()]
 
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=cache_root()))
-    model_dirs()  # build the model once, before any job
-    settings = {name: {**PRESETS[name], **(SMOKE[name] if args.smoke else {})} for name in names}
+    model_dirs(args.model, tuple({CASES[name].MODEL for name in names if args.model != "tiny"
+                                  or not hasattr(CASES[name], "CPU_MODEL")}))  # built once, before any job
+    workloads = PRESETS if args.model == "tiny" else GPU_PRESETS
+    settings = {name: {**workloads[name], **(SMOKE[name] if args.smoke else {})} for name in names}
     for item in args.set:
         key, _, value = item.partition("=")
         name, _, field = key.partition(".")
         if name not in settings or field not in settings[name]:
             parser.error(f"--set {item!r}: expected CASE.KEY=VALUE with KEY one of {sorted(PRESETS['sft'])}")
-        settings[name][field] = type(settings[name][field])(value)
+        old = settings[name][field]
+        settings[name][field] = tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
     shared = {}
     for name in names:
         settings[name]["n_train"] = max(1, round(settings[name]["n_train"] * args.scale))
-        shared[name] = prepare_case(name, settings[name], work)
+        shared[name] = prepare_case(name, settings[name], work, args.model)
 
     results = []
     for repeat in range(repeats):
         for name in names:
-            order = sides(name) if repeat % 2 == 0 else sides(name)[::-1]
+            order = sides(name, only) if repeat % 2 == 0 else sides(name, only)[::-1]
             for side, variant in order:
                 run_dir = work / f"{name}-{side}-{variant}-r{repeat}"
                 spec = Spec(side=side, variant=variant, run_dir=str(run_dir), threads=args.threads, **shared[name])
@@ -144,17 +190,19 @@ def main(argv: list[str] | None = None) -> dict:
                 status = f"{result['seconds']:.2f}s" if result.get("ok") else "FAILED: " + result["error"][:300]
                 print(f"[{repeat + 1}/{repeats}] {name:4s} {side:5s} {variant:12s} {status}", flush=True)
 
-    rows = [row for name in names for row in report.summarize(name, CASES[name], results)]
+    rows = [row for name in names for row in report.summarize(name, CASES[name], results, variants(name, only))]
     stamp = datetime.date.today().isoformat()
     machine = machine_name()
-    stem = f"{stamp}-{machine}" + ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else "")
+    model_tag = "" if args.model == "tiny" else f"-{args.model}"
+    stem = (f"{stamp}-{machine}{model_tag}" + ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else ""))
     header = (f"## Align vs TRL: {machine}, {stamp}" + (" (smoke)" if args.smoke else "")
-              + f"\n\n{repeats} repeat(s); cases: {', '.join(names)}; scale {args.scale}; "
+              + f"\n\n{repeats} repeat(s); model {args.model}; cases: {', '.join(names)}; scale {args.scale}; "
               f"threads per job: {args.threads or 'all'}")
     table = report.markdown(rows, header)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine, "date": stamp, "smoke": args.smoke, "repeats": repeats, "scale": args.scale,
+               "model": args.model,
                "settings": settings,
                "tolerance": report.TOLERANCE, "python": sys.version.split()[0], "versions": _versions(),
                "rows": rows, "jobs": results}
@@ -168,10 +216,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import version
+    """Installed versions; a package installed without its metadata (`pip install --target`, a
+    source checkout on sys.path) falls back to its module's `__version__`, else "unknown"."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {p: version(p) for p in ("torch", "transformers", "trl", "accelerate", "align")}
+    out = {}
+    for name in ("torch", "transformers", "trl", "accelerate", "peft", "align"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            try:
+                out[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
+            except ImportError:
+                out[name] = "not installed"
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any(not job["ok"] for job in main()["jobs"]) else 0)  # a failed job fails the run

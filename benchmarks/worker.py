@@ -20,7 +20,9 @@ def run(spec) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from benchmarks.assets import matmul_parameters, peak_flops
     from benchmarks.cases import CASES
+    from benchmarks.common import device
     from benchmarks.measure import Region, device_kind, quiet
 
     os.environ["ALIGN_CACHE"] = str(Path(spec.run_dir) / "align-cache")  # fresh: the DPO reference cache is built
@@ -32,7 +34,7 @@ def run(spec) -> dict:
     with quiet():
         tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
         if spec.side == "floor":
-            model = case.initial_model(spec)
+            model = case.initial_model(spec).to(device())  # the held-out pass runs where the batches go
             result["initial_loss"] = case.heldout(spec, model, tokenizer)
             if hasattr(case, "tokens"):
                 result["tokens"] = case.tokens(spec, tokenizer)
@@ -47,6 +49,8 @@ def run(spec) -> dict:
     result.update(seconds=region.seconds, cpu_seconds=region.cpu_seconds, peak_bytes=region.peak_bytes, start_bytes=region.start_bytes,
                   growth_bytes=region.peak_bytes - region.start_bytes,
                   memory_kind=region.memory_kind, steps=prepared.steps(), work=prepared.work(), device=device_kind(),
+                  device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  matmul_params=matmul_parameters(final), peak_flops=peak_flops(),
                   heldout_loss=case.heldout(spec, final, tokenizer))
     return result
 

@@ -44,3 +44,40 @@ def test_smoke_run_agrees_with_trl(tmp_path, tmp_path_factory, monkeypatch):
             assert row["align_loss"] < row["initial_loss"] and row["floor_s"] > 0
         if key[1] != "packing":  # TRL's packing builds its own rows, so its step count may differ
             assert row["align_steps"] == row["trl_steps"], key
+
+
+def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
+    """benchmarks/gpu.sh --smoke on the CPU: the stack check, the model build and one sft row
+    against TRL's default (the same script a fresh GPU machine runs, minus the wheels)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHON": sys.executable, "ALIGN_BENCH_CACHE": str(tmp_path_factory.mktemp("gpu-sh-cache"))}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (table,) = (tmp_path / "out").glob("*-smoke.md")
+    text = table.read_text()
+    assert "| sft | TRL default |" in text and "| FAILED |" not in text and "| ok |" in text, text
+
+
+def test_version_lookup_tolerates_a_package_without_metadata(monkeypatch):
+    """`pip install --target` leaves no dist-info: the harness falls back to `__version__`."""
+    import importlib.metadata
+
+    from benchmarks import run
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "align":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    import align
+
+    assert run._versions()["align"] == align.__version__

@@ -75,10 +75,49 @@ def test_pack_restarts_positions_and_pad_masks(tokenizer):
     encode = sft_encoder(tokenizer, "messages", 128, "data.train")
     examples = [encode(row, i) for i, row in enumerate(chat_rows(3))]
     lengths = [len(e["input_ids"]) for e in examples]
-    packed = pack(examples)
+    packed = pack(examples, max_length=sum(lengths))  # a budget that holds them all: one row
     assert packed["input_ids"].shape == (1, sum(lengths))
-    starts = [0, lengths[0], lengths[0] + lengths[1]]
-    assert all(packed["position_ids"][0, s] == 0 for s in starts)
+    assert (packed["position_ids"][0] == 0).sum() == 3
     padded = pad(examples, tokenizer.pad_token_id)
     assert padded["input_ids"].shape == (3, max(lengths))
     assert padded["attention_mask"].sum().item() == sum(lengths) == packed["num_tokens"].item()
+
+
+def _segments(position_ids, labels):
+    """A row's (start, length) runs of positions 0, 1, 2, ..."""
+    out, start = [], 0
+    for t in range(1, len(position_ids) + 1):
+        if t == len(position_ids) or position_ids[t] != position_ids[t - 1] + 1:
+            out.append((start, t - start))
+            start = t
+    return out
+
+
+def test_pack_bounds_rows_by_the_longest_example_best_fit_decreasing():
+    from align.data.collate import pack_rows
+    from align.ops.logprobs import IGNORE_INDEX
+
+    lengths = [17, 12, 22, 9, 13, 20, 5, 11, 17, 3]
+    examples = [{"input_ids": [100 + i] * n, "labels": [i] * (n - 1) + [IGNORE_INDEX]} for i, n in enumerate(lengths)]
+    packed = pack(examples, pad_token_id=7)
+    rows, width = packed["input_ids"].shape
+    assert width == max(lengths) and rows < len(lengths)  # never longer than padding, fewer rows
+    assert rows == 7  # [22] [20] [17] [17] [13 9] [12 5 3] [11]: best fit decreasing (6 is optimal)
+    assert packed["num_tokens"].item() == sum(lengths)
+    seen = []
+    for r in range(rows):
+        ids, pos, lab = (packed[k][r].tolist() for k in ("input_ids", "position_ids", "labels"))
+        for start, n in _segments(pos, lab):
+            if ids[start] == 7:  # the row's padding: its own positions 0.., nothing trained
+                assert start + n == width and set(lab[start:]) == {IGNORE_INDEX}
+                continue
+            i = ids[start] - 100
+            assert n == lengths[i] and ids[start:start + n] == examples[i]["input_ids"]
+            assert lab[start:start + n] == examples[i]["labels"]
+            seen.append(i)
+    assert sorted(seen) == list(range(len(lengths)))
+    # deterministic; a larger budget gives fewer, longer rows; best fit decreasing order
+    assert pack_rows(lengths) == pack_rows(list(lengths))
+    assert pack_rows([5, 3, 2, 4, 1, 5]) == [[0], [5], [3, 4], [1, 2]]
+    assert pack(examples, max_length=64)["input_ids"].shape == (3, 64)
+    assert pack(examples[:1])["input_ids"].shape == (1, lengths[0])

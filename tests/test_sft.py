@@ -142,3 +142,27 @@ def test_bf16_mixed_precision_trains(make_recipe, tmp_path):
     trainer.fit()
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_padding(make_recipe):
+    """Several packed rows [R, L <= budget], rows holding several chats and right padding:
+    the same loss and gradients as the padded batch and as one packed row (attention stays inside
+    each chat in every row: transformers derives the mask from the restarting position ids)."""
+    trainer = SFTTrainer.from_recipe(make_recipe())
+    examples = [trainer.train_data[i] for i in range(12)]
+    lengths = [len(e["input_ids"]) for e in examples]
+    params = [p for p in trainer.policy.module.parameters() if p.requires_grad]
+    assert pack(examples)["input_ids"].shape[1] == max(lengths)
+    packed = pack(examples, max_length=100)  # these chats are 40-75 tokens: a budget that pairs them
+    rows, width = packed["input_ids"].shape
+    assert width <= 100 and 1 < rows < len(examples)
+    assert ((packed["position_ids"] == 0).sum(-1) > 1).any()  # some row holds several chats
+    num_items = float(sum((torch.as_tensor(e["labels"]) != IGNORE_INDEX).sum() for e in examples))
+    results = []
+    for batch in (packed, pad(examples, trainer.policy.tokenizer.pad_token_id), pack(examples, sum(lengths))):
+        loss = trainer.compute_loss({**batch, "num_items": num_items})[0]
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-6, rtol=1e-5)
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -83,8 +83,10 @@ def floor(spec: Spec, model, tokenizer) -> Prepared:
 
 
 def heldout(spec: Spec, model, tokenizer) -> float:
-    from benchmarks.evaluate import completion_logps, dpo_loss
+    from benchmarks.evaluate import completion_logps, dpo_loss, model_device
 
     rows = load_rows(spec.eval_path)
-    reference = completion_logps(initial_model(spec).to(model.device), tokenizer, rows)
+    reference_model = initial_model(spec).to(model_device(model))
+    reference = completion_logps(reference_model, tokenizer, rows)
+    del reference_model
     return dpo_loss(model, reference, tokenizer, rows, spec.beta)

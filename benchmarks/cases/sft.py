@@ -1,12 +1,13 @@
 """SFT on variable-length chats (loss on assistant turns).
 
-Align: its default, padding-free packing (each micro-batch of `batch_size` chats is one row).
+Align: its default, padding-free packing (each micro-batch of `batch_size` chats packed best-fit
+decreasing into rows no longer than its longest chat).
 TRL variants:
   default       right padding to the longest chat of the batch, with an attention mask
-  padding_free  `padding_free=True`: the same `batch_size` chats flattened into one row, as Align
-                does (TRL documents it for FlashAttention; with sdpa, transformers derives the
-                per-chat causal mask from the restarting position ids). Same batches as Align,
-                so the loss comparison is tight.
+  padding_free  `padding_free=True`: the same `batch_size` chats flattened into one row (TRL
+                documents it for FlashAttention; with sdpa, transformers derives the per-chat
+                causal mask from the restarting position ids). Same batches as Align, so the
+                loss comparison is tight.
   packing       `packing=True` (best-fit-decreasing, padding-free): chats are packed ahead of time
                 into rows of `max_length` tokens and a batch is `batch_size` rows. To keep the
                 tokens per optimizer step (and so the number of steps) close to Align's, the row
@@ -77,17 +78,13 @@ def trl(spec: Spec) -> Prepared:
 
 
 def floor(spec: Spec, model, tokenizer) -> Prepared:
-    """Packed rows of `batch_size` chats (position ids restart per chat), the lm-head run on the
-    trained positions only, cross-entropy summed over the step's trained tokens."""
+    """Each micro-batch of `batch_size` chats packed as Align packs it (`align.data.pack`: rows no
+    longer than the longest chat, position ids restarting per chat), laid out before timing; the
+    lm-head run on the trained positions only, cross-entropy summed over the step's trained tokens."""
+    from align.data import pack
+
     examples = _examples(spec, tokenizer)
-    batches = []
-    for start in range(0, len(examples), spec.batch_size):
-        chunk = examples[start:start + spec.batch_size]
-        batches.append({
-            "input_ids": torch.tensor([sum((e["input_ids"] for e in chunk), [])]),
-            "labels": torch.tensor([sum((e["labels"] for e in chunk), [])]),
-            "position_ids": torch.cat([torch.arange(len(e["input_ids"])) for e in chunk])[None],
-        })
+    batches = [pack(examples[start:start + spec.batch_size]) for start in range(0, len(examples), spec.batch_size)]
 
     def loss_fn(model, batch, num_items):
         hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
