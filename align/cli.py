@@ -14,11 +14,13 @@ from align.errors import AlignError
 
 def _train(args) -> None:
     from align.config import load_recipe
-    from align.trainers import TRAINERS
+    from align.trainers import TRAINERS, run_dir
 
     recipe = load_recipe(args.recipe, args.set)
+    if os.environ.get("RANK", "0") == "0":  # the main process (torchrun / accelerate launch set RANK)
+        run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)  # before the model loads
     trainer = TRAINERS[recipe.algorithm].from_recipe(recipe)
-    record = trainer.fit()
+    record = trainer.fit(overwrite=args.overwrite)
     if trainer.accelerator.is_main_process:
         print(f"done: {trainer.step} steps; outputs in {recipe.output_dir} "
               f"(weights, recipe.yaml, metrics.jsonl); last loss {record.get('loss', float('nan')):.4f}")
@@ -144,9 +146,12 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a recipe key, e.g. --set train.lr=2e-5 (repeatable)")
         cmd.set_defaults(fn=fn)
+    sub.choices["train"].add_argument("--overwrite", action="store_true",
+                                      help="if output_dir holds a previous run, move it aside to "
+                                           "OUTPUT_DIR.old-<time> first (it is never deleted)")
     cmd = sub.add_parser("export", help="merge a LoRA/QLoRA adapter into a plain transformers model directory")
     cmd.add_argument("run_dir", help="an output dir (or checkpoint) holding an adapter")
-    cmd.add_argument("out_dir")
+    cmd.add_argument("out_dir", help="a new (or empty) directory for the merged model")
     cmd.set_defaults(fn=_export)
 
     cmd = sub.add_parser("plot", help="draw PNG training curves from a run's metrics.jsonl")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from align.errors import AlignError
 
@@ -242,6 +242,14 @@ class Recipe(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _check_output_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: name a directory of its own for this run, e.g. runs/my-run "
+                             "(an empty one would write into the current directory)")
+        return value
 
     @model_validator(mode="after")
     def _check_files(self) -> "Recipe":

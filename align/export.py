@@ -14,7 +14,16 @@ def export_merged(run_dir: str, out_dir: str, dtype: str = "auto") -> None:
     if not os.path.isfile(os.path.join(run_dir, "adapter_config.json")):
         raise AlignError(f"{run_dir}: no adapter_config.json here; only LoRA/QLoRA outputs need exporting "
                          "(a full fine-tune output is already a transformers model directory)")
+    check_out_dir(out_dir)
     config = ModelConfig(name_or_path=run_dir, dtype=dtype)
     model = load_model(config, AdapterConfig(kind="none"))  # loads the base with the adapter merged
     model.save_pretrained(out_dir)
     load_tokenizer(config).save_pretrained(out_dir)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """AlignError unless `out_dir` is a new or empty directory (export never writes over files)."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise AlignError(f"{out_dir}: not empty; export writes a new model directory: give a new or empty one")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise AlignError(f"{out_dir}: is a file; export writes a model directory: give a new or empty one")

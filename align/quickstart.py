@@ -27,7 +27,7 @@ def run_stage(recipe_path: Path, overrides: list[str]) -> float:
 
     recipe = load_recipe(recipe_path, overrides)
     start = time.perf_counter()
-    TRAINERS[recipe.algorithm].from_recipe(recipe).fit()
+    TRAINERS[recipe.algorithm].from_recipe(recipe).fit(overwrite=True)  # a rerun moves the last one aside
     return time.perf_counter() - start
 
 

@@ -20,6 +20,7 @@ from align.config import recipe_from_dict
 from align.models.tiny import cache_dir, resolve
 from align.toy import chat_rows, preference_rows, prompt_rows
 from align.trainers import DPOTrainer, GRPOTrainer, PPOTrainer, SFTTrainer
+from align.trainers.checkpoint import load_checkpoint
 from tests.conftest import deep_update, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_online_steps_on_two_processes_equal_one_process_on_the_same_experience(
     round (GRPO: its second pass; PPO: mini-batches drawn across both processes' samples) must agree."""
     recipe = launched[algorithm]
     checkpoint = Path(recipe["output_dir"], "checkpoints", "step-000001")
-    groups = torch.load(checkpoint / "experience.pt", weights_only=False)["groups"]
+    groups = load_checkpoint(checkpoint)[1]["experience"]["groups"]
     assert sum(len(g["completions"]) for g in groups) == 8
     assert all(len(g["completions"]) == recipe[algorithm].get("group_size", 1) for g in groups)
     assert metrics(recipe["output_dir"])[0]["grad_norm"] > 0.01  # the rewards vary: a real gradient

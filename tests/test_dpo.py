@@ -69,7 +69,7 @@ def test_shared_prompt_and_two_row_dpo_give_the_same_loss_and_gradients(dpo_reci
         with torch.no_grad():  # make policy != reference so the loss has a gradient everywhere
             for p in trainer.policy.trainable_parameters():
                 p.add_(0.01 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
-        record = trainer.accumulate_gradients(trainer.micro_batches(0))
+        record = trainer.read_record(trainer.accumulate_gradients(trainer.micro_batches(0)))
         results.append((record["loss"], [p.grad.clone() for p in trainer.policy.trainable_parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
     for a, b in zip(results[0][1], results[1][1]):

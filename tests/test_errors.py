@@ -1,6 +1,8 @@
 """Bad input fails before any model loads, with exit code 2, no traceback, and a message that
 names the file, key or row and says how to fix it."""
 
+import os
+
 import pytest
 import yaml
 
@@ -78,3 +80,16 @@ def test_validate_reports_rows_and_format(make_recipe, tmp_path, capsys):
 def test_recipe_file_missing(capsys):
     assert main(["train", "no/such/recipe.yaml"]) == 2
     assert "recipe file not found: no/such/recipe.yaml" in capsys.readouterr().err
+
+
+def test_export_onto_an_existing_file_or_non_empty_dir_exits_2_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me")
+    for out, problem in (("afile", "is a file"), ("full", "not empty")):
+        assert main(["export", str(run), str(tmp_path / out)]) == 2
+        assert problem in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep me" and os.listdir(tmp_path / "full") == ["notes.txt"]

@@ -31,9 +31,10 @@ def test_sft_loss_falls_on_toy_chats(make_recipe, tmp_path):
 def test_a_new_run_in_the_same_output_dir_starts_a_fresh_metrics_file(make_recipe, tmp_path):
     recipe = make_recipe(eval_rows=chat_rows(4, seed=9), train={"max_steps": 2, "eval_at_start": True})
     for _ in range(2):
-        SFTTrainer.from_recipe(recipe).fit()
-    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
-    assert steps.count(0) == 1 and steps == sorted(steps), steps
+        SFTTrainer.from_recipe(recipe).fit(overwrite=True)  # the second moves the first aside
+    for run in [tmp_path / "run", *tmp_path.glob("run.old-*")]:
+        steps = [r["step"] for r in read_metrics(run)]
+        assert steps.count(0) == 1 and steps == sorted(steps), steps
 
 
 def test_packed_and_padded_batches_give_the_same_loss(make_recipe):

@@ -80,37 +80,41 @@ def shared_prompt_mask(blocks: list[list[int]]) -> torch.Tensor:
     return mask[None, None]
 
 
+def _token_slots(sequence_ids: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each packed token sits in the per-sequence layout, without boolean indexing (whose
+    output size only the device knows): (row [N], column [N], valid [N] bool) for sequence_ids [1, N];
+    tokens of no sequence (-1) get row `num_sequences` (a spare row the caller drops) and column 0.
+
+    Each sequence's tokens are contiguous and in order in the packed row (both layouts), so a token's
+    column is its offset from the first token of its sequence."""
+    ids = sequence_ids.reshape(-1)
+    valid = ids >= 0
+    row = torch.where(valid, ids, num_sequences)
+    counts = torch.zeros(num_sequences + 1, dtype=torch.long, device=ids.device).scatter_add_(0, row, valid.long())
+    starts = torch.cumsum(counts, 0) - counts
+    column = torch.where(valid, torch.cumsum(valid.long(), 0) - 1 - starts[row], 0)
+    return row, column, valid
+
+
 def sequence_sums(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Per-sequence sums of token values. values, sequence_ids: [1, N] -> [S]."""
-    keep = sequence_ids >= 0
-    sums = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
-    return sums.index_add(0, sequence_ids[keep], values[keep])
+    row, _, valid = _token_slots(sequence_ids, num_sequences)
+    sums = torch.zeros(num_sequences + 1, dtype=values.dtype, device=values.device)
+    return sums.index_add(0, row, values.reshape(-1) * valid)[:num_sequences]
 
 
 def sequence_tokens(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
                     length: int) -> torch.Tensor:
     """Packed token values [1, N] -> right-padded per-sequence rows [S, length] (0 after the end).
-
-    Each sequence's tokens are contiguous and in order in the packed row (both layouts), so a
-    token's column is its offset from the first token of its sequence. Differentiable.
-    """
-    keep = sequence_ids >= 0
-    seq = sequence_ids[keep]
-    counts = torch.bincount(seq, minlength=num_sequences)
-    starts = torch.cumsum(counts, 0) - counts
-    column = torch.arange(seq.numel(), device=seq.device) - starts[seq]
-    out = torch.zeros(num_sequences, length, dtype=values.dtype, device=values.device)
-    return out.index_put((seq, column), values[keep])
+    Differentiable."""
+    row, column, valid = _token_slots(sequence_ids, num_sequences)
+    out = torch.zeros(num_sequences + 1, length, dtype=values.dtype, device=values.device)
+    return out.index_put((row, column), values.reshape(-1) * valid, accumulate=True)[:num_sequences]
 
 
 def packed_tokens(values: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
     """Per-sequence rows [S, T] -> the packed layout [1, N] (0 where no sequence's token is): the
     inverse of `sequence_tokens`."""
-    keep = sequence_ids[0] >= 0
-    seq = sequence_ids[0, keep]
-    counts = torch.bincount(seq, minlength=values.shape[0])
-    starts = torch.cumsum(counts, 0) - counts
-    column = torch.arange(seq.numel(), device=seq.device) - starts[seq]
-    out = torch.zeros(sequence_ids.shape, dtype=values.dtype, device=values.device)
-    out[0, keep] = values[seq, column]
-    return out
+    row, column, valid = _token_slots(sequence_ids, values.shape[0])
+    padded = torch.cat([values, values.new_zeros(1, values.shape[1])])
+    return (padded[row, column] * valid).view(sequence_ids.shape)

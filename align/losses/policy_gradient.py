@@ -64,7 +64,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
                         mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2,
-                        importance: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+                        importance: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negated PPO clipped surrogate per token: -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
 
     logps, old_logps: [B, T] (old_logps None means logps.detach(), i.e. on-policy); advantages: [B]
@@ -73,7 +73,8 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, adv
     written per token as sg[s] * pi / sg[pi] so its value is s and d ratio / d logp_t = s; with a
     per-sequence advantage this gives the same gradient as the plain sequence ratio.
     Returns (per_token_loss [B, T], metrics): clip fractions (only where clipping zeroes the gradient),
-    over masked tokens, or over sequences for importance="sequence".
+    over masked tokens, or over sequences for importance="sequence", as detached 0-dim tensors (read
+    them when logging: a float here would make a GPU wait).
     """
     if importance not in IMPORTANCE_LEVELS:
         raise ValueError(f"unknown importance level {importance!r}; valid: {list(IMPORTANCE_LEVELS)}")
@@ -92,9 +93,9 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, adv
     with torch.no_grad():
         low = (ratio < 1 - eps_low) & (adv < 0)
         high = (ratio > 1 + eps_high) & (adv > 0)
-        metrics = {"clip_ratio/low": masked_mean(low.float(), weights).item(),
-                   "clip_ratio/high": masked_mean(high.float(), weights).item(),
-                   "clip_ratio/region": masked_mean((low | high).float(), weights).item()}
+        metrics = {"clip_ratio/low": masked_mean(low.float(), weights),
+                   "clip_ratio/high": masked_mean(high.float(), weights),
+                   "clip_ratio/region": masked_mean((low | high).float(), weights)}
     return per_token_loss, metrics
 
 
@@ -144,12 +145,12 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
               advantages: torch.Tensor, mask: torch.Tensor, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float = 0.2, norm: str = "grpo", importance: str = "token",
               max_completion_length: int | None = None, num_items: float | None = None,
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss: clipped surrogate + beta * k3 KL to the reference, aggregated by `norm`.
 
     logps, old_logps, ref_logps: [B, T] (old None: on-policy; ref needed when beta != 0);
     advantages: [B] (or [B, T]); mask: [B, T]. Returns (scalar loss, metrics with clip ratios and,
-    when ref_logps is given, "kl", the masked token mean of k3).
+    when ref_logps is given, "kl", the masked token mean of k3; detached 0-dim tensors).
     """
     per_token_loss, metrics = clipped_policy_loss(logps, old_logps, advantages, mask, eps_low, eps_high,
                                                   importance)
@@ -157,7 +158,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
         raise ValueError(f"beta={beta} needs ref_logps for the KL term")
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps)
-        metrics["kl"] = masked_mean(kl.detach(), mask).item()
+        metrics["kl"] = masked_mean(kl.detach(), mask)
         if beta != 0.0:
             per_token_loss = per_token_loss + beta * kl
     loss = aggregate_loss(per_token_loss, mask, norm, max_completion_length, num_items)

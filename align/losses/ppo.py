@@ -75,27 +75,27 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, float]:
+                   mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss: 0.5 * masked mean of max((v - R)^2, (clip(v, old - c, old + c) - R)^2).
 
     values, old_values, returns, mask: [B, T]. Returns (scalar loss, clipfrac: share of masked tokens
-    where the clipped term is the larger one).
+    where the clipped term is the larger one, a detached 0-dim tensor).
     """
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
-    clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask).item()
+    clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
     return loss, clipfrac
 
 
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+                    mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped policy loss, a token mean over the mask.
 
     logps, old_logps, advantages, mask: [B, T]. Returns (scalar loss, metrics: clip ratios and
-    approx_kl = 0.5 * masked mean of (logp - old_logp)^2).
+    approx_kl = 0.5 * masked mean of (logp - old_logp)^2; detached 0-dim tensors).
     """
     per_token_loss, metrics = clipped_policy_loss(logps, old_logps, advantages, mask, clip_range, clip_range)
-    metrics["approx_kl"] = (0.5 * masked_mean((logps - old_logps).detach() ** 2, mask)).item()
+    metrics["approx_kl"] = 0.5 * masked_mean((logps - old_logps).detach() ** 2, mask)
     return aggregate_loss(per_token_loss, mask, norm="bnpo"), metrics

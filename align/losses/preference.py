@@ -90,11 +90,12 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 @torch.no_grad()
-def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
-    """Logging stats for [B] chosen / rejected rewards: accuracy (chosen > rejected), margin, means."""
+def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logging stats for [B] chosen / rejected rewards: accuracy (chosen > rejected), margin, means,
+    as 0-dim tensors (read them when logging)."""
     return {
-        "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "margin": (chosen_rewards - rejected_rewards).mean().item(),
-        "chosen": chosen_rewards.mean().item(),
-        "rejected": rejected_rewards.mean().item(),
+        "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "margin": (chosen_rewards - rejected_rewards).mean(),
+        "chosen": chosen_rewards.mean(),
+        "rejected": rejected_rewards.mean(),
     }

@@ -39,11 +39,12 @@ class ActorCritic(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
-                **_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                label_positions: torch.Tensor | None = None, **_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         lm = causal_lm(self.model)
         hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
         out = token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
-                             return_entropy=return_entropy, transform=logit_transform(lm.config))
+                             return_entropy=return_entropy, transform=logit_transform(lm.config),
+                             positions=label_positions)
         logps, entropy = out if return_entropy else (out, None)
         if self.value_head is not None:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)

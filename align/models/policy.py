@@ -52,19 +52,22 @@ class TokenLogprobModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
-                token_weights: torch.Tensor | None = None, **_):
+                token_weights: torch.Tensor | None = None, label_positions: torch.Tensor | None = None, **_):
         """input_ids, labels, position_ids, attention_mask: [B, T] -> log-probs of labels [B, T]
         (and with return_entropy, the next-token entropy at the labelled positions [B, T]).
         With token_weights [B, T]: (sum(token_weights * log-probs), its gradient made in the forward;
-        the log-probs; the entropies or None) instead (`align.ops.weighted_logprob_sum`)."""
+        the log-probs; the entropies or None) instead (`align.ops.weighted_logprob_sum`).
+        label_positions: [n] flat indices of the labelled positions, computed on the host
+        (`align.ops.logprobs.label_positions`), so that selecting them does not wait for the device."""
         lm = causal_lm(self.model)
         hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
         if token_weights is not None:
             return weighted_logprob_sum(hidden, lm.get_output_embeddings(), labels, token_weights,
                                         return_entropy=return_entropy, temperature=temperature,
-                                        transform=logit_transform(lm.config))
+                                        transform=logit_transform(lm.config), positions=label_positions)
         return token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
-                              return_entropy=return_entropy, transform=logit_transform(lm.config))
+                              return_entropy=return_entropy, transform=logit_transform(lm.config),
+                              positions=label_positions)
 
 
 class Trainable:

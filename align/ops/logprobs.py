@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+CHUNK_SIZE = 1024
+"""Tokens per lm-head block when a caller gives no chunk size."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,32 @@ def _chain(grad_logits: torch.Tensor, derivative: torch.Tensor | float) -> torch
     return grad_logits if isinstance(derivative, float) and derivative == 1.0 else grad_logits.mul_(derivative)
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[n] flat indices into labels [B, T] of the labelled positions (label != IGNORE_INDEX), in order.
+
+    Their number depends on the data, so on a GPU this waits for the device: compute it on the host
+    batch before it moves (`Trainer._to_device` does) and pass it as `positions`."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def _labelled(hidden: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
+    """(positions [n], hidden [n, H], labels [n]) at the labelled positions, gathered by index (no
+    boolean mask, whose output size only the device knows)."""
+    if positions is None:
+        positions = label_positions(labels)
+    positions = positions.to(hidden.device)
+    return positions, hidden.flatten(0, 1).index_select(0, positions), labels.reshape(-1).index_select(0, positions)
+
+
+def _scatter(values: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """values [n] at flat positions [n] of a [B, T] float32 tensor shaped like labels, 0 elsewhere."""
+    out = torch.zeros(labels.numel(), dtype=torch.float32, device=values.device)
+    return out.index_put((positions,), values).view(labels.shape)
+
+
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                   chunk_size: int = 1024, temperature: float = 1.0, return_entropy: bool = False,
-                   transform: LogitTransform | None = None):
+                   chunk_size: int | None = None, temperature: float = 1.0, return_entropy: bool = False,
+                   transform: LogitTransform | None = None, positions: torch.Tensor | None = None):
     """Log-probability of each label under the model, chunked over tokens.
 
     hidden: [B, T, H] final hidden states; labels: [B, T] next-token ids aligned with `hidden`
@@ -169,39 +194,41 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch
     the lm-head, so prompt and padding tokens cost nothing here. With return_entropy, also the
     [B, T] entropy of each labelled position's next-token distribution (no gradient).
     transform: the model's logit post-processing (`LogitTransform`); its temperature is replaced
-    by `temperature`.
+    by `temperature`. positions: `label_positions(labels)` if the caller has it (computed here
+    otherwise, which makes a GPU wait); chunk_size: tokens per block (default `CHUNK_SIZE`).
     """
-    mask = labels != IGNORE_INDEX
     transform = _with_temperature(transform, temperature)
-    values, entropy = _ChunkedLogprobs.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask], transform,
-                                             chunk_size, return_entropy)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    out = out.masked_scatter(mask, values)
+    positions, selected, targets = _labelled(hidden, labels, positions)
+    values, entropy = _ChunkedLogprobs.apply(selected, lm_head.weight, lm_head.bias, targets, transform,
+                                             chunk_size or CHUNK_SIZE, return_entropy)
+    out = _scatter(values, positions, labels)
     if return_entropy:
-        return out, torch.zeros_like(out).masked_scatter(mask, entropy)
+        return out, _scatter(entropy, positions, labels)
     return out
 
 
 def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                         weights: torch.Tensor, chunk_size: int = 1024, return_entropy: bool = False,
-                         temperature: float = 1.0, transform: LogitTransform | None = None):
+                         weights: torch.Tensor, chunk_size: int | None = None, return_entropy: bool = False,
+                         temperature: float = 1.0, transform: LogitTransform | None = None,
+                         positions: torch.Tensor | None = None):
     """sum(weights * log-probs of labels), a scalar, for losses whose per-token weights are known
     before the forward (SFT: 1 / trained tokens of the step; on-policy GRPO: advantage x norm).
     Same value and gradient as `(weights * token_logprobs(hidden, lm_head, labels)).sum()`, but
     the gradient is computed in the forward's chunk loop, so the logits are never recomputed.
 
-    hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad.
+    hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad;
+    positions, chunk_size: as in `token_logprobs`.
     Returns (the sum, the [B, T] log-probs without gradient, 0 where the label is ignored, and the
     [B, T] next-token entropies with return_entropy, else None).
     """
-    mask = labels != IGNORE_INDEX
     transform = _with_temperature(transform, temperature)
-    total, values, entropy = _ChunkedWeightedLogprobSum.apply(hidden[mask], lm_head.weight, lm_head.bias,
-                                                              labels[mask], weights[mask].detach(), transform,
-                                                              chunk_size, return_entropy)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    return (total, out.masked_scatter(mask, values),
-            out.masked_scatter(mask, entropy) if return_entropy else None)
+    positions, selected, targets = _labelled(hidden, labels, positions)
+    token_weights = weights.detach().reshape(-1).index_select(0, positions)
+    total, values, entropy = _ChunkedWeightedLogprobSum.apply(selected, lm_head.weight, lm_head.bias, targets,
+                                                              token_weights, transform, chunk_size or CHUNK_SIZE,
+                                                              return_entropy)
+    return (total, _scatter(values, positions, labels),
+            _scatter(entropy, positions, labels) if return_entropy else None)
 
 
 def _with_temperature(transform: LogitTransform | None, temperature: float) -> LogitTransform:

@@ -3,8 +3,10 @@
 - `build_policy(recipe)`           the Policy (and its reference strategy)
 - `build_dataset(source, key)`     rows -> tokenized examples
 - `collate(examples)`              examples -> a batch of tensors
-- `count_items(batch)`             how many units (tokens, pairs, rows) the loss averages over
-- `compute_loss(batch)`            -> (loss, metrics); the loss is normalized by `batch["num_items"]`,
+- `count_items(batch)`             how many units (tokens, pairs, rows) the loss averages over, read
+                                   from the host batch (the collator's CPU tensors, before `.to(device)`)
+- `compute_loss(batch)`            -> (loss, metrics as detached 0-dim tensors: the loop reads them
+                                   only at log steps); the loss is normalized by `batch["num_items"]`,
                                    the item count of the whole optimizer step (all micro-batches of
                                    all processes), so gradient accumulation and data parallelism give
                                    exactly the update of one big batch.
@@ -13,6 +15,9 @@ Under several processes (`accelerate launch`, `torchrun`: DDP), `train.batch_siz
 an optimizer step holds batch_size * grad_accum * num_processes examples, shared out among the
 processes (see `align.trainers.distributed`). Logged metrics are those of the whole step; only the
 main process writes files.
+
+The training step never waits on the device: metrics stay on it and are read once per log step
+(`Trainer.log`); tests/test_host_syncs.py counts the host reads of a step.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from align.config import Recipe, load_recipe, save_recipe
 from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
 from align.models import Policy
-from align.trainers import checkpoint
+from align.ops.logprobs import label_positions
+from align.trainers import checkpoint, run_dir
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar
-from align.trainers.distributed import gather_shares, shard, sum_over_processes
+from align.trainers.distributed import gather_shares, shard, sum_over_processes, sum_tensors_over_processes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,8 @@ class Trainer:
     """Data formats this trainer accepts (see align.data.formats)."""
     dropout_by_default: bool = True
     """Whether dropout is on while training when train.dropout_during_training is not set."""
+    run_id: str | None = None
+    """The id of the run in output_dir (its run.json), set by `fit`; carried by checkpoints and metrics."""
 
     def __init__(self, recipe: Recipe, policy: Policy, train_data, eval_data=None,
                  callbacks: list[Callback] | None = None):
@@ -173,7 +181,7 @@ class Trainer:
     def count_items(self, batch: dict) -> float:
         return float(batch["input_ids"].shape[0])
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def linear_loss(self, batch: dict, loss_of_logprobs, token_weights: torch.Tensor, temperature: float = 1.0,
@@ -213,15 +221,38 @@ class Trainer:
         return [self.collate(mine[i:i + per_batch]) for i in range(0, len(mine), per_batch)]
 
     def _to_device(self, batch: dict) -> dict:
+        """The batch on the training device; a host batch with labels first gets its
+        `label_positions` (computed on the host: selecting them on the device would wait for it)."""
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and "label_positions" not in batch:
+            batch = {**batch, "label_positions": label_positions(labels)}
         return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- the loop -------------------------------------------------------------------------------
-    def fit(self) -> dict[str, float]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.accelerator.is_main_process:
-            save_recipe(self.recipe, self.output_dir / "recipe.yaml")
-        if self.cfg.resume_from:
-            self.resume(self.cfg.resume_from)
+    def fit(self, overwrite: bool = False) -> dict[str, float]:
+        """Train in output_dir, which this run holds until it returns (see `align.trainers.run_dir`):
+        a directory holding another run is refused unless train.resume_from resumes it or
+        `overwrite` moves it aside. Returns the last logged record."""
+        with self.hold_output_dir(overwrite):
+            if self.cfg.resume_from:
+                self.resume(self.cfg.resume_from)
+            return self.train_loop()
+
+    @contextlib.contextmanager
+    def hold_output_dir(self, overwrite: bool):
+        """Claim output_dir (main process), save the recipe there and set `run_id` on every process."""
+        main = self.accelerator.is_main_process
+        claim = run_dir.hold(self.output_dir, bool(self.cfg.resume_from), overwrite) if main \
+            else contextlib.nullcontext()
+        with claim:
+            if main:
+                save_recipe(self.recipe, self.output_dir / "recipe.yaml")
+            self.accelerator.wait_for_everyone()
+            self.run_id = run_dir.read_run(self.output_dir)["run_id"]
+            yield
+
+    def train_loop(self) -> dict[str, float]:
+        """From `self.step` to total_steps, then the final evaluation and save."""
         for cb in self.callbacks:
             cb.on_train_begin(self)
         if self.eval_data is not None and self.cfg.eval_at_start and self.step == 0:
@@ -245,57 +276,99 @@ class Trainer:
             cb.on_train_end(self)
         return record
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimizer step over its micro-batches (gradient accumulation)."""
-        start = time.perf_counter()
+    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | float]:
+        """One optimizer step over its micro-batches (gradient accumulation), without reading the
+        device: the returned record holds 0-dim device tensors (loss, metrics, grad_norm) and host
+        numbers (lr, num_items, num_tokens); `log` reads it (`read_record`) on log steps only."""
+        if self._log_clock is None:
+            self._log_clock = time.perf_counter()
         record = self.accumulate_gradients(micro_batches)
         if self.cfg.max_grad_norm is not None:
-            record["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(),
-                                                                          self.cfg.max_grad_norm))
+            record["grad_norm"] = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(),
+                                                                   self.cfg.max_grad_norm).detach()
         record["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record["tokens_per_s"] = record["num_tokens"] / (time.perf_counter() - start)
+        self._tokens_since_log += record["num_tokens"]
         return record
 
-    def count_step_items(self, batches: list[dict]) -> float:
-        """`count_items` summed over the batches of every process (padding batches count 0)."""
-        items = sum(self.count_items(b) for b in batches if not b.get("padding"))
-        return sum_over_processes({"items": items})["items"]
+    _log_clock: float | None = None
+    """perf_counter() at the last log (or the first step): tokens_per_s is measured since then."""
+    _tokens_since_log: float = 0.0
+    """This process's tokens trained since the last log."""
 
-    def accumulate_gradients(self, micro_batches: list[dict]) -> dict[str, float]:
-        """Forward and backward this process's micro-batches; the gradients, once DDP has averaged
-        them over the processes, equal those of one big batch. Returns the step's metrics."""
+    PER_STEP_KEYS = ("grad_norm", "lr", "num_items")
+    """Record entries that are already the whole step's: not summed over the processes."""
+    HOST_SUMS = ("num_tokens", "tokens_since_log")
+    """Record entries counted on the host, per process, and summed over the processes."""
+
+    def count_step_items(self, batches: list[dict]) -> float | torch.Tensor:
+        """`count_items` of the host batches summed over every process (padding batches count 0): a
+        float with one process, else a 0-dim float32 tensor on the device, all-reduced (a collective,
+        not a host read), which the losses divide by as they would by a float."""
+        items = sum(self.count_items(b) for b in batches if not b.get("padding"))
+        if self.accelerator.num_processes == 1:
+            return float(items)
+        return sum_tensors_over_processes({"items": torch.tensor(float(items), device=self.accelerator.device)})["items"].float()
+
+    def accumulate_gradients(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | float]:
+        """Forward and backward this process's micro-batches (host tensors, moved here); the
+        gradients, once DDP has averaged them over the processes, equal those of one big batch.
+
+        Returns this process's share of the step's record: "loss" (the sum over its micro-batches)
+        and each metric weighted by count_items / num_items, as 0-dim device tensors accumulated in
+        float64 (float32 where the device has none); "num_tokens" (a host number) and "num_items"
+        (the whole step's). Nothing is read from the device (see tests/test_host_syncs.py)."""
         num_items = self.count_step_items(micro_batches)
-        record: dict[str, float] = {"loss": 0.0, "num_tokens": 0.0}
-        for i, batch in enumerate(micro_batches):
-            batch = self._to_device({**batch, "num_items": num_items})
+        dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
+        zero = torch.zeros((), dtype=dtype, device=self.accelerator.device)
+        record: dict[str, torch.Tensor | float] = {"loss": zero, "num_tokens": 0.0}
+        for i, host_batch in enumerate(micro_batches):
+            padding = bool(host_batch.get("padding"))
+            weight = 0.0 if padding else self.count_items(host_batch) / num_items
+            batch = self._to_device({**host_batch, "num_items": num_items})
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module):
                 with self.autocast():
                     loss, metrics = self.compute_loss(batch)
-                if batch.get("padding"):
+                if padding:
                     loss = loss * 0.0
                 # each process's loss is its share of the step's sum; DDP averages, so scale it back up
                 self.accelerator.backward(loss * self.accelerator.num_processes)
-            if batch.get("padding"):
-                continue
-            record["loss"] += loss.item()
-            record["num_tokens"] += float(batch["num_tokens"])
-            weight = self.count_items(batch) / num_items
-            for key, value in metrics.items():
-                record[key] = record.get(key, 0.0) + weight * value
-        return {**sum_over_processes(record), "num_items": num_items}
+            if not padding:
+                record["loss"] = record["loss"] + loss.detach().to(dtype)
+                record["num_tokens"] += int(host_batch["num_tokens"])
+            for key, value in metrics.items():  # padding adds zeros: every process has the same keys
+                value = torch.as_tensor(value, device=zero.device).detach().to(dtype)
+                record[key] = record.get(key, zero) + (torch.zeros_like(value) if padding else value * weight)
+        return {**record, "num_items": num_items}
+
+    def read_record(self, record: dict) -> dict[str, float]:
+        """A step's record as numbers, read from the device at once: its per-process tensors (loss,
+        metrics; not `PER_STEP_KEYS`) and num_tokens summed over the processes (one all-reduce of
+        their stack), every tensor then turned into a float. Host numbers pass through."""
+        summed = {k: v for k, v in record.items()
+                  if k not in self.PER_STEP_KEYS and (isinstance(v, torch.Tensor) or k in self.HOST_SUMS)}
+        if self.accelerator.num_processes > 1 and summed:
+            summed = sum_tensors_over_processes(summed, self.accelerator.device)
+        values = {**record, **summed}
+        tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+        if tensors:
+            stacked = torch.stack([values[k].detach().to(torch.float64 if values[k].device.type != "mps"
+                                                         else torch.float32).reshape(()) for k in tensors])
+            values.update(zip(tensors, stacked.tolist()))  # the one host read of a log step
+        return {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                for k, v in values.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Metrics over the whole eval split (its batches shared out among the processes), each
-        averaged with the loss's own normalization."""
+        averaged with the loss's own normalization. Not the hot path: it reads the host per batch."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
         batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
                    for i in shard(range(0, len(self.eval_data), size))]
-        num_items = self.count_step_items(batches)
+        num_items = float(sum_over_processes({"items": sum(self.count_items(b) for b in batches)})["items"])
         totals: dict[str, float] = {"loss": 0.0}
         with self.policy.eval_mode():
             for batch in batches:
@@ -303,7 +376,7 @@ class Trainer:
                     loss, metrics = self.compute_loss(self._to_device({**batch, "num_items": num_items}))
                 totals["loss"] += loss.item()
                 for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value * self.count_items(batch) / num_items
+                    totals[key] = totals.get(key, 0.0) + float(value) * self.count_items(batch) / num_items
         return {f"eval/{k}": v for k, v in sum_over_processes(totals).items()}
 
     def autocast(self):
@@ -311,7 +384,16 @@ class Trainer:
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.mixed_precision == "bf16")
 
-    def log(self, record: dict[str, float]) -> None:
+    def log(self, record: dict) -> None:
+        """Hand a record to the callbacks, as numbers: a step's record is read from the device here
+        (`read_record`), with tokens_per_s over the interval since the last log, and the caller's
+        record is updated in place to what was logged."""
+        if "num_tokens" in record:
+            record.update(self.read_record({**record, "tokens_since_log": self._tokens_since_log}))
+            now = time.perf_counter()
+            interval = now - (self._log_clock if self._log_clock is not None else now)
+            record["tokens_per_s"] = record.pop("tokens_since_log") / max(interval, 1e-9)
+            self._log_clock, self._tokens_since_log = now, 0.0
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **record}
         for cb in self.callbacks:
             cb.on_log(self, record)
@@ -324,46 +406,48 @@ class Trainer:
             self.policy.save(directory)
 
     def checkpoint_state(self) -> dict[str, object]:
-        """What a checkpoint holds (each entry one file); `restore_state` puts it back. Called on
+        """What a checkpoint holds: nested dicts/lists of tensors, numbers and strings (stored as
+        safetensors + JSON, see `align.trainers.checkpoint`); `restore_state` puts it back. Called on
         every process; the state is the same on all but the random generators (one per process)."""
         return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": gather_shares([checkpoint.rng_state()])}
 
-    def restore_state(self, tensors: dict[str, object]) -> None:
-        self.policy.load_state_dict(tensors["model"])
-        self.optimizer.load_state_dict(tensors["optimizer"])
-        self.scheduler.load_state_dict(tensors["scheduler"])
-        rng = tensors["rng"] if isinstance(tensors["rng"], list) else [tensors["rng"]]
+    def restore_state(self, objects: dict[str, object]) -> None:
+        self.policy.load_state_dict(objects["model"])
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.scheduler.load_state_dict(objects["scheduler"])
+        rng = objects["rng"]
         checkpoint.set_rng_state(rng[min(self.accelerator.process_index, len(rng) - 1)])
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (written by the main process; the others wait for it)."""
-        tensors = self.checkpoint_state()
+        objects = self.checkpoint_state()
         root = self.output_dir / "checkpoints"
         if self.accelerator.is_main_process:
-            checkpoint.save_checkpoint(root, self.step, tensors,
+            checkpoint.save_checkpoint(root, self.step, objects,
                                        {"algorithm": self.algorithm, "total_steps": self.total_steps},
-                                       keep=self.cfg.keep_checkpoints)
+                                       keep=self.cfg.keep_checkpoints, run_id=self.run_id)
         self.accelerator.wait_for_everyone()
         return checkpoint.checkpoint_dir(root, self.step)
 
     def resume(self, where: str) -> None:
-        """Continue from a checkpoint directory, or the newest one in output_dir for `auto`."""
-        root = self.output_dir / "checkpoints"
-        if self.accelerator.is_main_process:
-            checkpoint.clean_staging(root)
-        self.accelerator.wait_for_everyone()
+        """Continue from a checkpoint directory, or for `auto` from this run's newest loadable one in
+        output_dir (a damaged one is skipped with a warning)."""
         if where == "auto":
-            found = checkpoint.list_checkpoints(root)
-            if not found:
-                log.warning("train.resume_from=auto: no checkpoint in %s; starting from scratch", root)
+            found = checkpoint.load_newest(self.output_dir / "checkpoints", self.run_id)
+            if found is None:
+                log.warning("train.resume_from=auto: no checkpoint of this run in %s; starting from scratch",
+                            self.output_dir)
                 return
-            path = found[-1]
+            path, state, objects = found
         else:
             path = Path(where)
             if not (path / checkpoint.STATE_FILE).is_file():
                 raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
-        state, tensors = checkpoint.load_checkpoint(path)
-        self.restore_state(tensors)
+            state, objects = checkpoint.load_checkpoint(path)
+        if state["step"] > self.total_steps:
+            raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
+                             f"{self.total_steps} steps; raise train.max_steps or start a new run")
+        self.restore_state(objects)
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)

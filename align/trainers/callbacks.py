@@ -26,22 +26,32 @@ class Callback:
 
 
 class MetricsFile(Callback):
-    """Appends every record to OUTPUT_DIR/metrics.jsonl: a new run starts the file afresh; a resumed
-    one keeps the records up to its checkpoint and drops those past it."""
+    """Appends every record, tagged with the run id, to OUTPUT_DIR/metrics.jsonl: a new run starts
+    the file afresh; a resumed one keeps its own records up to its checkpoint and drops those past
+    it, and lines a kill left unreadable (a truncated last line)."""
 
     def on_train_begin(self, trainer) -> None:
         self.path = Path(trainer.recipe.output_dir) / "metrics.jsonl"
         self.enabled = trainer.accelerator.is_main_process
         if self.enabled and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if trainer.step > 0 and line.strip() and json.loads(line).get("step", 0) <= trainer.step]
+                    if trainer.step > 0 and self.kept(line, trainer)]
             self.path.write_text("".join(line + "\n" for line in kept))
+
+    def kept(self, line: str, trainer) -> bool:
+        """Whether a resumed run keeps this line: a record of its own run up to its checkpoint."""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropping an unreadable line (a run killed while writing it): %.80s", self.path, line)
+            return False
+        return record.get("run_id") == trainer.run_id and record.get("step", 0) <= trainer.step
 
     def on_log(self, trainer, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "run_id": trainer.run_id}) + "\n")
 
 
 class ProgressBar(Callback):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -42,6 +43,21 @@ def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
         for key, value in part.items():
             total[key] = total.get(key, 0.0) + value
     return total
+
+
+def sum_tensors_over_processes(values: dict[str, torch.Tensor | float],
+                               device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Each value (a 0-dim tensor or a number) summed over the processes, as 0-dim tensors on
+    `device` (default: the first tensor's): one all-reduce of their stack, in sorted key order, so
+    every process must pass the same keys. A collective, not a host read: nothing waits here."""
+    keys = sorted(values)
+    if device is None:
+        device = next(v.device for v in values.values() if isinstance(v, torch.Tensor))
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=dtype, device=device).reshape(()) for k in keys])
+    if PartialState().num_processes > 1:
+        torch.distributed.all_reduce(stacked)
+    return dict(zip(keys, stacked.unbind()))
 
 
 def from_main_process(value):

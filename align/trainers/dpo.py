@@ -123,7 +123,9 @@ class DPOTrainer(PreferenceTrainer):
         lengths = pair_sums(ones, batch["sequence_ids"], pairs)
         return chosen, rejected, ref_chosen, ref_rejected, *lengths
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO-family loss of this micro-batch's pairs (a share of the step's), and its metrics as
+        detached 0-dim tensors (the loop reads them at log steps only)."""
         cfg = self.recipe.dpo
         chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected = self.sequence_logps(batch)
         if cfg.loss_type == "ipo":  # IPO regresses length-normalized log-ratios
@@ -135,11 +137,11 @@ class DPOTrainer(PreferenceTrainer):
             losses = losses + cfg.rpo_alpha * rpo_sft_loss(chosen if cfg.loss_type != "ipo" else chosen * n_chosen,
                                                             n_chosen)
         metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen.detach().mean().item(),
-            "logps/rejected": rejected.detach().mean().item(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
         }
         return losses.sum() / batch["num_items"], metrics

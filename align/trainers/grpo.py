@@ -93,9 +93,9 @@ class GRPOTrainer(OnlineTrainer):
             return False
         return self.rl.num_iterations == 1 and self.rl.beta == 0 and self.rl.importance == "token"
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`surrogate` of the policy's log-probs; by the fused path (`linear_loss`) when it is linear
-        in them (tests/test_grpo.py checks both paths agree)."""
+        in them (tests/test_grpo.py checks both paths agree). Metrics are detached 0-dim tensors."""
         mask = batch["mask"]
         per_sequence = lambda packed: self.surrogate(sequence_tokens(packed, batch["sequence_ids"], *mask.shape), batch)
         if self.linear_in_logprobs:
@@ -105,7 +105,7 @@ class GRPOTrainer(OnlineTrainer):
         else:
             packed, entropy = self.policy.logprobs(batch, self.logprob_temperature, return_entropy=True)
             loss, metrics = per_sequence(packed)
-        metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()
+        metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).detach()
         return loss, metrics
 
     def token_weights(self, batch: dict) -> torch.Tensor:
@@ -116,7 +116,7 @@ class GRPOTrainer(OnlineTrainer):
                                           batch["num_items"] if norm == "dapo" else None)
         return weights if norm == "dapo" else weights * mask.shape[0] / batch["num_items"]
 
-    def surrogate(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def surrogate(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The GRPO loss of per-sequence token log-probs [S, T], weighted by this micro-batch's share
         of the optimizer step."""
         mask = batch["mask"]

@@ -272,9 +272,9 @@ class OnlineTrainer(Trainer):
             state["experience"] = self.experience  # mid-round: the rest of the round trains on it
         return state
 
-    def restore_state(self, tensors: dict[str, object]) -> None:
-        super().restore_state(tensors)
-        self.experience = tensors.get("experience")
+    def restore_state(self, objects: dict[str, object]) -> None:
+        super().restore_state(objects)
+        self.experience = objects.get("experience")
 
 
 def check_divisible(batch_size: int, group_size: int, key: str) -> None:

@@ -107,7 +107,9 @@ class PPOTrainer(OnlineTrainer):
     def count_items(self, batch: dict) -> float:
         return float(batch["mask"].sum())
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped policy loss + vf_coef x clipped value loss, weighted by this micro-batch's share of
+        the step's tokens; metrics as detached 0-dim tensors (read at log steps)."""
         mask = batch["mask"]
         packed_logps, packed_values, entropy = self.policy.logprobs_and_values(batch, self.logprob_temperature,
                                                                                return_entropy=True)
@@ -116,8 +118,8 @@ class PPOTrainer(OnlineTrainer):
         value_loss, value_clipfrac = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
                                                     self.rl.clip_range_value)
         loss = (policy_loss + self.rl.vf_coef * value_loss) * mask.sum() / batch["num_items"]
-        metrics.update({"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+        metrics.update({"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
                         "value_clipfrac": value_clipfrac,
-                        "entropy": masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).item()})
+                        "entropy": masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask)})
         return loss, metrics
 

@@ -20,14 +20,14 @@ class RewardTrainer(PreferenceTrainer):
     def build_policy(cls, recipe) -> RewardModel:
         return RewardModel.from_config(recipe.model, recipe.adapter)
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Bradley-Terry loss of this micro-batch's pairs (a share of the step's); metrics as 0-dim
+        tensors (read at log steps)."""
         rewards = self.policy.scores(batch)
         chosen, rejected = rewards[0::2], rewards[1::2]
         pairs = len(chosen)
         loss = bradley_terry_loss(chosen, rejected, batch["margin"], self.recipe.reward.center_coef)
         with torch.no_grad():
-            metrics = {"accuracy": (chosen > rejected).float().mean().item(),
-                       "margin": (chosen - rejected).mean().item(),
-                       "reward/mean": rewards.mean().item(), "reward/min": rewards.min().item(),
-                       "reward/max": rewards.max().item()}
+            metrics = {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean(),
+                       "reward/mean": rewards.mean(), "reward/min": rewards.min(), "reward/max": rewards.max()}
         return loss * pairs / batch["num_items"], metrics

@@ -21,7 +21,7 @@ class SFTTrainer(Trainer):
         """SFT averages over trained tokens of the whole optimizer step."""
         return float((batch["labels"] != -100).sum())
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """masked_nll of the policy's token log-probs, by the fused path (`linear_loss`: every
         trained token weighs 1 / num_items, known before the forward)."""
         mask, num_items = batch["labels"] != -100, batch.get("num_items")
