@@ -102,3 +102,12 @@ def test_logit_post_processing_and_temperature_match_the_full_computation(transf
     params = [hidden, head.weight, head.bias]
     for a, b in zip(torch.autograd.grad(total, params), torch.autograd.grad((full * weights).sum(), params)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_chunks_are_large_on_an_accelerator_and_small_on_a_cpu():
+    from align.ops.logprobs import CHUNK_SIZE, default_chunk_size
+
+    assert default_chunk_size(torch.device("cpu"), 151_936) == CHUNK_SIZE
+    assert default_chunk_size(torch.device("cuda"), 32_000) == 8388  # ~1 GiB of float32 logits a block
+    assert default_chunk_size(torch.device("cuda"), 151_936) == 1766
+    assert default_chunk_size(torch.device("cuda"), 1_000_000) == CHUNK_SIZE

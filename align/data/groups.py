@@ -10,55 +10,80 @@ same position, P-1; a 4D attention mask lets each branch see the shared prompt a
 another branch or another group. `shared_prompt=False` gives the plain layout
 [prompt completion_1][prompt completion_2]... (position ids restarting per sequence, no mask), for
 comparison and for attention kernels that take no 4D mask. Both layouts give the same log-probs.
+Segments are packed into rows no longer than the longest one (or a token budget), as `pack` does.
 """
 
 from __future__ import annotations
 
 import torch
 
+from align.data.collate import pack_rows
 from align.ops.logprobs import IGNORE_INDEX
 
 Group = tuple[list[int], list[list[int]]]
 """(prompt ids, [completion ids, ...])."""
 
 
-def pack_groups(groups: list[Group], shared_prompt: bool = True) -> dict[str, torch.Tensor]:
-    """Groups -> one packed row [1, N]; sequences are numbered 0..S-1 across groups, in order.
+def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int | None = None,
+                pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Groups -> packed rows [R, L]; sequences are numbered 0..S-1 across groups, in order.
 
-    Returns input_ids, labels, position_ids [1, N]; sequence_ids [1, N] (the sequence whose
-    completion token a label is, -1 elsewhere); last_index [S] (the last token of each sequence:
-    where a reward or value head reads its score); attention_mask [1, 1, N, N] bool when
-    `shared_prompt`, else None; num_tokens.
+    A segment (a whole group when `shared_prompt`, else one prompt + completion) never straddles
+    rows; segments fill rows best-fit decreasing (`align.data.collate.pack_rows`), each row at most
+    `max(max_length, longest segment)` tokens (default: the longest segment), so attention costs
+    grow with the number of rows, not with their square. A row shorter than L is right-padded with
+    `pad_token_id`: a sequence of its own (positions 0.., attending only to itself), labels ignored.
+
+    Returns input_ids, labels, position_ids [R, L]; sequence_ids [R, L] (the sequence whose
+    completion token a label is, -1 elsewhere); last_index [S] (the last token of each sequence in
+    the flattened [R * L] rows: where a reward or value head reads its score); attention_mask
+    [R, 1, L, L] bool when `shared_prompt`, else None; num_tokens (real tokens, padding excluded).
     """
-    ids, labels, positions, seq_ids, blocks, last_index = [], [], [], [], [], []
+    segments: list[list[tuple[list[int], list[int], int, int]]] = []  # [(tokens, labels, first position, sequence)]
     sequence = 0
     for prompt, completions in groups:
         if shared_prompt:
             shared = prompt[:-1]
-            segments = [(shared, [IGNORE_INDEX] * len(shared), 0, -1)]
+            segment = [(shared, [IGNORE_INDEX] * len(shared), 0, -1)]
             for completion in completions:
-                tokens = prompt[-1:] + completion
-                segments.append((tokens, completion + [IGNORE_INDEX], len(shared), sequence))
+                segment.append((prompt[-1:] + completion, completion + [IGNORE_INDEX], len(shared), sequence))
                 sequence += 1
-            blocks.append([len(s[0]) for s in segments])
+            segments.append(segment)
         else:
-            segments = []
             for completion in completions:
-                lab = [IGNORE_INDEX] * (len(prompt) - 1) + completion + [IGNORE_INDEX]
-                segments.append((prompt + completion, lab, 0, sequence))
+                labels = [IGNORE_INDEX] * (len(prompt) - 1) + completion + [IGNORE_INDEX]
+                segments.append([(prompt + completion, labels, 0, sequence)])
                 sequence += 1
-        for tokens, lab, first_position, sid in segments:
-            if sid >= 0:
-                last_index.append(len(ids) + len(tokens) - 1)
-            ids += tokens
-            labels += lab
-            positions += range(first_position, first_position + len(tokens))
-            seq_ids += [sid if label != IGNORE_INDEX else -1 for label in lab]
+    lengths = [sum(len(part[0]) for part in segment) for segment in segments]
+    rows = pack_rows(lengths, max_length)
+    width = max(sum(lengths[j] for j in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    last_index = torch.zeros(sequence, dtype=torch.long)
+    blocks: list[list[list[int]]] = []  # per row: [len shared, len branch, ...] per group (a padding tail: [len])
+    for r, row in enumerate(rows):
+        start, row_blocks = 0, []
+        for j in row:
+            for tokens, part_labels, first_position, sid in segments[j]:
+                n = len(tokens)
+                input_ids[r, start:start + n] = torch.tensor(tokens)
+                labels[r, start:start + n] = torch.tensor(part_labels)
+                position_ids[r, start:start + n] = torch.arange(first_position, first_position + n)
+                if sid >= 0:
+                    sequence_ids[r, start:start + n] = torch.where(labels[r, start:start + n] != IGNORE_INDEX, sid, -1)
+                    last_index[sid] = r * width + start + n - 1
+                start += n
+            row_blocks.append([len(part[0]) for part in segments[j]])
+        position_ids[r, start:] = torch.arange(width - start)
+        if start < width:
+            row_blocks.append([width - start])
+        blocks.append(row_blocks)
     return {
-        "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]), "sequence_ids": torch.tensor([seq_ids]),
-        "last_index": torch.tensor(last_index), "num_tokens": torch.tensor(len(ids)),
-        "attention_mask": shared_prompt_mask(blocks) if shared_prompt else None,
+        "input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids,
+        "last_index": last_index, "num_tokens": torch.tensor(sum(lengths)),
+        "attention_mask": torch.cat([shared_prompt_mask(b) for b in blocks]) if shared_prompt else None,
     }
 
 
@@ -82,22 +107,25 @@ def shared_prompt_mask(blocks: list[list[int]]) -> torch.Tensor:
 
 def _token_slots(sequence_ids: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each packed token sits in the per-sequence layout, without boolean indexing (whose
-    output size only the device knows): (row [N], column [N], valid [N] bool) for sequence_ids [1, N];
-    tokens of no sequence (-1) get row `num_sequences` (a spare row the caller drops) and column 0.
+    output size only the device knows): (row [N], column [N], valid [N] bool) for sequence_ids
+    [R, L] flattened; tokens of no sequence (-1) get row `num_sequences` (a spare row the caller
+    drops) and column 0.
 
-    Each sequence's tokens are contiguous and in order in the packed row (both layouts), so a token's
-    column is its offset from the first token of its sequence."""
+    Each sequence's tokens are contiguous and in order in its packed row (both layouts), so a token's
+    column is its rank among valid tokens minus the rank of its sequence's first one (rows may hold
+    sequences in any order)."""
     ids = sequence_ids.reshape(-1)
     valid = ids >= 0
     row = torch.where(valid, ids, num_sequences)
-    counts = torch.zeros(num_sequences + 1, dtype=torch.long, device=ids.device).scatter_add_(0, row, valid.long())
-    starts = torch.cumsum(counts, 0) - counts
-    column = torch.where(valid, torch.cumsum(valid.long(), 0) - 1 - starts[row], 0)
+    rank = torch.cumsum(valid.long(), 0) - 1
+    first = torch.zeros(num_sequences + 1, dtype=torch.long, device=ids.device).scatter_reduce_(
+        0, row, rank, reduce="amin", include_self=False)
+    column = torch.where(valid, rank - first[row], 0)
     return row, column, valid
 
 
 def sequence_sums(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """Per-sequence sums of token values. values, sequence_ids: [1, N] -> [S]."""
+    """Per-sequence sums of token values. values, sequence_ids: [R, L] -> [S]."""
     row, _, valid = _token_slots(sequence_ids, num_sequences)
     sums = torch.zeros(num_sequences + 1, dtype=values.dtype, device=values.device)
     return sums.index_add(0, row, values.reshape(-1) * valid)[:num_sequences]
@@ -105,7 +133,7 @@ def sequence_sums(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequence
 
 def sequence_tokens(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
                     length: int) -> torch.Tensor:
-    """Packed token values [1, N] -> right-padded per-sequence rows [S, length] (0 after the end).
+    """Packed token values [R, L] -> right-padded per-sequence rows [S, length] (0 after the end).
     Differentiable."""
     row, column, valid = _token_slots(sequence_ids, num_sequences)
     out = torch.zeros(num_sequences + 1, length, dtype=values.dtype, device=values.device)
@@ -113,7 +141,7 @@ def sequence_tokens(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequen
 
 
 def packed_tokens(values: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
-    """Per-sequence rows [S, T] -> the packed layout [1, N] (0 where no sequence's token is): the
+    """Per-sequence rows [S, T] -> the packed layout [R, L] (0 where no sequence's token is): the
     inverse of `sequence_tokens`."""
     row, column, valid = _token_slots(sequence_ids, values.shape[0])
     padded = torch.cat([values, values.new_zeros(1, values.shape[1])])

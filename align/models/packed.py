@@ -1,9 +1,12 @@
 """Running a causal LM's decoder over packed rows, shared-prompt groups included.
 
-Packed rows without a mask (position ids restarting at 0 per example) are masked by transformers
-itself. Shared-prompt groups (`align.data.groups`) come with a [1, 1, N, N] bool mask (True =
-attend), and transformers hands a ready 4-D mask to every layer unchanged, so it must already be
-what each layer's attention needs:
+Packed rows come without a mask: position ids restart at 0 for each example. Transformers could
+find the examples itself, but it asks the device whether any row restarts (a host read, per
+forward), so for attention implementations that take a 4-D mask the block-diagonal causal mask is
+built here, on the device, from the position ids (`packed_rows_mask`); flash-attention-2 gets the
+position ids alone (its varlen kernel finds the examples). Shared-prompt groups
+(`align.data.groups`) come with a [R, 1, L, L] bool mask (True = attend). Transformers hands a
+ready 4-D mask to every layer unchanged, so it must already be what each layer's attention needs:
 
 - eager attention *adds* the mask to its scores: it gets 0 where allowed and the dtype's minimum
   elsewhere (a bool mask would add +1/+0 and mask nothing);
@@ -44,17 +47,30 @@ def layer_windows(config) -> dict[str, int | None]:
     return windows
 
 
+def attention_implementation(config) -> str:
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def packed_rows_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [R, L] restarting at 0 for each packed example -> [R, 1, L, L] bool: causal
+    attention inside each example (computed on the position ids' device, no host read)."""
+    example = (position_ids == 0).cumsum(-1)  # which example of its row each token belongs to
+    causal = torch.ones(position_ids.shape[-1], position_ids.shape[-1], dtype=torch.bool,
+                        device=position_ids.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
+
+
 def shared_prompt_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor,
                         dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
-    """allowed: [1, 1, N, N] bool; position_ids: [1, N] -> the 4-D mask(s) to pass as attention_mask:
+    """allowed: [R, 1, L, L] bool; position_ids: [R, L] -> the 4-D mask(s) to pass as attention_mask:
     one tensor, or {layer type: tensor} when the layer types need different masks."""
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    implementation = attention_implementation(config)
     if implementation not in _MASKS_BY_IMPLEMENTATION:
         raise AlignError(f"model.attn_implementation={implementation!r} cannot run shared-prompt batches (a custom "
                          f"4-D mask); use one of {sorted(_MASKS_BY_IMPLEMENTATION)}, or set shared_prompt: false in "
                          "the algorithm's section")
     to_mask = _MASKS_BY_IMPLEMENTATION[implementation]
-    distance = position_ids[0, :, None] - position_ids[0, None, :]  # query position - key position, [N, N]
+    distance = (position_ids[:, :, None] - position_ids[:, None, :])[:, None]  # query - key position, [R, 1, L, L]
     windows = layer_windows(config)
     masks = {window: to_mask(allowed if window is None else allowed & (distance < window), dtype)
              for window in set(windows.values())}
@@ -65,8 +81,12 @@ def shared_prompt_masks(config, allowed: torch.Tensor, position_ids: torch.Tenso
 
 def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The decoder's last hidden states [B, T, H] for packed rows; attention_mask: None (rows
-    separated by position ids restarting at 0), or a shared-prompt [B, 1, T, T] bool mask."""
+    """The decoder's last hidden states [B, T, H]; attention_mask: None (packed rows, examples
+    separated by position ids restarting at 0), a shared-prompt [B, 1, T, T] bool mask, or a [B, T]
+    padding mask."""
+    if attention_mask is None and position_ids is not None and \
+            attention_implementation(lm.config) in _MASKS_BY_IMPLEMENTATION:
+        attention_mask = packed_rows_mask(position_ids)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
         dtype = lm.get_input_embeddings().weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32

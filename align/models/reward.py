@@ -22,10 +22,11 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
-        """input_ids, position_ids: [1, N] packed; last_index: [S] -> scores [S] (float32)."""
+        """input_ids, position_ids: [R, L] packed rows; last_index: [S] indices into the flattened
+        [R * L] rows -> scores [S] (float32)."""
         lm = causal_lm(self.model)
         hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
-        return lm.score(hidden[0, last_index]).squeeze(-1).float()
+        return lm.score(hidden.flatten(0, 1)[last_index]).squeeze(-1).float()
 
 
 class RewardModel(Trainable):

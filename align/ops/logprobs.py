@@ -17,7 +17,18 @@ import torch
 
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024
-"""Tokens per lm-head block when a caller gives no chunk size."""
+"""Tokens per lm-head block on a CPU when a caller gives no chunk size."""
+ACCELERATOR_BLOCK_BYTES = 1 << 30
+"""On a GPU, blocks hold about this many bytes of float32 logits: few large chunks, as each chunk
+costs a handful of kernel launches whatever its size."""
+
+
+def default_chunk_size(device: torch.device, vocab_size: int) -> int:
+    """Tokens per lm-head block: CHUNK_SIZE on a CPU; on an accelerator as many as fit
+    ACCELERATOR_BLOCK_BYTES of [chunk, vocab] float32 logits, never fewer than CHUNK_SIZE."""
+    if device.type == "cpu":
+        return CHUNK_SIZE
+    return max(CHUNK_SIZE, ACCELERATOR_BLOCK_BYTES // (4 * vocab_size))
 
 
 @dataclass(frozen=True)
@@ -195,12 +206,13 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch
     [B, T] entropy of each labelled position's next-token distribution (no gradient).
     transform: the model's logit post-processing (`LogitTransform`); its temperature is replaced
     by `temperature`. positions: `label_positions(labels)` if the caller has it (computed here
-    otherwise, which makes a GPU wait); chunk_size: tokens per block (default `CHUNK_SIZE`).
+    otherwise, which makes a GPU wait); chunk_size: tokens per block (default: `default_chunk_size`).
     """
     transform = _with_temperature(transform, temperature)
     positions, selected, targets = _labelled(hidden, labels, positions)
+    chunk_size = chunk_size or default_chunk_size(selected.device, lm_head.weight.shape[0])
     values, entropy = _ChunkedLogprobs.apply(selected, lm_head.weight, lm_head.bias, targets, transform,
-                                             chunk_size or CHUNK_SIZE, return_entropy)
+                                             chunk_size, return_entropy)
     out = _scatter(values, positions, labels)
     if return_entropy:
         return out, _scatter(entropy, positions, labels)
@@ -224,9 +236,9 @@ def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels:
     transform = _with_temperature(transform, temperature)
     positions, selected, targets = _labelled(hidden, labels, positions)
     token_weights = weights.detach().reshape(-1).index_select(0, positions)
+    chunk_size = chunk_size or default_chunk_size(selected.device, lm_head.weight.shape[0])
     total, values, entropy = _ChunkedWeightedLogprobSum.apply(selected, lm_head.weight, lm_head.bias, targets,
-                                                              token_weights, transform, chunk_size or CHUNK_SIZE,
-                                                              return_entropy)
+                                                              token_weights, transform, chunk_size, return_entropy)
     return (total, _scatter(values, positions, labels),
             _scatter(entropy, positions, labels) if return_entropy else None)
 

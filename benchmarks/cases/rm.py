@@ -71,7 +71,7 @@ def floor(spec: Spec, model, tokenizer) -> Prepared:
     def loss_fn(model, batch, num_items):
         hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              attention_mask=batch["attention_mask"]).last_hidden_state
-        scores = model.score(hidden[0, batch["last_index"]]).float()[:, 0]
+        scores = model.score(hidden.flatten(0, 1)[batch["last_index"]]).float()[:, 0]
         return -F.logsigmoid(scores[0::2] - scores[1::2]).sum() / num_items
 
     return floor_job(spec, model, group_steps(batches, spec.grad_accum), loss_fn, lambda b: float(len(b["margin"])))
