@@ -6,31 +6,40 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from align.errors import AlignError
 
 
-def _train(args) -> None:
+def _train(args) -> int:
     from align.config import load_recipe
     from align.trainers import TRAINERS, run_dir
 
     recipe = load_recipe(args.recipe, args.set)
     if os.environ.get("RANK", "0") == "0":  # the main process (torchrun / accelerate launch set RANK)
         run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)  # before the model loads
+    _check_adapter(recipe)
     trainer = TRAINERS[recipe.algorithm].from_recipe(recipe)
     record = trainer.fit(overwrite=args.overwrite)
+    if trainer.stopped_by:  # preempted: a checkpoint is saved; the shell's code for death by that signal
+        print(f"stopped by {trainer.stopped_by} at step {trainer.step}; checkpoint saved in {recipe.output_dir}/"
+              f"checkpoints; continue with: align train {args.recipe} --set train.resume_from=auto", file=sys.stderr)
+        return 128 + getattr(signal, trainer.stopped_by)
     if trainer.accelerator.is_main_process:
         print(f"done: {trainer.step} steps; outputs in {recipe.output_dir} "
               f"(weights, recipe.yaml, metrics.jsonl); last loss {record.get('loss', float('nan')):.4f}")
+    return 0
 
 
 def _validate(args) -> None:
     from align.config import load_recipe
-    from align.trainers import TRAINERS
+    from align.trainers import TRAINERS, run_dir
 
     recipe = load_recipe(args.recipe, args.set)
+    run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)
+    print(f"output_dir: {recipe.output_dir} ok")
     if all(s is None or s.is_local for s in (recipe.data.train, recipe.data.eval)):
         for key, (rows, fmt) in TRAINERS[recipe.algorithm].load_splits(recipe).items():
             if rows is not None:
@@ -38,7 +47,24 @@ def _validate(args) -> None:
     else:
         print("data from the hub: checked when `align train` downloads it")
     _check_rewards(recipe)
+    if recipe.adapter.kind != "none":
+        print(f"adapter: {recipe.adapter.kind} " + ("ok" if _check_adapter(recipe) else
+                                                    "checked when `align train` loads the model (not on this machine)"))
     print(f"{args.recipe}: valid {recipe.algorithm} recipe")
+
+
+def _check_adapter(recipe) -> bool:
+    """Check the adapter's module names and rank against the model's skeleton (built on the meta
+    device from its config: no weights are read). False if there is no adapter or no config to read."""
+    from align.models.loading import check_adapter, model_skeleton
+
+    if recipe.adapter.kind == "none":
+        return False
+    score = recipe.algorithm == "reward"
+    skeleton = model_skeleton(recipe.model, "score" if score else "causal_lm")
+    if skeleton is not None:
+        check_adapter(skeleton, recipe.adapter, "SEQ_CLS" if score else "CAUSAL_LM")
+    return skeleton is not None
 
 
 def _check_rewards(recipe) -> None:
@@ -108,8 +134,9 @@ def _read_prompts(args) -> list:
 
 
 def _generate(args) -> None:
-    from align.generate import generate
+    from align.generate import check_sampling, generate
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.n, cli=True)  # before the model loads
     prompts = _read_prompts(args)
     texts = generate(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, n=args.n, chat=args.chat, seed=args.seed, dtype=args.dtype)
@@ -122,8 +149,12 @@ def _generate(args) -> None:
 
 
 def _eval(args) -> None:
-    from align.generate import evaluate
+    from align.generate import check_sampling, evaluate
 
+    check_sampling(args.max_new_tokens, cli=True)
+    for flag, value, least in (("--limit", args.limit, 1), ("--show", args.show, 0)):
+        if value is not None and value < least:
+            raise AlignError(f"{flag}={value}: must be at least {least}")
     result = evaluate(args.model, args.data, args.reward, max_new_tokens=args.max_new_tokens, chat=args.chat,
                       limit=args.limit, dtype=args.dtype)
     for i in range(min(args.show, len(result.rows))):
@@ -149,6 +180,8 @@ def parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--overwrite", action="store_true",
                                       help="if output_dir holds a previous run, move it aside to "
                                            "OUTPUT_DIR.old-<time> first (it is never deleted)")
+    sub.choices["validate"].add_argument("--overwrite", action="store_true",
+                                         help="check output_dir as `align train --overwrite` would")
     cmd = sub.add_parser("export", help="merge a LoRA/QLoRA adapter into a plain transformers model directory")
     cmd.add_argument("run_dir", help="an output dir (or checkpoint) holding an adapter")
     cmd.add_argument("out_dir", help="a new (or empty) directory for the merged model")
@@ -214,11 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except AlignError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

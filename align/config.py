@@ -42,7 +42,7 @@ class ModelConfig(Section):
 class AdapterConfig(Section):
     kind: Literal["none", "lora", "qlora"] = "none"
     r: int = Field(16, gt=0)
-    alpha: float = 32.0
+    alpha: float = Field(32.0, gt=0, allow_inf_nan=False)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
@@ -76,20 +76,27 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    lr: float = Field(1e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides epochs when set."""
     batch_size: int = Field(8, gt=0)
     """Examples per micro-batch."""
     grad_accum: int = Field(1, gt=0)
-    warmup: float = Field(0.0, ge=0)
+    warmup: float = Field(0.0, ge=0, allow_inf_nan=False)
     """Warm-up length: a fraction of all steps if < 1, else a number of steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    """Clip the gradient's global norm to this (null: no clipping; the norm is still logged)."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """adamw: torch's (fused where it can be); adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit states
+    (paged: moved to host memory under GPU memory pressure), CUDA only."""
+    max_nonfinite_steps: int = Field(3, gt=0)
+    """A step whose loss or gradient norm is NaN/inf is skipped (no update, counted as
+    train/skipped_steps); this many in a row stop the run with an error."""
+    seed: int = Field(0, ge=0)
     dropout_during_training: bool | None = None
     """Dropout (the model's own and LoRA's adapter.dropout) while training. Default (null): on for SFT
     and reward models, off for DPO, GRPO and PPO, whose reference and old-log-prob passes must see the
@@ -142,11 +149,15 @@ class RewardFunctionConfig(Section):
     `path/to/file.py:func`, or a reward-model directory trained by Align."""
 
     fn: str
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
     name: str | None = None
     """Metric name (default: derived from `fn`)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments bound to the function, e.g. {max_length: 64} for a length penalty."""
+    timeout_s: float | None = Field(600.0, gt=0)
+    """Longest one call (one batch of completions) may take, sync or async; null: no limit."""
+    max_abs: float = Field(1e6, gt=0)
+    """A returned reward with |r| above this is an error naming the row (NaN/inf always are)."""
 
 
 class VLLMConfig(Section):
@@ -255,10 +266,29 @@ class Recipe(Section):
     def _check_files(self) -> "Recipe":
         sources = [("data.train", self.data.train), ("data.eval", self.data.eval)]
         for key, source in sources:
-            if source is not None and source.is_local and not os.path.exists(os.path.expanduser(source.path)):
+            if source is None:
+                continue
+            problem = unsupported_data_file(source.path)
+            if problem:
+                raise ValueError(f"{key}.path: {problem}")
+            if source.is_local and not os.path.exists(os.path.expanduser(source.path)):
                 raise ValueError(f"{key}.path: file not found: {source.path!r} (paths are relative to the "
                                  f"directory you run from: {os.getcwd()})")
         return self
+
+
+def unsupported_data_file(path: str) -> str | None:
+    """Why `path` is a local file Align cannot read (an unknown suffix on a file that exists, or a
+    suffix close to a known one), or None. Such a path must not go to the hub as a dataset id."""
+    suffix = Path(path).suffix
+    if not suffix or suffix in DATA_FILE_TYPES or os.path.isdir(os.path.expanduser(path)):
+        return None
+    close = difflib.get_close_matches(suffix.lower(), list(DATA_FILE_TYPES), n=1, cutoff=0.6)
+    if not close and not os.path.isfile(os.path.expanduser(path)):
+        return None  # a hub id with a dot in it
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"{path!r}: unsupported file type {suffix!r}{hint}; data files must end in "
+            f"{', '.join(DATA_FILE_TYPES)} (or give a directory of them, or a hub dataset id)")
 
 
 def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
@@ -300,7 +330,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise AlignError(f"--set {text!r}: expected KEY=VALUE, for example --set train.lr=2e-5")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    path = key.strip().split(".")
+    if "" in path:
+        raise AlignError(f"--set {text!r}: expected KEY=VALUE with a dotted key, for example --set train.lr=2e-5")
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise AlignError(f"--set {text!r}: the value {value!r} is not valid YAML ({problem}); close its brackets "
+                         f"(e.g. [1, 2]) or quote it as a string (--set '{key}=\"...\"')") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -322,14 +360,33 @@ def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
         raise AlignError(format_validation_error(error, source)) from None
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # SafeLoader reports an unhashable key
+            if key in seen:
+                raise AlignError(f"{key_node.start_mark.name}: key {key!r} is given twice in the same section "
+                                 f"(lines {seen[key]} and {line}); YAML would keep only the last: merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe YAML file."""
     path = str(path)
     if not os.path.isfile(path):
         raise AlignError(f"recipe file not found: {path}")
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: bad UTF-8 is a YAML error, not a traceback
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=RecipeLoader) or {}
         except yaml.YAMLError as error:
             raise AlignError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -70,6 +70,24 @@ def encode(tokenizer, prompts: list, chat: bool = False, key: str = "prompts") -
     return [encode_prompt(tokenizer, p, i, key) for i, p in enumerate(wrapped)]
 
 
+def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, n: int = 1,
+                   cli: bool = False) -> None:
+    """AlignError for a sampling setting out of range, named as the argument (cli: as the command's flag)."""
+    def name(arg: str) -> str:
+        return "--" + arg.replace("_", "-") if cli else arg
+
+    for arg, value, ok, want in [
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "at least 1"),
+            ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "0 (greedy) or more"),
+            ("top_p", top_p, 0 < top_p <= 1, "above 0 and at most 1"),
+            ("n", n, n >= 1, "at least 1")]:
+        if not ok:
+            raise AlignError(f"{name(arg)}={value}: must be {want}")
+    if n > 1 and temperature == 0:
+        raise AlignError(f"{name('n')}={n} samples with {name('temperature')} 0 (greedy) would be {n} identical "
+                         "completions; set a temperature, e.g. 1.0")
+
+
 def generate(model: str | LoadedModel, prompts: list, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, n: int = 1, chat: bool = False, stop: list[str] | None = None,
              seed: int = 0, batch_size: int = 64, dtype: str = "auto") -> list[str]:
@@ -78,6 +96,7 @@ def generate(model: str | LoadedModel, prompts: list, *, max_new_tokens: int = 6
     temperature 0 is greedy decoding. With n > 1 each prompt gets n samples: the result has
     len(prompts) * n strings, prompt i's at [i*n, (i+1)*n). Special tokens are stripped.
     """
+    check_sampling(max_new_tokens, temperature, top_p, n)  # before the model loads
     return [text for text, _ in _complete(_loaded(model, dtype), prompts, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, top_k=top_k, n=n, chat=chat,
                                           stop=stop, seed=seed, batch_size=batch_size)]
@@ -89,11 +108,7 @@ def _complete(loaded: LoadedModel, prompts: list, *, max_new_tokens: int, temper
     """(text, token ids) of every completion, n per prompt, in prompt order."""
     from align.rollout import SamplingParams
 
-    if n < 1 or max_new_tokens < 1:
-        raise AlignError(f"n ({n}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-    if n > 1 and temperature == 0:
-        raise AlignError(f"n={n} samples with temperature 0 (greedy) would be {n} identical completions; "
-                         "set a temperature, e.g. 1.0")
+    check_sampling(max_new_tokens, temperature, top_p, n)
     ids = encode(loaded.tokenizer, prompts, chat, key)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             stop=list(stop or []), seed=seed)
@@ -150,6 +165,7 @@ def evaluate(model: str | LoadedModel, data: str | list[dict], rewards: list[str
     """
     from align.rewards import RewardFunctions, load_reward_function, spec_name
 
+    check_sampling(max_new_tokens)
     if not rewards:
         raise AlignError("no reward given: name at least one, e.g. --reward exact_answer")
     functions = RewardFunctions([load_reward_function(spec) for spec in rewards],

@@ -138,6 +138,23 @@ def test_a_two_process_run_resumes_from_its_checkpoint(launched):
         torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
+def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_results(launched):
+    """DDP 2 -> 1: the same examples per optimizer step (grad_accum doubled), the same step 3 and
+    final weights as the two-process run."""
+    recipe = launched["sft"]
+    checkpoint = str(Path(recipe["output_dir"]) / "checkpoints" / "step-000002")
+    one = {**single_process(recipe, batch_size=2, grad_accum=4, resume_from=checkpoint),
+           "output_dir": recipe["output_dir"] + "-one"}
+    SFTTrainer.from_recipe(recipe_from_dict(one)).fit()
+    (got,) = metrics(one["output_dir"])
+    want = metrics(recipe["output_dir"])[-1]
+    assert got["step"] == want["step"] == 3
+    for key in ("loss", "grad_norm", "num_items"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    for name, tensor in weights(recipe["output_dir"]).items():
+        torch.testing.assert_close(weights(one["output_dir"])[name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
 def test_dpo_on_two_processes_equals_one_process_and_shares_the_reference_cache(launched):
     recipe = launched["dpo"]
     DPOTrainer.from_recipe(recipe_from_dict(single_process(recipe, batch_size=4))).fit()

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import datasets
+import pyarrow as pa
 
 from align.errors import AlignError
 from align.ops.logprobs import IGNORE_INDEX
@@ -40,6 +41,33 @@ def detect_format(columns: Sequence[str], declared: str, key: str) -> str:
     raise AlignError(f"{key}: cannot tell the data format from columns {list(columns)}; expected one of "
                      + ", ".join(f"{list(v)} ({k})" for k, v in FORMAT_COLUMNS.items())
                      + f"; map your columns with {key}.columns")
+
+
+TEXT, TURNS = "a string", "a non-empty list of {role, content} messages"
+COLUMN_TYPES = {"text": (TEXT,), "messages": (TURNS,), "prompt": (TEXT, TURNS), "completion": (TEXT, TURNS),
+                "chosen": (TEXT, TURNS), "rejected": (TEXT, TURNS)}
+"""What each row of a format column must hold; other columns are the user's (rewards read them)."""
+
+
+def check_columns(data: datasets.Dataset, key: str, renamed: dict[str, str] | None = None) -> None:
+    """AlignError naming the first row whose format column holds the wrong type (an int among strings,
+    a null where a key is missing, a message without `role`), before anything is tokenized."""
+    for name in data.column_names:
+        if name not in COLUMN_TYPES:
+            continue
+        shown = f"{name!r}" + (f" (renamed from {renamed[name]!r})" if renamed and name in renamed else "")
+        column = data.data.table.column(name)
+        if column.type in (pa.string(), pa.large_string()) and column.null_count == 0:
+            continue  # all strings: nothing to look at row by row
+        for row, value in enumerate(data[name]):
+            if isinstance(value, str) and TEXT in COLUMN_TYPES[name]:
+                continue
+            if isinstance(value, list) and TURNS in COLUMN_TYPES[name]:
+                _check_messages(value, row, key, name)
+                continue
+            got = "nothing (the key is missing or null)" if value is None else f"{type(value).__name__} {value!r:.60}"
+            raise AlignError(f"{key} row {row}: column {shown} must be {' or '.join(COLUMN_TYPES[name])}, "
+                             f"got {got}; fix or remove that row")
 
 
 def shift_labels(input_ids: list[int], trained: list[bool]) -> list[int]:
@@ -82,12 +110,13 @@ def render_chat(tokenizer, messages: list[dict], row: int, key: str) -> tuple[li
     return list(enc["input_ids"]), mask
 
 
-def _check_messages(messages, row: int, key: str) -> None:
+def _check_messages(messages, row: int, key: str, column: str = "messages") -> None:
     if not isinstance(messages, list) or not messages:
-        raise AlignError(f"{key} row {row}: `messages` must be a non-empty list of {{role, content}}")
+        raise AlignError(f"{key} row {row}: `{column}` must be a non-empty list of {{role, content}}")
     for turn in messages:
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise AlignError(f"{key} row {row}: each message needs `role` and `content`, got {turn!r}")
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
+            raise AlignError(f"{key} row {row}: each message in `{column}` needs a `role` string and "
+                             f"`content`, got {turn!r:.80}")
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

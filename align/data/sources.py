@@ -6,14 +6,23 @@ import os
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
-from align.config import DATA_FILE_TYPES, DataSource
+from align.config import DATA_FILE_TYPES, DataSource, unsupported_data_file
+from align.data.formats import check_columns
 from align.errors import AlignError
 
 
 def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
-    """Load one split as a `datasets.Dataset`, with `source.columns` renamed and `max_rows` applied."""
+    """Load one split as a `datasets.Dataset`, with `source.columns` renamed and `max_rows` applied.
+
+    Refused with an AlignError naming the file and the line or row: an unreadable or empty file,
+    text that is not UTF-8, and a format column (text, prompt, messages...) of the wrong type in a row.
+    """
     path = os.path.expanduser(source.path)
+    problem = unsupported_data_file(source.path)
+    if problem:
+        raise AlignError(f"{key}.path: {problem}")
     try:
         if Path(path).suffix in DATA_FILE_TYPES:
             data = datasets.load_dataset(DATA_FILE_TYPES[Path(path).suffix], data_files=path, split="train")
@@ -21,8 +30,20 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
             data = datasets.load_dataset(path, source.name, split=source.split)
     except FileNotFoundError as error:
         raise AlignError(f"{key}.path: {source.path!r}: {error}") from None
+    except UnicodeDecodeError:
+        raise AlignError(_not_utf8(path, key)) from None
+    except StopIteration:  # what `datasets` raises on a 0-byte file
+        raise AlignError(_no_rows(source, key)) from None
     except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        if "corresponds to no data" in str(error):  # `[]`, blank lines only, a csv header only
+            raise AlignError(_no_rows(source, key)) from None
         raise AlignError(f"{key}.path: cannot read {source.path!r}: {error}") from None
+    if len(data) == 0:
+        raise AlignError(_no_rows(source, key))
+    try:
+        data.data.table.validate(full=True)  # arrow keeps bytes that are not UTF-8 as they are
+    except pa.ArrowInvalid:
+        raise AlignError(_not_utf8(path, key)) from None
     missing = [old for old in source.columns if old not in data.column_names]
     if missing:
         raise AlignError(f"{key}.columns: {source.path!r} has no column {missing[0]!r}; "
@@ -31,4 +52,25 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
         data = data.rename_columns(source.columns)
     if source.max_rows is not None:
         data = data.select(range(min(source.max_rows, len(data))))
+    check_columns(data, key, renamed={new: old for old, new in source.columns.items()})
     return data
+
+
+def _no_rows(source: DataSource, key: str) -> str:
+    return (f"{key}.path: {source.path!r} holds no rows; add some (in a .jsonl file, one JSON object per line, "
+            'e.g. {"prompt": "...", "completion": "..."})')
+
+
+def _not_utf8(path: str, key: str) -> str:
+    """The message for text that is not UTF-8, naming the first bad line when `path` is a text file."""
+    where = ""
+    if os.path.isfile(path) and Path(path).suffix != ".parquet":
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    where = f" line {n} (byte {line[error.start]:#04x} at column {error.start + 1})"
+                    break
+    return (f"{key}.path: {path!r}{where}: not UTF-8 text; save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8 IN > OUT)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from align.models.head import logit_transform
@@ -74,7 +75,8 @@ class ActorCriticPolicy(Policy):
         return self.module(**batch, temperature=temperature, return_entropy=return_entropy)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """The policy as usual; the critic in `directory/critic` (a model dir or the value head)."""
+        """The policy as usual; the critic in `directory/critic` (a model dir, or the shared critic's
+        value head as `value_head.safetensors`: weight [1, H], bias [1])."""
         super().save(directory)
         critic = unwrap(self.module)
         path = os.path.join(directory, "critic")
@@ -82,4 +84,5 @@ class ActorCriticPolicy(Policy):
         if critic.value_model is not None:
             critic.value_model.save_pretrained(path)
         else:
-            torch.save(critic.value_head.state_dict(), os.path.join(path, "value_head.pt"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in critic.value_head.state_dict().items()},
+                      os.path.join(path, "value_head.safetensors"))

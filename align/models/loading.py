@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -155,8 +156,21 @@ def _merge(adapter_dir: str, base: str, full_kwargs: dict, auto_class):
     from peft import PeftModel
 
     with _peft_quietly():
-        return PeftModel.from_pretrained(auto_class.from_pretrained(base, **full_kwargs),
-                                         adapter_dir).merge_and_unload()
+        model = auto_class.from_pretrained(base, **full_kwargs)
+        try:
+            return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        except RuntimeError as error:
+            mismatches = re.findall(r"size mismatch for (?:base_model\.model\.)?(\S+?)(?:\.default)?(\.weight)?: copying "
+                                    r"a param with shape torch.Size\((\[.*?\])\) from checkpoint, the shape in current "
+                                    r"model is torch.Size\((\[.*?\])\)", str(error))
+            if not mismatches:
+                raise
+            name, suffix, theirs, ours = mismatches[0]
+            raise AlignError(f"model.name_or_path: the adapter in {adapter_dir!r} was not trained on the base its "
+                             f"adapter_config.json names ({tiny.portable(base)}): {len(mismatches)} of its weights "
+                             f"have other shapes, e.g. {name}{suffix} is {theirs} in the adapter and {ours} in the "
+                             "base; set base_model_name_or_path in adapter_config.json to the model it was trained "
+                             "from") from None
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -227,6 +241,7 @@ def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = 
     lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                       target_modules=adapter.target_modules, modules_to_save=adapter.modules_to_save,
                       task_type=task_type)
+    check_adapter(model, adapter, task_type)
     with _peft_quietly():
         if adapter.kind == "qlora":
             model = prepare_model_for_kbit_training(
@@ -236,12 +251,82 @@ def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = 
             model = get_peft_model(model, lora)
         except ValueError as error:
             raise AlignError(f"adapter.target_modules: {error}") from None
-    head = model.get_output_embeddings() if task_type == "CAUSAL_LM" else None
-    if head is not None and hasattr(head, "lora_A"):
+    return model
+
+
+def model_skeleton(config: ModelConfig, head: str = "causal_lm"):
+    """The model's modules on the meta device, built from its config alone (no weights are read, nothing
+    is downloaded); None if the config is not on this machine (a hub model not in the cache)."""
+    from transformers import AutoConfig
+
+    path = tiny.resolve(config.name_or_path)
+    try:
+        model_config = AutoConfig.from_pretrained(_adapter_base(path) or path, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    auto_class = AutoModelForCausalLM
+    if head == "score":
+        auto_class, model_config.num_labels = AutoModelForSequenceClassification, 1
+    with torch.device("meta"):
+        return auto_class.from_config(model_config, trust_remote_code=config.trust_remote_code)
+
+
+def check_adapter(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM") -> None:
+    """AlignError for what peft would take silently or fail on obscurely: a `target_modules` name the
+    model does not have (peft ignores one when another name matches), a `modules_to_save` name a
+    causal LM does not have, a LoRA on the lm-head, or an `r` above the smaller width of a targeted layer.
+
+    `model` may be the loaded model or its `model_skeleton`."""
+    if adapter.kind == "none":
+        return
+    modules = dict(model.named_modules())
+    widths = {name: _width(module) for name, module in modules.items() if _width(module)}
+    linear = sorted({name.rsplit(".", 1)[-1] for name in widths})
+    for target in adapter.target_modules if isinstance(adapter.target_modules, list) else []:
+        if not any(_matches(name, [target]) for name in modules):
+            raise AlignError(f"adapter.target_modules: the model has no module {target!r}; its linear modules "
+                             f"are {linear} (or use all-linear)")
+    saved = adapter.modules_to_save or []
+    for target in saved if task_type == "CAUSAL_LM" else []:
+        # a score model may lack one: PPO's critic takes the policy's settings, [lm_head] included
+        if not any(name.endswith(target) for name in modules):
+            raise AlignError(f"adapter.modules_to_save: the model has no module {target!r}; its linear modules "
+                             f"are {linear}")
+    head = model.get_output_embeddings() if task_type == "CAUSAL_LM" else getattr(model, "score", None)
+    targets = adapter.target_modules
+    if targets == "all-linear":  # as peft reads it: every linear layer but the output head
+        targets = [name for name in widths if modules[name] is not head]
+    targeted = [name for name in modules if _matches(name, targets)
+                and not any(name.endswith(s) for s in saved)]
+    if not targeted:
+        raise AlignError(f"adapter.target_modules: {targets!r} matches no module of the model; its linear "
+                         f"modules are {linear}")
+    if task_type == "CAUSAL_LM" and any(modules[name] is head for name in targeted):
         raise AlignError("adapter.target_modules: a LoRA on the lm-head is not supported: Align computes log-probs "
                          "from the head's weight in chunks, which would bypass it; leave the head out of "
                          "target_modules, or train it fully with adapter.modules_to_save: [lm_head]")
-    return model
+    narrowest = min((name for name in targeted if name in widths), key=lambda n: min(widths[n]), default=None)
+    if narrowest and adapter.r > min(widths[narrowest]):
+        (n_in, n_out), most = widths[narrowest], min(widths[narrowest])
+        raise AlignError(f"adapter.r: {adapter.r} is larger than the width of {narrowest} ({n_in} in, {n_out} out); "
+                         f"a LoRA rank above {most} adds nothing: set adapter.r to at most {most}")
+
+
+def _matches(name: str, targets: str | list[str]) -> bool:
+    """peft's rule: a string is a regex for the full module name, a list entry a name or a name's tail."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _width(module) -> tuple[int, int] | None:
+    """(in, out) of a linear layer (also a 4-bit one, or GPT-2's Conv1D), else None."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
 
 
 def _device() -> str:

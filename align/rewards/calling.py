@@ -1,14 +1,16 @@
-"""Calling reward functions: arguments by signature, async functions concurrently, checks on what
-they return, weighted combination and metrics (see `align.rewards` for the contract)."""
+"""Calling reward functions: arguments by signature, async functions concurrently, a time limit per
+call, checks on what they return, weighted combination and metrics (see `align.rewards` for the contract)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,11 @@ if TYPE_CHECKING:
     from align.config import RewardFunctionConfig
 
 log = logging.getLogger(__name__)
+
+TIMEOUT_S = 600.0
+"""Default longest time one call (one batch) of a reward function may take, as `timeout_s` in a recipe."""
+MAX_ABS = 1e6
+"""Default bound on |reward|, as `max_abs` in a recipe."""
 
 
 def _is_async(fn: Callable) -> bool:
@@ -42,18 +49,23 @@ class _EventLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
-    def submit(self, awaitables: list):
-        """Start awaiting all of them concurrently; returns a concurrent Future of their results
-        (exceptions are returned in place of results)."""
+    def submit(self, call: Callable) -> concurrent.futures.Future:
+        """Start awaiting `call()` on the loop; a concurrent Future of `(True, result)` or `(False, what it
+        raised)`. Cancelling the future cancels the task."""
         with self._lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="align-rewards", daemon=True).start()
 
-        async def gather():
-            return await asyncio.gather(*awaitables, return_exceptions=True)
+        async def outcome():
+            try:
+                return True, await call()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:  # noqa: BLE001 - SystemExit too: it must not stop the loop
+                return False, error
 
-        return asyncio.run_coroutine_threadsafe(gather(), self._loop)
+        return asyncio.run_coroutine_threadsafe(outcome(), self._loop)
 
     def close(self) -> None:
         if self._loop is not None:
@@ -61,38 +73,80 @@ class _EventLoop:
             self._loop = None
 
 
+def _in_thread(fn: Callable, arguments: dict) -> concurrent.futures.Future:
+    """Run fn(**arguments) in a daemon thread (a hung one does not keep the process alive at exit) with
+    the caller's grad mode and CUDA device; a Future of `(True, result)` or `(False, what it raised)`.
+    Only the thread catches what fn raises: a Ctrl-C reaches the waiting caller as usual."""
+    future = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()  # cancel() is then a no-op: a thread cannot be stopped
+    grad = torch.is_grad_enabled()
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def run():
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            with torch.set_grad_enabled(grad):
+                future.set_result((True, fn(**arguments)))
+        except BaseException as error:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: reported by name
+            future.set_result((False, error))
+
+    threading.Thread(target=run, name="align-reward", daemon=True).start()
+    return future
+
+
+class _Timeout(Exception):
+    """A call ran past its function's timeout."""
+
+
 class RewardFunctions:
     """Several reward functions with weights: `values = rewards(...)` -> [B, F], `rewards.combine(values)` -> [B].
 
     names: one metric name per function (unique); keys: where each came from in the recipe, or None.
+    timeouts: seconds one call may take (None: no limit), max_abs: bound on |reward|; one for all
+    functions or one per function.
     """
 
     def __init__(self, functions: list[Callable], weights: list[float] | None = None, names: list[str] | None = None,
-                 keys: list[str | None] | None = None):
+                 keys: list[str | None] | None = None, timeouts: float | None | list[float | None] = TIMEOUT_S,
+                 max_abs: float | list[float] = MAX_ABS):
         if not functions:
             raise AlignError("no reward functions given; add at least one, e.g. grpo.rewards: [{fn: exact_answer}]")
-        weights = [1.0] * len(functions) if weights is None else [float(w) for w in weights]
+        n = len(functions)
+        weights = [1.0] * n if weights is None else [float(w) for w in weights]
         names = names or [function_name(fn) for fn in functions]
-        keys = keys or [None] * len(functions)
-        if not len(weights) == len(names) == len(keys) == len(functions):
-            raise ValueError(f"{len(functions)} reward functions but {len(weights)} weights, {len(names)} names")
-        for fn, name, key in zip(functions, names, keys):
+        keys = keys or [None] * n
+        timeouts = list(timeouts) if isinstance(timeouts, (list, tuple)) else [timeouts] * n
+        max_abs = [float(m) for m in max_abs] if isinstance(max_abs, (list, tuple)) else [float(max_abs)] * n
+        if not len(weights) == len(names) == len(keys) == len(timeouts) == len(max_abs) == n:
+            raise ValueError(f"{n} reward functions but {len(weights)} weights, {len(names)} names, {len(keys)} "
+                             f"keys, {len(timeouts)} timeouts, {len(max_abs)} max_abs")
+        for fn, name, key, weight, timeout, bound in zip(functions, names, keys, weights, timeouts, max_abs):
+            where = key or "reward " + repr(name)
             if not callable(fn):
-                raise AlignError(f"{key or 'reward ' + repr(name)}: {fn!r} is not callable")
+                raise AlignError(f"{where}: {fn!r} is not callable")
+            if not math.isfinite(weight):
+                raise AlignError(f"{where}: weight {weight} is not a finite number")
+            if timeout is not None and not timeout > 0:
+                raise AlignError(f"{where}: timeout {timeout} must be a number of seconds > 0 (None: no limit)")
+            if not bound > 0:
+                raise AlignError(f"{where}: max_abs {bound} must be > 0")
         self.functions, self.weights, self.keys = list(functions), weights, keys
+        self.timeouts, self.max_abs = [None if t is None else float(t) for t in timeouts], max_abs
         self.names = _unique(names)
         self._loop = _EventLoop()
         self._warned_all_none = False
 
     @classmethod
     def from_config(cls, entries: list["RewardFunctionConfig"], key: str = "grpo.rewards") -> "RewardFunctions":
-        """Load every `{fn, weight, name, kwargs}` entry of a recipe's reward list."""
+        """Load every `{fn, weight, name, kwargs, timeout_s, max_abs}` entry of a recipe's reward list."""
         if not entries:
             raise AlignError(f"{key} is empty: add at least one reward, e.g.\n  {key}:\n    - {{fn: exact_answer}}\n"
                              f"A reward is {FORMS}")
         functions = [load_reward_function(e.fn, e.kwargs, key=f"{key}[{i}]") for i, e in enumerate(entries)]
         return cls(functions, [e.weight for e in entries], [e.name or spec_name(e.fn) for e in entries],
-                   [f"{key}[{i}]" for i in range(len(entries))])
+                   [f"{key}[{i}]" for i in range(len(entries))], [e.timeout_s for e in entries],
+                   [e.max_abs for e in entries])
 
     # --- calling
 
@@ -100,15 +154,17 @@ class RewardFunctions:
                  columns: dict[str, list]) -> torch.Tensor:
         """Every function on the batch -> float32 [B, F], NaN where a function returned None.
 
-        Async functions are awaited together while the plain ones run. Raises AlignError naming the
-        function and the first failing row (with an excerpt of its prompt and completion).
+        Async functions are awaited together while the plain ones run, one after another, each in a
+        worker thread. Raises AlignError naming the function and the first failing row (with an excerpt
+        of its prompt and completion), or the function that ran past its timeout.
         """
         return self._call(prompts, completions, completion_ids, columns, phase="")
 
     def dry_run(self, prompts: list, completions: list[str], completion_ids: list[list[int]],
                 columns: dict[str, list]) -> None:
         """Call each function once on real sample rows before training; AlignError on a signature the
-        columns cannot satisfy, an exception, a wrong length, a non-numeric, NaN or infinite value."""
+        columns cannot satisfy, an exception or exit, a timeout, a wrong length or shape, a non-numeric,
+        NaN, infinite or too large value."""
         values = self._call(prompts, completions, completion_ids, columns, phase="dry run before training: ")
         for f, name in enumerate(self.names):
             if values[:, f].isnan().all():
@@ -122,38 +178,52 @@ class RewardFunctions:
                 raise ValueError(f"column {name!r} has {len(column)} values for {size} completions")
         labels = [phase + self._label(i) for i in range(len(self.functions))]
         plans = [self._arguments(fn, batch, label) for fn, label in zip(self.functions, labels)]
-        results: list = [None] * len(self.functions)
-        pending = [i for i, fn in enumerate(self.functions) if _is_async(fn)]
-        future = self._loop.submit([self._invoke(i, plans[i], results) for i in pending]) if pending else None
-        for i, fn in enumerate(self.functions):
-            if i not in pending:
-                try:
-                    results[i] = self._await(fn(**plans[i]))
-                except Exception as error:  # noqa: BLE001 - reported with the function and row below
-                    results[i] = error
-        if future is not None:
-            future.result()
+        start = time.monotonic()
+        running = {i: self._start(i, plans[i]) for i, fn in enumerate(self.functions) if _is_async(fn)}
+        outcomes: list = [None] * len(self.functions)
+        try:
+            for i in range(len(self.functions)):
+                if i not in running:
+                    outcomes[i] = self._outcome(i, self._start(i, plans[i]), time.monotonic())
+            for i, future in running.items():
+                outcomes[i] = self._outcome(i, future, start)
+        except _Timeout as timeout:
+            for future in running.values():
+                future.cancel()
+            i = timeout.args[0]
+            setting = self._setting(i, "timeout_s", "timeouts")
+            raise AlignError(f"{labels[i]} took longer than {self.timeouts[i]:g} s on a batch of {size} completions; "
+                             "make it faster (a plain function keeps running in its thread), or raise the limit "
+                             f"with {setting} (null: no limit)") from None
         out = []
-        for fn, plan, label, result in zip(self.functions, plans, labels, results):
-            if isinstance(result, Exception):
-                self._raise_failure(fn, plan, batch, result, label)
-            out.append(_check(result, size, batch, label))
+        for i, ((ok, result), label) in enumerate(zip(outcomes, labels)):
+            if not ok:
+                self._raise_failure(i, plans[i], batch, result, label)
+            out.append(_check(result, size, batch, label, self.max_abs[i], self._setting(i, "max_abs", "max_abs")))
         return torch.tensor(out, dtype=torch.float32).reshape(len(self.functions), size).T.contiguous()
 
-    async def _invoke(self, i: int, arguments: dict, results: list) -> None:
-        try:
-            results[i] = await self.functions[i](**arguments)
-        except Exception as error:  # noqa: BLE001
-            results[i] = error
+    def _start(self, i: int, arguments: dict) -> concurrent.futures.Future:
+        """Start function i: an async one on the event loop, a plain one in a worker thread."""
+        fn = self.functions[i]
+        return self._loop.submit(functools.partial(fn, **arguments)) if _is_async(fn) else _in_thread(fn, arguments)
 
-    def _await(self, result):
-        """A plain function may still return an awaitable (e.g. an object with an async __call__)."""
-        if not inspect.isawaitable(result):
-            return result
-        out = self._loop.submit([result]).result()[0]
-        if isinstance(out, Exception):
-            raise out
-        return out
+    def _outcome(self, i: int, future: concurrent.futures.Future, start: float) -> tuple[bool, object]:
+        """(True, result) or (False, what it raised) of a call started at `start`; _Timeout(i) past its timeout.
+        A plain function may still return an awaitable (e.g. an object with an async __call__): awaited too."""
+        deadline = None if self.timeouts[i] is None else start + self.timeouts[i]
+        while True:
+            try:
+                ok, result = future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise _Timeout(i) from None
+            if not (ok and inspect.isawaitable(result)):
+                return ok, result
+            future = self._loop.submit(lambda awaitable=result: awaitable)
+
+    def _setting(self, i: int, recipe: str, argument: str) -> str:
+        """Where to change a setting of function i: its recipe key, or the RewardFunctions argument."""
+        return f"{self.keys[i]}.{recipe}" if self.keys[i] else f"RewardFunctions({argument}=...)"
 
     def _label(self, i: int) -> str:
         return f"reward function {self.names[i]!r}" + (f" ({self.keys[i]})" if self.keys[i] else "")
@@ -182,14 +252,22 @@ class RewardFunctions:
                     f"it a default, or bind it with `kwargs: {{{name}: ...}}` in the recipe")
         return available if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else out
 
-    def _raise_failure(self, fn: Callable, arguments: dict, batch: dict, error: Exception, label: str):
-        """Re-call `fn` row by row to find the first failing row, then raise an AlignError naming it."""
+    def _raise_failure(self, i: int, arguments: dict, batch: dict, error: BaseException, label: str):
+        """Re-call function i row by row to find the first failing row, then raise an AlignError naming it.
+        An exit (SystemExit, KeyboardInterrupt) raised by the function is reported as it is."""
+        if not isinstance(error, Exception):
+            what = (f"called sys.exit({error.code!r}) / raised SystemExit" if isinstance(error, SystemExit)
+                    else f"raised {type(error).__name__}")
+            raise AlignError(f"{label} {what}; a reward must return scores (one float or None per completion), "
+                             "not end the run") from error
         size = len(batch["completions"])
         for row in range(size):
             one = {k: v[row:row + 1] if isinstance(v, (list, tuple)) else v for k, v in arguments.items()}
             try:
-                self._await(fn(**one))
-            except Exception as row_error:  # noqa: BLE001
+                ok, row_error = self._outcome(i, self._start(i, one), time.monotonic())
+            except _Timeout:
+                break
+            if not ok:
                 raise AlignError(f"{label} raised {type(row_error).__name__}: {row_error}\n{_where(batch, row)}\n"
                                  "Fix the function, or return None for rows it does not apply to") from row_error
         raise AlignError(f"{label} raised {type(error).__name__}: {error}\n  on the batch of {size} rows "
@@ -258,11 +336,21 @@ def _where(batch: dict, row: int) -> str:
             f"  completion: {_excerpt(batch['completions'][row])}")
 
 
-def _check(result, size: int, batch: dict, label: str) -> list[float]:
-    """A function's result as `size` floats (NaN for None), or an AlignError saying what is wrong."""
-    if isinstance(result, (str, bytes)) or not hasattr(result, "__len__") or not hasattr(result, "__iter__"):
+def _check(result, size: int, batch: dict, label: str, max_abs: float, setting: str) -> list[float]:
+    """A function's result as `size` floats (NaN for None), or an AlignError saying what is wrong.
+    setting: where to raise max_abs (its recipe key)."""
+    ndim = getattr(result, "ndim", None)
+    if ndim == 0 or isinstance(result, (str, bytes)) or not hasattr(result, "__len__") \
+            or not hasattr(result, "__iter__"):
         raise AlignError(f"{label} returned {type(result).__name__} {_excerpt(result)}; a reward function returns "
                          "a list with one float (or None) per completion")
+    nested = next((v for v in result if isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) > 0), None) \
+        if ndim is None else None
+    if (ndim or 1) > 1 or nested is not None:
+        shape = list(result.shape) if ndim else [len(result), len(nested)]
+        raise AlignError(f"{label} returned a {type(result).__name__} of shape {shape}; a reward function returns "
+                         f"one number per completion: a flat list (or 1-D tensor) of {size} floats or None, e.g. "
+                         "scores.squeeze(-1).tolist() for scores of shape [B, 1]")
     if len(result) != size:
         raise AlignError(f"{label} returned {len(result)} value(s) for {size} completions; return one value per "
                          "completion (None where it does not apply)")
@@ -278,5 +366,8 @@ def _check(result, size: int, batch: dict, label: str) -> list[float]:
         if not math.isfinite(number):
             raise AlignError(f"{label} returned {number}; values must be finite numbers (return None for a sample "
                              f"the function does not apply to)\n{_where(batch, row)}")
+        if abs(number) > max_abs:
+            raise AlignError(f"{label} returned {number:g}, more than max_abs={max_abs:g} in absolute value\n"
+                             f"{_where(batch, row)}\nScale the reward down, or raise the bound with {setting}")
         values.append(number)
     return values

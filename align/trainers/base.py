@@ -17,7 +17,9 @@ processes (see `align.trainers.distributed`). Logged metrics are those of the wh
 main process writes files.
 
 The training step never waits on the device: metrics stay on it and are read once per log step
-(`Trainer.log`); tests/test_host_syncs.py counts the host reads of a step.
+(`Trainer.log`); tests/test_host_syncs.py counts the host reads of a step. A step whose loss or
+gradient norm is not finite is skipped on the device (`optimizer_step`) and counted; the count is
+read at log steps, and train.max_nonfinite_steps such steps in a row stop the run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +82,21 @@ def adamw(params, **settings) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=True, **settings)
 
 
+def make_optimizer(kind: str, params, **settings) -> torch.optim.Optimizer:
+    """train.optimizer -> the optimizer: `adamw` (torch's, see `adamw`), or bitsandbytes' 8-bit AdamW
+    (`adamw_8bit`; `paged_adamw_8bit` also pages its states to host memory when the GPU runs short),
+    whose kernels need a CUDA GPU."""
+    if kind == "adamw":
+        return adamw(params, **settings)
+    if not torch.cuda.is_available():
+        raise AlignError(f"train.optimizer={kind!r} needs a CUDA GPU (bitsandbytes' 8-bit optimizers have no CPU "
+                         "kernels) and none is available; use train.optimizer: adamw")
+    import bitsandbytes as bnb
+
+    optimizer = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return optimizer(list(params), **settings)
+
+
 class Trainer:
     algorithm: str = ""
     formats: tuple[str, ...] = ()
@@ -100,17 +119,40 @@ class Trainer:
         if not self.dropout:
             policy.disable_dropout()
         self.accelerator = process_accelerator()
-        self.optimizer = adamw(policy.trainable_parameters(), lr=self.cfg.lr, betas=self.cfg.adam_betas,
-                               weight_decay=self.cfg.weight_decay)
+        self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
+                                        betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
         self.steps_per_epoch = self.count_steps_per_epoch()
         self.total_steps = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
+        self.scheduler = self.make_scheduler(step=0)
+        self.step = 0
+        device = self.accelerator.device
+        self._nonfinite_in_row = torch.zeros((), device=device)
+        """Steps skipped in a row (loss or gradient norm not finite), a device counter read at log steps."""
+        self._nonfinite_total = torch.zeros((), device=device)
+        self._stop_signal: int | None = None
+        self.stopped_by: str | None = None
+        """The signal's name when a SIGTERM/SIGINT stopped `fit` after a checkpoint, else None."""
+        self.prepare_data()
+
+    def make_scheduler(self, step: int):
+        """The learning-rate schedule of this recipe (lr, warmup, schedule, total steps), positioned
+        at `step`: the optimizer's learning rates set to the schedule's value there. On resume the
+        schedule is rebuilt from the current recipe, so a changed lr or max_steps takes effect from
+        the resumed step on."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = self.cfg.lr
         warmup = self.cfg.warmup if self.cfg.warmup >= 1 else self.cfg.warmup * self.total_steps
         name = "constant_with_warmup" if self.cfg.schedule == "constant" else self.cfg.schedule
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(warmup),
-                                       num_training_steps=self.total_steps)
-        self.step = 0
-        self.prepare_data()
+        scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(warmup),
+                                  num_training_steps=self.total_steps)
+        if step:  # LambdaLR's value at `step` in closed form, as its own step() computes it
+            lrs = [fn(step) * base for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler.last_epoch, scheduler._last_lr = step, lrs
+        return scheduler
 
     # ---- construction from a recipe -------------------------------------------------------------
     @classmethod
@@ -226,17 +268,58 @@ class Trainer:
         labels = batch.get("labels")
         if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and "label_positions" not in batch:
             batch = {**batch, "label_positions": label_positions(labels)}
-        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        device = self.accelerator.device
+
+        def move(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            if device.type == "cuda" and value.device.type == "cpu":  # from pinned memory: no stream sync
+                return value.pin_memory().to(device, non_blocking=True)  # (torch keeps the block until copied)
+            return value.to(device)
+
+        return {k: move(v) for k, v in batch.items()}
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, overwrite: bool = False) -> dict[str, float]:
         """Train in output_dir, which this run holds until it returns (see `align.trainers.run_dir`):
         a directory holding another run is refused unless train.resume_from resumes it or
         `overwrite` moves it aside. Returns the last logged record."""
-        with self.hold_output_dir(overwrite):
+        with self.hold_output_dir(overwrite), self.stop_on_signals():
             if self.cfg.resume_from:
                 self.resume(self.cfg.resume_from)
             return self.train_loop()
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """While training, SIGTERM (a preemption notice) and SIGINT (Ctrl-C) let the current step end,
+        then `train_loop` saves a checkpoint and returns with `stopped_by` set; a second signal
+        interrupts at once. Only in the main thread (Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None:  # the second one: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("%s: stopping after this step and saving a checkpoint (send it again to stop at once)",
+                        signal.Signals(signum).name)
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop_requested(self, at_log_step: bool) -> bool:
+        """Whether a signal asked this run to stop: at once with one process; with several, all of
+        them must agree, which they do at log and save steps (one all-reduce, no extra host read)."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal is not None
+        if not at_log_step:
+            return False
+        return sum_over_processes({"stop": float(self._stop_signal is not None)})["stop"] > 0
 
     @contextlib.contextmanager
     def hold_output_dir(self, overwrite: bool):
@@ -265,10 +348,21 @@ class Trainer:
             if self.eval_data is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 record.update(self.evaluate())
             evaluated = any(key.startswith("eval/") for key in record)
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps or evaluated:
+            logged = self.step % self.cfg.log_every == 0 or self.step == self.total_steps or evaluated
+            saving = bool(self.cfg.save_every and self.step % self.cfg.save_every == 0)
+            if logged:
                 self.log(record)
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+            if saving:
                 self.save_checkpoint()
+            if self.stop_requested(at_log_step=logged or saving):
+                if not logged:
+                    self.log(record)
+                if not saving:
+                    self.save_checkpoint()
+                self.stopped_by = signal.Signals(self._stop_signal or signal.SIGTERM).name
+                log.warning("stopped by %s at step %d; checkpoint saved; resume with train.resume_from=auto",
+                            self.stopped_by, self.step)
+                return record
         if self.eval_data is not None and not any(key.startswith("eval/") for key in record):
             self.log(self.evaluate())
         self.save(self.output_dir)
@@ -283,22 +377,53 @@ class Trainer:
         if self._log_clock is None:
             self._log_clock = time.perf_counter()
         record = self.accumulate_gradients(micro_batches)
+        params = self.policy.trainable_parameters()
         if self.cfg.max_grad_norm is not None:
-            record["grad_norm"] = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(),
-                                                                   self.cfg.max_grad_norm).detach()
+            grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        finite = torch.isfinite(grad_norm) & self.loss_is_finite(record["loss"])
+        record["grad_norm"] = grad_norm.detach()
         record["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        self.optimizer_step(finite)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        skipped = (~finite).float()
+        self._nonfinite_in_row = (self._nonfinite_in_row + 1) * skipped
+        self._nonfinite_total = self._nonfinite_total + skipped
+        record["skipped_steps"], record["skipped_in_row"] = self._nonfinite_total, self._nonfinite_in_row
         self._tokens_since_log += record["num_tokens"]
         return record
+
+    def loss_is_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device: this step's loss is finite on every process (an all-reduce under
+        several processes, so that all of them skip or none does)."""
+        finite = torch.isfinite(loss)
+        if self.accelerator.num_processes > 1:
+            finite = sum_tensors_over_processes({"bad": (~finite).float()}, self.accelerator.device)["bad"] == 0
+        return finite
+
+    def optimizer_step(self, finite: torch.Tensor) -> None:
+        """Update the weights unless `finite` (0-dim bool on the device) is False. Fused AdamW skips
+        on the device itself, through the found-inf input it has for gradient scaling: weights,
+        moments and step counts stay as they were, and the host does not wait. Other optimizers
+        (the foreach fallback, bitsandbytes') ask the host, one read per step."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif bool(finite):
+            self.optimizer.step()
 
     _log_clock: float | None = None
     """perf_counter() at the last log (or the first step): tokens_per_s is measured since then."""
     _tokens_since_log: float = 0.0
     """This process's tokens trained since the last log."""
 
-    PER_STEP_KEYS = ("grad_norm", "lr", "num_items")
+    PER_STEP_KEYS = ("grad_norm", "lr", "num_items", "skipped_steps", "skipped_in_row")
     """Record entries that are already the whole step's: not summed over the processes."""
     HOST_SUMS = ("num_tokens", "tokens_since_log")
     """Record entries counted on the host, per process, and summed over the processes."""
@@ -394,38 +519,67 @@ class Trainer:
             interval = now - (self._log_clock if self._log_clock is not None else now)
             record["tokens_per_s"] = record.pop("tokens_since_log") / max(interval, 1e-9)
             self._log_clock, self._tokens_since_log = now, 0.0
+            self.check_nonfinite(record.pop("skipped_in_row", 0.0), record)
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **record}
         for cb in self.callbacks:
             cb.on_log(self, record)
 
+    def check_nonfinite(self, in_row: float, record: dict) -> None:
+        """Stop the run (AlignError) once train.max_nonfinite_steps steps in a row were skipped."""
+        if in_row >= self.cfg.max_nonfinite_steps:
+            raise AlignError(
+                f"stopped at step {self.step}: the loss or gradient norm was NaN/inf in the last {int(in_row)} steps "
+                f"(loss {record.get('loss')}, grad_norm {record.get('grad_norm')}); those steps were skipped, so "
+                f"the weights are the last finite ones, but nothing more was saved. Usual causes: train.lr too high "
+                f"(it is {self.cfg.lr}), no gradient clipping (train.max_grad_norm), bad data or rewards. Resume "
+                f"from the newest checkpoint with train.resume_from=auto after fixing it, or allow more with "
+                f"train.max_nonfinite_steps")
+
+    def check_weights_finite(self, what: str) -> None:
+        """AlignError if a trainable weight is NaN/inf (one host read; at saves only)."""
+        params = [p.detach() for p in self.policy.trainable_parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise AlignError(f"step {self.step}: the weights are NaN/inf, so the {what} was not written (earlier "
+                             f"checkpoints are kept). Lower train.lr (it is {self.cfg.lr}) or clip gradients "
+                             "(train.max_grad_norm)")
+
     # ---- saving and resuming --------------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Final weights (adapter or full model) and tokenizer, loadable by transformers/peft."""
+        """Final weights (adapter or full model) and tokenizer, loadable by transformers/peft; never
+        non-finite ones, never half-written (see `checkpoint.write_atomically`)."""
+        self.check_weights_finite("final model")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.policy.save(directory)
+            checkpoint.write_atomically(directory, self.policy.save, "final model")
 
     def checkpoint_state(self) -> dict[str, object]:
         """What a checkpoint holds: nested dicts/lists of tensors, numbers and strings (stored as
         safetensors + JSON, see `align.trainers.checkpoint`); `restore_state` puts it back. Called on
         every process; the state is the same on all but the random generators (one per process)."""
         return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": gather_shares([checkpoint.rng_state()])}
+                "scheduler": self.scheduler.state_dict(), "rng": gather_shares([checkpoint.rng_state()]),
+                "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
 
     def restore_state(self, objects: dict[str, object]) -> None:
         self.policy.load_state_dict(objects["model"])
         self.optimizer.load_state_dict(objects["optimizer"])
         self.scheduler.load_state_dict(objects["scheduler"])
+        if "skipped" in objects:
+            total, in_row = objects["skipped"].to(self.accelerator.device)
+            self._nonfinite_total, self._nonfinite_in_row = total, in_row
         rng = objects["rng"]
         checkpoint.set_rng_state(rng[min(self.accelerator.process_index, len(rng) - 1)])
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (written by the main process; the others wait for it)."""
+        self.check_weights_finite("checkpoint")
         objects = self.checkpoint_state()
         root = self.output_dir / "checkpoints"
         if self.accelerator.is_main_process:
             checkpoint.save_checkpoint(root, self.step, objects,
-                                       {"algorithm": self.algorithm, "total_steps": self.total_steps},
+                                       {"algorithm": self.algorithm, "total_steps": self.total_steps,
+                                        "global_batch_size": self.global_batch_size,
+                                        "recipe": self.recipe.model_dump(mode="json")},
                                        keep=self.cfg.keep_checkpoints, run_id=self.run_id)
         self.accelerator.wait_for_everyone()
         return checkpoint.checkpoint_dir(root, self.step)
@@ -448,6 +602,56 @@ class Trainer:
         if state["step"] > self.total_steps:
             raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
                              f"{self.total_steps} steps; raise train.max_steps or start a new run")
+        applied = self.check_resumable(path, state)
         self.restore_state(objects)
         self.step = state["step"]
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        for group in optimizer.param_groups:  # this recipe's settings, not the checkpoint's
+            group.update(betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
+        self.scheduler = self.make_scheduler(self.step)
         log.info("resumed from %s at step %d", path, self.step)
+        if applied:
+            log.warning("resumed with changed settings, applied from step %d on (the schedule re-evaluated there): %s",
+                        self.step, "; ".join(applied))
+
+    RESUME_APPLIES = ("train.lr", "train.warmup", "train.schedule", "train.max_steps", "train.epochs",
+                      "train.max_grad_norm", "train.weight_decay", "train.adam_betas", "train.max_nonfinite_steps",
+                      "train.log_every", "train.eval_every", "train.eval_at_start", "train.eval_batch_size",
+                      "train.save_every", "train.keep_checkpoints", "train.resume_from", "train.progress",
+                      "train.plots", "output_dir")
+    """Recipe keys a resumed run may change (optimizer, schedule, cadence, output); any other change
+    (model, adapter, data, algorithm, its section, seed, ...) is refused by `check_resumable`."""
+
+    def check_resumable(self, path: Path, state: dict) -> list[str]:
+        """The changes between the checkpoint's recipe and this one, as "key: old -> new" lines, if
+        all are in RESUME_APPLIES (batch_size/grad_accum too when the global batch stays the same, as
+        when resuming at another process count); else AlignError listing the refused ones."""
+        if "recipe" not in state:
+            return []
+        old, new = _flatten(state["recipe"]), _flatten(self.recipe.model_dump(mode="json"))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        same_global_batch = state.get("global_batch_size") == self.global_batch_size
+        batch_keys = ("train.batch_size", "train.grad_accum") if same_global_batch else ()
+        lines = {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed}
+        refused = [k for k in changed if k not in self.RESUME_APPLIES and k not in batch_keys]
+        if not same_global_batch and state.get("global_batch_size") is not None:
+            lines["global batch"] = (f"global batch (examples per optimizer step, batch_size * grad_accum * "
+                                     f"processes): {state['global_batch_size']} -> {self.global_batch_size}")
+            refused.append("global batch")
+        if refused:
+            raise AlignError(f"train.resume_from: {path} was trained with another recipe; these changes cannot be "
+                             "applied to a resumed run:\n  " + "\n  ".join(lines[k] for k in refused) +
+                             "\nrevert them, or start a new run (a new output_dir, or --overwrite). Changes to the "
+                             "optimizer, schedule and cadence keys are applied on resume.")
+        return [lines[k] for k in changed if k not in ("train.resume_from", "output_dir")]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1} (lists are leaves)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

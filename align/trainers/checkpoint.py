@@ -165,9 +165,16 @@ def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: di
     final = checkpoint_dir(root, step)
     staging = root / f".staging-step-{step:06d}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    _write(staging, objects, {**state, "step": step, "run_id": run_id}, write_extra)
-    _fsync_tree(staging)
+    try:
+        staging.mkdir()
+        _write(staging, objects, {**state, "step": step, "run_id": run_id}, write_extra)
+        _fsync_tree(staging)
+    except (OSError, SafetensorError) as error:  # disk full, I/O error: the earlier checkpoints stay as they were
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or error
+        raise AlignError(f"could not write checkpoint step {step} in {root}: {reason}; the earlier "
+                         "checkpoints there are intact (free some space and resume with "
+                         "train.resume_from=auto)") from None
     if final.exists():  # re-saving a step after a resume: move the old copy aside, never delete first
         retired = root / f".retired-step-{step:06d}"
         shutil.rmtree(retired, ignore_errors=True)
@@ -179,6 +186,33 @@ def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: di
     for old in list_checkpoints(root, run_id)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_atomically(directory: Path, write, what: str) -> None:
+    """`write(staging)` into a hidden staging directory inside `directory`, flushed, then each file
+    moved into `directory` (renames, which need no space): a failure while writing (e.g. a full disk)
+    removes the staging directory and raises AlignError, leaving `directory`'s files as they were,
+    never a config without its weights."""
+    directory = Path(directory)
+    staging = directory / f".staging-{what.replace(' ', '-')}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        write(staging)
+        _fsync_tree(staging)
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or error
+        raise AlignError(f"could not write the {what} to {directory}: {reason} (nothing of it was "
+                         "written; checkpoints in checkpoints/ are intact: free some space and resume with "
+                         "train.resume_from=auto)") from None
+    for entry in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):  # weights first, configs last
+        target = directory / entry.name
+        if target.is_dir() and not entry.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
 
 
 def _run_id_of(path: Path) -> str | None:

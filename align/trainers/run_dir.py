@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -42,9 +43,19 @@ def check_writable(path: Path) -> None:
     if not existing.is_dir():
         raise AlignError(f"output_dir {str(path)!r}: {str(existing)!r} is a file, not a directory; "
                          "choose another output_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not (os.access(existing, os.W_OK | os.X_OK) and _can_create_in(existing)):
         raise AlignError(f"output_dir {str(path)!r}: {str(existing)!r} is not writable (read-only or "
                          "not yours); choose another output_dir")
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a directory can be made in `directory` (tried, then removed): os.access says yes to root
+    where nothing can be made, as in /proc or /sys."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=directory, prefix=".align-probe-"))
+    except OSError:
+        return False
+    return True
 
 
 def contents(path: Path) -> list[str]:

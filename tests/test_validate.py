@@ -1,0 +1,208 @@
+"""Bad input gets a clear error (exit code 2, no traceback, the file, key or row named), and
+`align validate` catches it before any model loads."""
+
+import json
+
+import pytest
+import yaml
+
+from align.cli import main
+from align.config import AdapterConfig, DataSource, ModelConfig
+from align.errors import AlignError
+from align.toy import chat_rows, prompt_completion_rows
+from tests.conftest import write_jsonl
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.fixture
+def recipe_file(make_recipe, tmp_path):
+    """recipe_file(**sections) -> the path of a small SFT recipe YAML (sections deep-merged)."""
+
+    def write(**sections) -> str:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(make_recipe(raw=True, rows=chat_rows(8), **sections)))
+        return str(path)
+
+    return write
+
+
+# 1. duplicate keys ------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, key, lines", [
+    ("algorithm: sft\noutput_dir: {out}\nmodel: {{name_or_path: 'builtin:tiny-llama'}}\n"
+     "data: {{train: {{path: {data}}}}}\ntrain:\n  lr: 1.0e-3\ntrain:\n  epochs: 2\n", "train", (5, 7)),
+    ("algorithm: sft\noutput_dir: {out}\nmodel: {{name_or_path: 'builtin:tiny-llama'}}\n"
+     "data: {{train: {{path: {data}}}}}\ntrain:\n  lr: 1.0e-3\n  epochs: 2\n  lr: 3.0e-3\n", "lr", (6, 8)),
+])
+def test_a_key_given_twice_is_named_with_both_lines(tmp_path, capsys, text, key, lines):
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.format(out=tmp_path / "run", data=data))
+    for command in ("validate", "train"):
+        code, err = cli(capsys, command, str(path))
+        assert code == 2
+        assert f"recipe.yaml: key {key!r} is given twice" in err and f"(lines {lines[0]} and {lines[1]})" in err
+
+
+# 2. bad YAML in --set ---------------------------------------------------------------------------
+def test_a_set_value_that_is_not_yaml_names_the_set_text(recipe_file, capsys):
+    code, err = cli(capsys, "validate", recipe_file(), "--set", "train.lr=[1,")
+    assert code == 2 and "--set 'train.lr=[1,': the value '[1,' is not valid YAML" in err
+
+
+# 3. data files ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_an_empty_data_file_is_named(recipe_file, tmp_path, capsys, command):
+    (tmp_path / "empty.jsonl").write_text("")
+    code, err = cli(capsys, command, recipe_file(data={"train": {"path": str(tmp_path / "empty.jsonl")}}))
+    assert code == 2 and "data.train.path" in err and "empty.jsonl' holds no rows" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_bytes_that_are_not_utf8_are_named_with_their_line(recipe_file, tmp_path, capsys, command):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps({"text": "plain"}).encode()] * 2 + ['{"text": "café"}'.encode("latin-1")]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    code, err = cli(capsys, command, recipe_file(data={"train": {"path": str(path)}}))
+    assert code == 2 and "latin1.jsonl' line 3 (byte 0xe9" in err and "not UTF-8" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_column_of_mixed_types_names_the_column_and_row(recipe_file, tmp_path, capsys, command):
+    rows = prompt_completion_rows(4)
+    rows[2]["completion"] = 7
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    code, err = cli(capsys, command, recipe_file(data={"train": {"path": path}}))
+    assert code == 2 and "data.train row 2: column 'completion' must be a string" in err and "got int 7" in err
+
+
+def test_wrong_row_types_are_named_for_every_format(tmp_path):
+    from align.data import load_rows
+
+    cases = {"text": [{"text": "a"}, {"text": None}],
+             "messages": [{"messages": [{"role": "user", "content": "a"}]}, {"messages": "hi"}],
+             "prompt": [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": ["a"], "chosen": "b", "rejected": "c"}],
+             "rejected": [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b", "rejected": 3}]}
+    for column, rows in cases.items():
+        source = DataSource(path=write_jsonl(tmp_path / f"{column}.jsonl", rows))
+        with pytest.raises(AlignError, match=f"data.train row 1: .*['`]{column}['`]"):
+            load_rows(source)
+    renamed = DataSource(path=write_jsonl(tmp_path / "renamed.jsonl", [{"body": "a"}, {"body": 1}]),
+                         columns={"body": "text"})
+    with pytest.raises(AlignError, match=r"row 1: column 'text' \(renamed from 'body'\)"):
+        load_rows(renamed)
+
+
+@pytest.mark.parametrize("name, hint", [("train.jsnl", "(did you mean '.jsonl'?)"), ("train.txt", "")])
+def test_a_local_file_with_an_unknown_suffix_is_not_taken_for_a_hub_id(recipe_file, tmp_path, monkeypatch, capsys,
+                                                                       name, hint):
+    from align.data import load_rows
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / name, chat_rows(4))
+    for path in (name, "data/missing.jsonlines"):  # one on disk; one not, with a suffix close to .jsonl
+        code, err = cli(capsys, "validate", recipe_file(data={"train": {"path": path}}))
+        assert code == 2 and f"data.train.path: {path!r}: unsupported file type" in err
+        assert ".jsonl, .json, .parquet, .csv" in err
+    assert hint in cli(capsys, "validate", recipe_file(data={"train": {"path": name}}))[1]
+    with pytest.raises(AlignError, match="data.path: 'train.jsnl': unsupported file type '.jsnl'"):
+        load_rows(DataSource(path="train.jsnl"), key="data")
+
+
+# 4. numeric ranges ------------------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["train.seed=-1", "train.epochs=.inf", "train.lr=.inf",
+                                      "train.max_grad_norm=-1", "adapter.alpha=-32"])
+def test_numbers_out_of_range_are_refused_with_the_key(recipe_file, capsys, override):
+    code, err = cli(capsys, "validate", recipe_file(), "--set", override)
+    assert code == 2 and f"  {override.split('=')[0]}: " in err
+
+
+# 5. output_dir ----------------------------------------------------------------------------------
+def test_validate_refuses_an_output_dir_that_is_a_file(recipe_file, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    for output_dir in ("taken", "taken/run"):
+        code, err = cli(capsys, "validate", recipe_file(output_dir=str(tmp_path / output_dir)))
+        assert code == 2 and "taken' is a file, not a directory" in err
+
+
+def test_validate_refuses_an_output_dir_that_cannot_be_written(recipe_file, capsys):
+    """/proc takes no new directory, even from root (chmod does not stop root)."""
+    code, err = cli(capsys, "validate", recipe_file(output_dir="/proc/align-test/run"))
+    assert code == 2 and "output_dir '/proc/align-test/run': '/proc' is not writable" in err
+
+
+def test_validate_refuses_another_runs_output_dir_unless_resumed(recipe_file, tmp_path, capsys):
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"run_id": "abc123", "started": "2025-01-01T00:00:00"}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "run_id": "abc123"}\n')
+    path = recipe_file(output_dir=str(run))
+    code, err = cli(capsys, "validate", path)
+    assert code == 2 and "already holds a run (run abc123" in err and "train.resume_from=auto" in err
+    assert cli(capsys, "validate", path, "--set", "train.resume_from=auto")[0] == 0
+    assert cli(capsys, "validate", path, "--overwrite")[0] == 0
+    assert sorted(p.name for p in run.iterdir()) == [".align.lock", "metrics.jsonl", "run.json"]
+
+
+# 6. adapter settings ----------------------------------------------------------------------------
+@pytest.mark.parametrize("adapter, message", [
+    ({"target_modules": ["q_proj", "typo_proj"]},
+     "adapter.target_modules: the model has no module 'typo_proj'; its linear modules are ['down_proj', "
+     "'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
+    ({"modules_to_save": ["lm_haed"]}, "adapter.modules_to_save: the model has no module 'lm_haed'"),
+    ({"r": 64}, "adapter.r: 64 is larger than the width of model.layers.0.self_attn.k_proj (64 in, 32 out)"),
+])
+def test_adapter_names_and_rank_are_checked_by_validate_and_by_loading(recipe_file, capsys, adapter, message):
+    from align.models.loading import load_model
+
+    settings = {"kind": "lora", "r": 8, **adapter}
+    code, err = cli(capsys, "validate", recipe_file(adapter=settings))
+    assert code == 2 and message in err
+    with pytest.raises(AlignError, match=message.split(":")[0]):
+        load_model(ModelConfig(name_or_path="builtin:tiny-llama"), AdapterConfig(**settings))
+
+
+def test_validate_checks_the_adapter_on_a_meta_skeleton():
+    from align.models.loading import model_skeleton
+
+    skeleton = model_skeleton(ModelConfig(name_or_path="builtin:tiny-llama"))
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    assert model_skeleton(ModelConfig(name_or_path="nobody/not-in-the-cache")) is None  # checked by train later
+
+
+# 7. generate flags ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"),
+                                         ("--n", "0"), ("--max-new-tokens", "0")])
+def test_generate_flags_out_of_range_exit_2_before_the_model_loads(capsys, flag, value):
+    code, err = cli(capsys, "generate", "builtin:no-such-model", "--prompt", "hi", flag, value)
+    assert code == 2 and f"error: {flag}={float(value) if flag in ('--temperature', '--top-p') else value}: must be" in err
+    assert "built-in" not in err  # the model was never looked up
+
+
+# 8. an adapter on another base ------------------------------------------------------------------
+def test_an_adapter_trained_on_another_base_names_the_dir_the_base_and_the_shapes(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.models.loading import load_model
+
+    other = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)  # tiny-llama's names, half its width
+    directory = tmp_path / "adapter"
+    get_peft_model(LlamaForCausalLM(other), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(directory)
+    config_file = directory / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "base_model_name_or_path": "builtin:tiny-llama"}))
+    message = (f"the adapter in {str(directory)!r} was not trained on the base its adapter_config.json names "
+               "(builtin:tiny-llama): 4 of its weights have other shapes, e.g. "
+               "model.layers.0.self_attn.q_proj.lora_A.weight is [4, 32] in the adapter and [4, 64] in the base")
+    with pytest.raises(AlignError) as error:
+        load_model(ModelConfig(name_or_path=str(directory), dtype="float32"), AdapterConfig())
+    assert message in str(error.value)
+    code, err = cli(capsys, "generate", str(directory), "--prompt", "hi")
+    assert code == 2 and message in err
