@@ -24,25 +24,28 @@
 #   --timeout S     seconds per job (default 300)
 #   --smoke         CPU smoke mode: tiny model, tiny data, the sft case against TRL's default
 #   --no-check      skip the CUDA check (e.g. to run the GPU workloads on a CPU: slow)
+#   --no-checks     skip benchmarks/gpu_checks.py (a step with no host sync under sync-debug "error" for
+#                   SFT/DPO/GRPO; QLoRA SFT peak memory on the 1.5b preset: needs the bitsandbytes wheel)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 PYTHON="${PYTHON:-python3}"
-wheels="" all=0 smoke=0 check=1 cases="" model="" repeats="" variants="" out="" timeout=300
+wheels="" all=0 smoke=0 check=1 checks=1 cases="" model="" repeats="" variants="" out="" timeout=300
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --wheels) wheels="$2"; shift 2 ;;
     --all) all=1; shift ;;
     --smoke) smoke=1; shift ;;
     --no-check) check=0; shift ;;
+    --no-checks) checks=0; shift ;;
     --cases) cases="$2"; shift 2 ;;
     --model) model="$2"; shift 2 ;;
     --repeats) repeats="$2"; shift 2 ;;
     --variants) variants="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -117,4 +120,12 @@ fi
 args+=(--timeout "$timeout")
 step "python -m benchmarks.run ${args[*]}"
 "$PYTHON" -m benchmarks.run "${args[@]}"
+
+# ---- 4. checks: no host sync in a step (sync-debug "error"), QLoRA peak memory ---------------------
+if [[ $checks -eq 1 ]]; then
+  check_args=(--out "${out:-benchmarks/results}/gpu_checks.json")
+  if [[ $smoke -eq 1 ]]; then check_args+=(--smoke); else check_args+=(--model "${model:-0.5b}" --qlora-model 1.5b); fi
+  step "python -m benchmarks.gpu_checks ${check_args[*]}"
+  "$PYTHON" -m benchmarks.gpu_checks "${check_args[@]}"
+fi
 step "done"

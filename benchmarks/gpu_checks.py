@@ -1,0 +1,127 @@
+"""GPU checks that are not races against TRL (run by benchmarks/gpu.sh after the benchmarks):
+
+1. **No host sync in a training step**: one optimizer step of SFT, DPO and GRPO's training part (the
+   rollout excluded), outside a log step, under `torch.cuda.set_sync_debug_mode("error")`: any
+   operation that makes the host wait for the GPU raises. (The CPU proxy, run in CI, is
+   tests/test_host_syncs.py.)
+2. **QLoRA memory**: peak GPU memory and tokens/s of QLoRA SFT on a preset as users run it: 4-bit
+   NF4 base, bf16 compute and autocast, gradient checkpointing, paged 8-bit AdamW.
+
+    python -m benchmarks.gpu_checks --model 0.5b --qlora-model 1.5b
+    python -m benchmarks.gpu_checks --smoke      # CPU, tiny model: the same code, no sync mode, AdamW
+
+Prints one line per check and writes them as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import assets
+
+
+def recipe(algorithm: str, model_dir: str, train_path: str, out: Path, cuda: bool, **sections) -> dict:
+    raw = {"algorithm": algorithm, "output_dir": str(out / algorithm),
+           "model": {"name_or_path": model_dir, "dtype": "bfloat16" if cuda else "float32"},
+           "data": {"train": {"path": train_path}, "max_length": 1024},
+           "train": {"lr": 1e-5, "max_steps": 4, "batch_size": 8, "mixed_precision": "bf16" if cuda else "no",
+                     "log_every": 1000, "progress": False, "plots": False}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw
+
+
+def sync_check(name: str, raw: dict, cuda: bool) -> dict:
+    """Step 0 as warm-up (lazy CUDA initialisation may sync), then step 1 under sync-debug "error"."""
+    from align.config import recipe_from_dict
+    from align.trainers import TRAINERS
+
+    trainer = TRAINERS[raw["algorithm"]].from_recipe(recipe_from_dict(raw))
+    trainer.train_step(trainer.micro_batches(0))
+    batches = trainer.micro_batches(1)  # collated (and, for GRPO, sampled) outside the check
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(batches)
+        result = {"check": f"no host sync: {name}", "ok": True}
+    except RuntimeError as error:
+        result = {"check": f"no host sync: {name}", "ok": False, "error": str(error).splitlines()[0]}
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    if not cuda:
+        result["note"] = "no CUDA: the step ran without sync-debug mode (CPU proxy: tests/test_host_syncs.py)"
+    return result
+
+
+def qlora_memory(model_dir: str, train_path: str, out: Path, cuda: bool, steps: int) -> dict:
+    from align.config import recipe_from_dict
+    from align.trainers import SFTTrainer
+
+    raw = recipe("sft", model_dir, train_path, out, cuda, adapter={"kind": "qlora", "r": 16, "alpha": 32},
+                 model={"gradient_checkpointing": True},
+                 train={"max_steps": steps, "batch_size": 16, "optimizer": "paged_adamw_8bit" if cuda else "adamw"})
+    trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start, tokens = time.perf_counter(), 0
+    for step in range(steps):
+        record = trainer.train_step(trainer.micro_batches(step))
+        tokens += record["num_tokens"]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"check": "QLoRA SFT memory", "ok": True, "peak_gib": peak, "tokens_per_s": tokens / seconds,
+            "steps": steps, "settings": "nf4 base, bf16 compute, gradient checkpointing, "
+                                         + ("paged 8-bit AdamW" if cuda else "AdamW (CPU)")}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
+    parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
+    parser.add_argument("--qlora-steps", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
+    parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    preset, qlora_preset = ("tiny", "tiny") if args.smoke else (args.model, args.qlora_model)
+    work = Path(tempfile.mkdtemp(prefix="align-gpu-checks-"))
+    sft = assets.write_jsonl(assets.sft_rows(64, seed=0), work / "sft.jsonl")
+    pairs = assets.write_jsonl(assets.long_prompt_preference_rows(32, seed=1, context_lines=(3, 6)), work / "dpo.jsonl")
+    prompts = assets.write_jsonl([{"prompt": r["prompt"], "answer": r["chosen"]}
+                                  for r in assets.long_prompt_preference_rows(16, seed=2, context_lines=(1, 2))],
+                                 work / "prompts.jsonl")
+    lm = str(assets.model_dirs(preset, kinds=("lm",))["lm"])
+    cases = {
+        "sft": recipe("sft", lm, sft, work, cuda),
+        "dpo": recipe("dpo", lm, pairs, work, cuda, adapter={"kind": "lora", "r": 16, "alpha": 32}),
+        "grpo": recipe("grpo", lm, prompts, work, cuda, adapter={"kind": "lora", "r": 16, "alpha": 32},
+                       train={"batch_size": 16},
+                       grpo={"group_size": 8, "beta": 0.04, "sampling": {"max_new_tokens": 32},
+                             "rewards": [{"fn": "exact_answer"}]}),
+    }
+    results = [sync_check(name, raw, cuda) for name, raw in cases.items()]
+    qlora_dir = str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"])
+    try:
+        results.append(qlora_memory(qlora_dir, sft, work, cuda, args.qlora_steps if cuda else 2))
+    except ImportError as error:  # bitsandbytes not handed over
+        results.append({"check": "QLoRA SFT memory", "ok": False, "error": f"{type(error).__name__}: {error}"})
+    for result in results:
+        print(json.dumps(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
