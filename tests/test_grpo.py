@@ -56,13 +56,18 @@ def test_shared_prompt_and_separate_rows_give_the_same_loss_and_gradients(grpo_r
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("norm", ["dapo", "grpo", "dr_grpo", "bnpo"])
-def test_on_policy_fast_path_equals_the_general_loss(grpo_recipe, norm):
-    """One iteration, no KL: the loss with its lm-head gradient made in the forward equals the
-    surrogate of the plain token log-probs, in value, gradients and metrics."""
-    trainer = GRPOTrainer.from_recipe(grpo_recipe(grpo={"loss_norm": norm}))
+@pytest.mark.parametrize("norm, beta", [("dapo", 0.0), ("grpo", 0.0), ("dr_grpo", 0.0), ("bnpo", 0.0),
+                                        ("dapo", 0.05), ("grpo", 0.05)])
+def test_on_policy_fast_path_equals_the_general_loss(grpo_recipe, norm, beta):
+    """One iteration, with or without the KL term: the loss with its lm-head gradient made in the
+    forward equals the surrogate of the plain token log-probs, in value, gradients and metrics."""
+    trainer = GRPOTrainer.from_recipe(grpo_recipe(grpo={"loss_norm": norm, "beta": beta}))
     assert trainer.linear_in_logprobs
-    batch = trainer._to_device({**trainer.micro_batches(0)[0], "num_items": 123.0})
+    batch = trainer.micro_batches(0)[0]  # the reference log-probs are taken before the policy moves
+    with torch.no_grad():  # policy != reference, so the KL term has a gradient
+        for p in trainer.policy.trainable_parameters():
+            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    batch = trainer._to_device({**batch, "num_items": 123.0})
     params = list(trainer.policy.trainable_parameters())
     fast, fast_metrics = trainer.compute_loss(batch)
     packed = trainer.policy.logprobs(batch, trainer.logprob_temperature)

@@ -18,7 +18,7 @@ def test_there_are_tiny_recipes_for_each_trainer():
 def test_tiny_recipe_runs(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     recipe = f"recipes/{name}"
-    assert main(["validate", recipe]) == 0
+    assert main(["validate", recipe, "--set", f"output_dir={tmp_path}/out"]) == 0  # not runs/: it may hold a run
     code = main(["train", recipe, "--set", f"output_dir={tmp_path}/out", "--set", "train.max_steps=2",
                  "--set", "train.progress=false", "--set", "train.eval_every=null", "--set", "train.save_every=null"])
     assert code == 0, capsys.readouterr().err
@@ -26,14 +26,15 @@ def test_tiny_recipe_runs(name, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes" / "real").glob("*.yaml")))
-def test_real_model_recipes_validate_offline(name, monkeypatch, capsys):
+def test_real_model_recipes_validate_offline(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    assert main(["validate", f"recipes/real/{name}"]) == 0, capsys.readouterr().err
+    assert main(["validate", f"recipes/real/{name}", "--set", f"output_dir={tmp_path}/out"]) == 0, \
+        capsys.readouterr().err
 
 
-def test_validate_resolves_reward_functions(monkeypatch, capsys):
+def test_validate_resolves_reward_functions(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    assert main(["validate", "recipes/grpo_tiny_custom_reward.yaml"]) == 0
+    assert main(["validate", "recipes/grpo_tiny_custom_reward.yaml", "--set", f"output_dir={tmp_path}/out"]) == 0
     assert "grpo.rewards[1]: recipes/rewards/brevity.py:brief_and_right ok" in capsys.readouterr().out
     assert main(["validate", "recipes/grpo_tiny.yaml", "--set", "grpo.rewards=[{fn: exact_anwser}]"]) == 2
     assert "grpo.rewards[0].fn: unknown reward 'exact_anwser'. Did you mean 'exact_answer'?" in capsys.readouterr().err

@@ -35,3 +35,23 @@ def test_on_policy_grpo_token_weights(norm, num_items):
     want = autograd_weights(loss, mask.shape)
     got = on_policy_token_weights(advantages, mask, norm, max_completion_length=9, num_items=num_items)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_on_policy_grpo_with_kl_token_weights(norm):
+    """With the k3 KL (beta > 0) the loss is not linear in the log-probs: its gradient at the current
+    log-probs is constant + exp_coefficient * exp(ref - logp), which the fused path evaluates there."""
+    from align.losses.policy_gradient import k3_token_weights
+
+    torch.manual_seed(2)
+    mask = (torch.rand(4, 7) > 0.25).double()
+    advantages, beta = torch.randn(4, dtype=torch.float64), 0.04
+    logps = -torch.rand(4, 7, dtype=torch.float64) * 5
+    ref = logps + torch.randn(4, 7, dtype=torch.float64) * 0.3
+    at = logps.clone().requires_grad_()
+    loss = grpo_loss(at, None, ref, advantages, mask, beta=beta, norm=norm, max_completion_length=9, num_items=29.0)[0]
+    (want,) = torch.autograd.grad(loss, at)
+    constant, exp_coefficient = k3_token_weights(mask, beta, norm, max_completion_length=9, num_items=29.0)
+    linear = on_policy_token_weights(advantages, mask, norm, max_completion_length=9, num_items=29.0)
+    got = linear + constant + exp_coefficient * torch.exp(ref - logps)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)

@@ -174,6 +174,22 @@ NORM_WEIGHTS: dict[str, Callable[[torch.Tensor, int | None, float | None], torch
 }
 
 
+def k3_token_weights(mask: torch.Tensor, beta: float, norm: str = "grpo", max_completion_length: int | None = None,
+                     num_items: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """d (beta x the norm's aggregate of k3_kl) / d logps [B, T] = beta w (1 - exp(ref - logp)), w
+    the norm's token weight, as (constant beta w, coefficient of exp(ref - logp): -beta w), the
+    parts of an `align.ops.logprobs.TokenWeights` (the fused path evaluates the exponential with
+    the log-probs in its forward).
+
+    mask: [B, T]; the rest as in `aggregate_loss`.
+    """
+    if norm not in NORM_WEIGHTS:
+        raise ValueError(f"unknown loss norm {norm!r}; valid: {sorted(NORM_WEIGHTS)}")
+    mask = mask if mask.is_floating_point() else mask.float()
+    weights = beta * NORM_WEIGHTS[norm](mask, max_completion_length, num_items)
+    return weights, -weights
+
+
 def on_policy_token_weights(advantages: torch.Tensor, mask: torch.Tensor, norm: str = "grpo",
                             max_completion_length: int | None = None, num_items: float | None = None) -> torch.Tensor:
     """d grpo_loss / d logps [B, T] when every ratio is 1 (one pass over fresh samples, token-level

@@ -23,6 +23,23 @@ ACCELERATOR_BLOCK_BYTES = 1 << 30
 costs a handful of kernel launches whatever its size."""
 
 
+@dataclass(frozen=True)
+class TokenWeights:
+    """Gradient weights of a weighted log-prob sum whose weights may depend on each token's own
+    log-prob l: weight = constant + exp_coefficient * exp(reference - l), all [B, T]. The second
+    term is what GRPO's k3 KL adds (d k3 / d l = 1 - exp(reference - l)); it is evaluated in the
+    forward's chunk loop, where l is known, so such a loss keeps the fused path."""
+
+    constant: torch.Tensor
+    exp_coefficient: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+    def map(self, fn) -> "TokenWeights":
+        """The same weights with `fn` applied to each tensor (e.g. a change of layout)."""
+        return TokenWeights(*(None if t is None else fn(t) for t in (self.constant, self.exp_coefficient,
+                                                                       self.reference)))
+
+
 def default_chunk_size(device: torch.device, vocab_size: int) -> int:
     """Tokens per lm-head block: CHUNK_SIZE on a CPU; on an accelerator as many as fit
     ACCELERATOR_BLOCK_BYTES of [chunk, vocab] float32 logits, never fewer than CHUNK_SIZE."""
@@ -100,23 +117,33 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 
 class _ChunkedWeightedLogprobSum(torch.autograd.Function):
-    """sum_i weights[i] * logp[i] with its gradient computed during the forward, chunk by chunk
-    (the weights are known then, as in SFT's cross-entropy): the backward only scales it, so the
+    """sum_i w_i * logp[i] with its gradient computed during the forward, chunk by chunk (the
+    weights are known then, as in SFT's cross-entropy): the backward only scales it, so the
     lm-head runs three matmuls per token (logits, d hidden, d weight) instead of four. Also
-    returns the token log-probs and entropies themselves, without gradient."""
+    returns the token log-probs and entropies themselves, without gradient.
+    w_i = weights[i] + exp_coefficient[i] * exp(reference[i] - logp[i]) (`TokenWeights`), taken
+    as constants: the gradient is sum_i w_i * d logp[i]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, transform, chunk_size, with_entropy):
-        # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids), weights: [N]
+    def forward(ctx, hidden, weight, bias, targets, weights, exp_coefficient, reference, transform, chunk_size,
+                with_entropy):
+        # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids); weights,
+        # exp_coefficient, reference: [N] float32 (the last two None for weights known beforehand)
         grads = _new_grads(ctx, hidden, weight, bias)
         values = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        used = hidden.new_empty(hidden.shape[0], dtype=torch.float32)  # the weights w_i
         entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
-            h, w = hidden[start:start + chunk_size], weights[start:start + chunk_size, None].float()
-            target = targets[start:start + chunk_size, None]
+            end = start + chunk_size
+            h, w = hidden[start:end], weights[start:end].float()
+            target = targets[start:end, None]
             logits, derivative = transform(_lm_head(h, weight, bias))
             logp = logits.log_softmax(-1)
-            values[start:start + chunk_size] = logp.gather(1, target)[:, 0]
+            values[start:end] = logp.gather(1, target)[:, 0]
+            if exp_coefficient is not None:
+                w = w + exp_coefficient[start:end] * torch.exp(reference[start:end] - values[start:end])
+            used[start:end] = w
+            w = w[:, None]
             if with_entropy:
                 entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
             if any(g is not None for g in grads):
@@ -125,13 +152,13 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
                 _add_chunk_grads(grads, start, _chain(grad_logits, derivative), h, weight)
         ctx.grads = _finish_grads(grads, weight, bias)
         ctx.mark_non_differentiable(values, entropy)
-        return (weights.float() * values).sum(), values, entropy
+        return (used * values).sum(), values, entropy
 
     @staticmethod
     def backward(ctx, grad_total, _grad_values, _grad_entropy):
         grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def _new_grads(ctx, hidden, weight, bias) -> tuple:
@@ -220,7 +247,8 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch
 
 
 def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                         weights: torch.Tensor, chunk_size: int | None = None, return_entropy: bool = False,
+                         weights: torch.Tensor | TokenWeights, chunk_size: int | None = None,
+                         return_entropy: bool = False,
                          temperature: float = 1.0, transform: LogitTransform | None = None,
                          positions: torch.Tensor | None = None):
     """sum(weights * log-probs of labels), a scalar, for losses whose per-token weights are known
@@ -228,17 +256,21 @@ def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels:
     Same value and gradient as `(weights * token_logprobs(hidden, lm_head, labels)).sum()`, but
     the gradient is computed in the forward's chunk loop, so the logits are never recomputed.
 
-    hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad;
+    hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad,
+    or `TokenWeights` (weights that depend on each token's log-prob, e.g. GRPO's KL term: the
+    gradient is then that of sum(w * log-probs) with w evaluated at the current log-probs);
     positions, chunk_size: as in `token_logprobs`.
     Returns (the sum, the [B, T] log-probs without gradient, 0 where the label is ignored, and the
     [B, T] next-token entropies with return_entropy, else None).
     """
     transform = _with_temperature(transform, temperature)
     positions, selected, targets = _labelled(hidden, labels, positions)
-    token_weights = weights.detach().reshape(-1).index_select(0, positions)
+    weights = weights if isinstance(weights, TokenWeights) else TokenWeights(weights)
+    at_labels = lambda t: None if t is None else t.detach().reshape(-1).index_select(0, positions).float()
     chunk_size = chunk_size or default_chunk_size(selected.device, lm_head.weight.shape[0])
-    total, values, entropy = _ChunkedWeightedLogprobSum.apply(selected, lm_head.weight, lm_head.bias, targets,
-                                                              token_weights, transform, chunk_size, return_entropy)
+    total, values, entropy = _ChunkedWeightedLogprobSum.apply(
+        selected, lm_head.weight, lm_head.bias, targets, at_labels(weights.constant),
+        at_labels(weights.exp_coefficient), at_labels(weights.reference), transform, chunk_size, return_entropy)
     return (total, _scatter(values, positions, labels),
             _scatter(entropy, positions, labels) if return_entropy else None)
 

@@ -226,12 +226,13 @@ class Trainer:
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def linear_loss(self, batch: dict, loss_of_logprobs, token_weights: torch.Tensor, temperature: float = 1.0,
+    def linear_loss(self, batch: dict, loss_of_logprobs, token_weights, temperature: float = 1.0,
                     return_entropy: bool = False):
         """`loss_of_logprobs(policy.logprobs(batch)) -> (loss, metrics)` computed faster, for a loss
-        that is linear in the [B, T] token log-probs with gradient `token_weights` [B, T] (SFT's NLL;
-        on-policy GRPO, whose ratios are all 1): the lm-head's gradient is made in the forward and its
-        logits are never recomputed. The value and metrics come from `loss_of_logprobs` itself; the
+        whose gradient in the [B, T] token log-probs is `token_weights`: [B, T] for a linear loss (SFT's
+        NLL; on-policy GRPO, whose ratios are all 1), or `align.ops.logprobs.TokenWeights` when a
+        weight depends on its token's own log-prob (on-policy GRPO's KL term): the lm-head's gradient
+        is made in the forward and its logits are never recomputed. The value and metrics come from `loss_of_logprobs` itself; the
         gradient is the weights' (each loss's weight function sits next to it in `align.losses` and
         tests check it against autograd). Returns (loss, metrics, [B, T] entropies or None)."""
         total, logps, entropy = self.policy.weighted_logprob_sum(batch, token_weights, temperature, return_entropy)

@@ -10,8 +10,10 @@ import logging
 import torch
 
 from align.data.groups import packed_tokens, sequence_tokens
-from align.losses.policy_gradient import group_advantages, grpo_loss, masked_mean, on_policy_token_weights
+from align.losses.policy_gradient import (group_advantages, grpo_loss, k3_token_weights, masked_mean,
+                                          on_policy_token_weights)
 from align.models import Policy
+from align.ops.logprobs import TokenWeights
 from align.rollout import Rollout
 from align.trainers.online import OnlineTrainer, check_divisible
 
@@ -84,14 +86,18 @@ class GRPOTrainer(OnlineTrainer):
 
     @property
     def linear_in_logprobs(self) -> bool:
-        """One pass over each rollout, no KL term, token-level ratios: every ratio is exactly 1 (the
-        policy that sampled is the one trained), so the loss's gradient is that of a weighted sum of
-        the token log-probs whose weights are known before the forward (`token_weights`). A subclass
-        that overrides `surrogate` trains by the plain path, unless it overrides `token_weights` too."""
-        overridden = type(self).surrogate is not GRPOTrainer.surrogate
-        if overridden and type(self).token_weights is GRPOTrainer.token_weights:
+        """One pass over each rollout, token-level ratios: every ratio is exactly 1 (the policy that
+        sampled is the one trained), so the loss's gradient is that of a weighted sum of the token
+        log-probs whose weights are known before the forward, or with the KL term (beta > 0) depend
+        only on each token's own log-prob (`token_weights`). A subclass that overrides `surrogate`
+        trains by the plain path, unless it overrides `token_weights` too (with beta > 0, the
+        built-in `token_weights` only)."""
+        own_weights = type(self).token_weights is not GRPOTrainer.token_weights
+        if type(self).surrogate is not GRPOTrainer.surrogate and not own_weights:
             return False
-        return self.rl.num_iterations == 1 and self.rl.beta == 0 and self.rl.importance == "token"
+        if own_weights and self.rl.beta > 0:
+            return False
+        return self.rl.num_iterations == 1 and self.rl.importance == "token"
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`surrogate` of the policy's log-probs; by the fused path (`linear_loss`) when it is linear
@@ -99,7 +105,9 @@ class GRPOTrainer(OnlineTrainer):
         mask = batch["mask"]
         per_sequence = lambda packed: self.surrogate(sequence_tokens(packed, batch["sequence_ids"], *mask.shape), batch)
         if self.linear_in_logprobs:
-            weights = packed_tokens(self.token_weights(batch), batch["sequence_ids"])
+            weights = self.token_weights(batch)
+            to_packed = lambda t: packed_tokens(t, batch["sequence_ids"])
+            weights = weights.map(to_packed) if isinstance(weights, TokenWeights) else to_packed(weights)
             loss, metrics, entropy = self.linear_loss(batch, per_sequence, weights, self.logprob_temperature,
                                                       return_entropy=True)
         else:
@@ -108,13 +116,18 @@ class GRPOTrainer(OnlineTrainer):
         metrics["entropy"] = masked_mean(sequence_tokens(entropy, batch["sequence_ids"], *mask.shape), mask).detach()
         return loss, metrics
 
-    def token_weights(self, batch: dict) -> torch.Tensor:
-        """d surrogate / d logps [S, T] on-policy (all ratios 1): -advantage x the norm's token weight,
-        scaled like `surrogate` by this micro-batch's share of the step."""
-        mask, norm = batch["mask"], self.rl.loss_norm
-        weights = on_policy_token_weights(batch["advantages"], mask, norm, self.rl.sampling.max_new_tokens,
-                                          batch["num_items"] if norm == "dapo" else None)
-        return weights if norm == "dapo" else weights * mask.shape[0] / batch["num_items"]
+    def token_weights(self, batch: dict) -> torch.Tensor | TokenWeights:
+        """d surrogate / d logps [S, T] on-policy (all ratios 1): -advantage x the norm's token weight;
+        with beta > 0 plus the KL term's, beta w (1 - exp(ref - logp)), as `TokenWeights`. Scaled like
+        `surrogate` by this micro-batch's share of the step."""
+        mask, norm, max_length = batch["mask"], self.rl.loss_norm, self.rl.sampling.max_new_tokens
+        num_items = batch["num_items"] if norm == "dapo" else None
+        share = 1.0 if norm == "dapo" else mask.shape[0] / batch["num_items"]
+        weights = on_policy_token_weights(batch["advantages"], mask, norm, max_length, num_items)
+        if self.rl.beta == 0:
+            return weights * share
+        constant, exp_coefficient = k3_token_weights(mask, self.rl.beta, norm, max_length, num_items)
+        return TokenWeights((weights + constant) * share, exp_coefficient * share, batch["ref_logps"])
 
     def surrogate(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The GRPO loss of per-sequence token log-probs [S, T], weighted by this micro-batch's share
