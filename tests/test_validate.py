@@ -122,6 +122,13 @@ def test_numbers_out_of_range_are_refused_with_the_key(recipe_file, capsys, over
     assert code == 2 and f"  {override.split('=')[0]}: " in err
 
 
+def test_a_reward_weight_that_is_not_a_number_is_refused(recipe_file, capsys):
+    """`weight: .nan` used to turn every reward into 0 (nansum) without a word."""
+    for weight in (".nan", ".inf"):
+        code, err = cli(capsys, "validate", recipe_file(), "--set", f"grpo.rewards=[{{fn: exact_answer, weight: {weight}}}]")
+        assert code == 2 and "grpo.rewards.0.weight: Input should be a finite number" in err, err
+
+
 # 5. output_dir ----------------------------------------------------------------------------------
 def test_validate_refuses_an_output_dir_that_is_a_file(recipe_file, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
