@@ -72,7 +72,8 @@ class DataConfig(Section):
     format: Literal["auto", "text", "messages", "prompt_completion", "preference", "prompt"] = "auto"
     max_length: int = Field(1024, gt=0)
     packing: bool = True
-    """Padding-free packing: a batch is one row, position ids restart per example."""
+    """Padding-free packing: examples packed into rows no longer than the batch's longest one (best-fit
+    decreasing), position ids restarting per example."""
 
 
 class TrainConfig(Section):
