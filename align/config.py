@@ -116,6 +116,13 @@ class TrainConfig(Section):
     progress: bool = True
     plots: bool = True
     """Write PNG curves of metrics.jsonl to OUTPUT_DIR/plots at the end (needs matplotlib)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(default_factory=list)
+    """Experiment trackers that also get every logged record (logging dir OUTPUT_DIR/trackers); each
+    needs its package installed (`pip install tensorboard`, ...). wandb/mlflow/trackio read their
+    usual environment variables (WANDB_MODE=offline, MLFLOW_TRACKING_URI, ...)."""
+    eval_samples: int = Field(4, ge=0)
+    """GRPO/PPO evaluation: also sample this many completions per eval prompt at the training sampling
+    settings (a fixed seed) and report their mean reward as eval/reward_sampled; 0: greedy only."""
 
 
 class SFTConfig(Section):

@@ -45,7 +45,7 @@ from align.errors import AlignError
 from align.models import Policy
 from align.ops.logprobs import label_positions
 from align.trainers import checkpoint, run_dir
-from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar
+from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
 from align.trainers.distributed import gather_shares, shard, sum_over_processes, sum_tensors_over_processes
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.output_dir = Path(recipe.output_dir)
         self.callbacks = ([MetricsFile()] + ([ProgressBar()] if self.cfg.progress else [])
-                          + ([Plots()] if self.cfg.plots else []) + (callbacks or []))
+                          + ([Plots()] if self.cfg.plots else [])
+                          + ([Trackers(self.cfg.report_to)] if self.cfg.report_to else []) + (callbacks or []))
         self.dropout = self.dropout_by_default if self.cfg.dropout_during_training is None \
             else self.cfg.dropout_during_training
         if not self.dropout:
@@ -619,7 +620,7 @@ class Trainer:
                       "train.max_grad_norm", "train.weight_decay", "train.adam_betas", "train.max_nonfinite_steps",
                       "train.log_every", "train.eval_every", "train.eval_at_start", "train.eval_batch_size",
                       "train.save_every", "train.keep_checkpoints", "train.resume_from", "train.progress",
-                      "train.plots", "output_dir")
+                      "train.plots", "train.report_to", "train.eval_samples", "output_dir")
     """Recipe keys a resumed run may change (optimizer, schedule, cadence, output); any other change
     (model, adapter, data, algorithm, its section, seed, ...) is refused by `check_resumable`."""
 

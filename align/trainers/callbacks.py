@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from align.errors import AlignError
 
 
 log = logging.getLogger(__name__)
@@ -88,3 +91,90 @@ class Plots(Callback):
         from align.plot import plot_metrics
 
         plot_metrics(trainer.output_dir)
+
+
+class Trackers(Callback):
+    """Sends every logged record (its numbers; the dict MetricsFile writes) to experiment trackers
+    through accelerate's tracker classes (`accelerate.tracking`), on the main process: the recipe,
+    flattened, as the run's configuration, then `log(values, step=record["step"])`, and `finish()`
+    at the end. Logging dir OUTPUT_DIR/trackers; the run is named after the run id (TensorBoard:
+    trackers/<run id>; wandb/trackio: project = output_dir's name, run name = run id; mlflow:
+    experiment = output_dir's name, run = run id). A resumed run continues its own TensorBoard
+    directory (events past the checkpoint purged) and its wandb run.
+
+    Nothing is imported until training begins; a tracker whose package is missing is an AlignError
+    here, when the trainer is built."""
+
+    PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                "trackio": ("trackio",)}
+    """report_to name -> the importable packages that serve it (the first is the one to pip install)."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(dict.fromkeys(names))
+        for name in self.names:
+            if name not in self.PACKAGES:
+                raise AlignError(f"train.report_to: unknown tracker {name!r}; choose from {sorted(self.PACKAGES)}")
+            if not any(importlib.util.find_spec(package) for package in self.PACKAGES[name]):
+                raise AlignError(f"train.report_to: {name} needs the {self.PACKAGES[name][0]!r} package, which "
+                                 f"is not installed: pip install {self.PACKAGES[name][0]}")
+        self.trackers: list = []
+
+    def on_train_begin(self, trainer) -> None:
+        self.finish()
+        if not trainer.accelerator.is_main_process:
+            return
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        directory = Path(trainer.output_dir) / "trackers"
+        directory.mkdir(parents=True, exist_ok=True)
+        project, run = Path(trainer.output_dir).resolve().name, str(trainer.run_id or "run")
+        config = _flat_config(trainer.recipe.model_dump(mode="json"))
+        for name in self.names:
+            tracker = LOGGER_TYPE_TO_CLASS[name](**self.options(name, trainer, directory, project, run))
+            tracker.start()
+            tracker.store_init_configuration(config)
+            self.trackers.append(tracker)
+
+    @staticmethod
+    def options(name: str, trainer, directory: Path, project: str, run: str) -> dict:
+        """The tracker class's constructor arguments."""
+        if name == "tensorboard":  # a resumed run drops the events its killed part logged past the checkpoint
+            return {"run_name": run, "logging_dir": str(directory),
+                    **({"purge_step": trainer.step + 1} if trainer.step else {})}
+        if name == "wandb":
+            return {"run_name": project, "name": run, "id": run, "resume": "allow", "dir": str(directory)}
+        if name == "mlflow":
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                import mlflow
+
+                mlflow.set_tracking_uri((directory / "mlruns").resolve().as_uri())
+            return {"experiment_name": project, "run_name": run}
+        return {"run_name": project, "name": run}  # trackio
+
+    def on_log(self, trainer, record: dict) -> None:
+        if not self.trackers:
+            return
+        values = {k: v for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.log(values, step=int(record["step"]))
+
+    def on_train_end(self, trainer) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.finish()
+
+
+def _flat_config(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A recipe dict as flat "section.key" -> bool/int/float/str hyperparameters (lists, None as text),
+    the types every tracker's `store_init_configuration` takes."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return flat

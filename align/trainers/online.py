@@ -20,6 +20,7 @@ the per-sequence values to [S, T].
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -246,25 +247,77 @@ class OnlineTrainer(Trainer):
         return batch
 
     # ---- evaluation and checkpoints -------------------------------------------------------------
+    SAMPLES_SHOWN = 4
+    """Greedy eval completions written to OUTPUT_DIR/samples.jsonl at each evaluation."""
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy completions for every eval prompt (shared out among the processes), scored by the
-        reward functions."""
-        params = self.sampling_params(temperature=0.0, seed=0)
+        reward functions: eval/reward, eval/rewards/<name>/mean, ... With train.eval_samples = k > 0,
+        also k completions per prompt sampled at the training settings with a fixed seed (so that
+        evaluations compare): their mean reward is eval/reward_sampled (per function
+        eval/rewards/<name>/mean_sampled). GRPO optimizes the sampled reward; the greedy one can move
+        the other way. The first SAMPLES_SHOWN greedy completions go to OUTPUT_DIR/samples.jsonl."""
+        greedy, k = self.sampling_params(temperature=0.0, seed=0), self.cfg.eval_samples
 
-        def scored(indices) -> list[tuple[torch.Tensor, int]]:  # (reward values [F], completion length)
+        def scored(indices) -> list[tuple]:  # per prompt: (values [F], length, text or None, sampled [k, F] or None)
             rows = [self.eval_data[i] for i in indices]
-            rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
-            return list(zip(self.score(rows, rollout), map(len, rollout.completion_ids)))
+            prompts = [r["prompt_ids"] for r in rows]
+            rollout = self.engine.generate(prompts, greedy, 1)
+            texts = [self.policy.tokenizer.decode(c, skip_special_tokens=True) if i < self.SAMPLES_SHOWN else None
+                     for i, c in zip(indices, rollout.completion_ids)]
+            sampled = [None] * len(rows)
+            if k:  # the seed depends on the chunk only, not on the step: every evaluation draws alike
+                params = self.sampling_params(seed=self.cfg.seed * 1_000_003 + 999_999_937 + int(indices[0]))
+                sampled = list(self.score(rows, self.engine.generate(prompts, params, k)).view(len(rows), k, -1))
+            return list(zip(self.score(rows, rollout), map(len, rollout.completion_ids), texts, sampled))
 
         self.engine.sync_weights()
-        scored = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size, scored)
-        values, lengths = torch.stack([v for v, _ in scored]), [n for _, n in scored]
+        results = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size, scored)
+        values, lengths = torch.stack([r[0] for r in results]), [r[1] for r in results]
         combined = self.rewards.combine(values)  # NaN where no function scored the completion
         metrics = {"completions/mean_length": sum(lengths) / len(lengths), **self.rewards.metrics(values)}
         if not combined.isnan().all():
             metrics["reward"] = combined.nanmean().item()
-        return {f"eval/{k}": v for k, v in metrics.items() if not k.endswith("/std")}
+        if k:
+            sampled = torch.cat([r[3] for r in results])  # [N*k, F]
+            sampled_combined = self.rewards.combine(sampled)
+            if not sampled_combined.isnan().all():
+                metrics["reward_sampled"] = sampled_combined.nanmean().item()
+            metrics.update({f"{key}_sampled": value for key, value in self.rewards.metrics(sampled).items()
+                            if key.endswith("/mean")})
+        self.write_samples([(self.eval_data[i], r[2], r[0], combined[i]) for i, r in enumerate(results[:self.SAMPLES_SHOWN])])
+        return {f"eval/{key}": value for key, value in metrics.items() if not key.endswith("/std")}
+
+    def write_samples(self, samples: list[tuple]) -> None:
+        """Append (row, completion, reward values [F], combined reward) as {"step", "prompt",
+        "completion", "rewards": {name: value}, "reward", "run_id"} lines to OUTPUT_DIR/samples.jsonl:
+        main process, while the run holds output_dir (`fit`; a step at most once). This trainer's first
+        write keeps only its own run's earlier lines (a resumed run's, before this step)."""
+        written = self.__dict__.setdefault("_samples_written", set())
+        if not self.accelerator.is_main_process or self.run_id is None or self.step in written:
+            return
+        path = self.output_dir / "samples.jsonl"
+        if not written and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    old = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if old.get("run_id") == self.run_id and old.get("step", 0) < self.step:
+                    kept.append(line + "\n")
+            path.write_text("".join(kept))
+        written.add(self.step)
+
+        def number(value: torch.Tensor) -> float | None:
+            return None if value.isnan() else value.item()
+
+        with open(path, "a") as f:
+            for row, completion, values, reward in samples:
+                f.write(json.dumps({"step": self.step, "prompt": row["prompt"], "completion": completion,
+                                    "rewards": dict(zip(self.rewards.names, map(number, values))),
+                                    "reward": number(reward), "run_id": self.run_id}) + "\n")
 
     def checkpoint_state(self) -> dict[str, object]:
         state = super().checkpoint_state()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from align.data import sft_encoder, tokenize
@@ -28,3 +30,11 @@ class SFTTrainer(Trainer):
         loss, metrics, _ = self.linear_loss(batch, lambda logps: (masked_nll(logps, mask, num_items), {}),
                                             masked_nll_token_weights(mask, num_items))
         return loss, metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """The base metrics plus eval/perplexity: exp of eval/loss, the mean NLL per trained token of
+        the whole eval split."""
+        metrics = super().evaluate()
+        loss = metrics["eval/loss"]
+        metrics["eval/perplexity"] = math.exp(loss) if loss < 700 else math.inf
+        return metrics
