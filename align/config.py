@@ -402,6 +402,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return recipe_from_dict(apply_overrides(raw, overrides or []), path)
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A recipe dict with dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1} (lists, and empty
+    sections, are values)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(recipe.model_dump(mode="json"), f, sort_keys=False)

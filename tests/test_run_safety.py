@@ -47,8 +47,7 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(make_recipe, tmp_
     assert math.isnan(records[2]["loss"]) and all(math.isfinite(r["loss"]) for r in records if r["step"] != 3)
     assert torch.equal(seen[1], seen[2])  # step 3 (index 2) changed nothing: weights (and moments) kept
     assert not torch.equal(seen[2], seen[3])
-    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    steps = {float(state["step"]) for state in optimizer.state.values()}
+    steps = {float(state["step"]) for state in trainer.torch_optimizer.state.values()}
     assert steps == {3.0}  # four steps, one skipped: Adam's bias correction did not advance on it
 
 

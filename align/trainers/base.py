@@ -39,7 +39,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
-from align.config import Recipe, load_recipe, save_recipe
+from align.config import Recipe, flat_keys, load_recipe, save_recipe
 from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
 from align.models import Policy
@@ -136,12 +136,17 @@ class Trainer:
         """The signal's name when a SIGTERM/SIGINT stopped `fit` after a checkpoint, else None."""
         self.prepare_data()
 
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer itself, under accelerate's wrapper (its param_groups and defaults)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     def make_scheduler(self, step: int):
         """The learning-rate schedule of this recipe (lr, warmup, schedule, total steps), positioned
         at `step`: the optimizer's learning rates set to the schedule's value there. On resume the
         schedule is rebuilt from the current recipe, so a changed lr or max_steps takes effect from
         the resumed step on."""
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer = self.torch_optimizer
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = self.cfg.lr
         warmup = self.cfg.warmup if self.cfg.warmup >= 1 else self.cfg.warmup * self.total_steps
@@ -410,7 +415,7 @@ class Trainer:
         on the device itself, through the found-inf input it has for gradient scaling: weights,
         moments and step counts stay as they were, and the host does not wait. Other optimizers
         (the foreach fallback, bitsandbytes') ask the host, one read per step."""
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer = self.torch_optimizer
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = (~finite).float()
             try:
@@ -557,15 +562,15 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, object]:
         """What a checkpoint holds: nested dicts/lists of tensors, numbers and strings (stored as
         safetensors + JSON, see `align.trainers.checkpoint`); `restore_state` puts it back. Called on
-        every process; the state is the same on all but the random generators (one per process)."""
+        every process; the state is the same on all but the random generators (one per process). The
+        learning-rate schedule is not in it: `resume` rebuilds it from the recipe at the step."""
         return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": gather_shares([checkpoint.rng_state()]),
+                "rng": gather_shares([checkpoint.rng_state()]),
                 "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
 
     def restore_state(self, objects: dict[str, object]) -> None:
         self.policy.load_state_dict(objects["model"])
         self.optimizer.load_state_dict(objects["optimizer"])
-        self.scheduler.load_state_dict(objects["scheduler"])
         if "skipped" in objects:
             total, in_row = objects["skipped"].to(self.accelerator.device)
             self._nonfinite_total, self._nonfinite_in_row = total, in_row
@@ -607,8 +612,7 @@ class Trainer:
         applied = self.check_resumable(path, state)
         self.restore_state(objects)
         self.step = state["step"]
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        for group in optimizer.param_groups:  # this recipe's settings, not the checkpoint's
+        for group in self.torch_optimizer.param_groups:  # this recipe's settings, not the checkpoint's
             group.update(betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         self.scheduler = self.make_scheduler(self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -630,7 +634,7 @@ class Trainer:
         when resuming at another process count); else AlignError listing the refused ones."""
         if "recipe" not in state:
             return []
-        old, new = _flatten(state["recipe"]), _flatten(self.recipe.model_dump(mode="json"))
+        old, new = flat_keys(state["recipe"]), flat_keys(self.recipe.model_dump(mode="json"))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         same_global_batch = state.get("global_batch_size") == self.global_batch_size
         batch_keys = ("train.batch_size", "train.grad_accum") if same_global_batch else ()
@@ -646,14 +650,3 @@ class Trainer:
                              "\nrevert them, or start a new run (a new output_dir, or --overwrite). Changes to the "
                              "optimizer, schedule and cadence keys are applied on resume.")
         return [lines[k] for k in changed if k not in ("train.resume_from", "output_dir")]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1} (lists are leaves)."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

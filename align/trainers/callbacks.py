@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from align.config import flat_keys
 from align.errors import AlignError
 
 
@@ -128,7 +129,9 @@ class Trackers(Callback):
         directory = Path(trainer.output_dir) / "trackers"
         directory.mkdir(parents=True, exist_ok=True)
         project, run = Path(trainer.output_dir).resolve().name, str(trainer.run_id or "run")
-        config = _flat_config(trainer.recipe.model_dump(mode="json"))
+        # the types every tracker's store_init_configuration takes: lists and None as text
+        config = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                  for key, value in flat_keys(trainer.recipe.model_dump(mode="json")).items()}
         for name in self.names:
             tracker = LOGGER_TYPE_TO_CLASS[name](**self.options(name, trainer, directory, project, run))
             tracker.start()
@@ -167,14 +170,3 @@ class Trackers(Callback):
         for tracker in trackers:
             tracker.finish()
 
-
-def _flat_config(tree: dict, prefix: str = "") -> dict[str, object]:
-    """A recipe dict as flat "section.key" -> bool/int/float/str hyperparameters (lists, None as text),
-    the types every tracker's `store_init_configuration` takes."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-    return flat

@@ -161,20 +161,14 @@ def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: di
     `write_extra(directory)` may add files (e.g. a loadable adapter). Keeps the newest `keep`
     checkpoints of this run; another run's checkpoints are never removed.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, step)
     staging = root / f".staging-step-{step:06d}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir()
-        _write(staging, objects, {**state, "step": step, "run_id": run_id}, write_extra)
-        _fsync_tree(staging)
-    except (OSError, SafetensorError) as error:  # disk full, I/O error: the earlier checkpoints stay as they were
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = getattr(error, "strerror", None) or error
+    reason = _write_staged(staging, lambda d: _write(d, objects, {**state, "step": step, "run_id": run_id},
+                                                      write_extra))
+    if reason:  # disk full, I/O error: the earlier checkpoints stay as they were
         raise AlignError(f"could not write checkpoint step {step} in {root}: {reason}; the earlier "
                          "checkpoints there are intact (free some space and resume with "
-                         "train.resume_from=auto)") from None
+                         "train.resume_from=auto)")
     if final.exists():  # re-saving a step after a resume: move the old copy aside, never delete first
         retired = root / f".retired-step-{step:06d}"
         shutil.rmtree(retired, ignore_errors=True)
@@ -188,6 +182,21 @@ def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: di
     return final
 
 
+def _write_staged(staging: Path, write) -> str | None:
+    """`write(staging)` into a fresh `staging` directory (its parents created), flushed to disk. On a
+    write error (a full disk, an I/O error; safetensors reports those as its own error) the staging
+    directory is removed and the reason returned; None when all is written."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        write(staging)
+        _fsync_tree(staging)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        return str(getattr(error, "strerror", None) or error)
+    return None
+
+
 def write_atomically(directory: Path, write, what: str) -> None:
     """`write(staging)` into a hidden staging directory inside `directory`, flushed, then each file
     moved into `directory` (renames, which need no space): a failure while writing (e.g. a full disk)
@@ -195,18 +204,11 @@ def write_atomically(directory: Path, write, what: str) -> None:
     never a config without its weights."""
     directory = Path(directory)
     staging = directory / f".staging-{what.replace(' ', '-')}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        write(staging)
-        _fsync_tree(staging)
-    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = getattr(error, "strerror", None) or error
+    reason = _write_staged(staging, write)
+    if reason:
         raise AlignError(f"could not write the {what} to {directory}: {reason} (nothing of it was "
                          "written; checkpoints in checkpoints/ are intact: free some space and resume with "
-                         "train.resume_from=auto)") from None
+                         "train.resume_from=auto)")
     for entry in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):  # weights first, configs last
         target = directory / entry.name
         if target.is_dir() and not entry.is_dir():
