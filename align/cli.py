@@ -14,6 +14,7 @@ from align.errors import AlignError
 
 
 def _train(args) -> int:
+    from align.builtins import build_for_recipe
     from align.config import load_recipe
     from align.trainers import TRAINERS, run_dir
 
@@ -21,6 +22,7 @@ def _train(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # the main process (torchrun / accelerate launch set RANK)
         run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)  # before the model loads
     _check_adapter(recipe)
+    build_for_recipe(recipe)  # the built-ins Align trains itself, before the trainer loads them
     trainer = TRAINERS[recipe.algorithm].from_recipe(recipe)
     record = trainer.fit(overwrite=args.overwrite)
     if trainer.stopped_by:  # preempted: a checkpoint is saved; the shell's code for death by that signal
@@ -71,14 +73,21 @@ def _check_rewards(recipe) -> None:
     """Resolve every reward of a GRPO/PPO recipe (imports functions; loads no reward model)."""
     from align.rewards import load_reward_function
 
-    for i, entry in enumerate(getattr(getattr(recipe, recipe.algorithm), "rewards", [])):
-        key = f"{recipe.algorithm}.rewards[{i}]"
+    for i, entry in enumerate(getattr(recipe.section, "rewards", [])):
+        key = f"{recipe.section_key}.rewards[{i}]"
         if ":" not in entry.fn and ("/" in entry.fn or os.sep in entry.fn):  # a reward-model directory
             found = (Path(entry.fn) / "config.json").is_file()
             print(f"{key}: reward model {entry.fn!r} " + ("found" if found else "not there yet (train it first)"))
             continue
         load_reward_function(entry.fn, entry.kwargs, key=key)
         print(f"{key}: {entry.fn} ok")
+
+
+def _build(args) -> None:
+    from align.builtins import build_builtin
+
+    for name in args.names:
+        print(f"{name}: {build_builtin(name)}")
 
 
 def _export(args) -> None:
@@ -134,9 +143,11 @@ def _read_prompts(args) -> list:
 
 
 def _generate(args) -> None:
+    from align.builtins import build_builtins
     from align.generate import check_sampling, generate
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.n, cli=True)  # before the model loads
+    build_builtins(args.model)
     prompts = _read_prompts(args)
     texts = generate(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, n=args.n, chat=args.chat, seed=args.seed, dtype=args.dtype)
@@ -149,8 +160,10 @@ def _generate(args) -> None:
 
 
 def _eval(args) -> None:
+    from align.builtins import build_builtins
     from align.generate import check_sampling, evaluate
 
+    build_builtins(args.model)
     check_sampling(args.max_new_tokens, cli=True)
     for flag, value, least in (("--limit", args.limit, 1), ("--show", args.show, 0)):
         if value is not None and value < least:
@@ -182,6 +195,11 @@ def parser() -> argparse.ArgumentParser:
                                            "OUTPUT_DIR.old-<time> first (it is never deleted)")
     sub.choices["validate"].add_argument("--overwrite", action="store_true",
                                          help="check output_dir as `align train --overwrite` would")
+    cmd = sub.add_parser("build", help="build a built-in model Align trains itself (builtin:tiny-llama-arith) "
+                                       "into the model cache, once")
+    cmd.add_argument("names", nargs="+", metavar="NAME", help="builtin:<name>")
+    cmd.set_defaults(fn=_build)
+
     cmd = sub.add_parser("export", help="merge a LoRA/QLoRA adapter into a plain transformers model directory")
     cmd.add_argument("run_dir", help="an output dir (or checkpoint) holding an adapter")
     cmd.add_argument("out_dir", help="a new (or empty) directory for the merged model")

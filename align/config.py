@@ -7,12 +7,14 @@ missing local file fails before any model loads, with the file, the key and the 
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, ValidationError, field_validator, model_validator
 
 from align.errors import AlignError
 
@@ -23,6 +25,37 @@ class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, values are type-checked."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_keyword_arguments(fn, kwargs: dict, taken: tuple[str, ...], key: str) -> None:
+    """ValueError naming the first of `kwargs` that `fn` has no keyword parameter for (besides the
+    `taken` ones the caller passes itself); a function with **kwargs accepts anything."""
+    parameters = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    own = [n for n, p in parameters.items() if n not in taken and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for name in kwargs:
+        if name not in own:
+            close = difflib.get_close_matches(name, own, n=1)
+            raise ValueError(f"{key}: {getattr(fn, '__name__', fn)} has no parameter {name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (its own: {', '.join(own) or 'none'})")
+
+
+def registered(registry_name: str):
+    """The type of a recipe value that names an entry of `align.registry.<registry_name>` (or a
+    `module:Name` plug-in, imported now): a typo fails when the recipe is read, listing the names."""
+
+    def check(value: str) -> str:
+        from align import registry
+
+        try:
+            getattr(registry, registry_name).get(value, key="")
+        except AlignError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    return Annotated[str, AfterValidator(check)]
 
 
 class ModelConfig(Section):
@@ -131,11 +164,15 @@ class SFTConfig(Section):
 
 class DPOConfig(Section):
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    loss_type: registered("PREFERENCE_LOSSES") = "sigmoid"
+    """A preference loss (`align.losses.preference`): sigmoid (DPO), robust, ipo, hinge, and the
+    reference-free ones that load no reference model; or a plug-in (`module:Name`)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """Label-flip rate for `sigmoid` (conservative DPO) and `robust`."""
     rpo_alpha: float = Field(0.0, ge=0.0)
     """Weight of an SFT term (mean NLL of the chosen completion) added to the loss (RPO)."""
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments of the preference loss (e.g. {gamma: 0.5} for simpo)."""
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
     """auto: the base under a LoRA/QLoRA adapter, else a frozen copy of the starting model."""
     reference_model: str | None = None
@@ -144,6 +181,16 @@ class DPOConfig(Section):
     """Compute reference log-probs once before training, cached on disk and reused across runs."""
     shared_prompt: bool = True
     """Run each pair's prompt once ([prompt | chosen | rejected] with a 4D attention mask)."""
+
+    @model_validator(mode="after")
+    def _check_loss_kwargs(self) -> "DPOConfig":
+        """Each loss_kwargs name must be a keyword parameter of the loss (a typo would fail at step 1)."""
+        if self.loss_kwargs:
+            from align.registry import PREFERENCE_LOSSES
+
+            check_keyword_arguments(PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type").fn, self.loss_kwargs,
+                                    ("pairs", "beta", "label_smoothing"), "loss_kwargs")
+        return self
 
 
 class RewardConfig(Section):
@@ -194,7 +241,7 @@ class SamplingConfig(Section):
     repetition_penalty: float = Field(1.0, gt=0.0)
     stop: list[str] = Field(default_factory=list)
     """Stop strings; the completion ends with the token that completes one."""
-    engine: Literal["prefix_shared", "hf", "vllm"] = "prefix_shared"
+    engine: registered("ROLLOUT_ENGINES") = "prefix_shared"
     """prefix_shared: our sampler (prompt KV computed once per group); hf: transformers' generate;
     vllm: vLLM (optional dependency: pip install vllm), settings in `vllm`."""
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
@@ -207,13 +254,20 @@ class GRPOConfig(Section):
     """Completions sampled per prompt (G); train.batch_size counts completions and must be a multiple."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     rewards: list[RewardFunctionConfig] = Field(default_factory=list)
+    advantage: registered("ADVANTAGE_ESTIMATORS") = "grpo"
+    """How rewards become advantages (`align.losses.advantages`): grpo (group-normalized, see
+    scale_rewards), or another registered estimator, or a plug-in (`module:Name`)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Advantage = (r - group mean) / std of the group / of the batch / not divided (Dr. GRPO)."""
+    """grpo advantage = (r - group mean) / std of the group / of the batch / not divided (Dr. GRPO)."""
     beta: float = Field(0.0, ge=0.0)
-    """Weight of the k3 KL to the reference; 0 loads no reference model."""
+    """Weight of the KL to the reference; 0 loads no reference model."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL enters: loss (GRPO's k3 term, per token), or reward (beta x each completion's
+    summed k1 KL subtracted from its reward before the advantage estimator, as RLOO does)."""
     epsilon: float | tuple[float, float] = 0.2
     """Clip range: one value, or [epsilon_low, epsilon_high] (DAPO's clip-higher)."""
-    loss_norm: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    loss_norm: registered("LOSS_NORMS") = "dapo"
+    """How token losses are averaged (`align.losses.policy_gradient`): grpo, bnpo, dr_grpo, dapo."""
     importance: Literal["token", "sequence"] = "token"
     """sequence: GSPO's sequence-level importance ratio."""
     num_iterations: int = Field(1, ge=1)
@@ -250,17 +304,28 @@ class PPOConfig(Section):
 
 
 class Recipe(Section):
-    algorithm: Literal["sft", "reward", "dpo", "ppo", "grpo"]
+    """The keys every recipe has. The algorithm's own section (`dpo:`, `grpo:`, ...) is a field of
+    the subclass `recipe_class(algorithm)` makes, from the trainer registered under that name: a
+    recipe carries its own algorithm's section only."""
+
+    algorithm: str
+    """A registered trainer: sft, reward, dpo, ppo, grpo, ... (`align.registry.TRAINERS`)."""
+    plugins: list[str] = Field(default_factory=list)
+    """Modules (`my_package.algos`) or files (`path/to/my_loss.py`) imported before the recipe is
+    checked, so that the trainers, losses and estimators they register can be named in it."""
     output_dir: str
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    dpo: DPOConfig = Field(default_factory=DPOConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
+
+    section_key: ClassVar[str] = ""
+    """The name of the algorithm's own section (set by `recipe_class`)."""
+
+    @property
+    def section(self) -> Section | None:
+        """The algorithm's own settings (recipe.dpo for a DPO recipe, ...); None if it has none."""
+        return getattr(self, self.section_key) if self.section_key else None
 
     @field_validator("output_dir")
     @classmethod
@@ -314,14 +379,14 @@ def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
     return match[0] if match else None
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str, model: type[BaseModel] = Recipe) -> str:
     """One line per problem: `file: key: message (did you mean ...?)`."""
     lines = [f"invalid recipe {source}:"]
     for item in error.errors():
         loc = tuple(item["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            hint = _closest_key(Recipe, loc)
+            hint = _closest_key(model, loc)
             msg = "unknown key" + (f"; did you mean {'.'.join(map(str, loc[:-1] + (hint,)))!r}?" if hint else "")
         elif item["type"] == "missing":
             msg = "required key is missing"
@@ -362,11 +427,88 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as error:
-        raise AlignError(format_validation_error(error, source)) from None
+    """Validate a recipe dict: import its plug-ins, find its algorithm's trainer, and check it
+    against `recipe_class` of that algorithm (AlignError listing every problem)."""
+    raw = dict(raw)
+    plugins = raw.get("plugins") or []
+    if isinstance(plugins, list):
+        from align.registry import load_plugin
 
+        for i, where in enumerate(plugins):
+            if isinstance(where, str):
+                load_plugin(where, f"{source}: plugins[{i}]")
+    algorithm = raw.get("algorithm")
+    model: type[Recipe] = Recipe
+    if isinstance(algorithm, str):
+        try:
+            model = recipe_class(algorithm)
+        except AlignError as error:
+            raise AlignError(f"invalid recipe {source}:\n  {error}") from None
+        raw = drop_default_sections(raw, model.section_key, source)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise AlignError(format_validation_error(error, source, model)) from None
+
+
+@functools.cache
+def recipe_class(algorithm: str) -> type[Recipe]:
+    """The Recipe of `algorithm` (a registered name or a `module:Name` trainer): the common keys
+    plus the trainer's own section, named after it (`dpo:` holding a DPOConfig)."""
+    from align.registry import TRAINERS
+
+    trainer = TRAINERS.get(algorithm)
+    key, section = trainer.algorithm, trainer.config_class
+    fields = {key: (section, Field(default_factory=section))} if section is not None else {}
+    model = create_model(f"{trainer.__name__.removesuffix('Trainer')}Recipe", __base__=Recipe, **fields)
+    model.section_key = key
+    return model
+
+
+def sections_of_other_algorithms(raw: dict, own: str) -> dict[str, type[Section]]:
+    """{key: section class} for the keys of `raw` that are another registered algorithm's section."""
+    from align.registry import TRAINERS
+
+    sections = {}
+    for name in TRAINERS.names():
+        trainer = TRAINERS.get(name)
+        if name != own and name in raw and name not in Recipe.model_fields and trainer.config_class is not None:
+            sections[name] = trainer.config_class
+    return sections
+
+
+def saved_recipe_now(saved: dict, algorithm: str) -> dict:
+    """A recipe saved by an earlier run (a checkpoint's) as this version reads it: without the other
+    algorithms' sections (saved before recipes carried their own only; that run ignored them) and
+    with the keys added since at their defaults, so that neither counts as a change on resume."""
+    saved = {k: v for k, v in saved.items() if k not in sections_of_other_algorithms(saved, algorithm)}
+    try:
+        return recipe_class(algorithm).model_validate(saved).model_dump(mode="json")
+    except (ValidationError, AlignError):
+        return saved
+
+
+def drop_default_sections(raw: dict, own: str, source: str) -> dict:
+    """`raw` without the sections of other algorithms that hold only their defaults (a recipe.yaml
+    saved before recipes carried their own section only holds all five). Any other such section is
+    an AlignError: its settings would be ignored."""
+    raw = dict(raw)
+    for key, section in sections_of_other_algorithms(raw, own).items():
+        try:
+            given = section.model_validate(raw[key] or {}).model_dump(mode="json")
+        except ValidationError:
+            given = None
+        if given == section().model_dump(mode="json"):
+            del raw[key]
+            continue
+        own_section = recipe_class(raw["algorithm"]).model_fields.get(own)
+        own_keys = own_section.annotation.model_fields if own_section else {}
+        moves = [f"{key}.{k} -> {own}.{k}" for k in (raw[key] if isinstance(raw[key], dict) else ()) if k in own_keys]
+        raise AlignError(f"invalid recipe {source}:\n  {key}: this section belongs to algorithm {key!r}, but the "
+                         f"recipe's algorithm is {raw['algorithm']!r}, which would ignore it. "
+                         + (f"Did you mean {', '.join(moves)}? " if moves else "")
+                         + f"Move its settings under {own}: or remove it.")
+    return raw
 
 class RecipeLoader(yaml.SafeLoader):
     """A SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""

@@ -96,29 +96,6 @@ def prompt_rows(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": row["prompt"], "answer": row["answer"]} for row in prompt_completion_rows(n, seed)]
 
 
-def train_builtin(name: str, base: str, out_dir: Path) -> None:
-    """Train the built-in `name` (e.g. tiny-llama-arith) from `base` with Align's own SFT on the
-    arithmetic task, into `out_dir`: 60% of the SFT answers are the careless hedge, so the
-    model answers right only some of the time and preference training or RL has something to fix.
-    Takes well under a minute on 2 CPU cores, once per cache."""
-    import logging
-    import tempfile
-
-    from align.config import recipe_from_dict
-    from align.trainers.sft import SFTTrainer
-
-    logging.getLogger(__name__).warning("building builtin:%s: SFT of %s on the arithmetic task (once, ~1 min)",
-                                        name, base)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_jsonl(prompt_completion_rows(19200, seed=1000, hedged=0.6), Path(tmp) / "train.jsonl")
-        recipe = recipe_from_dict({
-            "algorithm": "sft", "output_dir": str(out_dir), "model": {"name_or_path": base, "dtype": "float32"},
-            "data": {"train": {"path": str(Path(tmp) / "train.jsonl")}, "max_length": 64},
-            "train": {"lr": 3e-3, "max_steps": 600, "batch_size": 32, "warmup": 0.05, "schedule": "cosine",
-                      "seed": 0, "progress": False, "log_every": 10}})
-        SFTTrainer.from_recipe(recipe).fit()
-
-
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

@@ -1,8 +1,11 @@
-"""Subclass DPOTrainer and replace its loss: length-normalized DPO with SimPO's target margin.
+"""Plug in your own preference loss: length-normalized DPO with SimPO's target margin.
 
 Plain DPO compares *summed* log-prob ratios, so long answers move the loss more than short ones.
 Here each answer's log-ratio is divided by its length and the chosen answer must win by a margin
-`gamma` (SimPO, Meng et al. 2024); with `use_reference = False` it is SimPO exactly (no reference).
+`gamma` (as SimPO, Meng et al. 2024, does without a reference). Registering the function makes
+`dpo.loss_type: length_normalized_margin` a valid recipe value; `dpo.loss_kwargs` reaches its
+keyword arguments. A YAML recipe would list this file under `plugins:` so that `align train` and
+`align validate` import it first.
 
 Run from the repository root: python examples/custom_dpo_loss.py [OUTPUT_DIR]
 """
@@ -17,29 +20,17 @@ import torch.nn.functional as F
 from align import DPOTrainer
 from align.cli import quiet_libraries
 from align.config import recipe_from_dict
+from align.losses.preference import PairLogps, register_preference_loss
 
 
-class LengthNormalizedDPO(DPOTrainer):
-    """The hook is `compute_loss(batch) -> (loss, metrics)`; `sequence_logps(batch)` gives the
-    per-pair pieces: policy and reference log-probs of chosen/rejected, and their lengths, each [B]."""
-
-    gamma = 0.5           # target margin between the chosen and rejected rewards
-    use_reference = True  # False: SimPO (rewards from the policy alone)
-
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        beta = self.recipe.dpo.beta
-        chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected = self.sequence_logps(batch)
-        if not self.use_reference:
-            ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
-        chosen_reward = beta * (chosen - ref_chosen) / n_chosen        # [B] per-token log-ratio
-        rejected_reward = beta * (rejected - ref_rejected) / n_rejected
-        losses = -F.logsigmoid(chosen_reward - rejected_reward - self.gamma)
-        margin = (chosen_reward - rejected_reward).detach()
-        metrics = {"rewards/accuracy": (margin > 0).float().mean().item(),
-                   "rewards/margin": margin.mean().item(),
-                   "rewards/beats_gamma": (margin > self.gamma).float().mean().item()}
-        # normalize by the step's pair count (not the micro-batch's): gradient accumulation stays exact
-        return losses.sum() / batch["num_items"], metrics
+@register_preference_loss("length_normalized_margin")
+def length_normalized_margin(pairs: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5):
+    """-logsigmoid(beta (per-token log-ratio of chosen - of rejected) - gamma); pairs hold [B] sums."""
+    mean = pairs.per_token()  # every log-prob divided by its completion's length
+    chosen = beta * (mean.chosen - mean.ref_chosen)
+    rejected = beta * (mean.rejected - mean.ref_rejected)
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return losses, chosen, rejected  # per-pair losses [B] and the implicit rewards behind the metrics
 
 
 def main(output_dir: str = "runs/example-custom-dpo", max_steps: int = 16) -> dict:
@@ -53,12 +44,12 @@ def main(output_dir: str = "runs/example-custom-dpo", max_steps: int = 16) -> di
                  "max_length": 128},
         "train": {"lr": 5e-3, "max_steps": max_steps, "batch_size": 16, "schedule": "constant",
                   "log_every": 4, "eval_every": max_steps, "progress": False},
-        "dpo": {"beta": 2.0},  # length-normalized rewards are per-token: a larger beta than DPO's 0.1
+        # length-normalized rewards are per-token: a larger beta than DPO's 0.1
+        "dpo": {"loss_type": "length_normalized_margin", "beta": 2.0, "loss_kwargs": {"gamma": 0.5}},
     })
-    record = LengthNormalizedDPO.from_recipe(recipe).fit()
+    record = DPOTrainer.from_recipe(recipe).fit()
     print(f"loss {record['loss']:.3f}; train accuracy {record['rewards/accuracy']:.2f}, "
-          f"eval accuracy {record['eval/rewards/accuracy']:.2f}, "
-          f"eval pairs beating the margin {record['eval/rewards/beats_gamma']:.2f}")
+          f"eval accuracy {record['eval/rewards/accuracy']:.2f}, eval margin {record['eval/rewards/margin']:.2f}")
     return record
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 from align import DPOTrainer
+from align.builtins import build_builtin
 from align.cli import quiet_libraries
 from align.config import recipe_from_dict
 from align.generate import evaluate, generate, load
@@ -39,6 +40,7 @@ def train(output_dir: str, max_steps: int) -> None:
 
 
 def main(output_dir: str = "runs/example-evaluate", max_steps: int = 20, limit: int = 64) -> dict:
+    build_builtin(BASE)  # trained by Align once per model cache (~1 min)
     train(output_dir, max_steps)
 
     trained = load(output_dir)  # load once, then generate and evaluate with it

@@ -12,11 +12,13 @@ from __future__ import annotations
 import sys
 
 from align import GRPOTrainer
+from align.builtins import build_builtin
 from align.cli import quiet_libraries
 from align.config import recipe_from_dict
 
 
 def main(output_dir: str = "runs/example-grpo-custom-reward", max_steps: int = 10) -> dict:
+    build_builtin("builtin:tiny-llama-arith")  # trained by Align once per model cache (~1 min)
     recipe = recipe_from_dict({
         "algorithm": "grpo",
         "output_dir": output_dir,

@@ -16,6 +16,16 @@ def _align_cache(tmp_path_factory):
     os.environ["ALIGN_CACHE"] = str(tmp_path_factory.mktemp("align-cache"))
 
 
+@pytest.fixture(scope="session")
+def arith_builtin(_align_cache) -> str:
+    """builtin:tiny-llama-arith, trained into this session's cache once (~40 s): tests that use it
+    say so (`pytestmark = pytest.mark.usefixtures("arith_builtin")`)."""
+    from align.builtins import build_builtin
+
+    build_builtin("tiny-llama-arith")
+    return "builtin:tiny-llama-arith"
+
+
 def write_jsonl(path, rows) -> str:
     with open(path, "w") as f:
         for row in rows:

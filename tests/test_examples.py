@@ -21,7 +21,7 @@ def test_python_api_example_trains_a_subclassed_trainer(tmp_path, monkeypatch):
 def test_custom_dpo_loss_example(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     record = load("custom_dpo_loss").main(str(tmp_path / "out"), max_steps=4)
-    assert {"rewards/beats_gamma", "eval/rewards/accuracy"} <= set(record) and record["loss"] > 0
+    assert {"rewards/margin", "eval/rewards/accuracy"} <= set(record) and record["loss"] > 0
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 

@@ -12,6 +12,8 @@ from align.cli import main
 from align.errors import AlignError
 from align.generate import encode, evaluate, generate, load
 
+pytestmark = pytest.mark.usefixtures("arith_builtin")  # builtin:tiny-llama-arith, trained once
+
 ARITH = "builtin:tiny-llama-arith"
 QUESTION = "Question: What is 2 + 3?\nAnswer:"
 

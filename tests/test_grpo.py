@@ -11,6 +11,8 @@ from align.errors import AlignError
 from align.toy import prompt_rows
 from align.trainers import GRPOTrainer
 
+pytestmark = pytest.mark.usefixtures("arith_builtin")  # builtin:tiny-llama-arith, trained once
+
 BUILTIN_ARITH = "builtin:tiny-llama-arith"
 
 

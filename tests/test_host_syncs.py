@@ -16,6 +16,8 @@ from align.toy import chat_rows, preference_rows, prompt_rows
 from align.trainers import DPOTrainer, GRPOTrainer, PPOTrainer, SFTTrainer
 from tests.host_reads import HostReads
 
+pytestmark = pytest.mark.usefixtures("arith_builtin")  # builtin:tiny-llama-arith, trained once
+
 ARITH = {"model": {"name_or_path": "builtin:tiny-llama-arith", "dtype": "float32"},
          "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, "data": {"max_length": 64}}
 LORA = {"adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}}

@@ -22,6 +22,8 @@ from align.toy import chat_rows, preference_rows, prompt_rows
 from align.trainers import TRAINERS
 from tests.conftest import deep_update, write_jsonl
 
+pytestmark = pytest.mark.usefixtures("arith_builtin")  # builtin:tiny-llama-arith, trained once
+
 REPO = Path(__file__).resolve().parents[1]
 KILLER = """
 import os, signal, sys

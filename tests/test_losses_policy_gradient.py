@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from align.errors import AlignError
 from align.losses import aggregate_loss, clipped_policy_loss, group_advantages, grpo_loss, k3_kl
 
 F64 = torch.float64
@@ -187,7 +188,7 @@ def test_dapo_over_accumulation_micro_batches_is_the_global_token_mean():
 def test_aggregate_loss_errors():
     with pytest.raises(ValueError, match="max_completion_length"):
         aggregate_loss(t(LOSS), torch.tensor(MASK), "dr_grpo")
-    with pytest.raises(ValueError, match="'mean'.*bnpo.*dapo.*dr_grpo.*grpo"):
+    with pytest.raises(AlignError, match="unknown loss normalization 'mean'.*bnpo, dapo, dr_grpo, grpo"):
         aggregate_loss(t(LOSS), torch.tensor(MASK), "mean")
 
 
@@ -260,11 +261,12 @@ def test_grpo_loss_matches_trl(norm, beta, importance):
 @pytest.mark.parametrize("norm", ["grpo", "dapo"])
 def test_grpo_gradient_accumulation_convention_vs_trl(norm):
     # Two accumulation micro-batches. TRL's dapo divides by the step's token count (num_items_in_batch),
-    # as ours does with num_items; for the other norms TRL also divides by the number of accumulation
-    # steps, which our trainer does outside the loss.
+    # as ours does with num_items; for the other norms TRL divides by the number of accumulation
+    # steps, as ours does given the step's sequence count (the norm owns the micro-batch's share).
     pytest.importorskip("trl")
     logps, old, ref, adv, mask = _batch()
-    total = float(mask.sum() + 7)  # the other micro-batch holds 7 more tokens
-    trl_loss, _ = _trl_grpo_loss(logps, old, ref, adv, mask, norm, "token", 0.0, 8, total, accum=2)
-    loss, _ = grpo_loss(logps, old, None, adv, mask, 0.0, 0.2, 0.28, norm, num_items=total)
-    torch.testing.assert_close(loss if norm == "dapo" else loss / 2, trl_loss)
+    tokens = float(mask.sum() + 7)  # the other micro-batch holds 7 more tokens
+    trl_loss, _ = _trl_grpo_loss(logps, old, ref, adv, mask, norm, "token", 0.0, 8, tokens, accum=2)
+    num_items = tokens if norm == "dapo" else 2.0 * mask.shape[0]  # the step's tokens / sequences
+    loss, _ = grpo_loss(logps, old, None, adv, mask, 0.0, 0.2, 0.28, norm, num_items=num_items)
+    torch.testing.assert_close(loss, trl_loss)

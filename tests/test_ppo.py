@@ -6,6 +6,8 @@ import torch
 from align.toy import prompt_rows
 from align.trainers import PPOTrainer
 
+pytestmark = pytest.mark.usefixtures("arith_builtin")  # builtin:tiny-llama-arith, trained once
+
 
 @pytest.fixture
 def ppo_recipe(make_recipe):

@@ -5,6 +5,8 @@ from align.models.reward import load_reward_model
 from align.toy import preference_rows
 from align.trainers import RewardTrainer
 
+pytestmark = pytest.mark.usefixtures("arith_builtin")  # builtin:tiny-llama-arith, trained once
+
 
 @pytest.fixture
 def rm_recipe(make_recipe):

@@ -8,9 +8,9 @@ import torch
 from align.config import AdapterConfig, ModelConfig, RewardFunctionConfig
 from align.errors import AlignError
 from align.rewards import REGISTRY, RewardFunctions, load_reward_function, register, spec_name
-from rewards.format import format_regex, format_tags
-from rewards.length import length_penalty, overlong_penalty
-from rewards.math import exact_answer, extract_answer, numeric_answer, parse_number
+from align_rewards.format import format_regex, format_tags
+from align_rewards.length import length_penalty, overlong_penalty
+from align_rewards.math import exact_answer, extract_answer, numeric_answer, parse_number
 
 USER_FILE = "tests/data/my_rewards.py"
 NAN = float("nan")
@@ -94,11 +94,11 @@ def test_load_by_registry_name_module_and_file(monkeypatch):
     assert set(REGISTRY) >= {"exact_answer", "numeric_answer", "format_tags", "format_regex", "length_penalty",
                              "overlong_penalty"}
     assert load_reward_function("exact_answer") is exact_answer
-    assert load_reward_function("rewards.math:exact_answer") is exact_answer
+    assert load_reward_function("align_rewards.math:exact_answer") is exact_answer
     concise = load_reward_function(f"{USER_FILE}:concise")
     assert concise(["short", "x" * 41]) == [1.0, 0.0]
     assert load_reward_function(f"{USER_FILE}:concise") is concise  # the file is executed once
-    assert [spec_name(s) for s in ("exact_answer", "rewards.math:exact_answer", "rewards/math.py:exact_answer",
+    assert [spec_name(s) for s in ("exact_answer", "align_rewards.math:exact_answer", "rewards/math.py:exact_answer",
                                    f"{USER_FILE}:concise", "pkg.my_mod:f")] == [
         "exact_answer", "exact_answer", "math.exact_answer", "my_rewards.concise", "my_mod.f"]
 
@@ -137,9 +137,9 @@ def test_reward_model_directory_is_a_reward(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ("exact_anwser", "Did you mean 'exact_answer'"),
-    ("rewards.math.exact_answer", "Did you mean 'rewards.math:exact_answer'"),
+    ("align_rewards.math.exact_answer", "Did you mean 'align_rewards.math:exact_answer'"),
     ("no_such_module:f", "no module named 'no_such_module'"),
-    ("rewards.math:exact", "has no function 'exact'. Did you mean 'exact_answer'"),
+    ("align_rewards.math:exact", "has no function 'exact'. Did you mean 'exact_answer'"),
     ("missing/file.py:f", "file not found: 'missing/file.py'"),
     ("runs/no-such-rm", "There is no such file or directory"),
 ])

@@ -266,7 +266,7 @@ def test_edges_and_clear_errors(policy, prompts):
         engine.sync_weights()
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
-    with pytest.raises(AlignError, match="unknown engine 'fast'"):
+    with pytest.raises(AlignError, match="unknown rollout engine 'fast'"):
         make_engine("fast", policy.model, policy.tokenizer)
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(AlignError, match="vllm is not installed"):

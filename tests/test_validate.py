@@ -125,7 +125,8 @@ def test_numbers_out_of_range_are_refused_with_the_key(recipe_file, capsys, over
 def test_a_reward_weight_that_is_not_a_number_is_refused(recipe_file, capsys):
     """`weight: .nan` used to turn every reward into 0 (nansum) without a word."""
     for weight in (".nan", ".inf"):
-        code, err = cli(capsys, "validate", recipe_file(), "--set", f"grpo.rewards=[{{fn: exact_answer, weight: {weight}}}]")
+        code, err = cli(capsys, "validate", recipe_file(), "--set", "algorithm=grpo",
+                        "--set", f"grpo.rewards=[{{fn: exact_answer, weight: {weight}}}]")
         assert code == 2 and "grpo.rewards.0.weight: Input should be a finite number" in err, err
 
 

@@ -6,9 +6,12 @@ Shapes: B completions, T completion tokens (right-padded), mask [B, T] marks the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from align.registry import LOSS_NORMS
 
 SCALES = ("group", "batch", "none")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -99,31 +102,69 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, adv
     return per_token_loss, metrics
 
 
-# Each normalization maps (masked per-token loss, mask, max_completion_length, num_items) -> scalar.
-NormFn = Callable[[torch.Tensor, torch.Tensor, int | None, float | None], torch.Tensor]
+@dataclass(frozen=True)
+class LossNorm:
+    """How per-token losses [B, T] become a micro-batch's share of the optimizer step's loss: every
+    norm is linear, `sum(per_token_loss * weights(mask, max_completion_length, num_items))`.
+
+    unit: what `num_items`, the step's count (all micro-batches of all processes), counts:
+    "tokens" (completion tokens) or "sequences". num_items None: this micro-batch is the whole step.
+    """
+
+    weights: Callable[[torch.Tensor, int | None, float], torch.Tensor]
+    """(mask [B, T] float, max_completion_length, num_items) -> token weights [B, T]."""
+    unit: str = "sequences"
 
 
-def _grpo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
-    return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+LOSS_NORMS.adapt = LossNorm  # a plain weight function named as module:Name
 
 
-def _bnpo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
-    return loss.sum() / mask.sum().clamp(min=1)
+def register_loss_norm(name: str, unit: str = "sequences"):
+    """Decorator: `grpo.loss_norm: name` averages token losses with the decorated weight function."""
+
+    def add(fn):
+        LOSS_NORMS.register(name)(LossNorm(fn, unit))
+        return fn
+
+    return add
 
 
-def _dr_grpo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
+@register_loss_norm("grpo")
+def _grpo(mask: torch.Tensor, max_len: int | None, num_items: float) -> torch.Tensor:
+    # GRPO (Shao et al., 2024): the mean over sequences of each sequence's token mean
+    return mask / (num_items * mask.sum(-1, keepdim=True).clamp(min=1))
+
+
+@register_loss_norm("bnpo")
+def _bnpo(mask: torch.Tensor, max_len: int | None, num_items: float) -> torch.Tensor:
+    # the token mean of each micro-batch, micro-batches weighted by their sequences
+    return mask * (mask.shape[0] / num_items) / mask.sum().clamp(min=1)
+
+
+@register_loss_norm("dr_grpo")
+def _dr_grpo(mask: torch.Tensor, max_len: int | None, num_items: float) -> torch.Tensor:
+    # Dr. GRPO (Liu et al., 2025): a constant denominator, sequences x max completion length
     if max_len is None:
         raise ValueError("norm='dr_grpo' needs max_completion_length")
-    return loss.sum() / (loss.shape[0] * max_len)
+    return mask / (num_items * max_len)
 
 
-def _dapo(loss: torch.Tensor, mask: torch.Tensor, max_len: int | None, num_items: float | None) -> torch.Tensor:
+@register_loss_norm("dapo", unit="tokens")
+def _dapo(mask: torch.Tensor, max_len: int | None, num_items: float) -> torch.Tensor:
+    # DAPO (Yu et al., 2025): the token mean over the whole optimizer step
+    return mask / num_items
+
+
+def norm_weights(mask: torch.Tensor, norm: str = "grpo", max_completion_length: int | None = None,
+                 num_items: float | torch.Tensor | None = None) -> torch.Tensor:
+    """d (the norm's aggregate) / d per-token loss, [B, T]: the registered `norm`'s token weights of
+    this micro-batch, whose share of the step is set by num_items (the step's count of the norm's
+    unit; None: the micro-batch is the whole step)."""
+    entry = LOSS_NORMS.get(norm)
+    mask = mask if mask.is_floating_point() else mask.float()
     if num_items is None:
-        num_items = mask.sum().clamp(min=1)
-    return loss.sum() / num_items
-
-
-LOSS_NORMS: dict[str, NormFn] = {"grpo": _grpo, "bnpo": _bnpo, "dr_grpo": _dr_grpo, "dapo": _dapo}
+        num_items = mask.sum().clamp(min=1) if entry.unit == "tokens" else mask.shape[0]
+    return entry.weights(mask, max_completion_length, num_items)
 
 
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, norm: str = "grpo",
@@ -131,14 +172,12 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, norm: str =
     """Reduce per_token_loss [B, T] over mask [B, T] to a scalar, as TRL's GRPO loss types do.
 
     grpo: mean over sequences of each sequence's token mean. bnpo: token mean of this batch.
-    dr_grpo: sum / (B * max_completion_length). dapo: sum / num_items, where num_items is the number
-    of completion tokens in the whole optimizer step (all accumulation micro-batches; default: this
-    batch's), so summing the micro-batch losses gives the step's global token mean. The other norms
-    return this micro-batch's value: the trainer divides them by the number of accumulation steps.
+    dr_grpo: sum / (B * max_completion_length). dapo: token mean. With num_items (the step's count of
+    the norm's unit: tokens for dapo, sequences for the others), the value is this micro-batch's
+    share of the step's, so summing the micro-batch losses gives the step's loss.
     """
-    if norm not in LOSS_NORMS:
-        raise ValueError(f"unknown loss norm {norm!r}; valid: {sorted(LOSS_NORMS)}")
-    return LOSS_NORMS[norm](per_token_loss * mask, mask, max_completion_length, num_items)
+    weights = norm_weights(mask, norm, max_completion_length, num_items)
+    return (torch.where(mask.bool(), per_token_loss, 0.0) * weights).sum()
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
@@ -165,15 +204,6 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     return loss, metrics
 
 
-# Each norm's d aggregate_loss / d per_token_loss [B, T] (every norm is linear in the token losses).
-NORM_WEIGHTS: dict[str, Callable[[torch.Tensor, int | None, float | None], torch.Tensor]] = {
-    "grpo": lambda mask, max_len, num_items: mask / (mask.shape[0] * mask.sum(-1, keepdim=True).clamp(min=1)),
-    "bnpo": lambda mask, max_len, num_items: mask / mask.sum().clamp(min=1),
-    "dr_grpo": lambda mask, max_len, num_items: mask / (mask.shape[0] * max_len),
-    "dapo": lambda mask, max_len, num_items: mask / (mask.sum().clamp(min=1) if num_items is None else num_items),
-}
-
-
 def k3_token_weights(mask: torch.Tensor, beta: float, norm: str = "grpo", max_completion_length: int | None = None,
                      num_items: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """d (beta x the norm's aggregate of k3_kl) / d logps [B, T] = beta w (1 - exp(ref - logp)), w
@@ -183,10 +213,7 @@ def k3_token_weights(mask: torch.Tensor, beta: float, norm: str = "grpo", max_co
 
     mask: [B, T]; the rest as in `aggregate_loss`.
     """
-    if norm not in NORM_WEIGHTS:
-        raise ValueError(f"unknown loss norm {norm!r}; valid: {sorted(NORM_WEIGHTS)}")
-    mask = mask if mask.is_floating_point() else mask.float()
-    weights = beta * NORM_WEIGHTS[norm](mask, max_completion_length, num_items)
+    weights = beta * norm_weights(mask, norm, max_completion_length, num_items)
     return weights, -weights
 
 
@@ -198,9 +225,5 @@ def on_policy_token_weights(advantages: torch.Tensor, mask: torch.Tensor, norm: 
 
     advantages: [B] (or [B, T]); mask: [B, T]; the rest as in `aggregate_loss`.
     """
-    if norm not in NORM_WEIGHTS:
-        raise ValueError(f"unknown loss norm {norm!r}; valid: {sorted(NORM_WEIGHTS)}")
-    if norm == "dr_grpo" and max_completion_length is None:
-        raise ValueError("norm='dr_grpo' needs max_completion_length")
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    return -adv * NORM_WEIGHTS[norm](mask.to(adv.dtype), max_completion_length, num_items)
+    return -adv * norm_weights(mask.to(adv.dtype), norm, max_completion_length, num_items)

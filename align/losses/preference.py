@@ -1,15 +1,21 @@
-"""Pairwise preference losses: the DPO family and the Bradley-Terry reward-model loss.
+"""Pairwise preference losses: the DPO family, the registry of preference losses, and the
+Bradley-Terry reward-model loss.
 
-DPO inputs are sequence log-probs, one number per completion: the sum of its token log-probs, [B].
-The caller decides what to pass (sums, or per-token averages for length-normalized variants).
+A preference loss sees `PairLogps` (sequence log-probs of B pairs under the policy and, unless it
+is reference-free, the reference) and returns per-pair losses and implicit rewards. Each one
+registers under the name `dpo.loss_type` gives it (`register_preference_loss`); `preference_loss`
+applies one, adds RPO's SFT term, normalizes over the optimizer step and makes the metrics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from align.registry import PREFERENCE_LOSSES
 
 # Each DPO loss maps (h, beta, eps) -> [B] per-pair losses, where
 # h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected) is the log-ratio difference.
@@ -61,6 +67,101 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = DPO_LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+@dataclass
+class PairLogps:
+    """Sequence log-probs of B preference pairs, each [B]: the summed token log-probs of the
+    chosen and rejected completions under the policy (with gradient) and the reference (None for a
+    reference-free loss), and the completions' token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    def per_token(self) -> "PairLogps":
+        """The same pairs with every log-prob divided by its completion's length (averages)."""
+        n_c, n_r = self.chosen_tokens.clamp(min=1), self.rejected_tokens.clamp(min=1)
+        return PairLogps(self.chosen / n_c, self.rejected / n_r, self.chosen_tokens, self.rejected_tokens,
+                         None if self.ref_chosen is None else self.ref_chosen / n_c,
+                         None if self.ref_rejected is None else self.ref_rejected / n_r)
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A registered preference loss: `fn(pairs, beta, label_smoothing, **loss_kwargs) -> (losses [B],
+    chosen_rewards [B], rejected_rewards [B])`; `needs_reference` False: no reference model is
+    loaded and `pairs.ref_*` are None."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    needs_reference: bool = True
+
+
+PREFERENCE_LOSSES.adapt = PreferenceLoss  # a plain function named as module:Name
+
+
+def register_preference_loss(name: str, needs_reference: bool = True):
+    """Decorator: `dpo.loss_type: name` trains with the decorated function (see `PreferenceLoss`)."""
+
+    def add(fn):
+        PREFERENCE_LOSSES.register(name)(PreferenceLoss(fn, needs_reference))
+        return fn
+
+    return add
+
+
+@register_preference_loss("sigmoid")
+def sigmoid(pairs: PairLogps, beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al., 2023); label_smoothing > 0 is conservative DPO."""
+    return dpo_loss(pairs.chosen, pairs.rejected, pairs.ref_chosen, pairs.ref_rejected, beta, "sigmoid",
+                    label_smoothing)
+
+
+@register_preference_loss("robust")
+def robust(pairs: PairLogps, beta: float, label_smoothing: float = 0.0):
+    """Robust DPO (Chowdhury et al., 2024), unbiased under label-flip rate label_smoothing."""
+    return dpo_loss(pairs.chosen, pairs.rejected, pairs.ref_chosen, pairs.ref_rejected, beta, "robust",
+                    label_smoothing)
+
+
+@register_preference_loss("ipo")
+def ipo(pairs: PairLogps, beta: float, label_smoothing: float = 0.0):
+    """IPO (Azar et al., 2023) on per-token average log-ratios, as TRL computes it (beta is tau)."""
+    mean = pairs.per_token()
+    return dpo_loss(mean.chosen, mean.rejected, mean.ref_chosen, mean.ref_rejected, beta, "ipo", label_smoothing)
+
+
+@register_preference_loss("hinge")
+def hinge(pairs: PairLogps, beta: float, label_smoothing: float = 0.0):
+    """SLiC's hinge loss (Zhao et al., 2023) on the scaled log-ratio difference."""
+    return dpo_loss(pairs.chosen, pairs.rejected, pairs.ref_chosen, pairs.ref_rejected, beta, "hinge",
+                    label_smoothing)
+
+
+def preference_loss(pairs: PairLogps, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                    rpo_alpha: float = 0.0, num_items: float | torch.Tensor | None = None, **loss_kwargs,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of B pairs, a share of an optimizer step of `num_items` pairs (default B): the sum of
+    the registered `loss_type`'s per-pair losses (plus rpo_alpha x `rpo_sft_loss`) over num_items,
+    and its metrics (implicit rewards, their accuracy and margin, policy log-probs) as detached 0-dim
+    tensors."""
+    losses, chosen_rewards, rejected_rewards = PREFERENCE_LOSSES.get(loss_type).fn(pairs, beta, label_smoothing,
+                                                                                    **loss_kwargs)
+    if rpo_alpha:
+        losses = losses + rpo_alpha * rpo_sft_loss(pairs.chosen, pairs.chosen_tokens)
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": pairs.chosen.detach().mean(),
+        "logps/rejected": pairs.rejected.detach().mean(),
+    }
+    return losses.sum() / (len(losses) if num_items is None else num_items), metrics
 
 
 def rpo_sft_loss(chosen_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:

@@ -259,7 +259,7 @@ def model_skeleton(config: ModelConfig, head: str = "causal_lm"):
     is downloaded); None if the config is not on this machine (a hub model not in the cache)."""
     from transformers import AutoConfig
 
-    path = tiny.resolve(config.name_or_path)
+    path = tiny.resolve(config.name_or_path, for_config=True)
     try:
         model_config = AutoConfig.from_pretrained(_adapter_base(path) or path, revision=config.revision,
                                                   trust_remote_code=config.trust_remote_code, local_files_only=True)

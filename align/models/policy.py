@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
+from align.errors import AlignError
 from align.models import tiny
 from align.models.dropout import disable_dropout
 from align.models.head import check_logprobs_match_forward, logit_transform
@@ -37,6 +38,17 @@ def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model with its lm-head (adapters injected), under any peft/DDP wrapper."""
     model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def load_separate_model(model: ModelConfig, name_or_path: str, tokenizer, key: str) -> nn.Module:
+    """A second model (a reference, a teacher) loaded with `model`'s settings and no adapter, after
+    checking that it shares the policy's `tokenizer`: its log-probs must score the same tokens."""
+    config = model.model_copy(update={"name_or_path": name_or_path, "tokenizer": None})
+    if load_tokenizer(config).get_vocab() != tokenizer.get_vocab():
+        raise AlignError(f"{key}: {name_or_path!r} has a different tokenizer than model.name_or_path "
+                         f"{model.name_or_path!r}; it must score the same tokens, so use one with the policy's "
+                         "tokenizer")
+    return load_model(config, AdapterConfig(kind="none"))
 
 
 class TokenLogprobModel(nn.Module):
@@ -158,8 +170,14 @@ class Policy(Trainable):
         return TokenLogprobModel(model)
 
     @classmethod
-    def from_config(cls, model: ModelConfig, adapter: AdapterConfig, reference: ReferenceStrategy = "none"):
-        return cls(load_model(model, adapter), load_tokenizer(model), reference)
+    def from_config(cls, model: ModelConfig, adapter: AdapterConfig, reference: ReferenceStrategy = "none",
+                    reference_model: str | None = None, key: str = "reference_model"):
+        """Load the policy as `model` and `adapter` say; its reference by the strategy, or the
+        separate model `reference_model` (hub id or path; `key` names the recipe key in errors)."""
+        policy = cls(load_model(model, adapter), load_tokenizer(model), "none" if reference_model else reference)
+        if reference_model:
+            policy.use_reference_model(load_separate_model(model, reference_model, policy.tokenizer, key))
+        return policy
 
     def use_reference_model(self, model: nn.Module) -> None:
         """Use a separately loaded model (frozen here) as the reference."""

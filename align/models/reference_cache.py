@@ -7,7 +7,8 @@ every token of the data, and the trainer's settings (dtype, autocast, max length
 section). A second run, or a resume, where all of these are the same reuses the file; a change to
 any of them computes it anew.
 
-A file is `<cache>/reference/<key>.safetensors` (no pickle): one float32 tensor `logps` [N, 2] and
+A file is `<cache>/reference/<key>.safetensors` (no pickle): one float32 tensor `logps` [N, k] (k values per example:
+DPO's chosen and rejected, KTO's completion and KL pair) and
 metadata with the key, N and a sha256 of the values. It is written atomically (temp file, fsync,
 rename). A file is used only when its metadata, shape, checksum and values (finite log-probs, <= 0)
 hold, and when the first micro-batch, recomputed, agrees with it (a spot check against a stale or
@@ -36,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from transformers import PretrainedConfig
 
+from align.distributed import from_main_process, map_in_shares
 from align.models.tiny import cache_dir
 
 log = logging.getLogger(__name__)
@@ -170,8 +172,8 @@ def _checksum(values: torch.Tensor) -> str:
     return hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest()
 
 
-def _read(path: Path, key: str, rows: int) -> torch.Tensor:
-    """The [rows, 2] float32 values stored in `path`; raises _Unusable saying what is wrong."""
+def _read(path: Path, key: str, rows: int, width: int) -> torch.Tensor:
+    """The [rows, width] float32 values stored in `path`; raises _Unusable saying what is wrong."""
     try:
         with safe_open(path, "pt") as f:
             metadata, names = f.metadata() or {}, set(f.keys())
@@ -180,9 +182,9 @@ def _read(path: Path, key: str, rows: int) -> torch.Tensor:
         raise _Unusable(f"it is not a readable safetensors file ({error})") from None
     if metadata.get("key") != key:
         raise _Unusable(f"its metadata names another key ({metadata.get('key')!r})")
-    if values is None or values.dtype != torch.float32 or tuple(values.shape) != (rows, 2):
+    if values is None or values.dtype != torch.float32 or tuple(values.shape) != (rows, width):
         found = "no single `logps` tensor" if values is None else f"{values.dtype} {list(values.shape)}"
-        raise _Unusable(f"it holds {found}, not float32 [{rows}, 2]")
+        raise _Unusable(f"it holds {found}, not float32 [{rows}, {width}]")
     if metadata.get("rows") != str(rows) or metadata.get("sha256") != _checksum(values):
         raise _Unusable("its checksum or row count does not match its values")
     if not (torch.isfinite(values).all() and (values <= 0).all()):
@@ -190,19 +192,19 @@ def _read(path: Path, key: str, rows: int) -> torch.Tensor:
     return values
 
 
-def _load(path: Path, key: str, rows: int) -> torch.Tensor | None:
+def _load(path: Path, key: str, rows: int, width: int) -> torch.Tensor | None:
     """The cached values, or None (with a warning naming the file and the problem) when unusable."""
     if not path.is_file():
         return None
     try:
-        return _read(path, key, rows)
+        return _read(path, key, rows, width)
     except _Unusable as problem:
         log.warning("reference log-probs: ignoring %s: %s; recomputing them", path, problem)
         return None
 
 
 def _write(path: Path, key: str, values: torch.Tensor) -> None:
-    """Store values [N, 2] under `path` atomically: a temp file beside it, fsynced, then renamed."""
+    """Store values [N, width] under `path` atomically: a temp file beside it, fsynced, then renamed."""
     values = values.float().contiguous()
     blob = safetensors_bytes({"logps": values}, metadata={"format": str(FORMAT_VERSION), "key": key,
                                                           "rows": str(len(values)), "sha256": _checksum(values)})
@@ -229,19 +231,18 @@ def _spot_check(path: Path, cached: torch.Tensor, fresh: torch.Tensor, low_preci
 
 
 def cached_reference(key: str, rows: int, compute: Callable[[], torch.Tensor],
-                     compute_first: Callable[[], torch.Tensor], low_precision: bool = False) -> torch.Tensor:
-    """The [rows, 2] reference log-probs stored under `key`, or `compute()`d and stored.
+                     compute_first: Callable[[], torch.Tensor], low_precision: bool = False,
+                     width: int = 2) -> torch.Tensor:
+    """The [rows, width] reference log-probs stored under `key`, or `compute()`d and stored.
 
-    compute_first: the first micro-batch's rows [n, 2], computed afresh to spot-check a cached
+    compute_first: the first micro-batch's rows [n, width], computed afresh to spot-check a cached
     file (low_precision: bf16 numbers, a looser tolerance). Under several processes only the main
     process reads, checks and writes the file (the others get its verdict and values), and
     `compute` and `compute_first` run on every process (a sharded model needs all of them).
     """
-    from align.trainers.distributed import from_main_process  # here: align.trainers imports align.models
-
     path = cache_path(key)
     main = PartialState().is_main_process
-    values = from_main_process(_load(path, key, rows) if main else None)
+    values = from_main_process(_load(path, key, rows, width) if main else None)
     if values is not None:
         fresh = compute_first()
         if from_main_process(_spot_check(path, values, fresh, low_precision) if main else None):
@@ -255,3 +256,32 @@ def cached_reference(key: str, rows: int, compute: Callable[[], torch.Tensor],
         else:
             log.info("reference log-probs: computed and cached in %s", path)
     return values
+
+
+def reference_settings(policy, recipe, shared_prompt: bool) -> dict:
+    """The part of a cache key that the trainer fixes: the reference model (`model_identity`) and how
+    the policy holds it, the tokenizer, dtype, attention, autocast, max length, prompt sharing and
+    the algorithm's whole section."""
+    return {"model": model_identity(policy.reference_module), "reference": policy.reference,
+            "tokenizer": tokenizer_hash(policy.tokenizer), "dtype": recipe.model.dtype,
+            "attn_implementation": recipe.model.attn_implementation,
+            "mixed_precision": recipe.train.mixed_precision, "max_length": recipe.data.max_length,
+            "shared_prompt": shared_prompt, recipe.section_key: recipe.section.model_dump()}
+
+
+def low_precision(recipe) -> bool:
+    """Whether reference numbers are computed in bf16/fp16 (autocast or weights): a looser spot check."""
+    from align.models.loading import resolve_dtype
+
+    return recipe.train.mixed_precision == "bf16" or resolve_dtype(recipe.model.dtype) != torch.float32
+
+
+def precompute(data, columns: Sequence[str], settings: dict, values_of: Callable[[Sequence[int]], list],
+               batch_size: int, low_precision: bool, width: int) -> torch.Tensor:
+    """[len(data), width] reference values of every example (each process computing its share of
+    them, `batch_size` examples a call of `values_of(indices) -> [width] tensor per index`), reused
+    from the cache when the key of `settings` (which must hold `model_identity`, the tokenizer and
+    every setting the numbers depend on) and the data's `columns` was computed before."""
+    key = reference_key({**settings, "data": data_hash(data, columns)})
+    return cached_reference(key, len(data), lambda: torch.stack(map_in_shares(range(len(data)), batch_size, values_of)),
+                            lambda: torch.stack(values_of(range(min(batch_size, len(data))))), low_precision, width)

@@ -1,8 +1,10 @@
 """Small Llama-shaped models and tokenizers built offline, addressed as `builtin:<name>`.
 
 They stand in for hub models wherever the network is missing (tests, the quickstart). The first
-use builds the model into a cache directory; later uses load it from there through the same
-local-path loader as any real model.
+use builds a random-weight one into a cache directory; later uses load it from there through the
+same local-path loader as any real model. The built-ins Align trains itself (`TRAINED`) are never
+built here: a loader must not run a training. The top floor builds them first (`align build`,
+`align train`, `align.toy.build_builtin`); until then `resolve` says how.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,46 +76,75 @@ def cache_dir() -> Path:
 
 
 TRAINED = {"tiny-llama-arith": "tiny-llama"}
-"""Built-ins that Align trains itself (name -> the built-in they start from): see `align.toy.train_builtin`."""
+"""Built-ins that Align trains itself (name -> the built-in they start from): see `align.toy.build_builtin`."""
 
 
-def resolve(name_or_path: str) -> str:
-    """Map `builtin:<name>` to a local directory, building it once; other values pass through."""
+def builtin_name(name_or_path: str) -> str | None:
+    """`tiny-llama` for `builtin:tiny-llama` (AlignError for an unknown built-in), None for anything else."""
     if not name_or_path.startswith(PREFIX):
-        return name_or_path
+        return None
     name = name_or_path.removeprefix(PREFIX)
     if name not in SPECS and name not in TRAINED:
         raise AlignError(f"model.name_or_path: unknown built-in model {name!r}; choose one of "
                          + ", ".join(PREFIX + n for n in [*SPECS, *TRAINED]))
-    target = cache_dir() / "builtin" / f"{name}-v{BUILD_VERSION}"
-    if not (target / "config.json").exists():
-        if name in TRAINED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise AlignError(f"model.name_or_path: {name_or_path} is built by a training run of its own, once per "
-                             "cache, and a launch of several processes cannot do that; build it in one process first: "
-                             f"python -c \"from align.models.tiny import resolve; resolve('{name_or_path}')\"")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-        if name in TRAINED:
-            from align.toy import train_builtin
+    return name
 
-            train_builtin(name, PREFIX + TRAINED[name], staging)
-        else:
-            from align.toy import corpus
 
+def builtin_dir(name: str) -> Path:
+    return cache_dir() / "builtin" / f"{name}-v{BUILD_VERSION}"
+
+
+def is_built(name: str) -> bool:
+    return (builtin_dir(name) / "config.json").exists()
+
+
+def install(name: str, build: Callable[[Path], None]) -> None:
+    """Run `build(staging_dir)` and move the result to the built-in's directory in one rename (a
+    concurrent builder either wins or finds it there; a failed build leaves nothing)."""
+    target = builtin_dir(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        build(staging)
+        staging.rename(target)
+    except OSError:
+        if not is_built(name):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve(name_or_path: str, for_config: bool = False) -> str:
+    """Map `builtin:<name>` to a local directory, building a random-weight one once; other values
+    pass through. A trained built-in must be built first (AlignError saying how); with for_config
+    (only its config is read) an unbuilt one resolves to the built-in it is trained from, which
+    has the same architecture."""
+    name = builtin_name(name_or_path)
+    if name is None:
+        return name_or_path
+    if name in TRAINED and not is_built(name):
+        if for_config:
+            return resolve(PREFIX + TRAINED[name])
+        raise AlignError(f"model.name_or_path: {name_or_path} is a model Align trains itself, and this cache "
+                         f"({cache_dir()}) does not hold it yet; build it once with `align build {name_or_path}` "
+                         f"(align train, quickstart and the examples do so themselves; from Python: "
+                         f"align.toy.build_builtin({name!r}))")
+    if not is_built(name):
+        from align.toy import corpus
+
+        def build(staging: Path) -> None:
             tokenizer = build_tokenizer(corpus(), SPECS[name][0])
             build_model(name, tokenizer).save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)  # atomic: a concurrent builder either wins or finds the target there
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+
+        install(name, build)
+    return str(builtin_dir(name))
 
 
 def portable(path: str) -> str:
     """`builtin:<name>` for the directory a built-in was built into here (any cache rebuilds it),
     else `path` unchanged: what a saved adapter should name as its base."""
     built = Path(path)
-    if built.parent == cache_dir() / "builtin" and built.name.endswith(f"-v{BUILD_VERSION}"):
+    if built.parent == builtin_dir("x").parent and built.name.endswith(f"-v{BUILD_VERSION}"):
         return PREFIX + built.name.removesuffix(f"-v{BUILD_VERSION}")
     return path

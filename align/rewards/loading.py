@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from align.errors import AlignError
+from align.registry import import_module, is_missing, load_file
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +30,12 @@ def function_name(fn: Callable) -> str:
 
 
 REGISTRY: dict[str, str | Callable] = {
-    "exact_answer": "rewards.math:exact_answer",
-    "numeric_answer": "rewards.math:numeric_answer",
-    "format_tags": "rewards.format:format_tags",
-    "format_regex": "rewards.format:format_regex",
-    "length_penalty": "rewards.length:length_penalty",
-    "overlong_penalty": "rewards.length:overlong_penalty",
+    "exact_answer": "align_rewards.math:exact_answer",
+    "numeric_answer": "align_rewards.math:numeric_answer",
+    "format_tags": "align_rewards.format:format_tags",
+    "format_regex": "align_rewards.format:format_regex",
+    "length_penalty": "align_rewards.length:length_penalty",
+    "overlong_penalty": "align_rewards.length:overlong_penalty",
 }
 """Reward name -> `module:func` (built-ins, imported on first use) or the function itself (@register)."""
 
@@ -60,44 +57,6 @@ def register(name: str) -> Callable[[Callable], Callable]:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-def _import_module(module: str):
-    """import_module, also trying the current directory (a console script does not put it on sys.path)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if not _is_missing(error, module) or os.getcwd() in sys.path or "" in sys.path:
-            raise
-    sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(module)
-    finally:
-        sys.path.remove(os.getcwd())
-
-
-def _is_missing(error: ModuleNotFoundError, module: str) -> bool:
-    """True if `module` itself is missing, False if it exists but one of its own imports is."""
-    return bool(error.name) and (module == error.name or module.startswith(error.name + "."))
-
-
-def _load_file(path: str):
-    """Execute a Python file as a module (once per absolute path), kept in sys.modules under a private name."""
-    full = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isfile(full):
-        raise AlignError(f"file not found: {path!r} (paths are relative to the current directory {os.getcwd()})")
-    name = f"_align_rewards_{Path(full).stem}_{hashlib.sha1(full.encode()).hexdigest()[:8]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, full)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
 
 def _unknown(spec: str) -> AlignError:
     """The error for a spec of no known form, with the likeliest fix first."""
@@ -124,14 +83,14 @@ def _resolve(spec: str) -> Callable:
     where, attr = target.rsplit(":", 1)
     is_file = where.endswith(".py") or "/" in where or os.sep in where
     try:
-        module = _load_file(where) if is_file else _import_module(where)
+        module = load_file(where) if is_file else import_module(where)
     except AlignError:
         raise
     except ModuleNotFoundError as error:
         if spec in REGISTRY:
             raise AlignError(f"the built-in rewards package is not importable ({error}); reinstall Align "
                              "(pip install -e . in a checkout)") from None
-        if _is_missing(error, where):
+        if is_missing(error, where):
             raise AlignError(f"no module named {where!r} (looked on sys.path and in {os.getcwd()}). "
                              f"A reward is {FORMS}") from None
         raise AlignError(f"importing {where!r} failed: {error}") from error

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from align.errors import AlignError
+from align.registry import ROLLOUT_ENGINES
 from align.rollout.hf import HFGenerateEngine
 from align.rollout.prefix_shared import PrefixSharedEngine
 from align.rollout.sampling import Rollout, SamplingParams
@@ -24,18 +24,27 @@ class RolloutEngine(Protocol):
         """Make the engine sample from the policy's current weights (a no-op for in-process engines)."""
 
 
-def make_engine(name: str, model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
-    """`prefix_shared` | `hf` | `vllm` for the (peft or plain) causal LM `model`; vllm: the
-    VLLMConfig, and max_model_len its default longest prompt + completion."""
-    if name == "prefix_shared":
-        return PrefixSharedEngine(model, tokenizer)
-    if name == "hf":
-        return HFGenerateEngine(model, tokenizer)
-    if name == "vllm":
-        from align.rollout.vllm import make_vllm_engine
+@ROLLOUT_ENGINES.register("prefix_shared")
+def prefix_shared(model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+    return PrefixSharedEngine(model, tokenizer)
 
-        return make_vllm_engine(model, tokenizer, vllm, max_model_len)
-    raise AlignError(f"sampling.engine: unknown engine {name!r}; use prefix_shared, hf or vllm")
+
+@ROLLOUT_ENGINES.register("hf")
+def hf(model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+    return HFGenerateEngine(model, tokenizer)
+
+
+@ROLLOUT_ENGINES.register("vllm")
+def vllm(model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+    from align.rollout.vllm import make_vllm_engine  # vLLM is imported only when asked for
+
+    return make_vllm_engine(model, tokenizer, vllm, max_model_len)
+
+
+def make_engine(name: str, model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+    """The registered engine `name` (prefix_shared, hf, vllm, or a plug-in) for the (peft or plain)
+    causal LM `model`; vllm: the VLLMConfig, and max_model_len its default longest prompt + completion."""
+    return ROLLOUT_ENGINES.get(name)(model, tokenizer, vllm, max_model_len)
 
 
 __all__ = ["HFGenerateEngine", "PrefixSharedEngine", "Rollout", "RolloutEngine", "SamplingParams", "make_engine"]

@@ -13,7 +13,7 @@
 
 Under several processes (`accelerate launch`, `torchrun`: DDP), `train.batch_size` is per process:
 an optimizer step holds batch_size * grad_accum * num_processes examples, shared out among the
-processes (see `align.trainers.distributed`). Logged metrics are those of the whole step; only the
+processes (see `align.distributed`). Logged metrics are those of the whole step; only the
 main process writes files.
 
 The training step never waits on the device: metrics stay on it and are read once per log step
@@ -39,14 +39,15 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
-from align.config import Recipe, flat_keys, load_recipe, save_recipe
+from align.config import Recipe, Section, flat_keys, load_recipe, save_recipe, saved_recipe_now
 from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
+from align.registry import TRAINERS
 from align.models import Policy
 from align.ops.logprobs import label_positions
 from align.trainers import checkpoint, run_dir
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
-from align.trainers.distributed import gather_shares, shard, sum_over_processes, sum_tensors_over_processes
+from align.distributed import gather_shares, shard, sum_over_processes, sum_tensors_over_processes
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,22 @@ def make_optimizer(kind: str, params, **settings) -> torch.optim.Optimizer:
     return optimizer(list(params), **settings)
 
 
+def register_trainer(name: str, config: type[Section] | None = None):
+    """Class decorator: recipes with `algorithm: name` train with this class, and their section
+    `name:` is validated as `config` (None: the algorithm has no section)."""
+
+    def add(cls: type[Trainer]) -> type[Trainer]:
+        cls.algorithm, cls.config_class = name, config
+        return TRAINERS.register(name)(cls)
+
+    return add
+
+
 class Trainer:
     algorithm: str = ""
+    """The name the trainer is registered under (`register_trainer`)."""
+    config_class: type[Section] | None = None
+    """The class of the algorithm's own recipe section (`recipe.section`)."""
     formats: tuple[str, ...] = ()
     """Data formats this trainer accepts (see align.data.formats)."""
     dropout_by_default: bool = True
@@ -634,7 +649,8 @@ class Trainer:
         when resuming at another process count); else AlignError listing the refused ones."""
         if "recipe" not in state:
             return []
-        old, new = flat_keys(state["recipe"]), flat_keys(self.recipe.model_dump(mode="json"))
+        old = flat_keys(saved_recipe_now(state["recipe"], self.recipe.algorithm))
+        new = flat_keys(self.recipe.model_dump(mode="json"))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         same_global_batch = state.get("global_batch_size") == self.global_batch_size
         batch_keys = ("train.batch_size", "train.grad_accum") if same_global_batch else ()

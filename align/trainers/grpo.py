@@ -8,13 +8,17 @@ import functools
 import logging
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from align.config import GRPOConfig
 from align.data.groups import packed_tokens, sequence_tokens
-from align.losses.policy_gradient import (group_advantages, grpo_loss, k3_token_weights, masked_mean,
-                                          on_policy_token_weights)
+from align.losses.advantages import RolloutScores, token_kl
+from align.losses.policy_gradient import grpo_loss, k3_token_weights, masked_mean, on_policy_token_weights
 from align.models import Policy
 from align.ops.logprobs import TokenWeights
+from align.registry import ADVANTAGE_ESTIMATORS, LOSS_NORMS
 from align.rollout import Rollout
+from align.trainers.base import register_trainer
 from align.trainers.online import OnlineTrainer, check_divisible
 
 log = logging.getLogger(__name__)
@@ -26,8 +30,8 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+@register_trainer("grpo", GRPOConfig)
 class GRPOTrainer(OnlineTrainer):
-    algorithm = "grpo"
 
     @property
     def group_size(self) -> int:
@@ -53,6 +57,9 @@ class GRPOTrainer(OnlineTrainer):
             _warn_once(f"grpo.importance: sequence (GSPO) with grpo.loss_norm: {recipe.grpo.loss_norm} sums per-token "
                        "terms, which weights each sequence by its completion length instead of optimizing GSPO's "
                        "per-sequence objective; to reproduce the GSPO paper's setup, set grpo.loss_norm: grpo")
+        if recipe.grpo.advantage != "grpo" and recipe.grpo.scale_rewards != "group":
+            _warn_once(f"grpo.scale_rewards: {recipe.grpo.scale_rewards} applies to grpo.advantage: grpo only; the "
+                       f"{recipe.grpo.advantage} estimator ignores it")
 
     @classmethod
     def build_policy(cls, recipe) -> Policy:
@@ -60,29 +67,68 @@ class GRPOTrainer(OnlineTrainer):
         return Policy.from_config(recipe.model, recipe.adapter, reference=reference)
 
     # ---- experience -----------------------------------------------------------------------------
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.rl.beta > 0 and self.rl.kl_in == "loss"
+
+    @property
+    def kl_in_reward(self) -> bool:
+        return self.rl.beta > 0 and self.rl.kl_in == "reward"
+
     def build_groups(self, rows: list[dict], rollout: Rollout, scores: torch.Tensor) -> list[dict]:
         g = self.group_size
-        advantages = group_advantages(scores, g, self.rl.scale_rewards)
         trained = [f or not self.rl.mask_truncated for f in rollout.finished]
         return [{"prompt_ids": rows[i]["prompt_ids"], "completions": rollout.completion_ids[i * g:(i + 1) * g],
-                 "trained": trained[i * g:(i + 1) * g], "advantages": advantages[i * g:(i + 1) * g].float()}
+                 "trained": trained[i * g:(i + 1) * g], "rewards": scores[i * g:(i + 1) * g].float()}
                 for i in range(len(rows))]
 
     def annotate(self, groups: list[dict]) -> dict[str, float]:
-        """Old log-probs only when the rollout is reused (num_iterations > 1): with one pass the
-        policy that sampled is the policy being trained, so the ratio's denominator is logp.detach().
-        Reference log-probs only when beta > 0."""
+        """Old log-probs when the rollout is reused (num_iterations > 1) or the KL enters the reward:
+        with one pass the policy that sampled is the policy being trained, so the ratio's
+        denominator is logp.detach(). Reference log-probs when beta > 0. Then the advantages, by the
+        registered estimator `grpo.advantage`."""
         temperature = self.logprob_temperature
-        if self.rl.num_iterations > 1:
+        if self.rl.num_iterations > 1 or self.kl_in_reward:
             self.forward_groups(groups, lambda b: {"old_logps": self.policy.logprobs(b, temperature)})
         if self.rl.beta > 0:
             self.forward_groups(groups, lambda b: {"ref_logps": self.policy.reference_logprobs(b, temperature)})
-        return {}
+        scores = self.rollout_scores(groups)
+        advantages = ADVANTAGE_ESTIMATORS.get(self.rl.advantage).fn(scores, self.rl).float()
+        metrics = {}
+        if self.kl_in_reward:
+            metrics["kl_penalty"] = token_kl(scores).sum(-1).mean().item()
+        start = 0
+        for group in groups:
+            lengths = [len(c) for c in group["completions"]]
+            mine = advantages[start:start + len(lengths)]
+            start += len(lengths)
+            group["advantages"] = mine if mine.dim() == 1 else [a[:n] for a, n in zip(mine, lengths)]
+            if not self.rl.num_iterations > 1:
+                group.pop("old_logps", None)  # only the estimator needed them
+            if not self.kl_in_loss:
+                group.pop("ref_logps", None)
+        return metrics
+
+    def rollout_scores(self, groups: list[dict]) -> RolloutScores:
+        """The round's rewards, mask of the trained completions' tokens and (when computed) log-probs,
+        as [N*G] / [N*G, T]."""
+        lengths = torch.tensor([len(c) for g in groups for c in g["completions"]])
+        trained = torch.tensor([t for g in groups for t in g["trained"]])  # mask_truncated: no KL, as TRL
+        mask = ((torch.arange(int(lengths.max()))[None] < lengths[:, None]) & trained[:, None]).float()
+
+        def padded(name: str) -> torch.Tensor | None:
+            if name not in groups[0]:
+                return None
+            return pad_sequence([t for g in groups for t in g[name]], batch_first=True)
+
+        return RolloutScores(torch.cat([g["rewards"] for g in groups]), self.group_size, mask, padded("old_logps"),
+                             padded("ref_logps"))
 
     # ---- loss -----------------------------------------------------------------------------------
     def count_items(self, batch: dict) -> float:
-        """dapo averages over the step's completion tokens; the other norms over its completions."""
-        return float(batch["mask"].sum()) if self.rl.loss_norm == "dapo" else float(batch["mask"].shape[0])
+        """What the loss norm averages over: the step's completion tokens (dapo) or completions."""
+        unit = LOSS_NORMS.get(self.rl.loss_norm).unit
+        return float(batch["mask"].sum()) if unit == "tokens" else float(batch["mask"].shape[0])
 
     @property
     def linear_in_logprobs(self) -> bool:
@@ -95,7 +141,7 @@ class GRPOTrainer(OnlineTrainer):
         own_weights = type(self).token_weights is not GRPOTrainer.token_weights
         if type(self).surrogate is not GRPOTrainer.surrogate and not own_weights:
             return False
-        if own_weights and self.rl.beta > 0:
+        if own_weights and self.kl_in_loss:
             return False
         return self.rl.num_iterations == 1 and self.rl.importance == "token"
 
@@ -120,26 +166,18 @@ class GRPOTrainer(OnlineTrainer):
         """d surrogate / d logps [S, T] on-policy (all ratios 1): -advantage x the norm's token weight;
         with beta > 0 plus the KL term's, beta w (1 - exp(ref - logp)), as `TokenWeights`. Scaled like
         `surrogate` by this micro-batch's share of the step."""
-        mask, norm, max_length = batch["mask"], self.rl.loss_norm, self.rl.sampling.max_new_tokens
-        num_items = batch["num_items"] if norm == "dapo" else None
-        share = 1.0 if norm == "dapo" else mask.shape[0] / batch["num_items"]
+        mask, norm, max_length, num_items = batch["mask"], self.rl.loss_norm, self.rl.sampling.max_new_tokens, batch["num_items"]
         weights = on_policy_token_weights(batch["advantages"], mask, norm, max_length, num_items)
-        if self.rl.beta == 0:
-            return weights * share
+        if not self.kl_in_loss:
+            return weights
         constant, exp_coefficient = k3_token_weights(mask, self.rl.beta, norm, max_length, num_items)
-        return TokenWeights((weights + constant) * share, exp_coefficient * share, batch["ref_logps"])
+        return TokenWeights(weights + constant, exp_coefficient, batch["ref_logps"])
 
     def surrogate(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The GRPO loss of per-sequence token log-probs [S, T], weighted by this micro-batch's share
         of the optimizer step."""
-        mask = batch["mask"]
         eps_low, eps_high = self.epsilon
-        norm = self.rl.loss_norm
-        loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
-                                  beta=self.rl.beta, eps_low=eps_low, eps_high=eps_high, norm=norm,
-                                  importance=self.rl.importance,
-                                  max_completion_length=self.rl.sampling.max_new_tokens,
-                                  num_items=batch["num_items"] if norm == "dapo" else None)
-        if norm != "dapo":  # a per-micro-batch mean: weight it by this micro-batch's share of the step
-            loss = loss * mask.shape[0] / batch["num_items"]
-        return loss, metrics
+        return grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], batch["mask"],
+                         beta=self.rl.beta if self.kl_in_loss else 0.0, eps_low=eps_low, eps_high=eps_high,
+                         norm=self.rl.loss_norm, importance=self.rl.importance,
+                         max_completion_length=self.rl.sampling.max_new_tokens, num_items=batch["num_items"])

@@ -35,7 +35,7 @@ from align.losses.policy_gradient import nan_std
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers.base import Trainer
-from align.trainers.distributed import gather_shares, map_in_shares, shard
+from align.distributed import gather_shares, map_in_shares, shard
 
 log = logging.getLogger(__name__)
 

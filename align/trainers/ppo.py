@@ -14,11 +14,13 @@ from align.losses.ppo import gae, missing_eos_penalty, ppo_policy_loss, ppo_valu
 from align.models.critic import ActorCriticPolicy
 from align.models.loading import load_model, load_tokenizer
 from align.rollout import Rollout
+from align.config import PPOConfig
+from align.trainers.base import register_trainer
 from align.trainers.online import OnlineTrainer
 
 
+@register_trainer("ppo", PPOConfig)
 class PPOTrainer(OnlineTrainer):
-    algorithm = "ppo"
 
     @property
     def mini_batches(self) -> int:

@@ -6,11 +6,13 @@ import torch
 
 from align.losses.preference import bradley_terry_loss
 from align.models.reward import RewardModel
+from align.config import RewardConfig
+from align.trainers.base import register_trainer
 from align.trainers.dpo import PreferenceTrainer
 
 
+@register_trainer("reward", RewardConfig)
 class RewardTrainer(PreferenceTrainer):
-    algorithm = "reward"
 
     @property
     def shared_prompt(self) -> bool:

@@ -8,11 +8,12 @@ import torch
 
 from align.data import sft_encoder, tokenize
 from align.losses.sft import masked_nll, masked_nll_token_weights
-from align.trainers.base import Trainer
+from align.config import SFTConfig
+from align.trainers.base import Trainer, register_trainer
 
 
+@register_trainer("sft", SFTConfig)
 class SFTTrainer(Trainer):
-    algorithm = "sft"
     formats = ("text", "messages", "prompt_completion")
 
     @classmethod

@@ -1,6 +1,6 @@
 """An example of a user's own reward file, named in a recipe as `recipes/rewards/brevity.py:brief_and_right`."""
 
-from rewards.math import extract_answer
+from align_rewards.math import extract_answer
 
 
 def brief_and_right(completions: list[str], answer: list[str], max_chars: int = 40, **_) -> list[float | None]:
