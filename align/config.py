@@ -168,9 +168,10 @@ class DPOConfig(Section):
     """A preference loss (`align.losses.preference`): sigmoid (DPO), robust, ipo, hinge, and the
     reference-free ones that load no reference model; or a plug-in (`module:Name`)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    """Label-flip rate for `sigmoid` (conservative DPO) and `robust`."""
+    """Label-flip rate for `sigmoid` (conservative DPO), `robust` and `simpo`."""
     rpo_alpha: float = Field(0.0, ge=0.0)
-    """Weight of an SFT term (mean NLL of the chosen completion) added to the loss (RPO)."""
+    """Weight of an SFT term (mean NLL of the chosen completion) added to the loss (RPO); `orpo` has
+    that term already (this adds to it)."""
     loss_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments of the preference loss (e.g. {gamma: 0.5} for simpo)."""
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"

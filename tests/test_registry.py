@@ -187,3 +187,8 @@ def test_a_run_dir_saved_with_every_section_resumes(make_recipe):
     resumed.fit()
     assert resumed.step == 3
 
+
+def test_loss_kwargs_are_checked_against_the_loss(tmp_path):
+    with pytest.raises(AlignError, match="simpo has no parameter 'gama'; did you mean 'gamma'"):
+        recipe_from_dict(base(tmp_path, dpo={"loss_type": "simpo", "loss_kwargs": {"gama": 1.0}}))
+    assert recipe_from_dict(base(tmp_path, dpo={"loss_type": "simpo", "loss_kwargs": {"gamma": 1.0}})).dpo.loss_kwargs
