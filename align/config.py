@@ -256,8 +256,11 @@ class GRPOConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     rewards: list[RewardFunctionConfig] = Field(default_factory=list)
     advantage: registered("ADVANTAGE_ESTIMATORS") = "grpo"
-    """How rewards become advantages (`align.losses.advantages`): grpo (group-normalized, see
-    scale_rewards), or another registered estimator, or a plug-in (`module:Name`)."""
+    """How rewards become advantages: grpo (group-normalized, see scale_rewards), rloo (leave-one-out
+    baseline, TRL's RLOO), reinforce_pp (REINFORCE++: per-token return-to-go, whitened over the
+    round), or a plug-in (`module:Name`)."""
+    normalize_advantages: bool = False
+    """rloo: also (A - mean) / (std + 1e-4) over the round's scored completions (TRL's RLOO option)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """grpo advantage = (r - group mean) / std of the group / of the batch / not divided (Dr. GRPO)."""
     beta: float = Field(0.0, ge=0.0)
