@@ -1,4 +1,5 @@
-"""Align: post-training for causal language models (SFT, reward models, DPO, PPO, GRPO).
+"""Align: post-training for causal language models (SFT, reward models, DPO and its family, KTO, PPO,
+GRPO and its estimators).
 
 Public names are imported on first use, so `import align` (and the CLI) start fast.
 """
@@ -17,6 +18,7 @@ _EXPORTS = {
     "Trainer": "align.trainers",
     "SFTTrainer": "align.trainers",
     "DPOTrainer": "align.trainers",
+    "KTOTrainer": "align.trainers.kto",
     "RewardTrainer": "align.trainers",
     "GRPOTrainer": "align.trainers",
     "PPOTrainer": "align.trainers",

@@ -133,7 +133,7 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0)
     dropout_during_training: bool | None = None
     """Dropout (the model's own and LoRA's adapter.dropout) while training. Default (null): on for SFT
-    and reward models, off for DPO, GRPO and PPO, whose reference and old-log-prob passes must see the
+    and reward models, off for DPO, KTO, GRPO and PPO, whose reference and old-log-prob passes must see the
     same model as the training pass (as TRL's DPO does). true keeps it on in those passes too."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """bf16 autocast for forward passes; weights and optimizer state stay in their own dtype."""
