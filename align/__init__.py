@@ -19,6 +19,7 @@ _EXPORTS = {
     "SFTTrainer": "align.trainers",
     "DPOTrainer": "align.trainers",
     "KTOTrainer": "align.trainers.kto",
+    "DistillTrainer": "align.trainers.distill",
     "RewardTrainer": "align.trainers",
     "GRPOTrainer": "align.trainers",
     "PPOTrainer": "align.trainers",

@@ -500,9 +500,10 @@ def drop_default_sections(raw: dict, own: str, source: str) -> dict:
     for key, section in sections_of_other_algorithms(raw, own).items():
         try:
             given = section.model_validate(raw[key] or {}).model_dump(mode="json")
-        except ValidationError:
-            given = None
-        if given == section().model_dump(mode="json"):
+            default = section().model_dump(mode="json")
+        except ValidationError:  # not valid, or a section with required keys: it has no all-defaults form
+            given = default = None
+        if given is not None and given == default:
             del raw[key]
             continue
         own_section = recipe_class(raw["algorithm"]).model_fields.get(own)

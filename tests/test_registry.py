@@ -192,3 +192,10 @@ def test_loss_kwargs_are_checked_against_the_loss(tmp_path):
     with pytest.raises(AlignError, match="simpo has no parameter 'gama'; did you mean 'gamma'"):
         recipe_from_dict(base(tmp_path, dpo={"loss_type": "simpo", "loss_kwargs": {"gama": 1.0}}))
     assert recipe_from_dict(base(tmp_path, dpo={"loss_type": "simpo", "loss_kwargs": {"gamma": 1.0}})).dpo.loss_kwargs
+
+
+def test_a_section_with_required_keys_in_another_algorithms_recipe_is_a_clear_error(tmp_path):
+    with pytest.raises(AlignError, match="distill: this section belongs to algorithm 'distill'"):
+        recipe_from_dict(base(tmp_path, distill={"teacher_model": "builtin:tiny-llama"}))
+    with pytest.raises(AlignError, match="distill: this section belongs to algorithm 'distill'"):
+        recipe_from_dict(base(tmp_path, distill={}))
