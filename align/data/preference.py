@@ -37,6 +37,16 @@ def split_implicit_prompt(chosen, rejected):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def prompt_problem(prompt_ids: list[int], max_length: int) -> str | None:
+    """Why a tokenized prompt leaves no room for a completion (empty, or max_length tokens or more), or None."""
+    if not prompt_ids:
+        return "empty prompt; give a prompt or a BOS token"
+    if len(prompt_ids) >= max_length:
+        return (f"the prompt has {len(prompt_ids)} tokens, max_length={max_length}; raise data.max_length or "
+                "shorten the prompt")
+    return None
+
+
 def prompt_completion_ids(tokenizer, prompt, completion, row: int, key: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) for string or conversational data; completions end with EOS."""
     if isinstance(prompt, list):
@@ -70,12 +80,10 @@ def preference_encoder(tokenizer, max_length: int, key: str):
         prompt_ids, chosen_ids = prompt_completion_ids(tokenizer, prompt, chosen, index, key)
         _, rejected_ids = prompt_completion_ids(tokenizer, prompt, rejected, index, key)
         empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "margin": 0.0, "identical": False}
-        if not prompt_ids:
-            return {**empty, "dropped": "empty prompt; give a prompt or a BOS token"}
+        problem = prompt_problem(prompt_ids, max_length)
+        if problem:
+            return {**empty, "dropped": problem}
         budget = max_length - len(prompt_ids)
-        if budget <= 0:
-            return {**empty, "dropped": f"the prompt has {len(prompt_ids)} tokens, max_length={max_length}; "
-                                        "raise data.max_length or shorten the prompt"}
         return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:budget], "rejected_ids": rejected_ids[:budget],
                 "margin": float(row.get("margin") or 0.0), "identical": chosen == rejected}
 

@@ -16,7 +16,7 @@ import datasets
 import torch
 
 from align.data.groups import pack_groups
-from align.data.preference import prompt_completion_ids, split_implicit_prompt
+from align.data.preference import prompt_completion_ids, prompt_problem, split_implicit_prompt
 from align.errors import AlignError
 from align.ops.logprobs import label_positions
 
@@ -68,12 +68,10 @@ def unpaired_encoder(tokenizer, max_length: int, key: str):
             source = index
         prompt_ids, completion_ids = prompt_completion_ids(tokenizer, row["prompt"], row["completion"], source, key)
         empty = {"prompt_ids": [], "completion_ids": [], LABEL_COLUMN: False, "row": source}
-        if not prompt_ids:
-            return {**empty, "dropped": "empty prompt; give a prompt or a BOS token"}
+        problem = prompt_problem(prompt_ids, max_length)
+        if problem:
+            return {**empty, "dropped": problem}
         budget = max_length - len(prompt_ids)
-        if budget <= 0:
-            return {**empty, "dropped": f"the prompt has {len(prompt_ids)} tokens, max_length={max_length}; raise "
-                                        "data.max_length or shorten the prompt"}
         if not completion_ids:
             return {**empty, "dropped": "empty completion (and no EOS token to train on)"}
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids[:budget],
