@@ -3,16 +3,21 @@ on a tiny Llama that Align trains itself, then a short report of what each stage
 
 `align quickstart` runs the recipes in recipes/quickstart/ (each stage reads the previous stage's
 output dir) from the repository root. The pre-trained and SFT models are kept once trained
-(`--fresh` redoes them).
+(`--fresh` redoes them). `--seeds N` runs the whole pipeline with N training seeds and reports each
+number's mean and spread: one run's RL numbers move with the seed (and from machine to machine).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
-from align.config import load_recipe
+import yaml
+
+from align.config import Recipe, RecipeLoader, apply_overrides, load_recipe, recipe_from_dict
+from align.errors import AlignError
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
 KEPT = ("pretrain", "sft")
@@ -21,11 +26,33 @@ EVAL_PROMPTS = "recipes/data/arith_prompts_eval.jsonl"
 SAMPLES = ("Question: What is 7 + 5?\nAnswer:", "Question: What is 14 - 9?\nAnswer:")
 
 
-def run_stage(recipe_path: Path, overrides: list[str]) -> float:
+def load_stage(path: Path, overrides: list[str], seed: int | None = None) -> Recipe:
+    """A stage's recipe; with `seed`, train.seed = seed, and for seed k > 0 every path under the
+    quickstart's root (runs/quickstart/...) moved to <root>/seed<k>/..., so that the seeds' runs
+    stay apart and each stage reads its own seed's previous stage."""
+    if seed is None:
+        return load_recipe(path, overrides)
+    with open(path, "rb") as f:
+        raw = yaml.load(f, Loader=RecipeLoader)
+    if seed:
+        root = Path(yaml.safe_load(open(path.parent / "pretrain.yaml"))["output_dir"]).parent.as_posix() + "/"
+        raw = relocated(raw, root, f"{root}seed{seed}/")
+    return recipe_from_dict(apply_overrides(raw, [*overrides, f"train.seed={seed}"]), str(path))
+
+
+def relocated(tree, old: str, new: str):
+    """`tree` with every string starting with `old` starting with `new` instead."""
+    if isinstance(tree, dict):
+        return {key: relocated(value, old, new) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [relocated(value, old, new) for value in tree]
+    return new + tree[len(old):] if isinstance(tree, str) and tree.startswith(old) else tree
+
+
+def run_stage(recipe: Recipe) -> float:
     """Train one stage; returns its wall time in seconds."""
     from align.trainers import TRAINERS
 
-    recipe = load_recipe(recipe_path, overrides)
     start = time.perf_counter()
     TRAINERS[recipe.algorithm].from_recipe(recipe).fit(overwrite=True)  # a rerun moves the last one aside
     return time.perf_counter() - start
@@ -42,21 +69,43 @@ def first_last(run_dir: Path, key: str) -> tuple[float, float]:
     return values[0], values[-1]
 
 
-def main(recipes: str = "recipes/quickstart", fresh: bool = False, progress: bool = True) -> dict:
-    """Run every stage and print the report; returns its numbers."""
+def main(recipes: str = "recipes/quickstart", fresh: bool = False, progress: bool = True, seeds: int = 1) -> dict:
+    """Run every stage and print the report; returns its numbers. With seeds > 1, the whole pipeline
+    once per seed (train.seed = 0 .. seeds-1; seed 0 in the recipes' output dirs, seed k under
+    <root>/seed<k>/), then each number's mean and spread: {"runs": [report per seed], "spread":
+    {number: (mean, std, min, max)}}."""
+    if seeds < 1:
+        raise AlignError(f"--seeds: need at least 1, got {seeds}")
+    if seeds == 1:
+        report, outputs = run_pipeline(Path(recipes), fresh, progress)
+        print_report(report, outputs)
+        return report
+    runs = []
+    for seed in range(seeds):
+        print(f"==== seed {seed} of {seeds}")
+        report, outputs = run_pipeline(Path(recipes), fresh, progress, seed)
+        print_report(report, outputs)
+        runs.append(report)
+    spread = {key: summary([headline(run)[key] for run in runs]) for key in headline(runs[0])}
+    print_spread(spread, seeds)
+    return {"runs": runs, "spread": spread}
+
+
+def run_pipeline(recipes_dir: Path, fresh: bool, progress: bool, seed: int | None = None) -> tuple[dict, dict]:
+    """Train every stage (reusing the kept ones unless `fresh`), then measure: (report, output dirs)."""
     from align.generate import evaluate, generate, load
 
-    recipes_dir = Path(recipes)
     overrides = [] if progress else ["train.progress=false"]
-    outputs = {name: Path(load_recipe(recipes_dir / f"{name}.yaml").output_dir) for name in STAGES}
+    stages = {name: load_stage(recipes_dir / f"{name}.yaml", overrides, seed) for name in STAGES}
+    outputs = {name: Path(recipe.output_dir) for name, recipe in stages.items()}
     seconds = {}
     for name in STAGES:
         if name in KEPT and not fresh and (outputs[name] / "config.json").exists():
             print(f"== {name}: reusing {outputs[name]} (--fresh retrains it)")
             continue
         fresh = fresh or name in KEPT  # a retrained stage invalidates the kept ones after it
-        print(f"== {name}: align train {recipes_dir / name}.yaml")
-        seconds[name] = run_stage(recipes_dir / f"{name}.yaml", overrides)
+        print(f"== {name}: align train {recipes_dir / name}.yaml" + (f" train.seed={seed}" if seed is not None else ""))
+        seconds[name] = run_stage(stages[name])
 
     report = {"seconds": seconds}
     report["pretrain_eval_loss"] = first_last(outputs["pretrain"], "eval/loss")
@@ -68,8 +117,28 @@ def main(recipes: str = "recipes/quickstart", fresh: bool = False, progress: boo
     report["exact_answer"] = {name: evaluate(model, EVAL_PROMPTS, ["exact_answer"], max_new_tokens=32).means["exact_answer"]
                               for name, model in models.items()}
     report["samples"] = {name: generate(model, list(SAMPLES), max_new_tokens=32) for name, model in models.items()}
-    print_report(report, outputs)
-    return report
+    return report, outputs
+
+
+def headline(report: dict) -> dict[str, float]:
+    """The numbers a seed's run ends with: each stage's final eval value and each model's exact-answer accuracy."""
+    finals = {key: report[key][1] for key in ("pretrain_eval_loss", "sft_eval_loss", "rm_accuracy", "dpo_accuracy",
+                                              "dpo_margin")}
+    return {**finals, **{f"exact_answer/{name}": value for name, value in report["exact_answer"].items()}}
+
+
+def summary(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, sample standard deviation, min, max)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std, min(values), max(values)
+
+
+def print_spread(spread: dict, seeds: int) -> None:
+    lines = ["", f"Align quickstart over {seeds} seeds (train.seed 0..{seeds - 1}): mean +- std [min, max]"]
+    for key, (mean, std, low, high) in spread.items():
+        lines.append(f"  {key:<28} {mean:7.3f} +- {std:.3f}   [{low:.3f}, {high:.3f}]")
+    print("\n".join(lines))
 
 
 def print_report(report: dict, outputs: dict[str, Path]) -> None:

@@ -1,5 +1,5 @@
 """Trackers (train.report_to) and the richer evaluations: SFT perplexity, GRPO/PPO sampled reward and
-samples.jsonl."""
+samples.jsonl (every generative trainer)."""
 
 import importlib.util
 import json
@@ -12,9 +12,10 @@ import yaml
 
 from align.cli import main
 from align.errors import AlignError
-from align.toy import chat_rows, prompt_rows
-from align.trainers import GRPOTrainer, PPOTrainer, SFTTrainer
+from align.toy import chat_rows, preference_rows, prompt_completion_rows, prompt_rows, text_rows
+from align.trainers import DPOTrainer, GRPOTrainer, PPOTrainer, RewardTrainer, SFTTrainer
 from align.trainers.callbacks import Trackers
+from align.trainers.samples import untrained_prefix
 
 
 def read_jsonl(path):
@@ -66,6 +67,24 @@ def test_tensorboard_gets_the_records_of_metrics_jsonl(make_recipe, tmp_path):
     for step in (1, 2):
         assert losses[step] == pytest.approx(records[step]["loss"], rel=1e-6)
     assert "eval/perplexity" in events.Tags()["scalars"]
+    texts = {event.step: event.tensor_proto.string_val[0].decode() for event in events.Tensors("eval/samples/text_summary")}
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert sorted(texts) == [2]  # the final evaluation's table
+    assert texts[2].splitlines()[0] == "| prompt | completion |"
+    assert len(texts[2].splitlines()) == 2 + len(samples)
+
+
+def test_a_signal_stop_still_finishes_the_trackers(make_recipe, tmp_path):
+    trainer = SFTTrainer.from_recipe(tiny_sft(make_recipe, report_to=["tensorboard"], max_steps=4))
+    (tracker,) = [cb for cb in trainer.callbacks if isinstance(cb, Trackers)]
+    finished = []
+    trainer.callbacks.append(type("Watch", (), {"on_train_begin": lambda self, t: None, "on_log": lambda *a: None,
+                                                "on_samples": lambda *a: None,
+                                                "on_train_end": lambda self, t: finished.append(t.step)})())
+    trainer._stop_signal = 15  # as SIGTERM's handler leaves it
+    trainer.fit()
+    assert trainer.stopped_by == "SIGTERM" and finished == [1] and tracker.trackers == []
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # stopped: a checkpoint, not the final model
 
 
 def _offline_run(make_recipe, name):
@@ -79,14 +98,25 @@ def test_wandb_offline(make_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     _offline_run(make_recipe, "wandb")
-    assert list((tmp_path / "run" / "trackers").rglob("*.wandb"))
+    (events,) = (tmp_path / "run" / "trackers").rglob("*.wandb")
+    assert b"eval/samples" in events.read_bytes()  # the samples table
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
 def test_mlflow_offline(make_recipe, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # then Align logs to OUTPUT_DIR/trackers/mlruns
-    _offline_run(make_recipe, "mlflow")
-    assert list((tmp_path / "run" / "trackers" / "mlruns").rglob("loss"))
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # then Align logs under OUTPUT_DIR/trackers
+    if importlib.util.find_spec("sqlalchemy") is None:
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny: the file store
+    monkeypatch.chdir(tmp_path)
+    trainer = _offline_run(make_recipe, "mlflow")
+    client = mlflow.MlflowClient(Trackers.local_mlflow_uri(tmp_path / "run" / "trackers"))
+    (run,) = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert run.info.run_name == trainer.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000002.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl", "run", "train.jsonl"]  # nothing in the cwd
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
@@ -96,6 +126,46 @@ def test_trackio_offline(make_recipe, tmp_path, monkeypatch):
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
+def test_untrained_prefix_is_the_prompt_before_the_first_trained_token():
+    # labels are shifted: labels[t] is the target of position t
+    assert untrained_prefix([1, 5, 6, 7, 8], [-100, -100, 7, 8, -100]) == [1, 5, 6]
+    assert untrained_prefix([1, 5, 6], [5, 6, -100]) == []  # plain text: trained from the first token
+    assert untrained_prefix([1, 5], [-100, -100]) == []
+
+
+def _sample_lines(tmp_path):
+    path = tmp_path / "run" / "samples.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+@pytest.mark.parametrize("rows", ["prompt_completion", "chat", "text"])
+def test_sft_evaluations_write_greedy_samples_of_the_eval_prompts(make_recipe, tmp_path, rows):
+    make_rows = {"prompt_completion": prompt_completion_rows, "chat": chat_rows, "text": text_rows}[rows]
+    trainer = SFTTrainer.from_recipe(make_recipe(rows=make_rows(16, seed=1), eval_rows=make_rows(6, seed=2),
+                                                 train={"max_steps": 2, "batch_size": 4, "eval_every": 1}))
+    trainer.fit()
+    samples = _sample_lines(tmp_path)
+    if rows == "text":  # no prompt to complete
+        assert samples == []
+        return
+    assert [s["step"] for s in samples] == [1] * 4 + [2] * 4
+    assert all(s["run_id"] == trainer.run_id and isinstance(s["completion"], str) for s in samples)
+    if rows == "prompt_completion":
+        eval_prompts = [json.loads(line)["prompt"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+        assert [s["prompt"] for s in samples[:4]] == eval_prompts[:4]
+
+
+def test_preference_evaluations_write_samples_but_the_reward_model_does_not(make_recipe, tmp_path):
+    recipe = dict(rows=preference_rows(16, seed=1), eval_rows=preference_rows(6, seed=2),
+                  train={"max_steps": 1, "batch_size": 4})
+    DPOTrainer.from_recipe(make_recipe(algorithm="dpo", adapter={"kind": "lora", "r": 4, "alpha": 8}, **recipe)).fit()
+    samples = _sample_lines(tmp_path)
+    assert [s["step"] for s in samples] == [1] * 4
+    assert samples[0]["prompt"] == json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[0])["prompt"]
+    RewardTrainer.from_recipe(make_recipe(algorithm="reward", **recipe)).fit(overwrite=True)
+    assert _sample_lines(tmp_path) == []
+
+
 def test_sft_eval_reports_perplexity_as_exp_of_the_token_mean_loss(make_recipe):
     trainer = SFTTrainer.from_recipe(tiny_sft(make_recipe))
     metrics = trainer.evaluate()

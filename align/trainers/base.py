@@ -45,7 +45,7 @@ from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy
 from align.ops.logprobs import label_positions
-from align.trainers import checkpoint, run_dir
+from align.trainers import checkpoint, run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
 from align.distributed import gather_shares, shard, sum_over_processes, sum_tensors_over_processes
 
@@ -149,6 +149,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self.stopped_by: str | None = None
         """The signal's name when a SIGTERM/SIGINT stopped `fit` after a checkpoint, else None."""
+        self._samples_file: samples.SamplesFile | None = None
         self.prepare_data()
 
     @property
@@ -357,7 +358,9 @@ class Trainer:
             yield
 
     def train_loop(self) -> dict[str, float]:
-        """From `self.step` to total_steps, then the final evaluation and save."""
+        """From `self.step` to total_steps, then the final evaluation and save; a stop requested by a
+        signal ends it after a checkpoint instead. Either way the callbacks' `on_train_end` runs
+        (progress bar closed, plots drawn, trackers finished)."""
         for cb in self.callbacks:
             cb.on_train_begin(self)
         if self.eval_data is not None and self.cfg.eval_at_start and self.step == 0:
@@ -384,11 +387,12 @@ class Trainer:
                 self.stopped_by = signal.Signals(self._stop_signal or signal.SIGTERM).name
                 log.warning("stopped by %s at step %d; checkpoint saved; resume with train.resume_from=auto",
                             self.stopped_by, self.step)
-                return record
-        if self.eval_data is not None and not any(key.startswith("eval/") for key in record):
-            self.log(self.evaluate())
-        self.save(self.output_dir)
-        for cb in self.callbacks:
+                break
+        else:
+            if self.eval_data is not None and not any(key.startswith("eval/") for key in record):
+                self.log(self.evaluate())
+            self.save(self.output_dir)
+        for cb in self.callbacks:  # finished, or stopped by a signal after its checkpoint
             cb.on_train_end(self)
         return record
 
@@ -524,7 +528,47 @@ class Trainer:
                 totals["loss"] += loss.item()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) * self.count_items(batch) / num_items
-        return {f"eval/{k}": v for k, v in sum_over_processes(totals).items()}
+        metrics = {f"eval/{k}": v for k, v in sum_over_processes(totals).items()}
+        self.show_samples(self.greedy_samples())
+        return metrics
+
+    # ---- eval samples ---------------------------------------------------------------------------
+    def sample_prompt_ids(self) -> list[list[int]]:
+        """Prompt ids of the first eval rows (samples.SHOWN of those with a prompt among the first
+        rows): a row's `prompt_ids`, else its tokens before the first trained one (an SFT row; plain
+        text has none). Trainers of a model that does not generate (the reward model) return []."""
+        prompts = []
+        for i in range(min(len(self.eval_data), 4 * samples.SHOWN)):
+            row = self.eval_data[i]
+            ids = row["prompt_ids"] if "prompt_ids" in row else samples.untrained_prefix(row["input_ids"], row["labels"])
+            if ids and len(prompts) < samples.SHOWN:
+                prompts.append(ids)
+        return prompts
+
+    def greedy_samples(self) -> list[dict]:
+        """{"prompt", "completion"} of greedy completions of `sample_prompt_ids`, made on the main
+        process during `fit` only (where `show_samples` writes them)."""
+        if not self.accelerator.is_main_process or self.run_id is None:
+            return []
+        prompts = self.sample_prompt_ids()
+        if not prompts:
+            return []
+        tokenizer = self.policy.tokenizer
+        with self.autocast():
+            texts = samples.greedy_completions(self.policy.model, tokenizer, prompts, self.recipe.data.max_length)
+        return [{"prompt": tokenizer.decode(ids, skip_special_tokens=True), "completion": text}
+                for ids, text in zip(prompts, texts)]
+
+    def show_samples(self, shown: list[dict]) -> None:
+        """Append this evaluation's samples to OUTPUT_DIR/samples.jsonl and hand them to the callbacks
+        (`on_samples`: the trackers' tables); main process, during `fit` only."""
+        if not shown or not self.accelerator.is_main_process or self.run_id is None:
+            return
+        if self._samples_file is None:
+            self._samples_file = samples.SamplesFile(self.output_dir, self.run_id)
+        self._samples_file.write(self.step, shown)
+        for cb in self.callbacks:
+            cb.on_samples(self, shown)
 
     def autocast(self):
         """bf16 autocast when train.mixed_precision is bf16 (our own, so each Trainer may differ)."""

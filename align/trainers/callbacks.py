@@ -26,7 +26,12 @@ class Callback:
 
     def on_log(self, trainer, record: dict) -> None: ...
 
-    def on_train_end(self, trainer) -> None: ...
+    def on_samples(self, trainer, samples: list[dict]) -> None:
+        """An evaluation's greedy samples ({"prompt", "completion", ...}, as samples.jsonl holds them);
+        main process only."""
+
+    def on_train_end(self, trainer) -> None:
+        """Training finished, or a signal stopped it after its checkpoint."""
 
 
 class MetricsFile(Callback):
@@ -146,13 +151,23 @@ class Trackers(Callback):
                     **({"purge_step": trainer.step + 1} if trainer.step else {})}
         if name == "wandb":
             return {"run_name": project, "name": run, "id": run, "resume": "allow", "dir": str(directory)}
-        if name == "mlflow":
+        if name == "mlflow":  # artifacts (the samples tables) in the run's directory, not in the current one
             if not os.environ.get("MLFLOW_TRACKING_URI"):
                 import mlflow
 
-                mlflow.set_tracking_uri((directory / "mlruns").resolve().as_uri())
-            return {"experiment_name": project, "run_name": run}
+                mlflow.set_tracking_uri(Trackers.local_mlflow_uri(directory))
+            return {"experiment_name": project, "run_name": run,
+                    "logging_dir": (directory / "mlartifacts").resolve().as_uri()}
         return {"run_name": project, "name": run}  # trackio
+
+    @staticmethod
+    def local_mlflow_uri(directory: Path) -> str:
+        """mlflow's store under OUTPUT_DIR/trackers when MLFLOW_TRACKING_URI is not set: a SQLite
+        database where sqlalchemy is installed (full mlflow; recent versions refuse the file store),
+        else the file store (mlflow-skinny; recent versions then ask for MLFLOW_ALLOW_FILE_STORE=true)."""
+        if importlib.util.find_spec("sqlalchemy") is not None:
+            return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+        return (directory / "mlruns").resolve().as_uri()
 
     def on_log(self, trainer, record: dict) -> None:
         if not self.trackers:
@@ -161,6 +176,35 @@ class Trackers(Callback):
                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for tracker in self.trackers:
             tracker.log(values, step=int(record["step"]))
+
+    def on_samples(self, trainer, samples: list[dict]) -> None:
+        """The samples as a table at this step: a markdown table in TensorBoard's text tab, a wandb or
+        trackio Table, an mlflow table artifact (samples/step_<step>.json)."""
+        if not self.trackers:
+            return
+        columns = list(dict.fromkeys(key for sample in samples for key in sample))
+        rows = [[value if isinstance(value, (str, int, float)) or value is None else json.dumps(value)
+                 for value in (sample.get(key) for key in columns)] for sample in samples]
+        step = trainer.step
+        for name, tracker in zip(self.names, self.trackers):
+            if name == "tensorboard":
+                def cell(value) -> str:
+                    return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+                markdown = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+                                      + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+                tracker.writer.add_text("eval/samples", markdown, global_step=step)
+            elif name == "wandb":
+                tracker.log_table("eval/samples", columns=columns, data=rows, step=step)
+            elif name == "mlflow":
+                import mlflow
+
+                mlflow.log_table({key: [row[i] for row in rows] for i, key in enumerate(columns)},
+                                 artifact_file=f"samples/step_{step:06d}.json", run_id=tracker.active_run.info.run_id)
+            elif name == "trackio":
+                import trackio
+
+                tracker.log({"eval/samples": trackio.Table(columns=columns, data=rows)}, step=step)
 
     def on_train_end(self, trainer) -> None:
         self.finish()

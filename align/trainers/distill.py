@@ -218,7 +218,8 @@ class DistillTrainer(OnlineTrainer):
         """One completion per eval prompt sampled at the training settings with a fixed seed (the
         seed depends on the chunk only, so every evaluation draws alike), scored by the teacher:
         per completion token, eval/loss (the divergence), eval/teacher_nll, eval/student_nll,
-        eval/entropy; and eval/completions/mean_length."""
+        eval/entropy; and eval/completions/mean_length. The first greedy completions go to
+        OUTPUT_DIR/samples.jsonl."""
 
         def measured(indices) -> list[list[float]]:  # per prompt: [divergence, entropy, student nll, teacher nll, tokens]
             rows = [self.eval_data[i] for i in indices]
@@ -238,6 +239,7 @@ class DistillTrainer(OnlineTrainer):
                                     measured)
         totals = torch.tensor(results, dtype=torch.float64).sum(0).tolist()
         tokens = max(totals[4], 1.0)
+        self.show_samples(self.greedy_samples())
         return {"eval/loss": totals[0] / tokens, "eval/entropy": totals[1] / tokens,
                 "eval/student_nll": totals[2] / tokens, "eval/teacher_nll": totals[3] / tokens,
                 "eval/completions/mean_length": totals[4] / len(results)}

@@ -20,7 +20,6 @@ the per-sequence values to [S, T].
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
+from align.trainers import samples
 from align.trainers.base import Trainer
 from align.distributed import gather_shares, map_in_shares, shard
 
@@ -247,9 +247,6 @@ class OnlineTrainer(Trainer):
         return batch
 
     # ---- evaluation and checkpoints -------------------------------------------------------------
-    SAMPLES_SHOWN = 4
-    """Greedy eval completions written to OUTPUT_DIR/samples.jsonl at each evaluation."""
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy completions for every eval prompt (shared out among the processes), scored by the
@@ -257,14 +254,14 @@ class OnlineTrainer(Trainer):
         also k completions per prompt sampled at the training settings with a fixed seed (so that
         evaluations compare): their mean reward is eval/reward_sampled (per function
         eval/rewards/<name>/mean_sampled). GRPO optimizes the sampled reward; the greedy one can move
-        the other way. The first SAMPLES_SHOWN greedy completions go to OUTPUT_DIR/samples.jsonl."""
+        the other way. The first samples.SHOWN greedy completions, with their rewards, go to OUTPUT_DIR/samples.jsonl."""
         greedy, k = self.sampling_params(temperature=0.0, seed=0), self.cfg.eval_samples
 
         def scored(indices) -> list[tuple]:  # per prompt: (values [F], length, text or None, sampled [k, F] or None)
             rows = [self.eval_data[i] for i in indices]
             prompts = [r["prompt_ids"] for r in rows]
             rollout = self.engine.generate(prompts, greedy, 1)
-            texts = [self.policy.tokenizer.decode(c, skip_special_tokens=True) if i < self.SAMPLES_SHOWN else None
+            texts = [self.policy.tokenizer.decode(c, skip_special_tokens=True) if i < samples.SHOWN else None
                      for i, c in zip(indices, rollout.completion_ids)]
             sampled = [None] * len(rows)
             if k:  # the seed depends on the chunk only, not on the step: every evaluation draws alike
@@ -286,38 +283,18 @@ class OnlineTrainer(Trainer):
                 metrics["reward_sampled"] = sampled_combined.nanmean().item()
             metrics.update({f"{key}_sampled": value for key, value in self.rewards.metrics(sampled).items()
                             if key.endswith("/mean")})
-        self.write_samples([(self.eval_data[i], r[2], r[0], combined[i]) for i, r in enumerate(results[:self.SAMPLES_SHOWN])])
+        self.show_samples([self.sample(self.eval_data[i], r[2], r[0], combined[i])
+                           for i, r in enumerate(results[:samples.SHOWN])])
         return {f"eval/{key}": value for key, value in metrics.items() if not key.endswith("/std")}
 
-    def write_samples(self, samples: list[tuple]) -> None:
-        """Append (row, completion, reward values [F], combined reward) as {"step", "prompt",
-        "completion", "rewards": {name: value}, "reward", "run_id"} lines to OUTPUT_DIR/samples.jsonl:
-        main process, while the run holds output_dir (`fit`; a step at most once). This trainer's first
-        write keeps only its own run's earlier lines (a resumed run's, before this step)."""
-        written = self.__dict__.setdefault("_samples_written", set())
-        if not self.accelerator.is_main_process or self.run_id is None or self.step in written:
-            return
-        path = self.output_dir / "samples.jsonl"
-        if not written and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    old = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if old.get("run_id") == self.run_id and old.get("step", 0) < self.step:
-                    kept.append(line + "\n")
-            path.write_text("".join(kept))
-        written.add(self.step)
-
+    def sample(self, row: dict, completion: str, values: torch.Tensor, reward: torch.Tensor) -> dict:
+        """An eval sample as samples.jsonl holds it: {"prompt", "completion", "rewards": {name: value},
+        "reward"} (None where no function scored it)."""
         def number(value: torch.Tensor) -> float | None:
             return None if value.isnan() else value.item()
 
-        with open(path, "a") as f:
-            for row, completion, values, reward in samples:
-                f.write(json.dumps({"step": self.step, "prompt": row["prompt"], "completion": completion,
-                                    "rewards": dict(zip(self.rewards.names, map(number, values))),
-                                    "reward": number(reward), "run_id": self.run_id}) + "\n")
+        return {"prompt": row["prompt"], "completion": completion,
+                "rewards": dict(zip(self.rewards.names, map(number, values))), "reward": number(reward)}
 
     def checkpoint_state(self) -> dict[str, object]:
         state = super().checkpoint_state()

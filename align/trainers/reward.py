@@ -22,6 +22,10 @@ class RewardTrainer(PreferenceTrainer):
     def build_policy(cls, recipe) -> RewardModel:
         return RewardModel.from_config(recipe.model, recipe.adapter)
 
+    def sample_prompt_ids(self) -> list[list[int]]:
+        """None: a reward model scores text, it does not write any (no eval samples)."""
+        return []
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Bradley-Terry loss of this micro-batch's pairs (a share of the step's); metrics as 0-dim
         tensors (read at log steps)."""
