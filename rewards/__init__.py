@@ -4,9 +4,10 @@ Every reward follows Align's contract (see `align.rewards`): `f(prompts, complet
 **columns) -> list[float | None]`, one value per completion, `None` where it does not apply.
 """
 
+from .code import code_tests, extract_code
 from .format import format_regex, format_tags
 from .length import length_penalty, overlong_penalty
 from .math import exact_answer, extract_answer, numeric_answer, parse_number
 
-__all__ = ["exact_answer", "extract_answer", "format_regex", "format_tags", "length_penalty", "numeric_answer",
+__all__ = ["code_tests", "exact_answer", "extract_answer", "extract_code", "format_regex", "format_tags", "length_penalty", "numeric_answer",
            "overlong_penalty", "parse_number"]

@@ -36,6 +36,7 @@ REGISTRY: dict[str, str | Callable] = {
     "format_regex": "align_rewards.format:format_regex",
     "length_penalty": "align_rewards.length:length_penalty",
     "overlong_penalty": "align_rewards.length:overlong_penalty",
+    "code_tests": "align_rewards.code:code_tests",
 }
 """Reward name -> `module:func` (built-ins, imported on first use) or the function itself (@register)."""
 
