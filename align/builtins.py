@@ -1,4 +1,5 @@
-"""Building the built-in models Align trains itself (`builtin:tiny-llama-arith`): an explicit step of
+"""Building the built-in models Align trains itself (`builtin:tiny-llama-arith`, and the toy judge
+`builtin:tiny-judge-arith` trained from it): an explicit step of
 the top floor (`align build`, `align train`, the quickstart, examples and tests), never of the model
 loader, which only says how when one is missing (`align.models.tiny.resolve`).
 """
@@ -28,7 +29,8 @@ def build_builtin(name: str) -> Path:
             raise AlignError(f"{tiny.PREFIX}{name} is built by a training run of its own, once per cache, and a launch "
                              f"of several processes cannot do that; build it in one process first: "
                              f"align build {tiny.PREFIX}{name}")
-        tiny.install(name, lambda staging: train_arithmetic(tiny.PREFIX + tiny.TRAINED[name], staging))
+        build_builtin(tiny.TRAINED[name])  # the one it is trained from, first
+        tiny.install(name, BUILDERS[name])
     return Path(tiny.resolve(tiny.PREFIX + name))
 
 
@@ -45,6 +47,15 @@ def build_for_recipe(recipe) -> None:
     build_builtins(recipe.model.name_or_path, *[v for v in others if isinstance(v, str)])
 
 
+def build_toy_judge(out_dir: Path) -> None:
+    """builtin:tiny-judge-arith: tiny-llama-arith SFT-trained to answer a pairwise judge's question
+    with the label of the correct arithmetic answer (`align.feedback.toy_judge`)."""
+    from align.feedback.toy_judge import build
+
+    log.warning("building builtin:tiny-judge-arith: SFT of builtin:tiny-llama-arith as a pairwise judge (once)")
+    build(out_dir)
+
+
 def train_arithmetic(base: str, out_dir: Path) -> None:
     """Train tiny-llama-arith from `base` with Align's own SFT on the arithmetic task, into `out_dir`:
     60% of the SFT answers are the careless hedge, so the model answers right only some of the time
@@ -58,3 +69,8 @@ def train_arithmetic(base: str, out_dir: Path) -> None:
             "train": {"lr": 3e-3, "max_steps": 600, "batch_size": 32, "warmup": 0.05, "schedule": "cosine",
                       "seed": 0, "progress": False, "log_every": 10}})
         SFTTrainer.from_recipe(recipe).fit()
+
+
+BUILDERS = {"tiny-llama-arith": lambda staging: train_arithmetic(tiny.PREFIX + tiny.TRAINED["tiny-llama-arith"], staging),
+            "tiny-judge-arith": build_toy_judge}
+"""Trained built-in -> the function that builds it into a staging directory."""

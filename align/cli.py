@@ -1,4 +1,4 @@
-"""`align train | validate | export | plot | generate | eval`: the command line. User mistakes exit
+"""`align train | validate | export | plot | generate | eval | label | revise`: the command line. User mistakes exit
 with code 2, no traceback."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ def _train(args) -> int:
     from align.config import load_recipe
     from align.trainers import TRAINERS, run_dir
 
+    _refuse_task_file(args.recipe)
     recipe = load_recipe(args.recipe, args.set)
     if os.environ.get("RANK", "0") == "0":  # the main process (torchrun / accelerate launch set RANK)
         run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)  # before the model loads
@@ -39,6 +40,8 @@ def _validate(args) -> None:
     from align.config import load_recipe
     from align.trainers import TRAINERS, run_dir
 
+    if _is_task_file(args.recipe):
+        return _validate_task(args)
     recipe = load_recipe(args.recipe, args.set)
     run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)
     print(f"output_dir: {recipe.output_dir} ok")
@@ -53,6 +56,51 @@ def _validate(args) -> None:
         print(f"adapter: {recipe.adapter.kind} " + ("ok" if _check_adapter(recipe) else
                                                     "checked when `align train` loads the model (not on this machine)"))
     print(f"{args.recipe}: valid {recipe.algorithm} recipe")
+
+
+def _is_task_file(path: str) -> bool:
+    """A label/revise config (top-level `task:`), not a training recipe; read without importing models."""
+    if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
+        return False
+    from align.feedback.config import is_task_file
+
+    return is_task_file(path)
+
+
+def _refuse_task_file(path: str) -> None:
+    if _is_task_file(path):
+        from align.feedback.config import read_yaml
+
+        task = read_yaml(path)["task"]
+        raise AlignError(f"{path} is an `align {task}` config (task: {task}), not a training recipe; run it with "
+                         f"`align {task} {path}`")
+
+
+def _validate_task(args) -> None:
+    """`align validate` of a label/revise config: keys, the constitution, the data rows and their
+    `prompt` column, the output file, and the judge's labels when its tokenizer is on this machine."""
+    from align.feedback import output
+    from align.feedback.config import load_task
+    from align.feedback.judge import check_labels_offline
+    from align.feedback.policy import load_prompt_rows
+
+    config = load_task(args.recipe, args.set)
+    name = {"label": "pairs.jsonl", "revise": "sft.jsonl"}[config.task]
+    target = os.path.join(config.output_dir, name)
+    if os.path.exists(target) and not args.overwrite:
+        output.prepare(config.output_dir, name, False, config.task)  # raises the usual message
+    print(f"output_dir: {config.output_dir} ok")
+    if config.data.is_local:
+        rows = load_prompt_rows(config.data)
+        print(f"data: {len(rows)} rows with a prompt column")
+    else:
+        print("data from the hub: checked when the task downloads it")
+    judge = getattr(config, "judge", None)
+    if judge is not None:
+        print(f"judge: {judge.model}, constitution {judge.constitution} ok; labels "
+              + ("ok" if check_labels_offline(judge) else "checked when the judge loads (its tokenizer is not on "
+                                                         "this machine)"))
+    print(f"{args.recipe}: valid {config.task} config")
 
 
 def _check_adapter(recipe) -> bool:
@@ -79,8 +127,34 @@ def _check_rewards(recipe) -> None:
             found = (Path(entry.fn) / "config.json").is_file()
             print(f"{key}: reward model {entry.fn!r} " + ("found" if found else "not there yet (train it first)"))
             continue
-        load_reward_function(entry.fn, entry.kwargs, key=key)
-        print(f"{key}: {entry.fn} ok")
+        fn = load_reward_function(entry.fn, entry.kwargs, key=key)
+        check = getattr(getattr(fn, "func", fn), "check", None)  # a reward that checks its own kwargs
+        note = check(key=f"{key}.kwargs", **entry.kwargs) if callable(check) else None
+        print(f"{key}: {entry.fn} ok" + (f" ({note})" if note else ""))
+
+
+def _label(args) -> None:
+    from align.feedback.config import load_task
+    from align.feedback.label import run
+
+    stats = run(load_task(args.config, args.set, want="label"), overwrite=args.overwrite)
+    print(f"{stats['pairs_written']} pairs from {stats['pairs_judged']} judged ({stats['ties']} ties, both orders "
+          f"agree on {stats.get('orders_agree', 0):.0%}) -> {stats['path']}")
+    if not stats["pairs_written"]:
+        print("warning: no pairs written: every pair was a tie (the judge's choice followed the position, not the "
+              "answers) or the completions were all the same; check the judge, or keep ties with --set ties=keep",
+              file=sys.stderr)
+    print(f"train on them: set data.train.path: {stats['path']} in a dpo or reward recipe")
+
+
+def _revise(args) -> None:
+    from align.feedback.config import load_task
+    from align.feedback.revise import run
+
+    stats = run(load_task(args.config, args.set, want="revise"), overwrite=args.overwrite)
+    print(f"{stats['rows_written']} revised answers ({stats['changed']} differ from the first answer) -> "
+          f"{stats['path']}")
+    print(f"train on them: set data.train.path: {stats['path']} in an sft recipe")
 
 
 def _build(args) -> None:
@@ -104,7 +178,7 @@ def _quickstart(args) -> None:
     if not (Path(args.recipes) / "sft.yaml").is_file():
         raise AlignError(f"--recipes: no sft.yaml in {args.recipes!r}; run `align quickstart` from the repository "
                          "root (it reads recipes/quickstart/ and recipes/data/)")
-    quickstart(args.recipes, fresh=args.fresh)
+    quickstart(args.recipes, fresh=args.fresh, seeds=args.seeds)
 
 
 def _plot(args) -> None:
@@ -195,6 +269,18 @@ def parser() -> argparse.ArgumentParser:
                                            "OUTPUT_DIR.old-<time> first (it is never deleted)")
     sub.choices["validate"].add_argument("--overwrite", action="store_true",
                                          help="check output_dir as `align train --overwrite` would")
+    for name, fn, text in [("label", _label, "AI feedback: sample K completions per prompt, judge every pair under a "
+                                              "constitution (both orders), write preference pairs for dpo/reward"),
+                           ("revise", _revise, "Constitutional AI's supervised stage: answers critiqued and revised "
+                                               "by the model itself under sampled principles, written as SFT rows")]:
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", help=f"a {name} config YAML (task: {name}), e.g. recipes/feedback/{name}_tiny.yaml")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set sampling.num_samples=8 (repeatable)")
+        cmd.add_argument("--overwrite", action="store_true", help="move an earlier output file aside "
+                                                                  "(to <file>.old-<time>) instead of refusing")
+        cmd.set_defaults(fn=fn)
+
     cmd = sub.add_parser("build", help="build a built-in model Align trains itself (builtin:tiny-llama-arith) "
                                        "into the model cache, once")
     cmd.add_argument("names", nargs="+", metavar="NAME", help="builtin:<name>")
@@ -244,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
                                             "model, then a report (run from the repository root)")
     cmd.add_argument("--recipes", default="recipes/quickstart", help="the stage recipes (default recipes/quickstart)")
     cmd.add_argument("--fresh", action="store_true", help="retrain the pre-training and SFT stages even if their outputs exist")
+    cmd.add_argument("--seeds", type=int, default=1, metavar="N",
+                     help="run the pipeline with train.seed 0..N-1 (seed k>0 under runs/quickstart/seed<k>/) and report "
+                          "each number's mean and spread")
     cmd.set_defaults(fn=_quickstart)
     return p
 

@@ -534,19 +534,25 @@ class RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe YAML file."""
+def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe") -> dict:
+    """A YAML file of keys (a recipe, or another config: `what`), read with `RecipeLoader`; a missing
+    file, bad YAML or a non-mapping is an AlignError naming the file."""
     path = str(path)
     if not os.path.isfile(path):
-        raise AlignError(f"recipe file not found: {path}")
+        raise AlignError(f"{what} file not found: {path}")
     with open(path, "rb") as f:  # bytes: bad UTF-8 is a YAML error, not a traceback
         try:
             raw = yaml.load(f, Loader=RecipeLoader) or {}
         except yaml.YAMLError as error:
             raise AlignError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
-        raise AlignError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
-    return recipe_from_dict(apply_overrides(raw, overrides or []), path)
+        raise AlignError(f"{path}: a {what} is a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe YAML file."""
+    return recipe_from_dict(apply_overrides(read_yaml_mapping(path), overrides or []), str(path))
 
 
 def flat_keys(tree: dict, prefix: str = "") -> dict[str, object]:

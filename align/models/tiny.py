@@ -75,7 +75,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
-TRAINED = {"tiny-llama-arith": "tiny-llama"}
+TRAINED = {"tiny-llama-arith": "tiny-llama", "tiny-judge-arith": "tiny-llama-arith"}
 """Built-ins that Align trains itself (name -> the built-in they start from): see `align.toy.build_builtin`."""
 
 

@@ -37,6 +37,7 @@ REGISTRY: dict[str, str | Callable] = {
     "length_penalty": "align_rewards.length:length_penalty",
     "overlong_penalty": "align_rewards.length:overlong_penalty",
     "code_tests": "align_rewards.code:code_tests",
+    "judge": "align_rewards.judge:judge",
 }
 """Reward name -> `module:func` (built-ins, imported on first use) or the function itself (@register)."""
 
