@@ -14,9 +14,7 @@ import math
 import time
 from pathlib import Path
 
-import yaml
-
-from align.config import Recipe, RecipeLoader, apply_overrides, load_recipe, recipe_from_dict
+from align.config import Recipe, apply_overrides, load_recipe, read_yaml_mapping, recipe_from_dict
 from align.errors import AlignError
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
@@ -32,10 +30,9 @@ def load_stage(path: Path, overrides: list[str], seed: int | None = None) -> Rec
     stay apart and each stage reads its own seed's previous stage."""
     if seed is None:
         return load_recipe(path, overrides)
-    with open(path, "rb") as f:
-        raw = yaml.load(f, Loader=RecipeLoader)
+    raw = read_yaml_mapping(path)
     if seed:
-        root = Path(yaml.safe_load(open(path.parent / "pretrain.yaml"))["output_dir"]).parent.as_posix() + "/"
+        root = Path(read_yaml_mapping(path.parent / "pretrain.yaml")["output_dir"]).parent.as_posix() + "/"
         raw = relocated(raw, root, f"{root}seed{seed}/")
     return recipe_from_dict(apply_overrides(raw, [*overrides, f"train.seed={seed}"]), str(path))
 
