@@ -93,3 +93,50 @@ def test_missing_columns_and_foreign_reference_tokenizer(dpo_recipe, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(AlignError, match="dpo.reference_model: .* has a different tokenizer"):
         DPOTrainer.from_recipe(dpo_recipe(dpo={"reference_model": str(tmp_path / "other")}))
+
+
+# ---- a pair's own label smoothing (ties `align label` keeps) ---------------------------------------
+def smoothed_rows():
+    rows = preference_rows(8, seed=3)
+    for i, row in enumerate(rows):
+        if i % 2:
+            row["label_smoothing"] = 0.5  # a tie
+    return rows
+
+
+def test_a_pairs_own_label_smoothing_is_its_cdpo_flip_rate(make_recipe):
+    lora = {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+    trainer = DPOTrainer.from_recipe(make_recipe(algorithm="dpo", rows=smoothed_rows(), adapter=lora,
+                                                 dpo={"beta": 0.5, "label_smoothing": 0.1}, train={"batch_size": 8}))
+    torch.manual_seed(0)
+    for name, param in trainer.policy.model.named_parameters():
+        if "lora_B" in name:  # the policy moves away from the reference
+            param.data.normal_(0.0, 0.05)
+    batch = trainer._to_device(trainer.collate([trainer.train_data[i] for i in range(8)]))
+    loss, _ = trainer.compute_loss({**batch, "num_items": 8.0})
+    pairs = trainer.pair_logps(batch)
+    h = ((pairs.chosen - pairs.ref_chosen) - (pairs.rejected - pairs.ref_rejected)).detach().double()
+    eps = torch.tensor([0.1, 0.5] * 4, dtype=torch.float64)
+    expected = (-(1 - eps) * torch.nn.functional.logsigmoid(0.5 * h)
+                - eps * torch.nn.functional.logsigmoid(-0.5 * h)).sum() / 8
+    assert h.abs().min() > 1e-3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    uniform = (-(0.9) * torch.nn.functional.logsigmoid(0.5 * h) - 0.1 * torch.nn.functional.logsigmoid(-0.5 * h)).sum() / 8
+    assert abs(loss.item() - uniform.item()) > 1e-4  # the ties' 0.5 counted
+
+
+@pytest.mark.parametrize("algorithm, section", [("reward", {}), ("dpo", {"dpo": {"loss_type": "ipo"}})])
+def test_losses_without_per_pair_smoothing_refuse_such_rows(make_recipe, algorithm, section):
+    from align.trainers import TRAINERS
+
+    recipe = make_recipe(algorithm=algorithm, rows=smoothed_rows(), **section)
+    with pytest.raises(AlignError, match="data.train row 1 has its own label_smoothing"):
+        TRAINERS[algorithm].from_recipe(recipe)
+
+
+def test_a_label_smoothing_out_of_range_names_the_row(make_recipe):
+    rows = preference_rows(4, seed=3)
+    rows[2]["label_smoothing"] = 0.7
+    with pytest.raises(AlignError, match="data.train row 2: label_smoothing must be a number in"):
+        DPOTrainer.from_recipe(make_recipe(algorithm="dpo", rows=rows,
+                                           adapter={"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}))

@@ -231,7 +231,7 @@ def test_label_pairs_drop_or_keep_ties():
     assert stats["pairs_judged"] == 3 and stats["ties"] == 1 and stats["pairs_written"] == 2
     kept, _ = label_pairs(judge, rows, groups, "keep")
     assert [(p["chosen"], p["tie"], p["label_smoothing"]) for p in kept] == \
-        [(" a", False, 0.0), (" a", True, 0.5), (" c", False, 0.0)]
+        [(" a", False, None), (" a", True, 0.5), (" c", False, None)]
 
 
 # ---- loading, the reward ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ prompt is computed once per pair.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -79,15 +80,28 @@ def preference_encoder(tokenizer, max_length: int, key: str):
                              "every pair needs two non-empty answers")
         prompt_ids, chosen_ids = prompt_completion_ids(tokenizer, prompt, chosen, index, key)
         _, rejected_ids = prompt_completion_ids(tokenizer, prompt, rejected, index, key)
-        empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "margin": 0.0, "identical": False}
+        smoothing = pair_smoothing(row.get("label_smoothing"), index, key)
+        empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "margin": 0.0, "identical": False,
+                 "label_smoothing": smoothing}
         problem = prompt_problem(prompt_ids, max_length)
         if problem:
             return {**empty, "dropped": problem}
         budget = max_length - len(prompt_ids)
         return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:budget], "rejected_ids": rejected_ids[:budget],
-                "margin": float(row.get("margin") or 0.0), "identical": chosen == rejected}
+                "margin": float(row.get("margin") or 0.0), "identical": chosen == rejected, "label_smoothing": smoothing}
 
     return encode
+
+
+def pair_smoothing(value, index: int, key: str) -> float:
+    """A row's own `label_smoothing` (the probability that its preference is flipped: 0.5 for a tie
+    `align label` kept), NaN where the row has none (the recipe's value applies)."""
+    if value is None:
+        return math.nan
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 0.5:
+        raise AlignError(f"{key} row {index}: label_smoothing must be a number in [0, 0.5] (the chance the "
+                         f"preference is flipped; 0.5 for a tie), got {value!r}")
+    return float(value)
 
 
 def warn_identical(data, key: str) -> None:
@@ -99,9 +113,12 @@ def warn_identical(data, key: str) -> None:
 
 def pack_pairs(pairs: list[dict], shared_prompt: bool = True) -> dict[str, torch.Tensor]:
     """Pairs -> one packed row [1, N] (see `align.data.groups.pack_groups`): sequence 2i is pair i's
-    chosen completion, 2i+1 its rejected one. Adds margin [B]."""
+    chosen completion, 2i+1 its rejected one. Adds margin [B], and label_smoothing [B] (NaN: the
+    recipe's) when the pairs carry their own."""
     batch = pack_groups([(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs], shared_prompt)
     batch["margin"] = torch.tensor([p["margin"] for p in pairs])
+    if "label_smoothing" in pairs[0]:
+        batch["label_smoothing"] = torch.tensor([p["label_smoothing"] for p in pairs], dtype=torch.float32)
     return batch
 
 

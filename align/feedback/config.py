@@ -128,7 +128,8 @@ class LabelConfig(TaskConfig):
     judge: JudgeConfig
     ties: Literal["drop", "keep"] = "drop"
     """A tie: the two orders disagree. drop: not written; keep: written with tie true and
-    label_smoothing 0.5 (a column DPO does not read yet: it would train the pair as decided)."""
+    label_smoothing 0.5, which dpo with loss_type sigmoid reads as the pair's own flip rate (other
+    losses and the reward model refuse such rows)."""
 
     @model_validator(mode="after")
     def _pairwise(self) -> "LabelConfig":

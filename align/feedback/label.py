@@ -86,7 +86,7 @@ def label_pairs(judge: Judge, rows: list[dict], groups: list[list[str]], ties: s
         row.update(prompt=rows[i]["prompt"], chosen=chosen, rejected=rejected, judge_prob=prob,
                    judge_margin=2 * prob - 1, principle=names[int(verdicts.principle[m])], tie=tie)
         if ties == "keep":
-            row["label_smoothing"] = 0.5 if tie else 0.0
+            row["label_smoothing"] = 0.5 if tie else None  # None: the dpo recipe's own applies
         out.append(row)
     n_ties = int(verdicts.tie.sum())
     stats.update(pairs_written=len(out), ties=n_ties, orders_agree=1 - n_ties / len(pairs),
@@ -112,8 +112,9 @@ def run(config, overwrite: bool = False) -> dict:
     del sampler
     pairs, stats = label_pairs(judge, rows, groups, config.ties)
     if config.ties == "keep" and stats["ties"]:
-        log.warning("ties: keep wrote %d tie pairs with label_smoothing 0.5; Align's DPO does not read a per-pair "
-                    "label_smoothing yet and trains them as decided pairs", stats["ties"])
+        log.warning("ties: keep wrote %d tie pairs with label_smoothing 0.5: dpo with loss_type sigmoid trains them "
+                    "as ties (conservative DPO at flip rate 0.5); other losses and the reward model refuse them",
+                    stats["ties"])
     output.write_jsonl(pairs, target)
     save_config(config, target.parent / "config.yaml")
     output.write_json(stats, target.parent / "stats.json")

@@ -50,18 +50,21 @@ _SMOOTHED = ("sigmoid", "robust")
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid", label_smoothing: float | torch.Tensor = 0.0,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO-family losses and the implicit rewards.
 
     All inputs: [B] sequence log-probs. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]),
     rewards = beta * (policy - ref), detached. `label_smoothing` is the label-flip rate used by
-    "sigmoid" (cDPO) and "robust". For "ipo", TRL passes per-token *average* log-probs (sum / number of
+    "sigmoid" (cDPO; a number, or [B] per pair: 0.5 for a tie) and "robust" (a number). For "ipo", TRL passes per-token *average* log-probs (sum / number of
     completion tokens) to keep the squared loss length-independent; that choice is the caller's.
     """
     if loss_type not in DPO_LOSSES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {sorted(DPO_LOSSES)}")
-    if label_smoothing and loss_type not in _SMOOTHED:
+    per_pair = isinstance(label_smoothing, torch.Tensor)
+    if per_pair and loss_type != "sigmoid":
+        raise ValueError(f"a per-pair label_smoothing applies only to sigmoid (cDPO), not {loss_type!r}")
+    if (bool(label_smoothing.any()) if per_pair else label_smoothing) and loss_type not in _SMOOTHED:
         raise ValueError(f"label_smoothing applies only to {list(_SMOOTHED)}, not {loss_type!r}")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps

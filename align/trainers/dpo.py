@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from align.data.preference import pack_pairs, pair_sums, preference_encoder, warn_identical
 from align.data.formats import tokenize
 from align.config import DPOConfig
+from align.errors import AlignError
 from align.losses.preference import PairLogps, preference_loss
 from align.models import Policy, reference_cache
 from align.registry import PREFERENCE_LOSSES
@@ -28,7 +30,18 @@ class PreferenceTrainer(Trainer):
     def build_dataset(cls, recipe, policy, rows, fmt, key):
         data = tokenize(rows, preference_encoder(policy.tokenizer, recipe.data.max_length, key), key)
         warn_identical(data, key)
-        return data.remove_columns("identical")
+        own = [i for i, eps in enumerate(data["label_smoothing"]) if not math.isnan(eps)]
+        if own:
+            cls.check_pair_smoothing(recipe, key, own[0])
+        return data.remove_columns(["identical"] + ([] if own else ["label_smoothing"]))
+
+    @classmethod
+    def check_pair_smoothing(cls, recipe, key: str, row: int) -> None:
+        """AlignError unless this trainer's loss reads a per-pair label_smoothing (rows of `key` carry one,
+        the first is `row`; `align label` writes them for ties it keeps)."""
+        raise AlignError(f"{key} row {row} has its own label_smoothing (a tie `align label` kept), which the "
+                         f"{recipe.algorithm} loss does not take; drop those rows (align label with ties: drop) "
+                         "or train them with dpo and loss_type: sigmoid")
 
     @property
     def shared_prompt(self) -> bool:
@@ -109,5 +122,16 @@ class DPOTrainer(PreferenceTrainer):
         """`preference_loss` of this micro-batch's pairs (a share of the step's), and its metrics as
         detached 0-dim tensors (the loop reads them at log steps only)."""
         cfg = self.recipe.dpo
-        return preference_loss(self.pair_logps(batch), cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.rpo_alpha,
+        smoothing = cfg.label_smoothing
+        if "label_smoothing" in batch:  # the pairs' own, where they have one
+            own = batch["label_smoothing"]
+            smoothing = torch.where(own.isnan(), torch.full_like(own, cfg.label_smoothing), own)
+        return preference_loss(self.pair_logps(batch), cfg.loss_type, cfg.beta, smoothing, cfg.rpo_alpha,
                                batch["num_items"], **cfg.loss_kwargs)
+
+    @classmethod
+    def check_pair_smoothing(cls, recipe, key: str, row: int) -> None:
+        """Per-pair label smoothing is conservative DPO's flip rate, pair by pair: loss_type sigmoid only
+        (robust divides by 1 - 2 eps, undefined for a tie's 0.5)."""
+        if recipe.dpo.loss_type != "sigmoid":
+            super().check_pair_smoothing(recipe, key, row)
