@@ -541,8 +541,10 @@ class Trainer:
         for i in range(min(len(self.eval_data), 4 * samples.SHOWN)):
             row = self.eval_data[i]
             ids = row["prompt_ids"] if "prompt_ids" in row else samples.untrained_prefix(row["input_ids"], row["labels"])
-            if ids and len(prompts) < samples.SHOWN:
+            if ids:
                 prompts.append(ids)
+            if len(prompts) == samples.SHOWN:
+                break
         return prompts
 
     def greedy_samples(self) -> list[dict]:

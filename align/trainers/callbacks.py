@@ -34,6 +34,22 @@ class Callback:
         """Training finished, or a signal stopped it after its checkpoint."""
 
 
+def own_lines(path: Path, run_id: str | None, before_step: int) -> list[str]:
+    """The lines of a run's JSONL file (metrics.jsonl, samples.jsonl) that a resumed run keeps: its
+    own run's records from steps before `before_step`; lines a kill left unreadable (a truncated
+    last line) are dropped with a warning."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropping an unreadable line (a run killed while writing it): %.80s", path, line)
+            continue
+        if record.get("run_id") == run_id and record.get("step", 0) < before_step:
+            kept.append(line)
+    return kept
+
+
 class MetricsFile(Callback):
     """Appends every record, tagged with the run id, to OUTPUT_DIR/metrics.jsonl: a new run starts
     the file afresh; a resumed one keeps its own records up to its checkpoint and drops those past
@@ -43,18 +59,8 @@ class MetricsFile(Callback):
         self.path = Path(trainer.recipe.output_dir) / "metrics.jsonl"
         self.enabled = trainer.accelerator.is_main_process
         if self.enabled and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if trainer.step > 0 and self.kept(line, trainer)]
+            kept = own_lines(self.path, trainer.run_id, trainer.step + 1) if trainer.step > 0 else []
             self.path.write_text("".join(line + "\n" for line in kept))
-
-    def kept(self, line: str, trainer) -> bool:
-        """Whether a resumed run keeps this line: a record of its own run up to its checkpoint."""
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s: dropping an unreadable line (a run killed while writing it): %.80s", self.path, line)
-            return False
-        return record.get("run_id") == trainer.run_id and record.get("step", 0) <= trainer.step
 
     def on_log(self, trainer, record: dict) -> None:
         if not self.enabled:

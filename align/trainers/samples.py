@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from align.trainers.callbacks import own_lines
+
 SHOWN = 4
 """Eval prompts shown at each evaluation: the first ones of the eval split."""
 
@@ -47,16 +49,8 @@ class SamplesFile:
         if step in self.written:
             return
         if not self.written and self.path.exists():
-            self.path.write_text("".join(line + "\n" for line in self.path.read_text().splitlines()
-                                         if self.kept(line, step)))
+            self.path.write_text("".join(line + "\n" for line in own_lines(self.path, self.run_id, step)))
         self.written.add(step)
         with open(self.path, "a") as f:
             for sample in samples:
                 f.write(json.dumps({"step": step, **sample, "run_id": self.run_id}) + "\n")
-
-    def kept(self, line: str, step: int) -> bool:
-        try:
-            old = json.loads(line)
-        except json.JSONDecodeError:  # a line a kill cut short
-            return False
-        return old.get("run_id") == self.run_id and old.get("step", 0) < step
