@@ -86,7 +86,8 @@ def align_recipe(spec: Spec, algorithm: str, **sections) -> dict:
 
 
 def align_job(trainer_class, raw_recipe: dict) -> Prepared:
-    """Setup as `Trainer.from_recipe` does it (data read and tokenized, model loaded), untimed; the
+    """Setup as `Trainer.from_recipe` does it (data read and tokenized, model loaded and moved to the
+    device), untimed; the
     trainer's construction (optimizer, and for DPO the reference log-prob cache) and `fit()` are
     timed. The final save of `fit()` is skipped and plots are off: TRL's `train()` does neither.
     Online trainers count the completions they sample (`Prepared.work`)."""
@@ -110,6 +111,7 @@ def align_job(trainer_class, raw_recipe: dict) -> Prepared:
     set_seed(recipe.train.seed)
     splits = cls.load_splits(recipe)
     policy = cls.build_policy(recipe)
+    policy.module.to(device())  # on the device before the timed region, as TRL's model is (its trainer moves it)
     datasets = [cls.build_dataset(recipe, policy, rows, fmt, key) if rows is not None else None
                 for key, (rows, fmt) in splits.items()]
     state = {}

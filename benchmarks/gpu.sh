@@ -11,10 +11,10 @@
 # (SFT ~14k tokens per optimizer step; DPO 8 pairs of ~1k tokens; GRPO 64 completions of 256 tokens).
 #
 # Flags:
-#   --wheels DIR    pip install every wheel in DIR (no index; deps resolved from DIR and what is installed),
-#                   then Align itself from this checkout (no deps, no build isolation). Without it nothing
-#                   is installed. If Align cannot be installed, it runs from the source tree (the harness
-#                   runs from the repository root, and tolerates a package without metadata).
+#   --wheels DIR    pip install every wheel in DIR into a folder of its own (ALIGN_GPU_SITE, default
+#                   /tmp/align-gpu-site) put first on PYTHONPATH: no index, no dependency resolution.
+#                   Align runs from this checkout (the harness tolerates a package without metadata).
+#                   Without it nothing is installed.
 #   --all           every case (sft, sft_short, rm, dpo, grpo, ppo, grpo_kl), every TRL variant, 3 repeats
 #   --cases LIST    comma-separated cases (default sft,dpo,grpo)
 #   --model NAME    tiny | 0.5b | 0.5b-32k | 1.5b (default 0.5b; --smoke: tiny)
@@ -26,12 +26,14 @@
 #   --no-check      skip the CUDA check (e.g. to run the GPU workloads on a CPU: slow)
 #   --no-checks     skip benchmarks/gpu_checks.py (a step with no host sync under sync-debug "error" for
 #                   SFT/DPO/GRPO; QLoRA SFT peak memory on the 1.5b preset: needs the bitsandbytes wheel)
+#   --only-checks L some of those checks: comma-separated from sft,dpo,grpo,qlora
+#   --profile       also profile every job (benchmarks.run --profile: <out>/<stem>-profile.txt; not for timings)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 PYTHON="${PYTHON:-python3}"
-wheels="" all=0 smoke=0 check=1 checks=1 cases="" model="" repeats="" variants="" out="" timeout=300
+wheels="" all=0 smoke=0 check=1 checks=1 only_checks="" profile=0 cases="" model="" repeats="" variants="" out="" timeout=300
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --wheels) wheels="$2"; shift 2 ;;
@@ -39,13 +41,15 @@ while [[ $# -gt 0 ]]; do
     --smoke) smoke=1; shift ;;
     --no-check) check=0; shift ;;
     --no-checks) checks=0; shift ;;
+    --only-checks) only_checks="$2"; shift 2 ;;
+    --profile) profile=1; shift ;;
     --cases) cases="$2"; shift 2 ;;
     --model) model="$2"; shift 2 ;;
     --repeats) repeats="$2"; shift 2 ;;
     --variants) variants="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -53,20 +57,27 @@ start=$(date +%s)
 step() { echo "== [$(( $(date +%s) - start ))s] $*"; }
 
 # ---- 1. install -----------------------------------------------------------------------------------
+# Wheels go into their own folder ahead of the machine's packages, without dependency resolution: a GPU
+# image's pins (fsspec, huggingface-hub) need not match what pip would pick, and there is no index to
+# resolve from. Align itself runs from this checkout (PYTHONPATH below).
+site="${ALIGN_GPU_SITE:-/tmp/align-gpu-site}"
 if [[ -n "$wheels" ]]; then
-  step "installing the wheels in $wheels"
+  step "installing the wheels in $wheels into $site"
   shopt -s nullglob
   files=("$wheels"/*.whl)
   shopt -u nullglob
   if [[ ${#files[@]} -gt 0 ]]; then
-    "$PYTHON" -m pip install --no-index --find-links "$wheels" --disable-pip-version-check -q "${files[@]}"
+    "$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --disable-pip-version-check \
+      -q --target "$site" "${files[@]}"
   fi
-  step "installing Align from $here"
-  if ! "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation --disable-pip-version-check -q -e "$here"; then
-    echo "gpu.sh: could not install Align; running it from the source tree" >&2
-  fi
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! "$PYTHON" -c "import align_rewards" 2>/dev/null; then  # Align not installed: its rewards/ folder by its package name
+  links="${TMPDIR:-/tmp}/align-gpu-links"
+  mkdir -p "$links" && ln -sfn "$here/rewards" "$links/align_rewards"
+  export PYTHONPATH="$links:$PYTHONPATH"
+fi
 
 # ---- 2. check the stack ----------------------------------------------------------------------------
 step "checking the stack"
@@ -118,14 +129,18 @@ else
 fi
 [[ -n "$out" ]] && args+=(--out "$out")
 args+=(--timeout "$timeout")
+[[ $profile -eq 1 ]] && args+=(--profile)
 step "python -m benchmarks.run ${args[*]}"
-"$PYTHON" -m benchmarks.run "${args[@]}"
+failed=0
+"$PYTHON" -m benchmarks.run "${args[@]}" || failed=$?   # the checks below still run (one lease, one try)
 
 # ---- 4. checks: no host sync in a step (sync-debug "error"), QLoRA peak memory ---------------------
 if [[ $checks -eq 1 ]]; then
   check_args=(--out "${out:-benchmarks/results}/gpu_checks.json")
+  [[ -n "$only_checks" ]] && check_args+=(--only "$only_checks")
   if [[ $smoke -eq 1 ]]; then check_args+=(--smoke); else check_args+=(--model "${model:-0.5b}" --qlora-model 1.5b); fi
   step "python -m benchmarks.gpu_checks ${check_args[*]}"
-  "$PYTHON" -m benchmarks.gpu_checks "${check_args[@]}"
+  "$PYTHON" -m benchmarks.gpu_checks "${check_args[@]}" || failed=$?
 fi
 step "done"
+exit "$failed"

@@ -19,6 +19,7 @@ import argparse
 import json
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -52,7 +53,9 @@ def sync_check(name: str, raw: dict, cuda: bool) -> dict:
         trainer.train_step(batches)
         result = {"check": f"no host sync: {name}", "ok": True}
     except RuntimeError as error:
-        result = {"check": f"no host sync: {name}", "ok": False, "error": str(error).splitlines()[0]}
+        where = [f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in traceback.extract_tb(error.__traceback__)
+                 if "/align/" in f.filename]  # the line of Align that waited on the GPU
+        result = {"check": f"no host sync: {name}", "ok": False, "error": str(error).splitlines()[0], "where": where[-3:]}
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
     parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
     parser.add_argument("--qlora-steps", type=int, default=5)
+    parser.add_argument("--only", default="sft,dpo,grpo,qlora", help="comma-separated checks to run")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
     parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
     args = parser.parse_args(argv)
@@ -110,18 +114,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        grpo={"group_size": 8, "beta": 0.04, "sampling": {"max_new_tokens": 32},
                              "rewards": [{"fn": "exact_answer"}]}),
     }
-    results = [sync_check(name, raw, cuda) for name, raw in cases.items()]
-    qlora_dir = str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"])
-    try:
-        results.append(qlora_memory(qlora_dir, sft, work, cuda, args.qlora_steps if cuda else 2))
-    except ImportError as error:  # bitsandbytes not handed over
-        results.append({"check": "QLoRA SFT memory", "ok": False, "error": f"{type(error).__name__}: {error}"})
-    for result in results:
-        print(json.dumps(result))
+    checks = [(f"no host sync: {name}", lambda name=name, raw=raw: sync_check(name, raw, cuda))
+              for name, raw in cases.items()]
+    checks.append(("QLoRA SFT memory", lambda: qlora_memory(str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"]),
+                                                             sft, work, cuda, args.qlora_steps if cuda else 2)))
+    only = {name.strip() for name in args.only.split(",")}
+    checks = [(name, check) for (name, check), key in zip(checks, [*cases, "qlora"]) if key in only]
+    results = []
+    for name, check in checks:  # one failing check (say, bitsandbytes not handed over) leaves the others
+        try:
+            result = check()
+        except Exception as error:  # noqa: BLE001  (reported, and the exit status says so)
+            result = {"check": name, "ok": False, "error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(result), flush=True)
+        results.append(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(0 if all(r["ok"] for r in main()) else 1)

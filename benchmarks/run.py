@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import re
 import shutil
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per job")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per job (0: all cores); 1 keeps a shared machine's noise down")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run each job under torch's profiler (slower: not for timings) and write "
+                             "the top operations to <out>/<stem>-profile.txt")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (data, job outputs)")
     args = parser.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -178,6 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
         settings[name]["n_train"] = max(1, round(settings[name]["n_train"] * args.scale))
         shared[name] = prepare_case(name, settings[name], work, args.model)
 
+    stamp = datetime.date.today().isoformat()
+    machine = machine_name()
+    model_tag = "" if args.model == "tiny" else f"-{args.model}"
+    stem = (f"{stamp}-{machine}{model_tag}" + ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else ""))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.profile:  # read by each worker (benchmarks.worker.profiled)
+        os.environ["ALIGN_BENCH_PROFILE"] = str((out / f"{stem}-profile.txt").resolve())
     results = []
     for repeat in range(repeats):
         for name in names:
@@ -191,16 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[{repeat + 1}/{repeats}] {name:4s} {side:5s} {variant:12s} {status}", flush=True)
 
     rows = [row for name in names for row in report.summarize(name, CASES[name], results, variants(name, only))]
-    stamp = datetime.date.today().isoformat()
-    machine = machine_name()
-    model_tag = "" if args.model == "tiny" else f"-{args.model}"
-    stem = (f"{stamp}-{machine}{model_tag}" + ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else ""))
     header = (f"## Align vs TRL: {machine}, {stamp}" + (" (smoke)" if args.smoke else "")
               + f"\n\n{repeats} repeat(s); model {args.model}; cases: {', '.join(names)}; scale {args.scale}; "
               f"threads per job: {args.threads or 'all'}")
     table = report.markdown(rows, header)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine, "date": stamp, "smoke": args.smoke, "repeats": repeats, "scale": args.scale,
                "model": args.model,
                "settings": settings,

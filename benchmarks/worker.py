@@ -7,6 +7,7 @@ A fresh process per job keeps peak memory and caches from leaking between jobs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -43,7 +44,7 @@ def run(spec) -> dict:
         else:
             prepared = getattr(case, spec.side)(spec)
     gc.collect()
-    with Region() as region:
+    with Region() as region, profiled(os.environ.get("ALIGN_BENCH_PROFILE"), f"{spec.case} {spec.side} {spec.variant}"):
         prepared.train()
     final = prepared.model()
     result.update(seconds=region.seconds, cpu_seconds=region.cpu_seconds, peak_bytes=region.peak_bytes, start_bytes=region.start_bytes,
@@ -53,6 +54,32 @@ def run(spec) -> dict:
                   matmul_params=matmul_parameters(final), peak_flops=peak_flops(),
                   heldout_loss=case.heldout(spec, final, tokenizer))
     return result
+
+
+@contextlib.contextmanager
+def profiled(path: str | None, title: str, rows: int = 30):
+    """With a path (run.py --profile), run the region under torch's profiler and append to that file
+    the wall and device-busy seconds and the top operations by self device time and self CPU time."""
+    if not path:
+        yield
+        return
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        yield
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    device_sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"\n\n==== {title}: wall {wall:.2f} s (profiled), device busy {busy:.2f} s\n")
+        f.write(events.table(sort_by=device_sort, row_limit=rows, max_name_column_width=60))
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
 def main(spec_path: str, result_path: str) -> None:
