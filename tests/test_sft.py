@@ -129,10 +129,26 @@ def test_sft_loss_equals_trl_on_the_same_batch(make_recipe):
     assert mine == theirs
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(make_recipe):
-    plain = gradients(SFTTrainer.from_recipe(make_recipe(adapter={"kind": "lora", "r": 4, "dropout": 0.0})))
-    recipe = make_recipe(adapter={"kind": "lora", "r": 4, "dropout": 0.0}, model={"gradient_checkpointing": True})
-    checkpointed = gradients(SFTTrainer.from_recipe(recipe))
+def activation_calls(trainer) -> list:
+    """Calls of the first decoder layer's MLP activation, appended to as they happen."""
+    calls = []
+    act = next(m for name, m in trainer.policy.model.named_modules() if name.endswith("layers.0.mlp.act_fn"))
+    act.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("adapter", [None, {"kind": "lora", "r": 4, "dropout": 0.0}])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(make_recipe, adapter):
+    """Checkpointed layers run again in the backward (it is on, in a step of a freshly built trainer,
+    not only inside fit: from_pretrained's eval mode would switch it off) with the same gradients."""
+    adapter = {"adapter": adapter} if adapter else {}
+    plain_trainer = SFTTrainer.from_recipe(make_recipe(**adapter))
+    plain_calls = activation_calls(plain_trainer)
+    plain = gradients(plain_trainer)
+    trainer = SFTTrainer.from_recipe(make_recipe(**adapter, model={"gradient_checkpointing": True}))
+    calls = activation_calls(trainer)
+    checkpointed = gradients(trainer)
+    assert len(calls) == 2 * len(plain_calls) > 0  # each micro-batch's forward, then its recomputation
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -138,6 +138,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
                                         betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
+        # training mode from here on, as in `fit`: from_pretrained leaves the model in eval mode, where
+        # transformers skips activation checkpointing (and dropout) in a `train_step` called directly
+        self.policy.module.train()
         self.steps_per_epoch = self.count_steps_per_epoch()
         self.total_steps = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
         self.scheduler = self.make_scheduler(step=0)
