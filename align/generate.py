@@ -34,8 +34,7 @@ class LoadedModel:
 
 def load(model_path: str, dtype: str = "auto") -> LoadedModel:
     """Load `model_path` (see the module docstring) for generation, on the GPU when there is one."""
-    from align.config import AdapterConfig, ModelConfig
-    from align.models.loading import load_model, load_tokenizer
+    from align.config import ModelConfig
     from align.rollout import PrefixSharedEngine
 
     path = os.path.expanduser(model_path)
@@ -46,11 +45,21 @@ def load(model_path: str, dtype: str = "auto") -> LoadedModel:
                          "a model directory, a hub id or builtin:<name>")
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise AlignError(f"no such model directory: {model_path!r} (relative to {os.getcwd()})")
-    config = ModelConfig(name_or_path=model_path, dtype=dtype)
+    model, tokenizer = load_for_sampling(ModelConfig(name_or_path=model_path, dtype=dtype))
+    return LoadedModel(model_path, model, tokenizer, PrefixSharedEngine(model, tokenizer))
+
+
+def load_for_sampling(config) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) of a ModelConfig, to sample from: an adapter merged into its base, in eval
+    mode, on the GPU when there is one; a trained built-in (`builtin:tiny-judge-arith`) is built first."""
+    from align.builtins import build_builtins
+    from align.config import AdapterConfig
+    from align.models.loading import load_model, load_tokenizer
+
+    build_builtins(config.name_or_path)
     model = load_model(config, AdapterConfig(kind="none"))
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    tokenizer = load_tokenizer(config)
-    return LoadedModel(model_path, model, tokenizer, PrefixSharedEngine(model, tokenizer))
+    return model, load_tokenizer(config)
 
 
 def _loaded(model: str | LoadedModel, dtype: str) -> LoadedModel:

@@ -465,3 +465,13 @@ def test_toy_loop_judge_label_dpo_raises_exact_answer_accuracy(toy_judge, tmp_pa
     print(f"exact-answer accuracy on {len(held_out)} held-out prompts: {before:.3f} -> {after:.3f} with the judge's "
           f"pairs, {control:.3f} with them reversed; {len(pairs)} pairs, {stats['ties']} ties")
     assert after >= before + 0.05 and after >= control + 0.05
+
+
+def test_a_prompt_longer_than_max_prompt_length_is_refused_naming_its_row():
+    from align.feedback.config import LabelSampling
+    from align.feedback.policy import Sampler
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.resolve("builtin:tiny-llama"))
+    sampler = Sampler(model=None, tokenizer=tokenizer, engine=None, sampling=LabelSampling(max_prompt_length=4))
+    with pytest.raises(AlignError, match=r"prompts row 1: the prompt has \d+ tokens, more than sampling.max_prompt_length=4"):
+        sampler.sample(["Hi", "a prompt of many more tokens than four"], key="prompts")

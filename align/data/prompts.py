@@ -30,10 +30,17 @@ def tokenize_prompts(rows: datasets.Dataset, tokenizer, max_prompt_length: int, 
     the row (dropping it silently would change the task)."""
 
     def encode(row: dict, index: int) -> dict:
-        ids = encode_prompt(tokenizer, row["prompt"], index, key)
-        if len(ids) > max_prompt_length:
-            raise AlignError(f"{key} row {index}: the prompt has {len(ids)} tokens, more than "
-                             f"{setting}={max_prompt_length}; raise {setting} or filter out long prompts")
-        return {"prompt_ids": ids}
+        return {"prompt_ids": encode_bounded_prompt(tokenizer, row["prompt"], index, key, max_prompt_length, setting)}
 
     return rows.map(encode, with_indices=True, desc=f"tokenizing {key}")
+
+
+def encode_bounded_prompt(tokenizer, prompt, index: int, key: str, max_prompt_length: int | None,
+                          setting: str = "sampling.max_prompt_length") -> list[int]:
+    """`encode_prompt`, and an error naming the row if the prompt has more than `max_prompt_length`
+    tokens (None: no bound)."""
+    ids = encode_prompt(tokenizer, prompt, index, key)
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        raise AlignError(f"{key} row {index}: the prompt has {len(ids)} tokens, more than "
+                         f"{setting}={max_prompt_length}; raise {setting} or filter out long prompts")
+    return ids

@@ -21,31 +21,21 @@ class Sampler:
 
     @classmethod
     def load(cls, model_config, sampling) -> "Sampler":
-        from align.builtins import build_builtins
-        from align.config import AdapterConfig
-        from align.models.loading import load_model, load_tokenizer
+        from align.generate import load_for_sampling
         from align.rollout import make_engine
 
-        build_builtins(model_config.name_or_path)
-        model = load_model(model_config, AdapterConfig(kind="none"))
-        model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        tokenizer = load_tokenizer(model_config)
+        model, tokenizer = load_for_sampling(model_config)
         max_len = (sampling.max_prompt_length or 1024) + sampling.max_new_tokens
         return cls(model, tokenizer, make_engine(sampling.engine, model, tokenizer, sampling.vllm, max_len), sampling)
 
     def sample(self, prompts: list, n: int = 1, key: str = "data") -> list[list[str]]:
         """n completions of each prompt (a string, or messages through the chat template), decoded
         without special tokens: [len(prompts)][n]."""
-        from align.data.prompts import encode_prompt
+        from align.data.prompts import encode_bounded_prompt
         from align.rollout import SamplingParams
 
         s = self.sampling
-        ids = [encode_prompt(self.tokenizer, p, i, key) for i, p in enumerate(prompts)]
-        if s.max_prompt_length:
-            long = next((i for i, x in enumerate(ids) if len(x) > s.max_prompt_length), None)
-            if long is not None:
-                raise AlignError(f"{key} row {long}: the prompt has {len(ids[long])} tokens, more than "
-                                 f"sampling.max_prompt_length={s.max_prompt_length}")
+        ids = [encode_bounded_prompt(self.tokenizer, p, i, key, s.max_prompt_length or None) for i, p in enumerate(prompts)]
         out: list[list[str]] = []
         for start in range(0, len(ids), s.batch_size):
             params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,

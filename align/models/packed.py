@@ -70,8 +70,9 @@ def shared_prompt_masks(config, allowed: torch.Tensor, position_ids: torch.Tenso
                          f"4-D mask); use one of {sorted(_MASKS_BY_IMPLEMENTATION)}, or set shared_prompt: false in "
                          "the algorithm's section")
     to_mask = _MASKS_BY_IMPLEMENTATION[implementation]
-    distance = (position_ids[:, :, None] - position_ids[:, None, :])[:, None]  # query - key position, [R, 1, L, L]
     windows = layer_windows(config)
+    if any(window is not None for window in windows.values()):  # query - key position, [R, 1, L, L]
+        distance = (position_ids[:, :, None] - position_ids[:, None, :])[:, None]
     masks = {window: to_mask(allowed if window is None else allowed & (distance < window), dtype)
              for window in set(windows.values())}
     if len(masks) == 1:

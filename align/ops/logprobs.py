@@ -216,9 +216,10 @@ def _labelled(hidden: torch.Tensor, labels: torch.Tensor, positions: torch.Tenso
 
 
 def _scatter(values: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """values [n] at flat positions [n] of a [B, T] float32 tensor shaped like labels, 0 elsewhere."""
-    out = torch.zeros(labels.numel(), dtype=torch.float32, device=values.device)
-    return out.index_put((positions,), values).view(labels.shape)
+    """values [n] at flat positions [n] of a [B, T] float32 tensor shaped like labels, 0 elsewhere
+    (a tensor of its own, not a view: FSDP2 warns about views returned from a sharded module's forward)."""
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=values.device)
+    return out.index_put((positions // labels.shape[-1], positions % labels.shape[-1]), values)
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
