@@ -109,6 +109,10 @@ class DataConfig(Section):
     decreasing), position ids restarting per example."""
 
 
+SHARDABLE_ALGORITHMS = ("sft",)
+"""Algorithms train.sharding=fsdp runs (the others are refused by the recipe's validation)."""
+
+
 class TrainConfig(Section):
     lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
     epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -137,6 +141,12 @@ class TrainConfig(Section):
     same model as the training pass (as TRL's DPO does). true keeps it on in those passes too."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """bf16 autocast for forward passes; weights and optimizer state stay in their own dtype."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """Under several processes: none = DDP (each process holds the whole model and optimizer state);
+    fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
+    decoder layer), for a model whose training state does not fit one device. fsdp is SFT only so far,
+    without an eval split; its checkpoints hold the gathered state and resume on any number of
+    processes (`align.models.sharding`)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False
@@ -338,6 +348,21 @@ class Recipe(Section):
             raise ValueError("empty: name a directory of its own for this run, e.g. runs/my-run "
                              "(an empty one would write into the current directory)")
         return value
+
+    @model_validator(mode="after")
+    def _check_sharding(self) -> "Recipe":
+        """What train.sharding=fsdp does not do yet is refused before a model loads."""
+        if self.train.sharding != "fsdp":
+            return self
+        refused = [(self.algorithm not in SHARDABLE_ALGORITHMS, f"algorithm {self.algorithm!r} (fsdp trains "
+                    f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),
+                   (self.adapter.kind == "qlora", "adapter.kind qlora (4-bit weights are not sharded yet)"),
+                   (self.data.eval is not None, "data.eval (evaluation under fsdp is not done yet)")]
+        reasons = [reason for bad, reason in refused if bad]
+        if reasons:
+            raise ValueError("train.sharding: fsdp cannot run with " + "; ".join(reasons) +
+                             "; use sharding: none (DDP) for this recipe")
+        return self
 
     @model_validator(mode="after")
     def _check_files(self) -> "Recipe":

@@ -105,14 +105,20 @@ def launched(tmp_path_factory):
     }
     recipes["sft-resumed"] = {**recipes["sft"], "output_dir": str(root / "sft-resumed"),
                               "train": {**recipes["sft"]["train"], "resume_from": str(root / "sft/checkpoints/step-000002")}}
+    (root / "digits.py").write_text("def digits(completions, **_):\n"
+                                    "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
+    return train_on_two_processes(root, recipes)
+
+
+def train_on_two_processes(root: Path, recipes: dict[str, dict]) -> dict[str, dict]:
+    """`align train` of each recipe in turn, in one `torchrun --nproc_per_node 2` launch (CPU, gloo)
+    with its own cache (the processes' reference log-probs are checked against this process's)."""
     paths = []
     for name, recipe in recipes.items():
         paths.append(root / f"{name}.yaml")
         paths[-1].write_text(yaml.safe_dump(recipe))
     (root / "worker.py").write_text(WORKER)
-    (root / "digits.py").write_text("def digits(completions, **_):\n"
-                                    "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
-    cache = root / "cache"  # the processes' own cache: their reference log-probs are checked against ours
+    cache = root / "cache"
     shutil.copytree(Path(resolve("builtin:tiny-llama")).parent, cache / "builtin")
     env = {**os.environ, "ALIGN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

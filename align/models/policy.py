@@ -118,10 +118,13 @@ class Trainable:
         """No dropout while training, nor in the passes compared with it (see `align.models.dropout`)."""
         disable_dropout(self.module)
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Adapter in peft format, or full weights as safetensors; plus the tokenizer."""
+    def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Adapter in peft format, or full weights as safetensors; plus the tokenizer. state_dict: the
+        whole state of `self.module` (as `sharding.full_state_dict` gathers it), else the module's own."""
         os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(directory)
+        if state_dict is not None:  # keys of the TokenLogprobModel: "model." + the model's own
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        self.model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         adapter_config = os.path.join(directory, "adapter_config.json")
         if os.path.isfile(adapter_config):  # name a built-in base portably, not by this cache's path

@@ -25,6 +25,7 @@ read at log steps, and train.max_nonfinite_steps such steps in a row stop the ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -43,7 +44,8 @@ from align.config import Recipe, Section, flat_keys, load_recipe, save_recipe, s
 from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
 from align.registry import TRAINERS
-from align.models import Policy
+from align.models import Policy, sharding
+from align.models.policy import unwrap
 from align.ops.logprobs import label_positions
 from align.trainers import checkpoint, run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
@@ -135,9 +137,14 @@ class Trainer:
         if not self.dropout:
             policy.disable_dropout()
         self.accelerator = process_accelerator()
+        self.sharded = self.cfg.sharding == "fsdp" and self.accelerator.num_processes > 1  # one process: nothing to shard
+        if self.sharded:  # before the optimizer: its parameters become the shards
+            policy.module.to(self.accelerator.device)
+            sharding.shard(policy.module)
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
                                         betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
-        self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
+        if not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
+            self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
         # training mode from here on, as in `fit`: from_pretrained leaves the model in eval mode, where
         # transformers skips activation checkpointing (and dropout) in a `train_step` called directly
         self.policy.module.train()
@@ -282,11 +289,13 @@ class Trainer:
     def share_micro_batches(self, items: list, per_batch: int) -> list[dict]:
         """This process's share of one optimizer step's items (examples, prompt groups), collated in
         micro-batches of `per_batch` items. A process left without items (a short last step) gets the
-        step's first item as a `padding` batch, trained with weight 0: DDP needs every process's backward."""
+        step's first item as a `padding` batch, trained with weight 0: DDP needs every process's backward.
+        Under fsdp every forward is a collective, so each process gets as many micro-batches as the
+        process with the most (the first: shares are round-robin), padded the same way."""
         mine = shard(items)
-        if not mine:
-            return [{**self.collate(items[:1]), "padding": True}]
-        return [self.collate(mine[i:i + per_batch]) for i in range(0, len(mine), per_batch)]
+        batches = [self.collate(mine[i:i + per_batch]) for i in range(0, len(mine), per_batch)]
+        most = math.ceil(math.ceil(len(items) / self.accelerator.num_processes) / per_batch) if self.sharded else 1
+        return batches + [{**self.collate(items[:1]), "padding": True}] * max(0, most - len(batches))
 
     def _to_device(self, batch: dict) -> dict:
         """The batch on the training device; a host batch with labels first gets its
@@ -411,6 +420,7 @@ class Trainer:
             grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = sharding.local(grad_norm)  # under fsdp, a norm over sharded gradients (replicated)
         finite = torch.isfinite(grad_norm) & self.loss_is_finite(record["loss"])
         record["grad_norm"] = grad_norm.detach()
         record["lr"] = self.scheduler.get_last_lr()[0]
@@ -608,8 +618,11 @@ class Trainer:
 
     def check_weights_finite(self, what: str) -> None:
         """AlignError if a trainable weight is NaN/inf (one host read; at saves only)."""
-        params = [p.detach() for p in self.policy.trainable_parameters()]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        params = [sharding.local_shard(p.detach()) for p in self.policy.trainable_parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+        if self.sharded:  # every process checks its own shards
+            finite = sum_tensors_over_processes({"bad": (~finite).float()}, self.accelerator.device)["bad"] == 0
+        if not bool(finite):
             raise AlignError(f"step {self.step}: the weights are NaN/inf, so the {what} was not written (earlier "
                              f"checkpoints are kept). Lower train.lr (it is {self.cfg.lr}) or clip gradients "
                              "(train.max_grad_norm)")
@@ -617,24 +630,40 @@ class Trainer:
     # ---- saving and resuming --------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         """Final weights (adapter or full model) and tokenizer, loadable by transformers/peft; never
-        non-finite ones, never half-written (see `checkpoint.write_atomically`)."""
+        non-finite ones, never half-written (see `checkpoint.write_atomically`). Under fsdp the
+        shards are gathered first (every process takes part) and written unsharded."""
         self.check_weights_finite("final model")
+        state = sharding.full_state_dict(self.policy.module) if self.sharded else None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            checkpoint.write_atomically(directory, self.policy.save, "final model")
+            write = self.policy.save if state is None else functools.partial(self.policy.save, state_dict=state)
+            checkpoint.write_atomically(directory, write, "final model")
 
     def checkpoint_state(self) -> dict[str, object]:
         """What a checkpoint holds: nested dicts/lists of tensors, numbers and strings (stored as
         safetensors + JSON, see `align.trainers.checkpoint`); `restore_state` puts it back. Called on
         every process; the state is the same on all but the random generators (one per process). The
         learning-rate schedule is not in it: `resume` rebuilds it from the recipe at the step."""
-        return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+        if self.sharded:  # gathered from the shards (every process takes part), parameters named
+            model, optimizer = sharding.full_training_state(self.policy.module, self.torch_optimizer)
+            trainable = {name for name, p in self.policy.module.named_parameters() if p.requires_grad}
+            model = {k: v for k, v in model.items() if k in trainable}
+        else:
+            model, optimizer = self.policy.state_dict(), self.optimizer.state_dict()
+        return {"model": model, "optimizer": optimizer,
                 "rng": gather_shares([checkpoint.rng_state()]),
                 "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
 
     def restore_state(self, objects: dict[str, object]) -> None:
-        self.policy.load_state_dict(objects["model"])
-        self.optimizer.load_state_dict(objects["optimizer"])
+        if sharding.keyed_by_name(objects["optimizer"]):  # written under fsdp: resumes sharded or not
+            sharding.load_training_state(unwrap(self.policy.module), self.torch_optimizer, objects["model"],
+                                         objects["optimizer"])
+        elif self.sharded:
+            raise AlignError("this checkpoint was written without train.sharding: fsdp (its optimizer state is "
+                             "numbered, not named); resume it with sharding: none")
+        else:
+            self.policy.load_state_dict(objects["model"])
+            self.optimizer.load_state_dict(objects["optimizer"])
         if "skipped" in objects:
             total, in_row = objects["skipped"].to(self.accelerator.device)
             self._nonfinite_total, self._nonfinite_in_row = total, in_row

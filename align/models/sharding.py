@@ -1,0 +1,92 @@
+"""Fully sharded data parallelism for the policy: torch's FSDP2 (`fully_shard`).
+
+Each decoder layer is one FSDP unit and the root is the `TokenLogprobModel` the loop trains, so the
+lm-head (and the embedding it may be tied to) is gathered by the root's own forward, where the chunked
+log-probs read it: a weight read outside a sharded module's forward is a DTensor shard, and
+`weight.full_tensor()` there runs but gives the wrong gradient.
+
+This is called directly rather than through accelerate's FSDP plugin, which on a CPU silently falls
+back to DDP (so the gloo tests would prove nothing) and prepares one model per call.
+
+Supported here: SFT (`align.config.SHARDABLE_ALGORITHMS`), full fine-tuning and LoRA. The
+gradients are reduce-scattered and averaged over the processes as DDP's are, so a step equals DDP's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from align.errors import AlignError
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of `model` (transformers' `GradientCheckpointingLayer`s)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """Shard `module` (a TokenLogprobModel) in place over the default process group: each decoder
+    layer, then the root. Call before building the optimizer (its parameters become DTensors)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(module)
+    if not layers:
+        raise AlignError(f"train.sharding=fsdp: found no decoder layers in {type(module).__name__} to shard "
+                         "(transformers' GradientCheckpointingLayer); use sharding: none")
+    if any(getattr(p, "quant_state", None) is not None for p in module.parameters()):
+        raise AlignError("train.sharding=fsdp does not shard 4-bit (QLoRA) weights yet; use sharding: none "
+                         "(DDP), or LoRA on a bf16 model")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (a norm computed over sharded gradients) as a plain tensor; others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded parameter (a DTensor); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_training_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Every process calls it: (model state, optimizer state), unsharded, on the CPU, for the main
+    process ({} for the others). The optimizer state is keyed by parameter name (not by position), so
+    a checkpoint resumes on any number of processes, sharded or not (`load_training_state`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_training_state(module: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                        optimizer_state: dict) -> None:
+    """Put `full_training_state`'s output back (each process holds all of it; `module` sharded or not):
+    model_state may hold only some weights (a checkpoint keeps the trainable ones)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def keyed_by_name(optimizer_state: dict) -> bool:
+    """Whether an optimizer state dict is `full_training_state`'s (parameters named, not numbered)."""
+    groups = optimizer_state.get("param_groups") or [{}]
+    return any(isinstance(name, str) for name in groups[0].get("params", []))
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every process calls it (a collective): the whole, unsharded state dict on the CPU for the main
+    process, {} for the others."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
