@@ -136,9 +136,13 @@ class Trainable:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights only (the adapter for LoRA/QLoRA): what a checkpoint must hold."""
-        module = unwrap(self.module)
-        names = {name for name, p in module.named_parameters() if p.requires_grad}
-        return {k: v for k, v in module.state_dict().items() if k in names}
+        return self.trainable_entries(unwrap(self.module).state_dict())
+
+    def trainable_entries(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The entries of a state dict of `self.module` (its own, or one gathered from FSDP shards)
+        that are trainable weights."""
+        names = {name for name, p in unwrap(self.module).named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in names}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(state) - set(unwrap(self.module).state_dict())

@@ -45,8 +45,9 @@ def shard(module: nn.Module) -> nn.Module:
     return module
 
 
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor (a norm computed over sharded gradients) as a plain tensor; others as they are."""
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (e.g. a norm computed over sharded gradients) as a plain tensor,
+    gathered where it is sharded or partial; other tensors as they are."""
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

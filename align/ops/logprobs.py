@@ -219,7 +219,8 @@ def _scatter(values: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor
     """values [n] at flat positions [n] of a [B, T] float32 tensor shaped like labels, 0 elsewhere
     (a tensor of its own, not a view: FSDP2 warns about views returned from a sharded module's forward)."""
     out = torch.zeros(labels.shape, dtype=torch.float32, device=values.device)
-    return out.index_put((positions // labels.shape[-1], positions % labels.shape[-1]), values)
+    out.view(-1).index_put_((positions,), values)  # written through a flat view; `out` itself is returned
+    return out
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,

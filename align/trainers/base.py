@@ -420,7 +420,7 @@ class Trainer:
             grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        grad_norm = sharding.local(grad_norm)  # under fsdp, a norm over sharded gradients (replicated)
+        grad_norm = sharding.whole(grad_norm)  # under fsdp, a norm over sharded gradients (a DTensor)
         finite = torch.isfinite(grad_norm) & self.loss_is_finite(record["loss"])
         record["grad_norm"] = grad_norm.detach()
         record["lr"] = self.scheduler.get_last_lr()[0]
@@ -646,8 +646,7 @@ class Trainer:
         learning-rate schedule is not in it: `resume` rebuilds it from the recipe at the step."""
         if self.sharded:  # gathered from the shards (every process takes part), parameters named
             model, optimizer = sharding.full_training_state(self.policy.module, self.torch_optimizer)
-            trainable = {name for name, p in self.policy.module.named_parameters() if p.requires_grad}
-            model = {k: v for k, v in model.items() if k in trainable}
+            model = self.policy.trainable_entries(model)
         else:
             model, optimizer = self.policy.state_dict(), self.optimizer.state_dict()
         return {"model": model, "optimizer": optimizer,
