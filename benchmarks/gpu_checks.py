@@ -114,14 +114,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        grpo={"group_size": 8, "beta": 0.04, "sampling": {"max_new_tokens": 32},
                              "rewards": [{"fn": "exact_answer"}]}),
     }
-    checks = [(f"no host sync: {name}", lambda name=name, raw=raw: sync_check(name, raw, cuda))
-              for name, raw in cases.items()]
-    checks.append(("QLoRA SFT memory", lambda: qlora_memory(str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"]),
-                                                             sft, work, cuda, args.qlora_steps if cuda else 2)))
-    only = {name.strip() for name in args.only.split(",")}
-    checks = [(name, check) for (name, check), key in zip(checks, [*cases, "qlora"]) if key in only]
+    checks = {key: (f"no host sync: {key}", lambda key=key, raw=raw: sync_check(key, raw, cuda))
+              for key, raw in cases.items()}
+    checks["qlora"] = ("QLoRA SFT memory", lambda: qlora_memory(str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"]),
+                                                                 sft, work, cuda, args.qlora_steps if cuda else 2))
+    only = {key.strip() for key in args.only.split(",")}
     results = []
-    for name, check in checks:  # one failing check (say, bitsandbytes not handed over) leaves the others
+    for name, check in (checks[key] for key in checks if key in only):  # one failing check leaves the others
         try:
             result = check()
         except Exception as error:  # noqa: BLE001  (reported, and the exit status says so)
