@@ -111,3 +111,52 @@ def test_chunks_are_large_on_an_accelerator_and_small_on_a_cpu():
     assert default_chunk_size(torch.device("cuda"), 32_000) == 8388  # ~1 GiB of float32 logits a block
     assert default_chunk_size(torch.device("cuda"), 151_936) == 1766
     assert default_chunk_size(torch.device("cuda"), 1_000_000) == CHUNK_SIZE
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the input dtypes of every matrix multiply that reaches the kernels."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+               torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.MATMULS:
+            self.dtypes.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_under_autocast_every_lm_head_matmul_runs_in_its_dtype_forward_and_backward(fused):
+    """Under bf16 autocast the logits, d hidden and d weight matmuls all run in bf16, as a plain
+    lm-head's do under autocast (a GPU runs float32 GEMMs ~15x slower): autograd runs a backward
+    outside the forward's autocast, and an in-place addmm_ is never autocast. The results stay
+    what the plain head gives under the same autocast, to bf16 rounding."""
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    head = torch.nn.Linear(32, 300, bias=False)
+    labels = torch.randint(0, 300, (2, 9))
+    labels[0, :3] = IGNORE_INDEX
+    weights = torch.randn(2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _MatmulDtypes() as seen:
+        if fused:
+            total, ours, _ = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=5)
+        else:
+            ours = token_logprobs(hidden, head, labels, chunk_size=5)
+            total = (ours * weights).sum()
+        grads = torch.autograd.grad(total, [hidden, head.weight])
+    # three chunks of the 15 labelled tokens; per chunk: logits, d hidden, d weight (and the unfused
+    # backward recomputes the logits)
+    assert len(seen.dtypes) == 3 * (3 if fused else 4)
+    assert all(dtype == torch.bfloat16 for dtypes in seen.dtypes for dtype in dtypes), seen.dtypes
+    assert all(g.dtype == torch.float32 for g in grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = torch.log_softmax(head(hidden).float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        full = full * (labels != IGNORE_INDEX)
+        plain = torch.autograd.grad((full * weights).sum(), [hidden, head.weight])
+    torch.testing.assert_close(ours, full.detach(), atol=2e-2, rtol=0)
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from align.losses.distill import divergence_and_grad
-from align.ops.logprobs import LogitTransform, default_chunk_size, label_positions
+from align.ops.logprobs import LogitTransform, add_weight_grad, default_chunk_size, label_positions
 
 
 @dataclass
@@ -75,7 +75,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 if need_h:
                     grad_h[start:end] = (grad.to(weight.dtype) @ weight).to(grad_h.dtype)
                 if need_w:
-                    grad_w.addmm_(grad.T, h.to(dtype))
+                    add_weight_grad(grad_w, grad, h)
                 if need_b:
                     grad_b += grad.sum(0)
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),

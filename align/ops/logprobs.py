@@ -98,6 +98,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.transform, ctx.chunk_size = transform, chunk_size
+        ctx.autocast = _autocast_state(hidden.device.type)
         ctx.mark_non_differentiable(entropy)
         return out, entropy
 
@@ -105,14 +106,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         grads = _new_grads(ctx, hidden, weight, bias)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[start:start + ctx.chunk_size]
-            g = grad_out[start:start + ctx.chunk_size, None]
-            logits, derivative = ctx.transform(_lm_head(h, weight, bias))
-            # d logp[target] / d logits = onehot(target) - softmax
-            grad_logits = logits.softmax(-1).mul_(-g)
-            grad_logits.scatter_add_(1, targets[start:start + ctx.chunk_size, None], g)
-            _add_chunk_grads(grads, start, _chain(grad_logits, derivative), h, weight)
+        # autograd runs backward outside the forward's autocast: recompute the logits (and run the
+        # gradient matmuls) under the same autocast as the forward, as a plain lm-head's backward does
+        device_type, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                h = hidden[start:start + ctx.chunk_size]
+                g = grad_out[start:start + ctx.chunk_size, None]
+                logits, derivative = ctx.transform(_lm_head(h, weight, bias))
+                # d logp[target] / d logits = onehot(target) - softmax
+                grad_logits = logits.softmax(-1).mul_(-g)
+                grad_logits.scatter_add_(1, targets[start:start + ctx.chunk_size, None], g)
+                _add_chunk_grads(grads, start, _chain(grad_logits, derivative), h, weight)
         return *_finish_grads(grads, weight, bias), None, None, None, None
 
 
@@ -170,6 +175,21 @@ def _new_grads(ctx, hidden, weight, bias) -> tuple:
             torch.zeros_like(bias, dtype=torch.float32) if need_b else None)
 
 
+def _autocast_state(device_type: str) -> tuple[str, torch.dtype | None]:
+    """(device type, the autocast dtype there, None when autocast is off)."""
+    return device_type, torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def add_weight_grad(grad_w: torch.Tensor, grad_out: torch.Tensor, inputs: torch.Tensor) -> None:
+    """grad_w [V, H] (float32) += grad_out.T [V, n] @ inputs [n, H]: under autocast a GEMM in its
+    dtype (bf16 on tensor cores, what autocast gives a plain lm-head's weight gradient; an in-place
+    `addmm_` is not autocast and would run in float32, ~15x slower on a GPU), else in float32."""
+    if torch.is_autocast_enabled(inputs.device.type):
+        grad_w += torch.mm(grad_out.T, inputs)
+    else:
+        grad_w.addmm_(grad_out.T, inputs.to(grad_w.dtype))
+
+
 def _add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: torch.Tensor,
                      weight: torch.Tensor) -> None:
     """One chunk's share: grad_logits [n, V] -> rows start:start+n of d hidden, += d weight, d bias."""
@@ -177,7 +197,7 @@ def _add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: tor
     if grad_h is not None:
         grad_h[start:start + len(h)] = (grad_logits.to(weight.dtype) @ weight).to(grad_h.dtype)
     if grad_w is not None:
-        grad_w.addmm_(grad_logits.T, h.float())
+        add_weight_grad(grad_w, grad_logits, h)
     if grad_b is not None:
         grad_b += grad_logits.sum(0)
 
