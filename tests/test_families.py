@@ -303,3 +303,23 @@ def test_attention_implementations_without_4d_masks_are_refused_for_shared_promp
     allowed = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
     with pytest.raises(AlignError, match="flash_attention_2.*shared_prompt: false"):
         shared_prompt_masks(config, allowed, torch.arange(3)[None], torch.float32)
+
+
+def test_forwards_on_cuda_leave_out_the_cudnn_attention_kernel(monkeypatch):
+    """On CUDA every Align forward (and sampler) runs SDPA without cuDNN's kernel, which builds a
+    plan for each new shape (packed rows change shape every micro-batch); flash and memory-efficient
+    stay allowed; on a CPU nothing changes. The flags are what SDPA's dispatcher reads."""
+    from align.models.packed import attention_kernels
+
+    backends = torch.backends.cuda
+    before = (backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled())
+    with attention_kernels(torch.device("cuda")):
+        assert not backends.cudnn_sdp_enabled()
+        assert backends.flash_sdp_enabled() and backends.mem_efficient_sdp_enabled() and backends.math_sdp_enabled()
+    assert (backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled()) == before
+    with attention_kernels(torch.device("cpu")):
+        assert backends.cudnn_sdp_enabled() == before[0]
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr("align.rollout.sampling.model_device", lambda m: torch.device("cuda"))
+    with inference(model):
+        assert not backends.cudnn_sdp_enabled() and not model.training

@@ -154,6 +154,25 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(make_rec
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
+def test_checkpointed_layers_recompute_with_the_forwards_attention_kernels(make_recipe, monkeypatch):
+    """Where Align picks SDPA's kernels (CUDA: no cuDNN, `attention_kernels`), activation
+    checkpointing's recomputation in the backward must pick the same ones, or its saved tensors
+    differ from the forward's and torch.utils.checkpoint raises (it did on an H200). The kernel
+    choice is made to apply on the CPU here, and every attention call, forward and recomputed, is seen."""
+    import align.models.packed as packed
+
+    monkeypatch.setattr(packed, "KERNEL_CHOICE_DEVICES", {"cuda", "cpu"})
+    trainer = SFTTrainer.from_recipe(make_recipe(model={"gradient_checkpointing": True, "attn_implementation": "sdpa"}))
+    cudnn_allowed = []
+    for name, module in trainer.policy.model.named_modules():
+        if name.endswith("self_attn"):
+            module.register_forward_hook(lambda *args: cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    layers = trainer.policy.model.config.num_hidden_layers
+    trainer.train_step(trainer.micro_batches(0))
+    assert len(cudnn_allowed) == 2 * layers * len(trainer.micro_batches(0))  # the forward, then its recomputation
+    assert not any(cudnn_allowed)
+
+
 def test_bf16_mixed_precision_trains(make_recipe, tmp_path):
     trainer = SFTTrainer.from_recipe(make_recipe(train={"mixed_precision": "bf16", "max_steps": 12, "log_every": 1}))
     trainer.fit()

@@ -14,6 +14,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from align.models.packed import attention_kernels
+
 
 @dataclass
 class SamplingParams:
@@ -169,11 +171,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def inference(model: torch.nn.Module):
-    """Eval mode without gradients; the model's training mode is restored afterwards."""
+    """Eval mode without gradients, SDPA without cuDNN on CUDA (a new plan per decoding step, see
+    `align.models.packed.SDPA_BACKENDS`); the model's training mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention_kernels(model_device(model)):
             yield
     finally:
         model.train(was_training)

@@ -45,6 +45,7 @@ from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy, sharding
+from align.models.packed import attention_kernels
 from align.models.policy import unwrap
 from align.ops.logprobs import label_positions
 from align.trainers import checkpoint, run_dir, samples
@@ -498,8 +499,10 @@ class Trainer:
                     loss, metrics = self.compute_loss(batch)
                 if padding:
                     loss = loss * 0.0
-                # each process's loss is its share of the step's sum; DDP averages, so scale it back up
-                self.accelerator.backward(loss * self.accelerator.num_processes)
+                # each process's loss is its share of the step's sum; DDP averages, so scale it back up;
+                # under the forward's attention kernels (activation checkpointing recomputes it here)
+                with attention_kernels(self.accelerator.device):
+                    self.accelerator.backward(loss * self.accelerator.num_processes)
             if not padding:
                 record["loss"] = record["loss"] + loss.detach().to(dtype)
                 record["num_tokens"] += int(host_batch["num_tokens"])
