@@ -8,12 +8,15 @@ epoch; `Prepared.model()` hands back the trained model for the held-out loss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from benchmarks.steps import step_done
 
 
 @dataclasses.dataclass
@@ -64,9 +67,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(spec: Spec):
-    """bf16 autocast on a GPU (weights stay fp32), nothing on the CPU: what both trainers do."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.cuda)
+@contextlib.contextmanager
+def floor_forward(spec: Spec):
+    """The floor's forwards: bf16 autocast on a GPU (weights stay fp32; what both trainers do) and
+    the fastest SDPA kernels for changing shapes (`align.models.packed.attention_kernels`: the
+    floor is a lower bound); nothing on the CPU."""
+    from align.models.packed import attention_kernels
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.cuda), attention_kernels(device()):
+        yield
 
 
 # ---- Align ---------------------------------------------------------------------------------------
@@ -96,7 +105,13 @@ def align_job(trainer_class, raw_recipe: dict) -> Prepared:
     from align.config import recipe_from_dict
 
     work = {"completions": 0, "completion_tokens": 0}
-    methods = {"save": lambda self, directory: None}
+
+    def train_step(self, micro_batches):
+        record = trainer_class.train_step(self, micro_batches)
+        step_done()
+        return record
+
+    methods = {"save": lambda self, directory: None, "train_step": train_step}
     if hasattr(trainer_class, "make_experience"):
         def make_experience(self, round_):
             experience = trainer_class.make_experience(self, round_)
@@ -138,6 +153,13 @@ def trl_args(spec: Spec) -> dict:
 
 
 def trl_job(trainer) -> Prepared:
+    from transformers import TrainerCallback
+
+    class StepDone(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_done()
+
+    trainer.add_callback(StepDone())
     return Prepared(train=trainer.train, model=lambda: trainer.model, steps=lambda: trainer.state.global_step)
 
 
@@ -163,11 +185,12 @@ def floor_job(spec: Spec, model: torch.nn.Module, steps: list[list[dict]],
         for micro_batches in steps:
             num_items = sum(items(b) for b in micro_batches)
             for batch in micro_batches:
-                with autocast(spec):
+                with floor_forward(spec):
                     loss = loss_fn(model, batch, num_items)
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step_done()
 
     return Prepared(train=train, model=lambda: model, steps=lambda: len(steps))
 

@@ -109,6 +109,11 @@ def summarize(case: str, module, results: list[dict], variants: list[str] | None
             "initial_loss": initial, "align_loss": a_loss, "trl_loss": t_loss,
             **(work_agreement(align, trl) if online else agreement(initial, a_loss, t_loss, variant)),
             "failed": failed,
+            "align_first_step_s": _median(align, "first_step_s"), "trl_first_step_s": _median(trl, "first_step_s"),
+            "floor_first_step_s": _median(floor, "first_step_s"),
+            "align_step_s": _median(align, "steady_step_s"), "trl_step_s": _median(trl, "steady_step_s"),
+            "floor_step_s": _median(floor, "steady_step_s"),
+            "step_ratio": _ratio(_median(align, "steady_step_s"), _median(trl, "steady_step_s")),
             **mfu(module, tokens, a_s, t_s, align + trl),
         })
     return rows
@@ -169,6 +174,13 @@ def markdown(rows: list[dict], header: str) -> str:
             lines.append(f"- {r['case']} vs {r['baseline']}: MFU Align {_fmt(r['align_mfu'], '.1%')}, "
                          f"{r['baseline']} {_fmt(r['trl_mfu'], '.1%')} (6 x {r['matmul_params'] / 1e6:.0f}M params x "
                          f"tokens / time / {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak)")
+    for r in rows:
+        if r.get("align_step_s") is not None:
+            lines.append(f"- {r['case']} vs {r['baseline']}: steady step (median after the first) Align "
+                         f"{_fmt(r['align_step_s'], '.3f')} s, B {_fmt(r['trl_step_s'], '.3f')} s, floor "
+                         f"{_fmt(r['floor_step_s'], '.3f')} s (A/B {_fmt(r['step_ratio'])}); first step (setup "
+                         f"in the region included) {_fmt(r['align_first_step_s'])} / {_fmt(r['trl_first_step_s'])} / "
+                         f"{_fmt(r['floor_first_step_s'])} s")
     for r in rows:
         if r["failed"] or not r["agree"]:
             lines.append(f"- {r['case']} vs {r['baseline']}: " + ("; ".join(r["failed"]) or r["why"]))

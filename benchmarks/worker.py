@@ -21,6 +21,7 @@ def run(spec) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from benchmarks import steps
     from benchmarks.assets import matmul_parameters, peak_flops
     from benchmarks.cases import CASES
     from benchmarks.common import device
@@ -44,10 +45,18 @@ def run(spec) -> dict:
         else:
             prepared = getattr(case, spec.side)(spec)
     gc.collect()
-    with Region() as region, profiled(os.environ.get("ALIGN_BENCH_PROFILE"), f"{spec.case} {spec.side} {spec.variant}"):
-        prepared.train()
+    with Region() as region, profiled(os.environ.get("ALIGN_BENCH_PROFILE"),
+                                      f"{spec.case} {spec.side} {spec.variant}") as profiler:
+        clock = steps.StepClock(profiler)
+        steps.install(clock)
+        try:
+            prepared.train()
+        finally:
+            steps.install(None)
     final = prepared.model()
+    step_seconds = clock.step_seconds()  # the region's exit synchronized the device
     result.update(seconds=region.seconds, cpu_seconds=region.cpu_seconds, peak_bytes=region.peak_bytes, start_bytes=region.start_bytes,
+                  step_seconds=step_seconds, **steps.summary(step_seconds),
                   growth_bytes=region.peak_bytes - region.start_bytes,
                   memory_kind=region.memory_kind, steps=prepared.steps(), work=prepared.work(), device=device_kind(),
                   device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -56,28 +65,41 @@ def run(spec) -> dict:
     return result
 
 
+PROFILED_STEPS = dict(wait=1, warmup=1, active=2)
+"""The profiler's window: the first step skipped (setup, warm-up), one step to warm the profiler up,
+then two steady optimizer steps recorded (each side marks its step ends: benchmarks.steps)."""
+
+
 @contextlib.contextmanager
 def profiled(path: str | None, title: str, rows: int = 30):
-    """With a path (run.py --profile), run the region under torch's profiler and append to that file
-    the wall and device-busy seconds and the top operations by self device time and self CPU time."""
+    """With a path (run.py --profile), yield a profiler whose window is PROFILED_STEPS (stepped by the
+    step clock) and append to that file the window's device-busy and host-op seconds and its top
+    operations by self device time and by self CPU time. Without one, yield None."""
     if not path:
-        yield
+        yield None
         return
-    import time
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    windows = []
+
+    def report(prof):
+        windows.append(prof.key_averages())
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        yield
-    wall = time.perf_counter() - start
-    events = prof.key_averages()
-    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
-    device_sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with profile(activities=activities, schedule=schedule(**PROFILED_STEPS, repeat=1), on_trace_ready=report) as prof:
+        yield prof
     with open(path, "a") as f:
-        f.write(f"\n\n==== {title}: wall {wall:.2f} s (profiled), device busy {busy:.2f} s\n")
+        if not windows:
+            f.write(f"\n\n==== {title}: fewer steps than the profiler's window {PROFILED_STEPS}: nothing recorded\n")
+            return
+        events = windows[0]
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+        cpu = sum(e.self_cpu_time_total for e in events) / 1e6
+        device_sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        f.write(f"\n\n==== {title}: {PROFILED_STEPS['active']} steady steps: device busy {busy:.3f} s, "
+                f"host ops {cpu:.3f} s\n")
         f.write(events.table(sort_by=device_sort, row_limit=rows, max_name_column_width=60))
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 

@@ -23,8 +23,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (Prepared, Spec, align_job, align_recipe, autocast, device, fastest_adamw, hf_dataset,
-                               load_rows, trl_args, trl_job)
+from benchmarks.common import (Prepared, Spec, align_job, align_recipe, device, fastest_adamw, floor_forward,
+                               hf_dataset, load_rows, trl_args, trl_job)
+from benchmarks.steps import step_done
 
 VARIANTS = ("default",)
 BASELINE = "TRL"
@@ -112,7 +113,7 @@ def sample(model, prompts: list[list[int]], spec: Spec) -> list[list[int]]:
     ids = torch.tensor([[p[0]] * (length - len(p)) + p for p in prompts], device=device())
     mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device())
     cache = DynamicCache(config=model.config)
-    with autocast(spec):
+    with floor_forward(spec):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        logits_to_keep=1, **with_cache(model, cache)).logits[:, -1]
     cache.batch_repeat_interleave(spec.group_size)
@@ -125,7 +126,7 @@ def sample(model, prompts: list[list[int]], spec: Spec) -> list[list[int]]:
         if step == spec.max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(token)], 1)
-        with autocast(spec):
+        with floor_forward(spec):
             logits = model(input_ids=token, attention_mask=mask, position_ids=positions + step,
                            **with_cache(model, cache)).logits[:, -1]
     return torch.cat(tokens, 1).tolist()
@@ -159,7 +160,7 @@ def floor(spec: Spec, model, tokenizer) -> Prepared:
             for b in range(0, len(step_prompts), per_batch):
                 groups = [(p, completions[(b + i) * g:(b + i + 1) * g]) for i, p in enumerate(step_prompts[b:b + per_batch])]
                 batch = {k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in pack_groups(groups).items()}
-                with autocast(spec):
+                with floor_forward(spec):
                     hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                          attention_mask=batch["attention_mask"]).last_hidden_state
                     labelled = batch["labels"] != -100
@@ -169,6 +170,7 @@ def floor(spec: Spec, model, tokenizer) -> Prepared:
                 (-(advantages * logps).sum() / num_items).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step_done()
 
     return Prepared(train=train, model=lambda: model, steps=lambda: -(-len(prompts) // per_step),
                     work=lambda: dict(work))
