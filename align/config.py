@@ -109,7 +109,7 @@ class DataConfig(Section):
     decreasing), position ids restarting per example."""
 
 
-SHARDABLE_ALGORITHMS = ("sft",)
+SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo")
 """Algorithms train.sharding=fsdp runs (the others are refused by the recipe's validation)."""
 
 
@@ -144,8 +144,8 @@ class TrainConfig(Section):
     sharding: Literal["none", "fsdp"] = "none"
     """Under several processes: none = DDP (each process holds the whole model and optimizer state);
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
-    decoder layer), for a model whose training state does not fit one device. fsdp is SFT only so far,
-    without an eval split; its checkpoints hold the gathered state and resume on any number of
+    decoder layer), for a model whose training state does not fit one device. fsdp runs SFT, reward
+    and DPO so far (DPO's reference a frozen copy), without an eval split; its checkpoints hold the gathered state and resume on any number of
     processes (`align.models.sharding`)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
@@ -357,12 +357,27 @@ class Recipe(Section):
         refused = [(self.algorithm not in SHARDABLE_ALGORITHMS, f"algorithm {self.algorithm!r} (fsdp trains "
                     f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),
                    (self.adapter.kind == "qlora", "adapter.kind qlora (4-bit weights are not sharded yet)"),
+                   (self._reference_through_the_policy(), f"{self.algorithm}.reference adapter_disabled (the "
+                    "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
                    (self.data.eval is not None, "data.eval (evaluation under fsdp is not done yet)")]
         reasons = [reason for bad, reason in refused if bad]
         if reasons:
             raise ValueError("train.sharding: fsdp cannot run with " + "; ".join(reasons) +
                              "; use sharding: none (DDP) for this recipe")
         return self
+
+    def _reference_through_the_policy(self) -> bool:
+        """Whether the reference model is the policy with its adapter disabled (an adapter, the
+        reference on auto or adapter_disabled, no separate reference model; a loss that needs one)."""
+        section = self.section
+        if self.adapter.kind == "none" or getattr(section, "reference", "frozen_copy") == "frozen_copy" \
+                or getattr(section, "reference_model", None):
+            return False
+        if self.algorithm == "dpo":
+            from align.registry import PREFERENCE_LOSSES
+
+            return PREFERENCE_LOSSES.get(section.loss_type).needs_reference
+        return True
 
     @model_validator(mode="after")
     def _check_files(self) -> "Recipe":

@@ -1,6 +1,7 @@
 """Sharded training (train.sharding: fsdp, torch's FSDP2): two CPU processes (`torchrun`, gloo)
-train exactly as one process whose batch holds both processes' examples, full fine-tuning and
-LoRA; what fsdp does not do yet is refused before a model loads."""
+train exactly as one process whose batch holds both processes' examples: SFT (full fine-tuning and
+LoRA), the reward model and DPO (with its reference log-prob cache); what fsdp does not do yet is
+refused before a model loads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from align.config import recipe_from_dict
 from align.toy import chat_rows, preference_rows
+from align.registry import TRAINERS
 from align.trainers import SFTTrainer
 from tests.test_distributed import (LORA, assert_same_run, metrics, recipe_dict, single_process,
                                     train_on_two_processes, weights)
@@ -20,26 +22,32 @@ SHARDED = {"sharding": "fsdp", "batch_size": 2, "grad_accum": 2}
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """Both recipes in one `torchrun --nproc_per_node 2` launch. 21 chats, 8 a step: the last step's
-    5 give one process two micro-batches and the other one, which gets a padding batch to match
-    (every FSDP forward is a collective)."""
+    """Every recipe in one `torchrun --nproc_per_node 2` launch. 21 chats (pairs), 8 a step: the last
+    step's 5 give one process two micro-batches and the other one, which gets a padding batch to
+    match (every FSDP forward is a collective)."""
     root = tmp_path_factory.mktemp("fsdp")
-    rows = chat_rows(21, seed=5)
+    rows, pairs = chat_rows(21, seed=5), preference_rows(21, seed=11)
     recipes = {"full": recipe_dict(root, "full", "sft", rows, train={**SHARDED, "save_every": 2}),
-               "lora": recipe_dict(root, "lora", "sft", rows, adapter=LORA, train=SHARDED)}
+               "lora": recipe_dict(root, "lora", "sft", rows, adapter=LORA, train=SHARDED),
+               "reward": recipe_dict(root, "reward", "reward", pairs, train=SHARDED),
+               # full fine-tuning: the reference is a frozen copy on each process (reference cache built in shares)
+               "dpo": recipe_dict(root, "dpo", "dpo", pairs, train={**SHARDED, "lr": 5e-4}),
+               # LoRA with a frozen-copy reference (the adapter-disabled one is refused under fsdp)
+               "dpo-lora": recipe_dict(root, "dpo-lora", "dpo", pairs, adapter=LORA, train=SHARDED,
+                                       dpo={"reference": "frozen_copy", "precompute_reference": False})}
     recipes["full-resumed"] = {**recipes["full"], "output_dir": str(root / "full-resumed"),
                                "train": {**recipes["full"]["train"],
                                          "resume_from": str(root / "full" / "checkpoints" / "step-000002")}}
     return train_on_two_processes(root, recipes)
 
 
-@pytest.mark.parametrize("name", ["full", "lora"])
+@pytest.mark.parametrize("name", ["full", "lora", "reward", "dpo", "dpo-lora"])
 def test_fsdp_on_two_processes_equals_one_process_with_their_joint_batch(launched, name):
     """Loss, gradient norm and items at every step within 1e-5 relative; the final weights, gathered
     from the shards into a plain transformers/peft directory, within 1e-4 (AdamW, see assert_same_run)."""
     recipe = launched[name]
     single = single_process(recipe, batch_size=4)  # sharding: fsdp on one process trains unsharded
-    SFTTrainer.from_recipe(recipe_from_dict(single)).fit()
+    TRAINERS.get(recipe["algorithm"]).from_recipe(recipe_from_dict(single)).fit()
     assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "num_items"))
 
 
@@ -63,12 +71,13 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_and_on_one(l
 
 
 @pytest.mark.parametrize("change,refused", [
-    ({"algorithm": "dpo"}, "algorithm 'dpo'"),
+    ({"algorithm": "kto"}, "algorithm 'kto'"),
     ({"adapter": {"kind": "qlora"}}, "adapter.kind qlora"),
     ({"data": {"eval": {"path": "EVAL"}}}, "data.eval"),
+    ({"algorithm": "dpo", "adapter": LORA}, r"dpo.reference adapter_disabled .* set it to frozen_copy"),
 ])
 def test_what_fsdp_does_not_do_yet_is_refused_by_the_recipe(tmp_path, change, refused):
-    rows = preference_rows(4, seed=1) if change.get("algorithm") == "dpo" else chat_rows(4, seed=1)
+    rows = preference_rows(4, seed=1) if change.get("algorithm") in ("dpo", "kto") else chat_rows(4, seed=1)
     recipe = recipe_dict(tmp_path, "run", "sft", rows, train={"sharding": "fsdp"})
     eval_path = recipe["data"]["train"]["path"]
     for key, value in change.items():
