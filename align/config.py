@@ -145,7 +145,7 @@ class TrainConfig(Section):
     """Under several processes: none = DDP (each process holds the whole model and optimizer state);
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
     decoder layer), for a model whose training state does not fit one device. fsdp runs SFT, reward
-    and DPO so far (DPO's reference a frozen copy), without an eval split; its checkpoints hold the gathered state and resume on any number of
+    and DPO so far (DPO's reference a frozen copy); its checkpoints hold the gathered state and resume on any number of
     processes (`align.models.sharding`)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
@@ -358,8 +358,7 @@ class Recipe(Section):
                     f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),
                    (self.adapter.kind == "qlora", "adapter.kind qlora (4-bit weights are not sharded yet)"),
                    (self._reference_through_the_policy(), f"{self.algorithm}.reference adapter_disabled (the "
-                    "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
-                   (self.data.eval is not None, "data.eval (evaluation under fsdp is not done yet)")]
+                    "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)")]
         reasons = [reason for bad, reason in refused if bad]
         if reasons:
             raise ValueError("train.sharding: fsdp cannot run with " + "; ".join(reasons) +

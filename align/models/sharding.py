@@ -18,6 +18,8 @@ gradients are reduce-scattered and averaged over the processes as DDP's are, so 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -47,6 +49,27 @@ def shard(module: nn.Module) -> nn.Module:
         fully_shard(layer)
     fully_shard(module)
     return module
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Every process calls it (gathering is a collective): inside, every FSDP unit of `module` holds
+    its whole weights on every process, kept across forwards, so forwards outside training (greedy
+    generation: as many as the data decides) need no collective; resharded on exit. Every process
+    must still run the same forwards: FSDP records their order for the next backward's prefetch.
+    Costs the whole model's weights on each process while inside."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -533,14 +533,21 @@ class Trainer:
         """Metrics over the whole eval split (its batches shared out among the processes), each
         averaged with the loss's own normalization. Not the hot path: it reads the host per batch."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
+        starts = range(0, len(self.eval_data), size)
         batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
-                   for i in shard(range(0, len(self.eval_data), size))]
-        num_items = float(sum_over_processes({"items": sum(self.count_items(b) for b in batches)})["items"])
+                   for i in shard(starts)]
+        if self.sharded:  # every forward is a collective: each process runs as many as the first
+            most = math.ceil(len(starts) / self.accelerator.num_processes)
+            batches += [{**self.collate([self.eval_data[0]]), "padding": True}] * (most - len(batches))
+        num_items = float(sum_over_processes({"items": sum(self.count_items(b) for b in batches
+                                                           if not b.get("padding"))})["items"])
         totals: dict[str, float] = {"loss": 0.0}
         with self.policy.eval_mode():
             for batch in batches:
                 with self.autocast():
                     loss, metrics = self.compute_loss(self._to_device({**batch, "num_items": num_items}))
+                if batch.get("padding"):
+                    continue
                 totals["loss"] += loss.item()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) * self.count_items(batch) / num_items
@@ -565,15 +572,22 @@ class Trainer:
 
     def greedy_samples(self) -> list[dict]:
         """{"prompt", "completion"} of greedy completions of `sample_prompt_ids`, made on the main
-        process during `fit` only (where `show_samples` writes them)."""
-        if not self.accelerator.is_main_process or self.run_id is None:
+        process during `fit` only (where `show_samples` writes them). Under fsdp every process makes
+        them, on weights gathered whole (`sharding.gathered`): FSDP records the order in which its
+        units ran forward to prefetch their weights in the next backward, and a forward on the main
+        process alone would make that order differ between the processes (their collectives then
+        deadlock)."""
+        if self.run_id is None or not (self.accelerator.is_main_process or self.sharded):
             return []
-        prompts = self.sample_prompt_ids()
+        prompts = self.sample_prompt_ids()  # the same on every process: all of them take part, or none
         if not prompts:
             return []
+        with sharding.gathered(self.policy.module) if self.sharded else contextlib.nullcontext(), self.autocast():
+            texts = samples.greedy_completions(self.policy.model, self.policy.tokenizer, prompts,
+                                               self.recipe.data.max_length)
+        if not self.accelerator.is_main_process:
+            return []
         tokenizer = self.policy.tokenizer
-        with self.autocast():
-            texts = samples.greedy_completions(self.policy.model, tokenizer, prompts, self.recipe.data.max_length)
         return [{"prompt": tokenizer.decode(ids, skip_special_tokens=True), "completion": text}
                 for ids, text in zip(prompts, texts)]
 
