@@ -109,7 +109,7 @@ class DataConfig(Section):
     decreasing), position ids restarting per example."""
 
 
-SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo")
+SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto")
 """Algorithms train.sharding=fsdp runs (the others are refused by the recipe's validation)."""
 
 
@@ -144,8 +144,8 @@ class TrainConfig(Section):
     sharding: Literal["none", "fsdp"] = "none"
     """Under several processes: none = DDP (each process holds the whole model and optimizer state);
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
-    decoder layer), for a model whose training state does not fit one device. fsdp runs SFT, reward
-    and DPO so far (DPO's reference a frozen copy); its checkpoints hold the gathered state and resume on any number of
+    decoder layer), for a model whose training state does not fit one device. fsdp runs SFT, reward,
+    DPO and KTO so far (their reference a frozen copy); its checkpoints hold the gathered state and resume on any number of
     processes (`align.models.sharding`)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)

@@ -6,13 +6,13 @@ the embedding it may be tied to) is gathered by the root's own forward, where th
 read it: a weight read outside a sharded module's forward is a DTensor shard, and
 `weight.full_tensor()` there runs but gives the wrong gradient. For the same reason a reference
 model must not be the sharded policy with its adapter disabled (a forward around the root): DPO
-under fsdp uses a frozen copy, unsharded on each process.
+and KTO under fsdp use a frozen copy, unsharded on each process.
 
 This is called directly rather than through accelerate's FSDP plugin, which on a CPU silently falls
 back to DDP (so the gloo tests would prove nothing) and prepares one model per call.
 
-Supported here: SFT, the reward model and DPO (`align.config.SHARDABLE_ALGORITHMS`), full
-fine-tuning and LoRA. The
+Supported here: SFT, the reward model, DPO and KTO (`align.config.SHARDABLE_ALGORITHMS`), full
+fine-tuning and LoRA, activation checkpointing. The
 gradients are reduce-scattered and averaged over the processes as DDP's are, so a step equals DDP's.
 """
 

@@ -528,17 +528,24 @@ class Trainer:
         return {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                 for k, v in values.items()}
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Metrics over the whole eval split (its batches shared out among the processes), each
-        averaged with the loss's own normalization. Not the hot path: it reads the host per batch."""
+    def eval_batches(self) -> list[dict]:
+        """This process's share of the eval split's batches, collated. Under fsdp every forward is
+        a collective, so each process gets as many as the first, padded with `padding` batches (which
+        count for nothing)."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
         starts = range(0, len(self.eval_data), size)
         batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
                    for i in shard(starts)]
-        if self.sharded:  # every forward is a collective: each process runs as many as the first
+        if self.sharded:
             most = math.ceil(len(starts) / self.accelerator.num_processes)
             batches += [{**self.collate([self.eval_data[0]]), "padding": True}] * (most - len(batches))
+        return batches
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics over the whole eval split (its batches shared out among the processes), each
+        averaged with the loss's own normalization. Not the hot path: it reads the host per batch."""
+        batches = self.eval_batches()
         num_items = float(sum_over_processes({"items": sum(self.count_items(b) for b in batches
                                                            if not b.get("padding"))})["items"])
         totals: dict[str, float] = {"loss": 0.0}

@@ -28,7 +28,7 @@ from align.data import tokenize
 from align.data.groups import sequence_sums
 from align.data.unpaired import (LABEL_COLUMN, check_labels, kl_batch, kl_completions, kl_partners, pack_unpaired,
                                  unpair, unpaired_encoder)
-from align.distributed import shard, sum_tensors_over_processes
+from align.distributed import sum_tensors_over_processes
 from align.errors import AlignError
 from align.losses.kto import desirable_weight_advice, kl_reference_point, kl_sums, kto_loss
 from align.models import Policy, reference_cache
@@ -205,8 +205,10 @@ class KTOTrainer(Trainer):
                   "undesirable": sum(b["num_undesirable"] for b in real)}
         kl = torch.zeros(2, device=device)
         if self.uses_kl:
-            for batch in real:
-                kl = kl + self.kl_pair_sums(batch)
+            for batch in batches if self.sharded else real:  # fsdp: every forward is a collective
+                sums = self.kl_pair_sums(batch)
+                if not batch.get("padding"):
+                    kl = kl + sums
         if self.accelerator.num_processes > 1:
             values = {"kl_sum": kl[0], "kl_pairs": kl[1],
                       **{k: torch.full((), v, device=device) for k, v in counts.items()}}
@@ -226,11 +228,8 @@ class KTOTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         """The base evaluation, with z0 and the row counts of the whole eval split (every process's
         batches, as the base evaluation shares them out)."""
-        size = self.cfg.eval_batch_size or self.cfg.batch_size
-        batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
-                   for i in shard(range(0, len(self.eval_data), size))]
         with self.policy.eval_mode():
-            self._totals = self.totals(batches)
+            self._totals = self.totals(self.eval_batches())
         try:
             return super().evaluate()
         finally:
