@@ -109,7 +109,7 @@ class DataConfig(Section):
     decreasing), position ids restarting per example."""
 
 
-SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto")
+SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo")
 """Algorithms train.sharding=fsdp runs (the others are refused by the recipe's validation)."""
 
 
@@ -145,7 +145,7 @@ class TrainConfig(Section):
     """Under several processes: none = DDP (each process holds the whole model and optimizer state);
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
     decoder layer), for a model whose training state does not fit one device. fsdp runs SFT, reward,
-    DPO and KTO so far (their reference a frozen copy); its checkpoints hold the gathered state and resume on any number of
+    DPO, KTO and GRPO so far (their reference a frozen copy); its checkpoints hold the gathered state and resume on any number of
     processes (`align.models.sharding`)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
@@ -358,7 +358,10 @@ class Recipe(Section):
                     f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),
                    (self.adapter.kind == "qlora", "adapter.kind qlora (4-bit weights are not sharded yet)"),
                    (self._reference_through_the_policy(), f"{self.algorithm}.reference adapter_disabled (the "
-                    "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)")]
+                    "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
+                   (getattr(getattr(self.section, "sampling", None), "engine", None) == "vllm",
+                    f"{self.algorithm}.sampling.engine vllm (under fsdp each process samples from an unsharded copy "
+                    "with prefix_shared or hf)")]
         reasons = [reason for bad, reason in refused if bad]
         if reasons:
             raise ValueError("train.sharding: fsdp cannot run with " + "; ".join(reasons) +
@@ -376,6 +379,8 @@ class Recipe(Section):
             from align.registry import PREFERENCE_LOSSES
 
             return PREFERENCE_LOSSES.get(section.loss_type).needs_reference
+        if self.algorithm == "grpo":
+            return section.beta > 0
         return True
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ every function here is the identity (or a plain sum), so the trainers read the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,13 +27,21 @@ def gather_shares(share: list) -> list:
     return [parts[i % len(parts)][i // len(parts)] for i in range(sum(len(part) for part in parts))]
 
 
-def map_in_shares(items: Sequence, chunk_size: int, fn: Callable[[Sequence], list]) -> list:
+def map_in_shares(items: Sequence, chunk_size: int, fn: Callable[[Sequence], list], even: bool = False) -> list:
     """`fn` over this process's share of `items`, `chunk_size` items a call (fn returns one result
-    per item of its chunk); every process gets all the results, in the order of `items`."""
+    per item of its chunk); every process gets all the results, in the order of `items`. even: every
+    process calls fn as often as the process with the most items (fn runs a collective, e.g. a
+    forward of a sharded model), the extra calls on the first items, their results dropped."""
     mine = shard(items)
     results: list = []
+    calls = 0
     for start in range(0, len(mine), chunk_size):
         results.extend(fn(mine[start:start + chunk_size]))
+        calls += 1
+    if even and items:
+        most = math.ceil(math.ceil(len(items) / PartialState().num_processes) / chunk_size)
+        for _ in range(most - calls):
+            fn(items[:chunk_size])
     return gather_shares(results)
 
 

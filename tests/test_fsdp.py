@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from align.config import recipe_from_dict
-from align.toy import chat_rows, preference_rows
+from align.toy import chat_rows, preference_rows, prompt_rows
 from align.registry import TRAINERS
 from align.trainers import SFTTrainer
 from tests.test_distributed import (LORA, assert_same_run, metrics, recipe_dict, single_process,
@@ -44,6 +44,16 @@ def launched(tmp_path_factory):
                # LoRA with a frozen-copy reference (the adapter-disabled one is refused under fsdp)
                "dpo-lora": recipe_dict(root, "dpo-lora", "dpo", pairs, adapter=LORA, train=SHARDED,
                                        dpo={"reference": "frozen_copy", "precompute_reference": False})}
+    # GRPO, full fine-tuning with a KL reference (frozen copy): 2 prompts of 4 completions a round,
+    # each process samples its own from an unsharded copy synced from the shards; 2 passes a round
+    recipes["grpo"] = recipe_dict(root, "grpo", "grpo", prompt_rows(8, seed=21),
+                                  train={"sharding": "fsdp", "batch_size": 4, "max_steps": 4, "save_every": 1,
+                                         "keep_checkpoints": 4, "lr": 1e-3},
+                                  grpo={"group_size": 4, "num_iterations": 2, "beta": 0.05, "loss_norm": "dapo",
+                                        "sampling": {"max_new_tokens": 12},
+                                        "rewards": [{"fn": f"{root / 'digits.py'}:digits"}]})
+    (root / "digits.py").write_text("def digits(completions, **_):\n"  # varies between random completions
+                                    "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
     recipes["full-resumed"] = {**recipes["full"], "output_dir": str(root / "full-resumed"),
                                "train": {**recipes["full"]["train"],
                                          "resume_from": str(root / "full" / "checkpoints" / "step-000002")}}
@@ -116,3 +126,74 @@ def test_an_unsharded_checkpoint_is_refused_under_fsdp_naming_the_fix(tmp_path):
     trainer.sharded = True  # as under torchrun with train.sharding: fsdp
     with pytest.raises(AlignError, match="written without train.sharding: fsdp .* resume it with sharding: none"):
         trainer.restore_state(objects)
+
+
+def test_grpo_under_fsdp_equals_one_process_on_the_same_experience(launched):
+    """Each process samples its own prompts (from its unsharded copy of the policy, synced from the
+    shards before each round), so, as for DDP in test_distributed, one process resumes from the
+    sharded run's step-1 checkpoint, mid-round (the same weights, the whole round's experience): the
+    round's second pass must agree; the next round samples on the updated weights."""
+    from align.trainers import GRPOTrainer
+    from align.trainers.checkpoint import load_checkpoint
+
+    recipe = launched["grpo"]
+    checkpoint = Path(recipe["output_dir"], "checkpoints", "step-000001")
+    groups = load_checkpoint(checkpoint)[1]["experience"]["groups"]
+    assert len(groups) == 2 and all(len(g["completions"]) == 4 for g in groups)
+    assert metrics(recipe["output_dir"])[0]["grad_norm"] > 0.01  # the rewards vary: a real gradient
+    single = single_process(recipe, batch_size=8, resume_from=str(checkpoint), max_steps=2)
+    GRPOTrainer.from_recipe(recipe_from_dict(single)).fit()
+    (got,), want = metrics(single["output_dir"]), metrics(recipe["output_dir"])
+    assert got["step"] == 2 and [r["step"] for r in want] == [1, 2, 3, 4]  # two rounds, the second sampled after a sync
+    for key in ("loss", "grad_norm", "kl", "reward"):
+        assert got[key] == pytest.approx(want[1][key], rel=1e-5, abs=1e-6), key
+    sharded, one = (load_checkpoint(Path(d, "checkpoints", "step-000002"))[1]["model"]
+                    for d in (recipe["output_dir"], single["output_dir"]))
+    assert sharded.keys() == one.keys() and sharded
+    for name, tensor in sharded.items():
+        torch.testing.assert_close(one[name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
+COPY_CHECK = """
+import copy, sys
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from align.models import sharding
+from align.models.policy import TokenLogprobModel
+
+dist.init_process_group("gloo")
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+sampler = copy.deepcopy(model)
+root = sharding.shard(TokenLogprobModel(model))
+with torch.no_grad():  # each process moves its own shards: the copy must end up with every one of them
+    for p in root.parameters():
+        p.to_local().add_(torch.randn_like(p.to_local()) + dist.get_rank())
+sharding.copy_weights(root, sampler)
+whole = {k.removeprefix("model."): sharding.whole(v) for k, v in root.state_dict().items()}
+own = sampler.state_dict()
+assert whole.keys() <= own.keys() and whole
+for name, tensor in whole.items():
+    torch.testing.assert_close(own[name], tensor, atol=0, rtol=0, msg=name)
+print("copied", dist.get_rank(), len(whole))
+"""
+
+
+def test_the_sampling_copy_gets_the_weights_of_every_shard(tmp_path):
+    """`sharding.copy_weights`, which syncs GRPO's unsharded sampling copy before each round: after
+    both processes change their own shards, each process's copy holds the whole new weights."""
+    import os
+    import subprocess
+    import sys
+
+    from align.models.tiny import resolve
+    from tests.test_distributed import REPO
+
+    (tmp_path / "check.py").write_text(COPY_CHECK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "check.py"), resolve("builtin:tiny-llama")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("copied") == 2

@@ -6,13 +6,15 @@ the embedding it may be tied to) is gathered by the root's own forward, where th
 read it: a weight read outside a sharded module's forward is a DTensor shard, and
 `weight.full_tensor()` there runs but gives the wrong gradient. For the same reason a reference
 model must not be the sharded policy with its adapter disabled (a forward around the root): DPO
-and KTO under fsdp use a frozen copy, unsharded on each process.
+and KTO under fsdp use a frozen copy, unsharded on each process. Online trainers (GRPO) sample
+from another unsharded copy on each process, synced from the shards before each round
+(`copy_weights`): each process samples its own prompts, a number of forwards only the data decides.
 
 This is called directly rather than through accelerate's FSDP plugin, which on a CPU silently falls
 back to DDP (so the gloo tests would prove nothing) and prepares one model per call.
 
-Supported here: SFT, the reward model, DPO and KTO (`align.config.SHARDABLE_ALGORITHMS`), full
-fine-tuning and LoRA, activation checkpointing. The
+Supported here: SFT, the reward model, DPO, KTO and GRPO (`align.config.SHARDABLE_ALGORITHMS`),
+full fine-tuning and LoRA, activation checkpointing. The
 gradients are reduce-scattered and averaged over the processes as DDP's are, so a step equals DDP's.
 """
 
@@ -70,6 +72,17 @@ def gathered(module: nn.Module):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True)
+
+
+@torch.no_grad()
+def copy_weights(root: nn.Module, target: nn.Module) -> None:
+    """Every process calls it (a collective): `target`, an unsharded copy of the model inside `root`
+    (the sampler's), gets root's current weights, gathered whole on every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    own = target.state_dict()
+    for name, tensor in get_model_state_dict(root, options=StateDictOptions(full_state_dict=True)).items():
+        own[name.removeprefix("model.")].copy_(tensor)
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ read at log steps, and train.max_nonfinite_steps such steps in a row stop the ru
 
 from __future__ import annotations
 
+import copy
 import contextlib
 import functools
 import logging
@@ -119,6 +120,10 @@ class Trainer:
     """The class of the algorithm's own recipe section (`recipe.section`)."""
     formats: tuple[str, ...] = ()
     """Data formats this trainer accepts (see align.data.formats)."""
+    samples_while_training: bool = False
+    """Whether the trainer generates from the policy between steps (online RL): under fsdp it then
+    samples from an unsharded copy (`sampling_copy`), as each process samples its own prompts and a
+    sharded forward is a collective."""
     dropout_by_default: bool = True
     """Whether dropout is on while training when train.dropout_during_training is not set."""
     run_id: str | None = None
@@ -139,8 +144,13 @@ class Trainer:
             policy.disable_dropout()
         self.accelerator = process_accelerator()
         self.sharded = self.cfg.sharding == "fsdp" and self.accelerator.num_processes > 1  # one process: nothing to shard
+        self.sampling_copy: torch.nn.Module | None = None
+        """Under fsdp, for trainers that sample while training: an unsharded copy of the policy's model on
+        each process, synced from the shards before each sampling (`sync_sampler`)."""
         if self.sharded:  # before the optimizer: its parameters become the shards
             policy.module.to(self.accelerator.device)
+            if self.samples_while_training:
+                self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()
             sharding.shard(policy.module)
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
                                         betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)

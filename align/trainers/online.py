@@ -31,6 +31,7 @@ from align.data.groups import pack_groups, sequence_tokens
 from align.data.prompts import tokenize_prompts
 from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
+from align.models import sharding
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers import samples
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 class OnlineTrainer(Trainer):
     formats = ("prompt", "prompt_completion")
     dropout_by_default = False  # old and reference log-probs must see the model the update trains
+    samples_while_training = True
 
     # ---- settings -------------------------------------------------------------------------------
     @classmethod
@@ -110,7 +112,8 @@ class OnlineTrainer(Trainer):
         self.rewards = RewardFunctions.from_config(self.rl.rewards, key=f"{self.algorithm}.rewards")
         sampling = self.rl.sampling
         longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
-        self.engine = make_engine(sampling.engine, self.policy.model, self.policy.tokenizer, sampling.vllm, longest)
+        model = self.policy.model if self.sampling_copy is None else self.sampling_copy
+        self.engine = make_engine(sampling.engine, model, self.policy.tokenizer, sampling.vllm, longest)
         self.experience: dict | None = None
         rows = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
         params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
@@ -170,7 +173,7 @@ class OnlineTrainer(Trainer):
         """The rollout of `rows` and its [N*G, F] reward values: each process samples and scores its
         share of the prompts (its own sampling seed), then every process gets all of it."""
         g, mine = self.group_size, shard(rows)
-        self.engine.sync_weights()  # engines outside the trained modules (vLLM) get the current weights
+        self.sync_sampler()
         per_prompt = []
         if mine:
             seed = self.cfg.seed * 1_000_003 + round_ + 1_000_000_007 * self.accelerator.process_index
@@ -182,6 +185,14 @@ class OnlineTrainer(Trainer):
         rollout = Rollout([r["prompt_ids"] for r in rows], [c for p in per_prompt for c in p[0]],
                           [f for p in per_prompt for f in p[1]], g)
         return rollout, torch.cat([p[2] for p in per_prompt])
+
+    def sync_sampler(self) -> None:
+        """Make the engine sample from the current weights: under fsdp the unsharded sampling copy
+        gets them from the shards (every process calls this: a collective); engines outside the
+        trained modules (vLLM) sync their own."""
+        if self.sampling_copy is not None:
+            sharding.copy_weights(self.policy.module, self.sampling_copy)
+        self.engine.sync_weights()
 
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
         """[N*G, F] rewards of every completion from every reward function (NaN = not applicable)."""
@@ -229,7 +240,7 @@ class OnlineTrainer(Trainer):
 
         per_batch = max(1, (self.cfg.eval_batch_size or self.cfg.batch_size) // self.group_size)
         with self.scoring_mode():
-            for group, value in zip(groups, map_in_shares(groups, per_batch, values_of)):
+            for group, value in zip(groups, map_in_shares(groups, per_batch, values_of, even=self.sharded)):
                 group.update(value)
 
     def collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:
@@ -269,7 +280,7 @@ class OnlineTrainer(Trainer):
                 sampled = list(self.score(rows, self.engine.generate(prompts, params, k)).view(len(rows), k, -1))
             return list(zip(self.score(rows, rollout), map(len, rollout.completion_ids), texts, sampled))
 
-        self.engine.sync_weights()
+        self.sync_sampler()
         results = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size, scored)
         values, lengths = torch.stack([r[0] for r in results]), [r[1] for r in results]
         combined = self.rewards.combine(values)  # NaN where no function scored the completion
