@@ -145,8 +145,12 @@ class TrainConfig(Section):
     """Under several processes: none = DDP (each process holds the whole model and optimizer state);
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
     decoder layer), for a model whose training state does not fit one device. fsdp runs SFT, reward,
-    DPO, KTO and GRPO so far (their reference a frozen copy); its checkpoints hold the gathered state and resume on any number of
-    processes (`align.models.sharding`)."""
+    DPO, KTO and GRPO so far (their reference a frozen copy); its checkpoints hold the gathered state
+    and resume on any number of processes (`align.models.sharding`)."""
+    fsdp_offload: bool = False
+    """Under sharding: fsdp, keep the shards (weights, gradients, optimizer state) in CPU memory:
+    each layer's weights are copied to the device for its forward and backward, and the optimizer
+    steps on the CPU (torch's CPUOffloadPolicy). Slower; for a model whose shards do not fit the GPUs."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False
@@ -353,6 +357,8 @@ class Recipe(Section):
     def _check_sharding(self) -> "Recipe":
         """What train.sharding=fsdp does not do yet is refused before a model loads."""
         if self.train.sharding != "fsdp":
+            if self.train.fsdp_offload:
+                raise ValueError("train.fsdp_offload offloads FSDP's shards: it needs train.sharding: fsdp")
             return self
         refused = [(self.algorithm not in SHARDABLE_ALGORITHMS, f"algorithm {self.algorithm!r} (fsdp trains "
                     f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),

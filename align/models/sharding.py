@@ -35,10 +35,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def shard(module: nn.Module) -> nn.Module:
+def shard(module: nn.Module, offload: bool = False) -> nn.Module:
     """Shard `module` (a TokenLogprobModel) in place over the default process group: each decoder
-    layer, then the root. Call before building the optimizer (its parameters become DTensors)."""
-    from torch.distributed.fsdp import fully_shard
+    layer, then the root. Call before building the optimizer (its parameters become DTensors).
+    offload: keep the shards in CPU memory (`CPUOffloadPolicy`; pinned where there is a GPU)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     layers = decoder_layers(module)
     if not layers:
@@ -47,9 +48,10 @@ def shard(module: nn.Module) -> nn.Module:
     if any(getattr(p, "quant_state", None) is not None for p in module.parameters()):
         raise AlignError("train.sharding=fsdp does not shard 4-bit (QLoRA) weights yet; use sharding: none "
                          "(DDP), or LoRA on a bf16 model")
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(module)
+        fully_shard(layer, offload_policy=policy)
+    fully_shard(module, offload_policy=policy)
     return module
 
 

@@ -151,7 +151,7 @@ class Trainer:
             policy.module.to(self.accelerator.device)
             if self.samples_while_training:
                 self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()
-            sharding.shard(policy.module)
+            sharding.shard(policy.module, offload=self.cfg.fsdp_offload)
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
                                         betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         if not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
@@ -431,7 +431,8 @@ class Trainer:
             grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        grad_norm = sharding.whole(grad_norm)  # under fsdp, a norm over sharded gradients (a DTensor)
+        # under fsdp, a norm over sharded gradients (a DTensor); on the CPU when they are offloaded
+        grad_norm = sharding.whole(grad_norm).to(self.accelerator.device)
         finite = torch.isfinite(grad_norm) & self.loss_is_finite(record["loss"])
         record["grad_norm"] = grad_norm.detach()
         record["lr"] = self.scheduler.get_last_lr()[0]
@@ -459,8 +460,8 @@ class Trainer:
         moments and step counts stay as they were, and the host does not wait. Other optimizers
         (the foreach fallback, bitsandbytes') ask the host, one read per step."""
         optimizer = self.torch_optimizer
-        if optimizer.defaults.get("fused"):
-            optimizer.found_inf = (~finite).float()
+        if optimizer.defaults.get("fused"):  # on the weights' device (the CPU when fsdp offloads them)
+            optimizer.found_inf = (~finite).float().to(optimizer.param_groups[0]["params"][0].device)
             try:
                 self.optimizer.step()
             finally:
