@@ -98,8 +98,8 @@ def profiled(path: str | None, title: str, rows: int = 30):
         busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
         cpu = sum(e.self_cpu_time_total for e in events) / 1e6
         device_sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        f.write(f"\n\n==== {title}: {PROFILED_STEPS['active']} steady steps: device busy {busy:.3f} s, "
-                f"host ops {cpu:.3f} s\n")
+        f.write(f"\n\n==== {title}: up to {PROFILED_STEPS['active']} steady steps (fewer when the run ends "
+                f"first): device busy {busy:.3f} s, host ops {cpu:.3f} s\n")
         f.write(events.table(sort_by=device_sort, row_limit=rows, max_name_column_width=60))
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 

@@ -178,13 +178,29 @@ own = sampler.state_dict()
 assert whole.keys() <= own.keys() and whole
 for name, tensor in whole.items():
     torch.testing.assert_close(own[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def kept_after_forward():  # (the lm-head, a layer's weight) still whole after a forward
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        root(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[2, 3, 4, -100]]))
+    return [not isinstance(w, DTensor) for w in (root.model.lm_head.weight, root.model.model.layers[0].mlp.up_proj.weight)]
+
+
+assert kept_after_forward() == [True, False]  # FSDP's own: the root keeps its weights, the layers reshard
+with sharding.gathered(root):
+    assert kept_after_forward() == [True, True]
+assert kept_after_forward() == [True, False]  # gathered() restored each unit's setting
 print("copied", dist.get_rank(), len(whole))
 """
 
 
 def test_the_sampling_copy_gets_the_weights_of_every_shard(tmp_path):
     """`sharding.copy_weights`, which syncs GRPO's unsharded sampling copy before each round: after
-    both processes change their own shards, each process's copy holds the whole new weights."""
+    both processes change their own shards, each process's copy holds the whole new weights. And
+    `sharding.gathered` (greedy samples) keeps every weight whole inside, then restores FSDP's own
+    setting on exit (the root keeps its weights after a forward, the layers reshard)."""
     import os
     import subprocess
     import sys

@@ -160,3 +160,28 @@ def test_under_autocast_every_lm_head_matmul_runs_in_its_dtype_forward_and_backw
     torch.testing.assert_close(ours, full.detach(), atol=2e-2, rtol=0)
     for a, b in zip(grads, plain):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float64_inputs_under_autocast_keep_float64_as_autocast_does(fused):
+    """Autocast leaves float64 tensors alone, so the op must too (a bf16 weight-gradient GEMM on
+    them would mix dtypes): the same values and gradients as without autocast."""
+    torch.manual_seed(5)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, 30, bias=False).double()
+    labels = torch.randint(0, 30, (2, 6))
+    weights = torch.rand(2, 6, dtype=torch.float64)
+
+    def run():
+        if fused:
+            total = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=5)[0]
+        else:
+            total = (token_logprobs(hidden, head, labels, chunk_size=5) * weights).sum()
+        return total, torch.autograd.grad(total, [hidden, head.weight])
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run()
+    torch.testing.assert_close(autocast[0], plain[0])
+    for a, b in zip(autocast[1], plain[1]):
+        torch.testing.assert_close(a, b)

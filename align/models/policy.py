@@ -223,7 +223,7 @@ class Policy(Trainable):
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """[B, T] log-probs of `batch["labels"]` under the reference model (no gradient)."""
         if self.reference == "frozen_copy":  # in the policy's mode: the same dropout setting
-            device = next(self.module.parameters()).device
+            device = batch["input_ids"].device  # (not a policy weight's: under fsdp offload those are on the CPU)
             return self._reference_module.to(device).train(self.module.training)(**batch, temperature=temperature)
         if self.reference == "adapter_disabled":
             with self.model.disable_adapter():

@@ -66,25 +66,44 @@ def gathered(module: nn.Module):
 
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     for unit in units:
-        unit.set_reshard_after_forward(False)
+        unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
         yield
     finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(True)
+        for unit in units:  # as `shard` and FSDP set them: the layers reshard after forward, the root
+            unit.reshard()  # (`module`) does not, its weights being needed again at once by the backward
+            unit.set_reshard_after_forward(unit is not module, recurse=False)
 
 
 @torch.no_grad()
 def copy_weights(root: nn.Module, target: nn.Module) -> None:
-    """Every process calls it (a collective): `target`, an unsharded copy of the model inside `root`
-    (the sampler's), gets root's current weights, gathered whole on every process."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """Every process calls it (a collective per weight): `target`, an unsharded copy of the model
+    inside `root` (the sampler's, made before sharding), gets root's current trainable weights,
+    gathered whole one at a time (frozen ones never change, so LoRA gathers only the adapter)."""
+    own = dict(target.named_parameters())
+    for name, param in root.named_parameters():
+        if param.requires_grad:
+            own[name.removeprefix("model.")].copy_(whole(param.detach()))
 
-    own = target.state_dict()
-    for name, tensor in get_model_state_dict(root, options=StateDictOptions(full_state_dict=True)).items():
-        own[name.removeprefix("model.")].copy_(tensor)
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, device: torch.device) -> torch.Tensor:
+    """Every process calls it: the total norm of the sharded gradients of `params`, a 0-dim float32
+    tensor on `device`, after scaling them down to `max_norm` as `torch.nn.utils.clip_grad_norm_`
+    does (None: measured only). Each process sums the squares of its local shards on `device` and one
+    all-reduce adds them there, so shards offloaded to the CPU need no collective on the CPU (a
+    process group of NCCL alone has none)."""
+    grads = [local_shard(p.grad).detach() for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for grad in grads:
+        squares = squares + grad.float().pow(2).sum().to(device)
+    torch.distributed.all_reduce(squares)
+    total = squares.sqrt()
+    if max_norm is not None:
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.to(grad.device, grad.dtype))
+    return total
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -184,7 +184,7 @@ def add_weight_grad(grad_w: torch.Tensor, grad_out: torch.Tensor, inputs: torch.
     """grad_w [V, H] (float32) += grad_out.T [V, n] @ inputs [n, H]: under autocast a GEMM in its
     dtype (bf16 on tensor cores, what autocast gives a plain lm-head's weight gradient; an in-place
     `addmm_` is not autocast and would run in float32, ~15x slower on a GPU), else in float32."""
-    if torch.is_autocast_enabled(inputs.device.type):
+    if torch.is_autocast_enabled(inputs.device.type) and inputs.dtype != torch.float64:  # (autocast leaves fp64 be)
         grad_w += torch.mm(grad_out.T, inputs)
     else:
         grad_w.addmm_(grad_out.T, inputs.to(grad_w.dtype))

@@ -148,7 +148,8 @@ class Trainer:
         """Under fsdp, for trainers that sample while training: an unsharded copy of the policy's model on
         each process, synced from the shards before each sampling (`sync_sampler`)."""
         if self.sharded:  # before the optimizer: its parameters become the shards
-            policy.module.to(self.accelerator.device)
+            if not self.cfg.fsdp_offload:  # offloaded, fully_shard moves one unit at a time
+                policy.module.to(self.accelerator.device)
             if self.samples_while_training:
                 self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()
             sharding.shard(policy.module, offload=self.cfg.fsdp_offload)
@@ -427,12 +428,12 @@ class Trainer:
             self._log_clock = time.perf_counter()
         record = self.accumulate_gradients(micro_batches)
         params = self.policy.trainable_parameters()
-        if self.cfg.max_grad_norm is not None:
+        if self.sharded:  # from each process's shards, on the device (offloaded shards are on the CPU)
+            grad_norm = sharding.clip_grad_norm(params, self.cfg.max_grad_norm, self.accelerator.device)
+        elif self.cfg.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        # under fsdp, a norm over sharded gradients (a DTensor); on the CPU when they are offloaded
-        grad_norm = sharding.whole(grad_norm).to(self.accelerator.device)
         finite = torch.isfinite(grad_norm) & self.loss_is_finite(record["loss"])
         record["grad_norm"] = grad_norm.detach()
         record["lr"] = self.scheduler.get_last_lr()[0]
