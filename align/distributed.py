@@ -21,6 +21,12 @@ def shard(items: Sequence) -> Sequence:
     return items[state.process_index::state.num_processes]
 
 
+def most_chunks(num_items: int, chunk_size: int) -> int:
+    """The number of chunks of `chunk_size` the busiest process cuts its share of `num_items` items
+    into (the first: shares are round-robin, see `shard`)."""
+    return math.ceil(math.ceil(num_items / PartialState().num_processes) / chunk_size)
+
+
 def gather_shares(share: list) -> list:
     """The inverse of `shard`: every process's share, back in the original order, on every process."""
     parts = gather_object([share])
@@ -34,13 +40,10 @@ def map_in_shares(items: Sequence, chunk_size: int, fn: Callable[[Sequence], lis
     forward of a sharded model), the extra calls on the first items, their results dropped."""
     mine = shard(items)
     results: list = []
-    calls = 0
     for start in range(0, len(mine), chunk_size):
         results.extend(fn(mine[start:start + chunk_size]))
-        calls += 1
     if even and items:
-        most = math.ceil(math.ceil(len(items) / PartialState().num_processes) / chunk_size)
-        for _ in range(most - calls):
+        for _ in range(most_chunks(len(items), chunk_size) - math.ceil(len(mine) / chunk_size)):
             fn(items[:chunk_size])
     return gather_shares(results)
 

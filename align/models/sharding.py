@@ -36,8 +36,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(module: nn.Module, offload: bool = False) -> nn.Module:
-    """Shard `module` (a TokenLogprobModel) in place over the default process group: each decoder
-    layer, then the root. Call before building the optimizer (its parameters become DTensors).
+    """Shard `module` (the trained root: a TokenLogprobModel or ScalarHeadModel) in place over the
+    default process group: each decoder layer, then the root. Call before building the optimizer (its parameters become DTensors).
     offload: keep the shards in CPU memory (`CPUOffloadPolicy`; pinned where there is a GPU)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 

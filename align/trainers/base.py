@@ -51,7 +51,7 @@ from align.models.policy import unwrap
 from align.ops.logprobs import label_positions
 from align.trainers import checkpoint, run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
-from align.distributed import gather_shares, shard, sum_over_processes, sum_tensors_over_processes
+from align.distributed import gather_shares, most_chunks, shard, sum_over_processes, sum_tensors_over_processes
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,13 @@ class Trainer:
         process with the most (the first: shares are round-robin), padded the same way."""
         mine = shard(items)
         batches = [self.collate(mine[i:i + per_batch]) for i in range(0, len(mine), per_batch)]
-        most = math.ceil(math.ceil(len(items) / self.accelerator.num_processes) / per_batch) if self.sharded else 1
-        return batches + [{**self.collate(items[:1]), "padding": True}] * max(0, most - len(batches))
+        return self.padded(batches, most_chunks(len(items), per_batch) if self.sharded else 1, items[0])
+
+    def padded(self, batches: list[dict], count: int, item) -> list[dict]:
+        """`batches` and, up to `count` batches, `padding` ones of `item` alone (a process's forwards
+        and backwards matched to the others'; the loop and evaluation count them for nothing)."""
+        missing = count - len(batches)
+        return batches + [{**self.collate([item]), "padding": True}] * missing if missing > 0 else batches
 
     def _to_device(self, batch: dict) -> dict:
         """The batch on the training device; a host batch with labels first gets its
@@ -548,10 +553,7 @@ class Trainer:
         starts = range(0, len(self.eval_data), size)
         batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
                    for i in shard(starts)]
-        if self.sharded:
-            most = math.ceil(len(starts) / self.accelerator.num_processes)
-            batches += [{**self.collate([self.eval_data[0]]), "padding": True}] * (most - len(batches))
-        return batches
+        return self.padded(batches, most_chunks(len(starts), 1), self.eval_data[0]) if self.sharded else batches
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
