@@ -80,12 +80,15 @@ def profiled(path: str | None, title: str, rows: int = 30):
         return
 
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
     windows = []
 
-    def report(prof):
-        windows.append(prof.key_averages())
+    def report(prof):  # also called on exit mid-window, where only the step marker may have been recorded
+        events = prof.key_averages()
+        if any(not e.key.startswith("ProfilerStep") for e in events):
+            windows.append(events)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, schedule=schedule(**PROFILED_STEPS, repeat=1), on_trace_ready=report) as prof:
@@ -95,7 +98,8 @@ def profiled(path: str | None, title: str, rows: int = 30):
             f.write(f"\n\n==== {title}: fewer steps than the profiler's window {PROFILED_STEPS}: nothing recorded\n")
             return
         events = windows[0]
-        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+        busy = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6  # kernels
+        # only: an operator's row repeats the time of the kernels it launched
         cpu = sum(e.self_cpu_time_total for e in events) / 1e6
         device_sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         f.write(f"\n\n==== {title}: up to {PROFILED_STEPS['active']} steady steps (fewer when the run ends "

@@ -85,3 +85,31 @@ def test_version_lookup_tolerates_a_package_without_metadata(monkeypatch):
     import align
 
     assert run._versions()["align"] == align.__version__
+
+
+@pytest.mark.parametrize("steps_run", [5, 2])
+def test_the_profile_records_steady_steps_marked_by_the_step_clock(tmp_path, steps_run):
+    """`--profile`: the step clock steps the profiler, whose window skips the first step and records
+    the next steady ones; a run shorter than the window says that nothing was recorded. The clock
+    times every step."""
+    import torch
+
+    from benchmarks import steps
+    from benchmarks.worker import PROFILED_STEPS, profiled
+
+    path = tmp_path / "profile.txt"
+    with profiled(str(path), "toy") as profiler:
+        clock = steps.StepClock(profiler)
+        steps.install(clock)
+        try:
+            for _ in range(steps_run):
+                torch.randn(64, 64).matmul(torch.randn(64, 64))
+                steps.step_done()
+        finally:
+            steps.install(None)
+    assert len(clock.step_seconds()) == steps_run
+    text = path.read_text()
+    if steps_run > PROFILED_STEPS["wait"] + PROFILED_STEPS["warmup"]:
+        assert "==== toy: up to 2 steady steps" in text and "aten::mm" in text
+    else:
+        assert "==== toy: fewer steps than the profiler's window" in text and "aten::mm" not in text
