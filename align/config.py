@@ -107,6 +107,10 @@ class DataConfig(Section):
     packing: bool = True
     """Padding-free packing: examples packed into rows no longer than the batch's longest one (best-fit
     decreasing), position ids restarting per example."""
+    pack_length: int | None = Field(None, gt=0)
+    """Packed rows of up to this many tokens instead (sft, distillation): fewer, longer rows. Worth it
+    where the varlen kernel runs (CUDA, `align.models.varlen`: attention linear in each example's
+    length); elsewhere a row's mask is quadratic in the row's length, so keep the default there."""
 
 
 SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo")

@@ -119,5 +119,7 @@ def test_pack_bounds_rows_by_the_longest_example_best_fit_decreasing():
     # deterministic; a larger budget gives fewer, longer rows; best fit decreasing order
     assert pack_rows(lengths) == pack_rows(list(lengths))
     assert pack_rows([5, 3, 2, 4, 1, 5]) == [[0], [5], [3, 4], [1, 2]]
-    assert pack(examples, max_length=64)["input_ids"].shape == (3, 64)
+    # a larger budget: best fit needs 3 rows (64 + 61 + 4 tokens); balanced, the widest holds 44
+    assert pack_rows(lengths, 64) == [[2, 1, 3], [5, 4, 7], [0, 8, 6, 9]]
+    assert pack(examples, max_length=64)["input_ids"].shape == (3, 44)
     assert pack(examples[:1])["input_ids"].shape == (1, lengths[0])

@@ -202,3 +202,12 @@ def test_packed_rows_give_the_loss_and_gradients_of_padding(make_recipe):
         torch.testing.assert_close(loss, results[0][0], atol=1e-6, rtol=1e-5)
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_pack_length_packs_longer_rows(make_recipe):
+    """data.pack_length: rows of up to that many tokens (default: the batch's longest example)."""
+    examples = [SFTTrainer.from_recipe(make_recipe()).train_data[i] for i in range(6)]
+    total = sum(len(e["input_ids"]) for e in examples)
+    default = SFTTrainer.from_recipe(make_recipe()).collate(examples)
+    longer = SFTTrainer.from_recipe(make_recipe(data={"pack_length": total})).collate(examples)
+    assert default["input_ids"].shape[0] > 1 and longer["input_ids"].shape == (1, total)

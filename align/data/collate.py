@@ -47,7 +47,10 @@ def pack_rows(lengths: list[int], max_length: int | None = None) -> list[list[in
     """Best-fit decreasing: example indices grouped into rows of at most
     `max(max_length or 0, max(lengths))` tokens. Longest first (ties: earlier first), each into the
     fullest row it fits, else a new row; inside a row, examples keep the order they were placed in.
-    Deterministic. -> [[index, ...], ...] covering every index once."""
+    Then, where the bound exceeds the longest example (a `max_length` was given), the rows are
+    balanced if that narrows the widest (`_balanced`): a batch pads every row to its widest, so
+    best fit's nearly empty last row would cost as much as a full one. Deterministic.
+    -> [[index, ...], ...] covering every index once."""
     if not lengths:
         raise ValueError("pack: no examples")
     bound = max(max_length or 0, max(lengths))
@@ -62,7 +65,28 @@ def pack_rows(lengths: list[int], max_length: int | None = None) -> list[list[in
         else:
             rows.append([i])
             free.append(bound - lengths[i])
+    if len(rows) > 1 and bound > max(lengths):
+        balanced = _balanced(lengths, len(rows))
+        if _width(balanced, lengths) < _width(rows, lengths):
+            return balanced
     return rows
+
+
+def _balanced(lengths: list[int], count: int) -> list[list[int]]:
+    """Longest first (ties: earlier first), each example into the row holding the fewest tokens
+    (ties: the first): `count` rows of nearly equal length (LPT scheduling, within 4/3 of the
+    narrowest possible widest row)."""
+    rows: list[list[int]] = [[] for _ in range(count)]
+    load = [0] * count
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(count), key=lambda r: (load[r], r))
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return rows
+
+
+def _width(rows: list[list[int]], lengths: list[int]) -> int:
+    return max(sum(lengths[i] for i in row) for row in rows)
 
 
 def pad(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

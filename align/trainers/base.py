@@ -252,7 +252,7 @@ class Trainer:
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if self.recipe.data.packing:
-            return pack(examples)
+            return pack(examples, self.recipe.data.pack_length)
         return pad(examples, self.policy.tokenizer.pad_token_id)
 
     @property
