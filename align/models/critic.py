@@ -40,9 +40,10 @@ class ActorCritic(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
-                label_positions: torch.Tensor | None = None, **_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                label_positions: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                max_seq_len: int | None = None, **_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         lm = causal_lm(self.model)
-        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
+        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask, cu_seq_lens, max_seq_len)
         out = token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
                              return_entropy=return_entropy, transform=logit_transform(lm.config),
                              positions=label_positions)
@@ -51,7 +52,8 @@ class ActorCritic(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
             critic = causal_lm(self.value_model)
-            values = critic.score(decoder_hidden(critic, input_ids, position_ids, attention_mask)).squeeze(-1)
+            values = critic.score(decoder_hidden(critic, input_ids, position_ids, attention_mask, cu_seq_lens,
+                                                   max_seq_len)).squeeze(-1)
         return logps, values.float(), entropy
 
 

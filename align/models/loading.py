@@ -23,7 +23,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
-from align.models import tiny
+from align.models import tiny, varlen
 from align.models.reference_cache import files_hash, json_hash
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
         raise AlignError(f"model.name_or_path: cannot load {config.name_or_path!r}: {error}") from None
     if quantize:
         keep_4bit_forward_exact(model)
+    if _device() in varlen.KERNEL_DEVICES:
+        varlen.use_varlen(model)  # packed rows through the varlen kernel; SDPA otherwise
     model.config.use_cache = False
     if model.config.pad_token_id is None:  # sequence classification reads the last non-pad token
         model.config.pad_token_id = load_tokenizer(config).pad_token_id

@@ -15,7 +15,8 @@ ready 4-D mask to every layer unchanged, so it must already be what each layer's
   (a branch's tokens continue the shared prompt's positions);
 - models whose layers differ (Gemma's sliding and full layers) take one mask per layer type.
 
-On CUDA, Align's forwards (and its samplers) run SDPA without cuDNN's kernel (`attention_kernels`).
+On CUDA, Align's forwards (and its samplers) run SDPA without cuDNN's kernel (`attention_kernels`), and
+packed rows whose boundaries come along take the varlen kernel (`align.models.varlen`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from align.errors import AlignError
+from align.models import varlen
 
 _MASKS_BY_IMPLEMENTATION = {
     "sdpa": lambda allowed, dtype: allowed,
+    varlen.NAME: lambda allowed, dtype: allowed,  # SDPA's own masks (`align.models.varlen`)
     "eager": lambda allowed, dtype: torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min),
 }
@@ -106,17 +109,23 @@ def shared_prompt_masks(config, allowed: torch.Tensor, position_ids: torch.Tenso
 
 
 def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                   attention_mask: torch.Tensor | None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None, cu_seq_lens: torch.Tensor | None = None,
+                   max_seq_len: int | None = None) -> torch.Tensor:
     """The decoder's last hidden states [B, T, H]; attention_mask: None (packed rows, examples
     separated by position ids restarting at 0), a shared-prompt [B, 1, T, T] bool mask, or a [B, T]
-    padding mask."""
-    if attention_mask is None and position_ids is not None and \
-            attention_implementation(lm.config) in _MASKS_BY_IMPLEMENTATION:
-        attention_mask = packed_rows_mask(position_ids)
-    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-        dtype = lm.get_input_embeddings().weight.dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        attention_mask = shared_prompt_masks(lm.config, attention_mask, position_ids, dtype)
+    padding mask. Packed rows may come with their examples' boundaries (`align.models.varlen.segments`:
+    cu_seq_lens [N + 1], max_seq_len), which a model switched to varlen attention uses instead of a mask."""
     with attention_kernels(input_ids.device):
-        return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=False).last_hidden_state
+        decoder = lm.get_decoder()
+        if attention_mask is None and cu_seq_lens is not None and varlen.uses_varlen(lm.config):
+            return decoder(input_ids=input_ids, attention_mask=varlen.NO_MASK, position_ids=position_ids,
+                           cu_seq_lens_q=cu_seq_lens, max_length_q=max_seq_len, use_cache=False).last_hidden_state
+        if attention_mask is None and position_ids is not None and \
+                attention_implementation(lm.config) in _MASKS_BY_IMPLEMENTATION:
+            attention_mask = packed_rows_mask(position_ids)
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            dtype = lm.get_input_embeddings().weight.dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            attention_mask = shared_prompt_masks(lm.config, attention_mask, position_ids, dtype)
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state

@@ -64,15 +64,17 @@ class TokenLogprobModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
-                token_weights: torch.Tensor | None = None, label_positions: torch.Tensor | None = None, **_):
+                token_weights: torch.Tensor | None = None, label_positions: torch.Tensor | None = None,
+                cu_seq_lens: torch.Tensor | None = None, max_seq_len: int | None = None, **_):
         """input_ids, labels, position_ids, attention_mask: [B, T] -> log-probs of labels [B, T]
         (and with return_entropy, the next-token entropy at the labelled positions [B, T]).
         With token_weights [B, T]: (sum(token_weights * log-probs), its gradient made in the forward;
         the log-probs; the entropies or None) instead (`align.ops.weighted_logprob_sum`).
         label_positions: [n] flat indices of the labelled positions, computed on the host
-        (`align.ops.logprobs.label_positions`), so that selecting them does not wait for the device."""
+        (`align.ops.logprobs.label_positions`), so that selecting them does not wait for the device;
+        cu_seq_lens, max_seq_len: packed rows' boundaries, from the host (`align.models.varlen`)."""
         lm = causal_lm(self.model)
-        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
+        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask, cu_seq_lens, max_seq_len)
         if token_weights is not None:
             return weighted_logprob_sum(hidden, lm.get_output_embeddings(), labels, token_weights,
                                         return_entropy=return_entropy, temperature=temperature,

@@ -21,11 +21,12 @@ class ScalarHeadModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                max_seq_len: int | None = None, **_) -> torch.Tensor:
         """input_ids, position_ids: [R, L] packed rows; last_index: [S] indices into the flattened
-        [R * L] rows -> scores [S] (float32)."""
+        [R * L] rows -> scores [S] (float32); cu_seq_lens, max_seq_len: `align.models.varlen.segments`."""
         lm = causal_lm(self.model)
-        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
+        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask, cu_seq_lens, max_seq_len)
         return lm.score(hidden.flatten(0, 1)[last_index]).squeeze(-1).float()
 
 

@@ -80,16 +80,18 @@ class DistillModel(TokenLogprobModel):
                 attention_mask: torch.Tensor | None = None, temperature: float = 1.0,
                 label_positions: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
                 teacher_head: nn.Module | None = None, teacher_transform=None, distill_weights: torch.Tensor | None = None,
-                beta: float = 1.0, **kwargs):
+                beta: float = 1.0, cu_seq_lens: torch.Tensor | None = None, max_seq_len: int | None = None,
+                **kwargs):
         """Without teacher_hidden: `TokenLogprobModel.forward`. With it ([B, T, H_t], the teacher's last
         hidden states on the same batch): the fields of `DistillOutput` as a tuple (total, then [B, T]
         divergence, entropy, student and teacher log-probs of the labels); distill_weights [B, T] are
         the tokens' weights in `total`; beta is TRL's (1 reverse KL, 0 forward KL, else the JSD's)."""
         if teacher_hidden is None:
             return super().forward(input_ids, labels, position_ids, attention_mask, temperature=temperature,
-                                   label_positions=label_positions, **kwargs)
+                                   label_positions=label_positions, cu_seq_lens=cu_seq_lens,
+                                   max_seq_len=max_seq_len, **kwargs)
         lm = causal_lm(self.model)
-        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask)
+        hidden = decoder_hidden(lm, input_ids, position_ids, attention_mask, cu_seq_lens, max_seq_len)
         out = chunked_divergence(hidden, lm.get_output_embeddings(), teacher_hidden, teacher_head, labels,
                                  distill_weights, beta=beta, temperature=temperature,
                                  transform=logit_transform(lm.config), teacher_transform=teacher_transform,
@@ -124,7 +126,8 @@ class DistillPolicy(Policy):
         `total` (the loss), or None (1 each)."""
         teacher = self.teacher
         with torch.no_grad():
-            hidden = decoder_hidden(teacher, batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
+            hidden = decoder_hidden(teacher, batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"),
+                                    batch.get("cu_seq_lens"), batch.get("max_seq_len"))
         outputs = self.module(**batch, teacher_hidden=hidden, teacher_head=teacher.get_output_embeddings(),
                               teacher_transform=logit_transform(teacher.config), distill_weights=token_weights,
                               beta=beta, temperature=temperature)
