@@ -40,6 +40,7 @@ class Spec:
     threads: int = 0          # torch threads in the worker; 0: torch's default (all cores)
     group_size: int = 8       # GRPO: completions per prompt
     max_new_tokens: int = 64  # GRPO / PPO
+    pack_length: int | None = None  # SFT: packed rows of up to this many tokens (None: the batch's longest chat)
 
     @property
     def cuda(self) -> bool:

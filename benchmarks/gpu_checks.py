@@ -6,6 +6,8 @@
    tests/test_host_syncs.py.)
 2. **QLoRA memory**: peak GPU memory and tokens/s of QLoRA SFT on a preset as users run it: 4-bit
    NF4 base, bf16 compute and autocast, gradient checkpointing, paged 8-bit AdamW.
+3. **Varlen attention**: packed rows (up to 4096 tokens) through the varlen kernel against the
+   block-diagonal-mask SDPA path: the kernel ran, and log-probs and gradients agree to bf16 noise.
 
     python -m benchmarks.gpu_checks --model 0.5b --qlora-model 1.5b
     python -m benchmarks.gpu_checks --smoke      # CPU, tiny model: the same code, no sync mode, AdamW
@@ -88,12 +90,56 @@ def qlora_memory(model_dir: str, train_path: str, out: Path, cuda: bool, steps: 
                                          + ("paged 8-bit AdamW" if cuda else "AdamW (CPU)")}
 
 
+def varlen_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
+    """One packed batch of SFT, its log-probs and their gradient, with the examples' boundaries
+    (the varlen kernel) and without (SDPA with the block-diagonal mask), under bf16 autocast."""
+    from align.config import recipe_from_dict
+    from align.models import varlen
+    from align.ops.logprobs import IGNORE_INDEX
+    from align.trainers import SFTTrainer
+
+    raw = recipe("sft", model_dir, train_path, out, cuda, data={"pack_length": 4096},
+                 model={"dtype": "float32"})
+    trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
+    policy = trainer.policy
+    batch = trainer._to_device(trainer.collate([trainer.train_data[i] for i in range(32)]))
+    kernel = {"switched": policy.model.config._attn_implementation == varlen.NAME,
+              "boundaries": "cu_seq_lens" in batch, "rows": list(batch["input_ids"].shape)}
+    runs = []
+    kernel_runs = varlen._kernel_runs
+    varlen._kernel_runs = lambda *args: runs.append(kernel_runs(*args)) or runs[-1]  # a spy: did it run?
+    try:
+        outputs = {}
+        for name, inputs in (("varlen", batch), ("mask", {k: v for k, v in batch.items()
+                                                          if k not in ("cu_seq_lens", "max_seq_len")})):
+            policy.module.zero_grad(set_to_none=True)
+            with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+                logps = policy.logprobs(inputs)
+            logps[batch["labels"] != IGNORE_INDEX].sum().backward()
+            grads = torch.cat([p.grad.flatten().float() for p in policy.trainable_parameters() if p.grad is not None])
+            outputs[name] = (logps.detach()[batch["labels"] != IGNORE_INDEX].float(), grads)
+    finally:
+        varlen._kernel_runs = kernel_runs
+    (a, ga), (b, gb) = outputs["varlen"], outputs["mask"]
+    diff = (a - b).abs()
+    cosine = float(torch.nn.functional.cosine_similarity(ga, gb, dim=0))
+    kernel["ran"] = any(runs)
+    result = {"check": "varlen attention", **kernel, "logp_max_abs_diff": float(diff.max()),
+              "logp_mean_abs_diff": float(diff.mean()), "grad_cosine": cosine,
+              "grad_norm_ratio": float(ga.norm() / gb.norm())}
+    result["ok"] = bool(diff.mean() < 2e-2 and diff.max() < 0.25 and cosine > 0.999) and (
+        not cuda or (kernel["switched"] and kernel["boundaries"] and kernel["ran"]))
+    if not cuda:
+        result["note"] = "no CUDA: both sides ran SDPA with the mask (the kernel needs CUDA)"
+    return result
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
     parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
     parser.add_argument("--qlora-steps", type=int, default=5)
-    parser.add_argument("--only", default="sft,dpo,grpo,qlora", help="comma-separated checks to run")
+    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen", help="comma-separated checks to run")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
     parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
     args = parser.parse_args(argv)
@@ -118,6 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               for key, raw in cases.items()}
     checks["qlora"] = ("QLoRA SFT memory", lambda: qlora_memory(str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"]),
                                                                  sft, work, cuda, args.qlora_steps if cuda else 2))
+    checks["varlen"] = ("varlen attention", lambda: varlen_check(lm, sft, work, cuda))
     only = {key.strip() for key in args.only.split(",")}
     results = []
     for name, check in (checks[key] for key in checks if key in only):  # one failing check leaves the others

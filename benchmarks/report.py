@@ -116,6 +116,8 @@ def summarize(case: str, module, results: list[dict], variants: list[str] | None
             "step_ratio": _ratio(_median(align, "steady_step_s"), _median(trl, "steady_step_s")),
             **mfu(module, tokens, a_s, t_s, align + trl),
         })
+        rows[-1]["align_steady_mfu"] = steady_mfu(rows[-1], "align")
+        rows[-1]["trl_steady_mfu"] = steady_mfu(rows[-1], "trl")
     return rows
 
 
@@ -134,6 +136,15 @@ def mfu(module, tokens: float | None, align_s: float | None, trl_s: float | None
     flops = 6 * params * tokens
     return {"align_mfu": flops / align_s / peak if align_s else None,
             "trl_mfu": flops / trl_s / peak if trl_s else None, "matmul_params": params, "peak_flops": peak}
+
+
+def steady_mfu(row: dict, side: str) -> float | None:
+    """MFU of one steady step (`mfu` of the epoch's mean tokens per step over the median step after
+    the first): the first step's one-off costs (kernel selection, allocator growth) left out."""
+    tokens, steps, step_s = row["tokens_per_epoch"], row[f"{side}_steps"], row[f"{side}_step_s"]
+    if row.get("align_mfu") is None or not (tokens and steps and step_s):
+        return None
+    return 6 * row["matmul_params"] * tokens / steps / step_s / row["peak_flops"]
 
 
 def _mb(value: float | None) -> float | None:
@@ -173,7 +184,8 @@ def markdown(rows: list[dict], header: str) -> str:
         if r.get("align_mfu") is not None:
             lines.append(f"- {r['case']} vs {r['baseline']}: MFU Align {_fmt(r['align_mfu'], '.1%')}, "
                          f"{r['baseline']} {_fmt(r['trl_mfu'], '.1%')} (6 x {r['matmul_params'] / 1e6:.0f}M params x "
-                         f"tokens / time / {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak)")
+                         f"tokens / time / {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak); a steady step: "
+                         f"Align {_fmt(r['align_steady_mfu'], '.1%')}, B {_fmt(r['trl_steady_mfu'], '.1%')}")
     for r in rows:
         if r.get("align_step_s") is not None:
             lines.append(f"- {r['case']} vs {r['baseline']}: steady step (median after the first) Align "

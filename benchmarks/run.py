@@ -40,6 +40,8 @@ PRESETS = {
     "ppo": dict(n_train=16, n_eval=4, batch_size=16, grad_accum=2, lr=1e-6, max_length=512, beta=0.0,
                 max_new_tokens=64),
     # many short chats (~17 tokens), 64 per optimizer step: packing must not cost more than padding
+    "sft_long": dict(n_train=16, n_eval=8, batch_size=4, grad_accum=1, lr=1e-3, max_length=2048, pack_length=4096,
+                     context_lines=(1, 60)),
     "sft_short": dict(n_train=64 * 100, n_eval=64, batch_size=64, grad_accum=1, lr=1e-3, max_length=512),
     # GRPO with a KL reference (beta > 0: a frozen reference forward on both sides) and short prompts
     "grpo_kl": dict(n_train=16, n_eval=4, batch_size=16, grad_accum=2, lr=1e-6, max_length=512, beta=0.04,
@@ -49,6 +51,10 @@ GPU_PRESETS = {
     # ~14k trained tokens per optimizer step (128 chats of ~110 tokens), 8 steps
     "sft": dict(n_train=128 * 8, n_eval=32, batch_size=32, grad_accum=4, lr=1e-5, max_length=1024),
     "sft_short": dict(n_train=64 * 40, n_eval=64, batch_size=64, grad_accum=1, lr=1e-5, max_length=512),
+    # the MFU case: ~16k tokens per optimizer step (2 micro-batches of 9 chats of ~0.9k tokens, packed
+    # into rows of up to 8192 tokens), 8 steps; run it with --model 1.5b
+    "sft_long": dict(n_train=18 * 8, n_eval=16, batch_size=9, grad_accum=2, lr=1e-5, max_length=2048,
+                     pack_length=8192, context_lines=(1, 60)),
     # pairs with ~1k-token prompts, 8 per step
     "rm": dict(n_train=8 * 8, n_eval=16, batch_size=8, grad_accum=1, lr=1e-5, max_length=2048, context_lines=(60, 80)),
     "dpo": dict(n_train=8 * 8, n_eval=16, batch_size=8, grad_accum=1, lr=1e-5, max_length=2048, context_lines=(60, 80)),
@@ -63,6 +69,7 @@ GPU_PRESETS = {
 """Workloads for the GPU-sized --model presets (0.5b, 1.5b): what a GPU user trains per step."""
 SMOKE = {
     "sft": dict(n_train=12, n_eval=6, batch_size=4),
+    "sft_long": dict(n_train=12, n_eval=4, batch_size=4, context_lines=(1, 8)),
     "sft_short": dict(n_train=64, n_eval=8, batch_size=32),
     "grpo_kl": dict(n_train=4, n_eval=2, batch_size=8, grad_accum=1, max_new_tokens=16),
     "rm": dict(n_train=8, n_eval=6, batch_size=4, context_lines=(3, 6)),

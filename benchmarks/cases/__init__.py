@@ -14,7 +14,7 @@ the sides must sample the same work instead of reaching the same held-out loss);
 `floor` or `tokens` has no floor row.
 """
 
-from benchmarks.cases import dpo, grpo, ppo, rm, sft, sft_short
+from benchmarks.cases import dpo, grpo, ppo, rm, sft, sft_long, sft_short
 
-CASES = {"sft": sft, "sft_short": sft_short, "rm": rm, "dpo": dpo, "grpo": grpo, "ppo": ppo, "grpo_kl": grpo}
+CASES = {"sft": sft, "sft_short": sft_short, "sft_long": sft_long, "rm": rm, "dpo": dpo, "grpo": grpo, "ppo": ppo, "grpo_kl": grpo}
 """`grpo_kl` is the `grpo` case with its own preset: beta > 0 (a KL reference on both sides) and short prompts."""

@@ -1,7 +1,7 @@
 """SFT on variable-length chats (loss on assistant turns).
 
 Align: its default, padding-free packing (each micro-batch of `batch_size` chats packed best-fit
-decreasing into rows no longer than its longest chat).
+decreasing into rows no longer than its longest chat, or than `pack_length` where the preset sets it).
 TRL variants:
   default       right padding to the longest chat of the batch, with an attention mask
   padding_free  `padding_free=True`: the same `batch_size` chats flattened into one row (TRL
@@ -56,7 +56,9 @@ def initial_model(spec: Spec):
 def align(spec: Spec) -> Prepared:
     from align import SFTTrainer
 
-    return align_job(SFTTrainer, align_recipe(spec, ALGORITHM))
+    recipe = align_recipe(spec, ALGORITHM)
+    recipe["data"]["pack_length"] = spec.pack_length
+    return align_job(SFTTrainer, recipe)
 
 
 def trl(spec: Spec) -> Prepared:
@@ -84,7 +86,8 @@ def floor(spec: Spec, model, tokenizer) -> Prepared:
     from align.data import pack
 
     examples = _examples(spec, tokenizer)
-    batches = [pack(examples[start:start + spec.batch_size]) for start in range(0, len(examples), spec.batch_size)]
+    batches = [pack(examples[start:start + spec.batch_size], spec.pack_length)
+               for start in range(0, len(examples), spec.batch_size)]
 
     def loss_fn(model, batch, num_items):
         hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
