@@ -113,7 +113,7 @@ class DataConfig(Section):
     length); elsewhere a row's mask is quadratic in the row's length, so keep the default there."""
 
 
-SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo")
+SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo", "ppo", "distill")
 """Algorithms train.sharding=fsdp runs (the others are refused by the recipe's validation)."""
 
 
@@ -148,8 +148,9 @@ class TrainConfig(Section):
     sharding: Literal["none", "fsdp"] = "none"
     """Under several processes: none = DDP (each process holds the whole model and optimizer state);
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
-    decoder layer), for a model whose training state does not fit one device. fsdp runs SFT, reward,
-    DPO, KTO and GRPO so far (their reference a frozen copy); its checkpoints hold the gathered state
+    decoder layer), for a model whose training state does not fit one device. fsdp runs every
+    built-in algorithm (references, teachers and reward models are frozen whole copies on each
+    process; not QLoRA yet); its checkpoints hold the gathered state
     and resume on any number of processes (`align.models.sharding`)."""
     fsdp_offload: bool = False
     """Under sharding: fsdp, keep the shards (weights, gradients, optimizer state) in CPU memory:
@@ -391,6 +392,8 @@ class Recipe(Section):
             return PREFERENCE_LOSSES.get(section.loss_type).needs_reference
         if self.algorithm == "grpo":
             return section.beta > 0
+        if self.algorithm == "ppo":
+            return section.kl_coef > 0
         return True
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """Sharded training (train.sharding: fsdp, torch's FSDP2): two CPU processes (`torchrun`, gloo)
 train exactly as one process whose batch holds both processes' examples: SFT (full fine-tuning and
 LoRA, activation checkpointing, an eval split), the reward model, DPO (with its reference log-prob
-cache) and KTO; what fsdp does not do yet is refused before a model loads."""
+cache), KTO, GRPO, PPO (a separate critic sharded with the policy) and distillation; what fsdp
+does not do yet is refused before a model loads."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.config import recipe_from_dict
+from align.models.tiny import resolve
 from align.toy import chat_rows, preference_rows, prompt_rows
 from align.registry import TRAINERS
 from align.trainers import SFTTrainer
@@ -48,14 +53,32 @@ def launched(tmp_path_factory):
                                        dpo={"reference": "frozen_copy", "precompute_reference": False})}
     # GRPO, full fine-tuning with a KL reference (frozen copy): 2 prompts of 4 completions a round,
     # each process samples its own from an unsharded copy synced from the shards; 2 passes a round
-    recipes["grpo"] = recipe_dict(root, "grpo", "grpo", prompt_rows(8, seed=21),
-                                  train={"sharding": "fsdp", "batch_size": 4, "max_steps": 4, "save_every": 1,
-                                         "keep_checkpoints": 4, "lr": 1e-3},
+    online = {"sharding": "fsdp", "max_steps": 4, "save_every": 1, "keep_checkpoints": 4, "lr": 1e-3}
+    digits = [{"fn": f"{root / 'digits.py'}:digits"}]
+    recipes["grpo"] = recipe_dict(root, "grpo", "grpo", prompt_rows(8, seed=21), train={**online, "batch_size": 4},
                                   grpo={"group_size": 4, "num_iterations": 2, "beta": 0.05, "loss_norm": "dapo",
-                                        "sampling": {"max_new_tokens": 12},
-                                        "rewards": [{"fn": f"{root / 'digits.py'}:digits"}]})
+                                        "sampling": {"max_new_tokens": 12}, "rewards": digits})
     (root / "digits.py").write_text("def digits(completions, **_):\n"  # varies between random completions
                                     "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
+    # PPO, full fine-tuning, a separate critic (sharded with the policy in one root) and a KL reference:
+    # 8 prompts a round, 2 epochs x 2 mini-batches (4 steps a round)
+    recipes["ppo"] = recipe_dict(root, "ppo", "ppo", prompt_rows(16, seed=31), train={**online, "batch_size": 2},
+                                 ppo={"ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.05, "critic": "separate",
+                                      "sampling": {"max_new_tokens": 10}, "rewards": digits})
+    # distillation from a perturbed copy of the student, greedy sampling (the same completions on one
+    # process or two), 4 prompts a step
+    teacher = root / "teacher"
+    model = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama"), dtype=torch.float32)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(3)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(teacher)
+    recipes["distill"] = recipe_dict(root, "distill", "distill", prompt_rows(12, seed=41),
+                                     train={"sharding": "fsdp", "batch_size": 2, "max_steps": 3, "lr": 1e-3},
+                                     distill={"teacher_model": str(teacher),
+                                              "sampling": {"max_new_tokens": 10, "temperature": 0.0}})
     recipes["full-resumed"] = {**recipes["full"], "output_dir": str(root / "full-resumed"),
                                "train": {**recipes["full"]["train"],
                                          "resume_from": str(root / "full" / "checkpoints" / "step-000002")}}
@@ -99,10 +122,10 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_and_on_one(l
             torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-4, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("change,refused", [
-    ({"algorithm": "ppo"}, "fsdp cannot run with algorithm 'ppo'"),
-    ({"adapter": {"kind": "qlora"}}, "fsdp cannot run with adapter.kind qlora"),
+@pytest.mark.parametrize("change,refused", [    ({"adapter": {"kind": "qlora"}}, "fsdp cannot run with adapter.kind qlora"),
     ({"algorithm": "dpo", "adapter": LORA}, r"fsdp cannot run with dpo.reference adapter_disabled .* set it to frozen_copy"),
+    ({"algorithm": "ppo", "adapter": LORA, "ppo": {"kl_coef": 0.05, "rewards": [{"fn": "exact_answer"}]}},
+     r"fsdp cannot run with ppo.reference adapter_disabled"),
     ({"train": {"sharding": "none", "fsdp_offload": True}}, "train.fsdp_offload .* needs train.sharding: fsdp"),
 ])
 def test_what_fsdp_does_not_do_yet_is_refused_by_the_recipe(tmp_path, change, refused):
@@ -216,3 +239,33 @@ def test_the_sampling_copy_gets_the_weights_of_every_shard(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count("copied") == 2
+
+
+def test_ppo_under_fsdp_equals_one_process_on_the_same_experience(launched):
+    """PPO's policy and separate critic sharded in one root, the sampler an unsharded copy of the
+    policy alone: as GRPO's, one process resumes from the sharded run's step-1 checkpoint (mid-round:
+    the same weights, the whole round's experience) and the round's other mini-batch steps agree;
+    the final policy and critic, gathered from the shards, are saved whole."""
+    from align.trainers import PPOTrainer
+
+    recipe = launched["ppo"]
+    checkpoint = Path(recipe["output_dir"], "checkpoints", "step-000001")
+    assert metrics(recipe["output_dir"])[0]["grad_norm"] > 0.01
+    single = single_process(recipe, batch_size=4, resume_from=str(checkpoint))
+    PPOTrainer.from_recipe(recipe_from_dict(single)).fit()
+    assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "kl", "reward"),
+                    first_step=2)
+    sharded, one = (load_file(Path(d, "critic", "model.safetensors")) for d in (recipe["output_dir"], single["output_dir"]))
+    assert sharded.keys() == one.keys() and "score.weight" in sharded  # the critic's whole model, its head included
+    for name, tensor in sharded.items():
+        torch.testing.assert_close(one[name], tensor, atol=1e-4, rtol=0, msg=f"critic {name}")
+
+
+def test_distillation_under_fsdp_equals_one_process(launched):
+    """The student sharded, the teacher whole on each process, greedy samples from the student's
+    unsharded copy: every step's loss and gradient norm equal one process's with the joint batch."""
+    recipe = launched["distill"]
+    single = single_process(recipe, batch_size=4)
+    TRAINERS.get("distill").from_recipe(recipe_from_dict(single)).fit()
+    assert metrics(recipe["output_dir"])[0]["loss"] > 1e-3  # the teacher differs: a real divergence
+    assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm"))

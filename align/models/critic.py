@@ -76,15 +76,22 @@ class ActorCriticPolicy(Policy):
         """(logps [B, T], values [B, T], entropy [B, T] or None), with gradient."""
         return self.module(**batch, temperature=temperature, return_entropy=return_entropy)
 
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The policy as usual; the critic in `directory/critic` (a model dir, or the shared critic's
-        value head as `value_head.safetensors`: weight [1, H], bias [1])."""
-        super().save(directory)
+        value head as `value_head.safetensors`: weight [1, H], bias [1]). state_dict: the whole state
+        of `self.module` gathered from FSDP shards (`sharding.full_state_dict`), else the modules' own."""
+        def part(prefix: str) -> dict[str, torch.Tensor] | None:
+            return None if state_dict is None else \
+                {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+        super().save(directory, None if state_dict is None else {k: v for k, v in state_dict.items()
+                                                                 if k.startswith("model.")})
         critic = unwrap(self.module)
         path = os.path.join(directory, "critic")
         os.makedirs(path, exist_ok=True)
         if critic.value_model is not None:
-            critic.value_model.save_pretrained(path)
+            critic.value_model.save_pretrained(path, state_dict=part("value_model."))
         else:
-            save_file({k: v.detach().contiguous().cpu() for k, v in critic.value_head.state_dict().items()},
+            head = part("value_head.") or critic.value_head.state_dict()
+            save_file({k: v.detach().contiguous().cpu() for k, v in head.items()},
                       os.path.join(path, "value_head.safetensors"))

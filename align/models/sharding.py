@@ -13,8 +13,9 @@ from another unsharded copy on each process, synced from the shards before each 
 This is called directly rather than through accelerate's FSDP plugin, which on a CPU silently falls
 back to DDP (so the gloo tests would prove nothing) and prepares one model per call.
 
-Supported here: SFT, the reward model, DPO, KTO and GRPO (`align.config.SHARDABLE_ALGORITHMS`),
-full fine-tuning and LoRA, activation checkpointing. The
+Supported here: every built-in algorithm (`align.config.SHARDABLE_ALGORITHMS`; PPO's critic is part
+of the trained root and sharded with the policy; distillation's teacher, like every frozen model,
+is whole on each process), full fine-tuning and LoRA, activation checkpointing. The
 gradients are reduce-scattered and averaged over the processes as DDP's are, so a step equals DDP's.
 """
 
@@ -78,12 +79,13 @@ def gathered(module: nn.Module):
 
 @torch.no_grad()
 def copy_weights(root: nn.Module, target: nn.Module) -> None:
-    """Every process calls it (a collective per weight): `target`, an unsharded copy of the model
-    inside `root` (the sampler's, made before sharding), gets root's current trainable weights,
-    gathered whole one at a time (frozen ones never change, so LoRA gathers only the adapter)."""
+    """Every process calls it (a collective per weight): `target`, an unsharded copy of `root.model`
+    (the sampler's, made before sharding), gets its current trainable weights, gathered whole one
+    at a time (frozen ones never change, so LoRA gathers only the adapter; a critic beside the
+    policy in `root`, PPO's, is not the sampler's)."""
     own = dict(target.named_parameters())
     for name, param in root.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad and name.startswith("model."):
             own[name.removeprefix("model.")].copy_(whole(param.detach()))
 
 

@@ -177,7 +177,7 @@ class DistillTrainer(OnlineTrainer):
         """The rollout engine (distillation has no reward functions to try)."""
         sampling = self.rl.sampling
         longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
-        self.engine = make_engine(sampling.engine, self.policy.model, self.policy.tokenizer, sampling.vllm, longest)
+        self.engine = make_engine(sampling.engine, self.sampler_model, self.policy.tokenizer, sampling.vllm, longest)
         self.experience: dict | None = None
 
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
