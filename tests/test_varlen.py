@@ -160,20 +160,34 @@ def test_every_family_that_branches_on_the_name_sdpa_is_known():
     assert found and found <= varlen.NAMED_SDPA_FAMILIES, sorted(found - varlen.NAMED_SDPA_FAMILIES)
 
 
-def test_the_trainer_hands_packed_rows_boundaries_to_the_model(make_recipe, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_trainer_hands_packed_rows_boundaries_to_the_model(make_recipe, monkeypatch, checkpointing):
     """Where the kernel runs (here: a CPU made to count as such), `_to_device` adds the boundaries
-    on the host, the forward takes them (its fallback mask, on a CPU), and the loss is unchanged."""
-    plain = SFTTrainer.from_recipe(make_recipe())
+    on the host, the forward takes them (its fallback mask, on a CPU; activation checkpointing's
+    recomputation too), and the loss and gradients are unchanged."""
+    recipe = make_recipe(model={"gradient_checkpointing": checkpointing})
+
+    def loss_and_grads(trainer, batch):
+        trainer.policy.module.train()
+        loss = trainer.compute_loss(batch)[0]
+        params = trainer.policy.trainable_parameters()
+        return loss, torch.autograd.grad(loss, params)
+
+    plain = SFTTrainer.from_recipe(recipe)
     batch = {**pack([plain.train_data[i] for i in range(6)]), "num_items": None}
-    want = plain.compute_loss(plain._to_device(batch))[0]
     assert "cu_seq_lens" not in plain._to_device(batch)  # a CPU: the mask, built once per forward
+    want, want_grads = loss_and_grads(plain, plain._to_device(batch))
     masks = []
     segment_mask = varlen._segment_mask
     monkeypatch.setattr(varlen, "KERNEL_DEVICES", {"cpu"})
     monkeypatch.setattr(varlen, "_segment_mask", lambda *args: masks.append(args) or segment_mask(*args))
-    trainer = SFTTrainer.from_recipe(make_recipe())
+    trainer = SFTTrainer.from_recipe(recipe)
     assert trainer.policy.model.config._attn_implementation == varlen.NAME
     moved = trainer._to_device(batch)
     assert torch.equal(moved["cu_seq_lens"], varlen.segments(batch["position_ids"])[0])
-    got = trainer.compute_loss(moved)[0]
-    assert masks and abs(got.item() - want.item()) < 1e-5
+    got, got_grads = loss_and_grads(trainer, moved)
+    layers = trainer.policy.model.config.num_hidden_layers
+    assert len(masks) == layers * (2 if checkpointing else 1)  # the backward's recomputation took them too
+    assert abs(got.item() - want.item()) < 1e-5
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
