@@ -150,7 +150,7 @@ class TrainConfig(Section):
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
     decoder layer), for a model whose training state does not fit one device. fsdp runs every
     built-in algorithm (references, teachers and reward models are frozen whole copies on each
-    process; not QLoRA yet); its checkpoints hold the gathered state
+    process; under QLoRA the 4-bit base too, the rest sharded); its checkpoints hold the gathered state
     and resume on any number of processes (`align.models.sharding`)."""
     fsdp_offload: bool = False
     """Under sharding: fsdp, keep the shards (weights, gradients, optimizer state) in CPU memory:
@@ -367,7 +367,6 @@ class Recipe(Section):
             return self
         refused = [(self.algorithm not in SHARDABLE_ALGORITHMS, f"algorithm {self.algorithm!r} (fsdp trains "
                     f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),
-                   (self.adapter.kind == "qlora", "adapter.kind qlora (4-bit weights are not sharded yet)"),
                    (self._reference_through_the_policy(), f"{self.algorithm}.reference adapter_disabled (the "
                     "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
                    (getattr(getattr(self.section, "sampling", None), "engine", None) == "vllm",

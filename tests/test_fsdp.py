@@ -1,6 +1,6 @@
 """Sharded training (train.sharding: fsdp, torch's FSDP2): two CPU processes (`torchrun`, gloo)
-train exactly as one process whose batch holds both processes' examples: SFT (full fine-tuning and
-LoRA, activation checkpointing, an eval split), the reward model, DPO (with its reference log-prob
+train exactly as one process whose batch holds both processes' examples: SFT (full fine-tuning,
+LoRA and QLoRA, activation checkpointing, an eval split), the reward model, DPO (with its reference log-prob
 cache), KTO, GRPO, PPO (a separate critic sharded with the policy) and distillation; what fsdp
 does not do yet is refused before a model loads."""
 
@@ -50,7 +50,9 @@ def launched(tmp_path_factory):
                                   train={**SHARDED, "lr": 5e-4, "eval_every": 2}),
                # LoRA with a frozen-copy reference (the adapter-disabled one is refused under fsdp)
                "dpo-lora": recipe_dict(root, "dpo-lora", "dpo", pairs, adapter=LORA, train=SHARDED,
-                                       dpo={"reference": "frozen_copy", "precompute_reference": False})}
+                                       dpo={"reference": "frozen_copy", "precompute_reference": False}),
+               # QLoRA: the 4-bit base whole on each process (left out of the shards), the rest sharded
+               "qlora": recipe_dict(root, "qlora", "sft", rows, adapter={**LORA, "kind": "qlora"}, train=SHARDED)}
     # GRPO, full fine-tuning with a KL reference (frozen copy): 2 prompts of 4 completions a round,
     # each process samples its own from an unsharded copy synced from the shards; 2 passes a round
     online = {"sharding": "fsdp", "max_steps": 4, "save_every": 1, "keep_checkpoints": 4, "lr": 1e-3}
@@ -85,7 +87,8 @@ def launched(tmp_path_factory):
     return train_on_two_processes(root, recipes)
 
 
-@pytest.mark.parametrize("name", ["full", "lora", "checkpointed", "offload", "reward", "dpo", "kto", "dpo-lora"])
+@pytest.mark.parametrize("name", ["full", "lora", "checkpointed", "offload", "reward", "dpo", "kto", "dpo-lora",
+                                  "qlora"])
 def test_fsdp_on_two_processes_equals_one_process_with_their_joint_batch(launched, name):
     """Loss, gradient norm and items at every step within 1e-5 relative; the final weights, gathered
     from the shards into a plain transformers/peft directory, within 1e-4 (AdamW, see assert_same_run)."""
@@ -122,8 +125,7 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_and_on_one(l
             torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-4, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("change,refused", [    ({"adapter": {"kind": "qlora"}}, "fsdp cannot run with adapter.kind qlora"),
-    ({"algorithm": "dpo", "adapter": LORA}, r"fsdp cannot run with dpo.reference adapter_disabled .* set it to frozen_copy"),
+@pytest.mark.parametrize("change,refused", [    ({"algorithm": "dpo", "adapter": LORA}, r"fsdp cannot run with dpo.reference adapter_disabled .* set it to frozen_copy"),
     ({"algorithm": "ppo", "adapter": LORA, "ppo": {"kl_coef": 0.05, "rewards": [{"fn": "exact_answer"}]}},
      r"fsdp cannot run with ppo.reference adapter_disabled"),
     ({"train": {"sharding": "none", "fsdp_offload": True}}, "train.fsdp_offload .* needs train.sharding: fsdp"),

@@ -15,7 +15,7 @@ back to DDP (so the gloo tests would prove nothing) and prepares one model per c
 
 Supported here: every built-in algorithm (`align.config.SHARDABLE_ALGORITHMS`; PPO's critic is part
 of the trained root and sharded with the policy; distillation's teacher, like every frozen model,
-is whole on each process), full fine-tuning and LoRA, activation checkpointing. The
+is whole on each process), full fine-tuning, LoRA and QLoRA (see `shard`), activation checkpointing. The
 gradients are reduce-scattered and averaged over the processes as DDP's are, so a step equals DDP's.
 """
 
@@ -39,20 +39,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def shard(module: nn.Module, offload: bool = False) -> nn.Module:
     """Shard `module` (the trained root: a TokenLogprobModel or ScalarHeadModel) in place over the
     default process group: each decoder layer, then the root. Call before building the optimizer (its parameters become DTensors).
-    offload: keep the shards in CPU memory (`CPUOffloadPolicy`; pinned where there is a GPU)."""
+    offload: keep the shards in CPU memory (`CPUOffloadPolicy`; pinned where there is a GPU).
+    QLoRA's 4-bit weights are left out (FSDP's `ignored_params`): frozen, and a 4-bit tensor carries
+    its quantization state, which a shard would lose, so each process keeps the whole 4-bit base
+    (~0.55 bytes per parameter) and the rest (adapters, embeddings, norms, heads) is sharded."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     layers = decoder_layers(module)
     if not layers:
         raise AlignError(f"train.sharding=fsdp: found no decoder layers in {type(module).__name__} to shard "
                          "(transformers' GradientCheckpointingLayer); use sharding: none")
-    if any(getattr(p, "quant_state", None) is not None for p in module.parameters()):
-        raise AlignError("train.sharding=fsdp does not shard 4-bit (QLoRA) weights yet; use sharding: none "
-                         "(DDP), or LoRA on a bf16 model")
+    quantized = {p for p in module.parameters() if getattr(p, "quant_state", None) is not None}
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in layers:
-        fully_shard(layer, offload_policy=policy)
-    fully_shard(module, offload_policy=policy)
+        fully_shard(layer, offload_policy=policy, ignored_params=quantized or None)
+    fully_shard(module, offload_policy=policy, ignored_params=quantized or None)
     return module
 
 
