@@ -114,6 +114,9 @@ def summarize(case: str, module, results: list[dict], variants: list[str] | None
             "align_step_s": _median(align, "steady_step_s"), "trl_step_s": _median(trl, "steady_step_s"),
             "floor_step_s": _median(floor, "steady_step_s"),
             "step_ratio": _ratio(_median(align, "steady_step_s"), _median(trl, "steady_step_s")),
+            "align_held_mb": _mb(_median(align, "held_between_steps_bytes")),
+            "trl_held_mb": _mb(_median(trl, "held_between_steps_bytes")),
+            "align_peak_step": _median(align, "peak_step"), "trl_peak_step": _median(trl, "peak_step"),
             **mfu(module, tokens, a_s, t_s, align + trl),
         })
         rows[-1]["align_steady_mfu"] = steady_mfu(rows[-1], "align")
@@ -193,6 +196,11 @@ def markdown(rows: list[dict], header: str) -> str:
                          f"{_fmt(r['floor_step_s'], '.3f')} s (A/B {_fmt(r['step_ratio'])}); first step (setup "
                          f"in the region included) {_fmt(r['align_first_step_s'])} / {_fmt(r['trl_first_step_s'])} / "
                          f"{_fmt(r['floor_first_step_s'])} s")
+    for r in rows:
+        if r.get("align_held_mb") is not None:
+            lines.append(f"- {r['case']} vs {r['baseline']}: memory held between steps Align "
+                         f"{_fmt(r['align_held_mb'], '.0f')} MB, B {_fmt(r['trl_held_mb'], '.0f')} MB; peak reached in "
+                         f"step {_fmt(r['align_peak_step'], '.0f')} / {_fmt(r['trl_peak_step'], '.0f')}")
     for r in rows:
         if r["failed"] or not r["agree"]:
             lines.append(f"- {r['case']} vs {r['baseline']}: " + ("; ".join(r["failed"]) or r["why"]))

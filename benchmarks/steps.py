@@ -5,7 +5,9 @@ installs a `StepClock`, which marks the step ends: on a GPU with CUDA events on 
 (no host sync, so the measurement does not change what it measures), on a CPU with perf_counter.
 `step_seconds()` then splits the region into its first step (setup inside the region: trainer
 construction, the DPO reference cache, CUDA warm-up) and the steady steps after it: what a long run
-is made of.
+is made of. On a GPU each mark also reads the caching allocator's counters (host-side, no sync):
+the memory held between steps (weights, gradients, optimizer state, caches) and the peak so far,
+which tell a persistent cost from a transient one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class StepClock:
     def __init__(self, profiler=None):
         self.cuda = torch.cuda.is_available()
         self.marks: list = []
+        self.memory: list[tuple[int, int]] = []
+        """(bytes allocated, peak bytes allocated so far) at each mark (GPU only)."""
         self.profiler = profiler
         self.mark()
 
@@ -32,6 +36,7 @@ class StepClock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append(event)
+            self.memory.append((torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
         else:
             self.marks.append(time.perf_counter())
 
@@ -53,6 +58,17 @@ def step_done() -> None:
         _clock.mark()
         if _clock.profiler is not None:
             _clock.profiler.step()
+
+
+def memory_summary(memory: list[tuple[int, int]]) -> dict:
+    """{"held_between_steps_bytes": the most allocated at a step's end (the region's start
+    excluded), "peak_step": the step (1-based) during which the region's peak was reached} from
+    `StepClock.memory`; empty without marks (a CPU)."""
+    if len(memory) < 2:
+        return {}
+    peaks = [peak for _, peak in memory]
+    return {"held_between_steps_bytes": max(allocated for allocated, _ in memory[1:]),
+            "peak_step": next(i for i, peak in enumerate(peaks) if peak == peaks[-1])}
 
 
 def summary(seconds: list[float]) -> dict:

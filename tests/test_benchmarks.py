@@ -113,3 +113,13 @@ def test_the_profile_records_steady_steps_marked_by_the_step_clock(tmp_path, ste
         assert "==== toy: up to 2 steady steps" in text and "aten::mm" in text
     else:
         assert "==== toy: fewer steps than the profiler's window" in text and "aten::mm" not in text
+
+
+def test_memory_marks_tell_what_is_held_between_steps_from_the_steps_peak():
+    """On a GPU each step end reads (allocated, peak so far): the most held at a step's end (weights,
+    gradients, optimizer state, caches) and the step in which the region's peak was reached."""
+    from benchmarks.steps import memory_summary
+
+    marks = [(10, 10), (50, 90), (60, 120), (55, 120)]  # the region's start, then three step ends
+    assert memory_summary(marks) == {"held_between_steps_bytes": 60, "peak_step": 2}
+    assert memory_summary([(10, 10)]) == {} and memory_summary([]) == {}  # no step (or a CPU: no marks)
