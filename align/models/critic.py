@@ -92,6 +92,6 @@ class ActorCriticPolicy(Policy):
         if critic.value_model is not None:
             critic.value_model.save_pretrained(path, state_dict=part("value_model."))
         else:
-            head = part("value_head.") or critic.value_head.state_dict()
+            head = critic.value_head.state_dict() if state_dict is None else part("value_head.")
             save_file({k: v.detach().contiguous().cpu() for k, v in head.items()},
                       os.path.join(path, "value_head.safetensors"))

@@ -49,11 +49,11 @@ def shard(module: nn.Module, offload: bool = False) -> nn.Module:
     if not layers:
         raise AlignError(f"train.sharding=fsdp: found no decoder layers in {type(module).__name__} to shard "
                          "(transformers' GradientCheckpointingLayer); use sharding: none")
-    quantized = {p for p in module.parameters() if getattr(p, "quant_state", None) is not None}
+    quantized = {p for p in module.parameters() if getattr(p, "quant_state", None) is not None} or None
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in layers:
-        fully_shard(layer, offload_policy=policy, ignored_params=quantized or None)
-    fully_shard(module, offload_policy=policy, ignored_params=quantized or None)
+        fully_shard(layer, offload_policy=policy, ignored_params=quantized)
+    fully_shard(module, offload_policy=policy, ignored_params=quantized)
     return module
 
 

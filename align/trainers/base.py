@@ -317,14 +317,16 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         """The batch on the training device; a host batch with labels first gets its
         `label_positions` (computed on the host: selecting them on the device would wait for it),
-        and packed rows bound for CUDA their boundaries (`align.models.varlen.segments`)."""
+        and packed rows bound for CUDA their boundaries where the policy takes the varlen kernel
+        (`align.models.varlen.segments`)."""
         labels = batch.get("labels")
         if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and "label_positions" not in batch:
             batch = {**batch, "label_positions": label_positions(labels)}
         device = self.accelerator.device
         positions = batch.get("position_ids")
-        if device.type in varlen.KERNEL_DEVICES and isinstance(positions, torch.Tensor) and \
-                positions.device.type == "cpu" and "attention_mask" not in batch and "cu_seq_lens" not in batch:
+        if device.type in varlen.KERNEL_DEVICES and varlen.uses_varlen(self.policy.model.config) and \
+                isinstance(positions, torch.Tensor) and positions.device.type == "cpu" and \
+                "attention_mask" not in batch and "cu_seq_lens" not in batch:
             found = varlen.segments(positions)  # packed rows: their boundaries, for the varlen kernel
             if found is not None:
                 batch = {**batch, "cu_seq_lens": found[0], "max_seq_len": found[1]}

@@ -39,7 +39,7 @@ from align.models.head import check_logprobs_match_forward, logit_transform
 from align.models.packed import decoder_hidden
 from align.models.policy import Policy, TokenLogprobModel, causal_lm
 from align.ops.distill import DistillOutput, chunked_divergence
-from align.rollout import Rollout, make_engine
+from align.rollout import Rollout
 from align.trainers.base import register_trainer
 from align.trainers.online import OnlineTrainer
 
@@ -175,10 +175,7 @@ class DistillTrainer(OnlineTrainer):
     # ---- experience -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """The rollout engine (distillation has no reward functions to try)."""
-        sampling = self.rl.sampling
-        longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
-        self.engine = make_engine(sampling.engine, self.sampler_model, self.policy.tokenizer, sampling.vllm, longest)
-        self.experience: dict | None = None
+        self.start_engine()
 
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
         """No reward functions: [N, 0]."""

@@ -103,11 +103,6 @@ class OnlineTrainer(Trainer):
         setting = f"{cls.algorithm}.sampling.max_prompt_length" if sampling.max_prompt_length else "data.max_length"
         return tokenize_prompts(rows, policy.tokenizer, limit, key, setting)
 
-    @property
-    def sampler_model(self) -> torch.nn.Module:
-        """The model the rollout engine samples from: the policy's, or under fsdp its unsharded copy."""
-        return self.policy.model if self.sampling_copy is None else self.sampling_copy
-
     def count_steps_per_epoch(self) -> int:
         self.check_recipe(self.recipe)
         return self.rounds_per_epoch * self.steps_per_round
@@ -115,14 +110,20 @@ class OnlineTrainer(Trainer):
     def prepare_data(self) -> None:
         """Reward functions and the rollout engine; then every reward is tried once on real samples."""
         self.rewards = RewardFunctions.from_config(self.rl.rewards, key=f"{self.algorithm}.rewards")
-        sampling = self.rl.sampling
-        longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
-        self.engine = make_engine(sampling.engine, self.sampler_model, self.policy.tokenizer, sampling.vllm, longest)
-        self.experience: dict | None = None
+        self.start_engine()
         rows = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
         params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
         rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
         self.rewards.dry_run(*self.reward_inputs(rows, rollout))
+
+    def start_engine(self) -> None:
+        """The rollout engine, sampling from the policy's model (under fsdp its unsharded copy), and
+        no experience yet."""
+        sampling = self.rl.sampling
+        longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
+        model = self.policy.model if self.sampling_copy is None else self.sampling_copy
+        self.engine = make_engine(sampling.engine, model, self.policy.tokenizer, sampling.vllm, longest)
+        self.experience: dict | None = None
 
     def sampling_params(self, **overrides) -> SamplingParams:
         s = self.rl.sampling
