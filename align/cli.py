@@ -1,4 +1,4 @@
-"""`align train | validate | export | plot | generate | eval | label | revise`: the command line. User mistakes exit
+"""`align train | validate | serve-rollouts | export | plot | generate | eval | label | revise`: the command line. User mistakes exit
 with code 2, no traceback."""
 
 from __future__ import annotations
@@ -52,10 +52,22 @@ def _validate(args) -> None:
     else:
         print("data from the hub: checked when `align train` downloads it")
     _check_rewards(recipe)
+    _check_rollout_server(recipe)
     if recipe.adapter.kind != "none":
         print(f"adapter: {recipe.adapter.kind} " + ("ok" if _check_adapter(recipe) else
                                                     "checked when `align train` loads the model (not on this machine)"))
     print(f"{args.recipe}: valid {recipe.algorithm} recipe")
+
+
+def _serve_rollouts(args) -> None:
+    from align.builtins import build_for_recipe
+    from align.config import load_recipe
+    from align.rollout.server import serve
+
+    _refuse_task_file(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
+    build_for_recipe(recipe)
+    serve(recipe, args.engine, args.host, args.port)
 
 
 def _is_task_file(path: str) -> bool:
@@ -115,6 +127,17 @@ def _check_adapter(recipe) -> bool:
     if skeleton is not None:
         check_adapter(skeleton, recipe.adapter, "SEQ_CLS" if score else "CAUSAL_LM")
     return skeleton is not None
+
+
+def _check_rollout_server(recipe) -> None:
+    """With sampling.engine: server, the server must answer (an AlignError naming the url if not)."""
+    sampling = getattr(recipe.section, "sampling", None)
+    if sampling is None or sampling.engine != "server":
+        return
+    from align.rollout.remote import request
+
+    health = request(sampling.server.url, "GET", "/health", timeout_s=10)
+    print(f"rollout server {sampling.server.url}: {health['engine']}, {health['weights']} weights in {health['dtype']}")
 
 
 def _check_rewards(recipe) -> None:
@@ -269,6 +292,17 @@ def parser() -> argparse.ArgumentParser:
                                            "OUTPUT_DIR.old-<time> first (it is never deleted)")
     sub.choices["validate"].add_argument("--overwrite", action="store_true",
                                          help="check output_dir as `align train --overwrite` would")
+    cmd = sub.add_parser("serve-rollouts", help="sample a recipe's rollouts in a process of its own (on GPUs of its "
+                                                "own) for trainers with sampling.engine: server")
+    cmd.add_argument("recipe", help="the recipe the trainer runs (its model and sampling settings)")
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    cmd.add_argument("--engine", default=None, help="the engine to sample with (default: the recipe's "
+                                                    "<algorithm>.sampling.server.engine, vllm)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the server has "
+                                                         "no authentication: expose it on trusted networks only)")
+    cmd.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed at start)")
+    cmd.set_defaults(fn=_serve_rollouts)
+
     for name, fn, text in [("label", _label, "AI feedback: sample K completions per prompt, judge every pair under a "
                                               "constitution (both orders), write preference pairs for dpo/reward"),
                            ("revise", _revise, "Constitutional AI's supervised stage: answers critiqued and revised "

@@ -249,6 +249,29 @@ class VLLMConfig(Section):
     """Skip CUDA-graph capture (faster start, slower decoding)."""
 
 
+class ServerConfig(Section):
+    """A rollout server (sampling.engine: server): `align serve-rollouts RECIPE` in a process of its own,
+    on GPUs of its own, which gets the policy's weights before every rollout."""
+
+    url: str = "http://127.0.0.1:8000"
+    transport: Literal["collective", "http"] = "collective"
+    """How the weights travel: collective, through a process group of two (trainer and server; NCCL on
+    GPUs, gloo on CPUs); http, as safetensors in the request (small models)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """The collective transport's backend; auto: nccl where the trainer has a GPU, else gloo."""
+    engine: registered("ROLLOUT_ENGINES") = "vllm"
+    """The engine the server samples with (its own setting: `align serve-rollouts` reads it)."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Longest a request (a rollout, a weight sync) may take."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// address; e.g. http://gpu-node-2:8000")
+        return value
+
+
 class SamplingConfig(Section):
     """How the rollout engine samples completions (temperature 0 = greedy)."""
 
@@ -263,8 +286,10 @@ class SamplingConfig(Section):
     """Stop strings; the completion ends with the token that completes one."""
     engine: registered("ROLLOUT_ENGINES") = "prefix_shared"
     """prefix_shared: our sampler (prompt KV computed once per group); hf: transformers' generate;
-    vllm: vLLM (optional dependency: pip install vllm), settings in `vllm`."""
+    vllm: vLLM (optional dependency: pip install vllm), settings in `vllm`; server: a rollout
+    server's (`align serve-rollouts`), settings in `server`."""
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     max_prompt_length: int | None = Field(None, gt=0)
     """Prompts longer than this (in tokens) are an error naming the row; default data.max_length."""
 

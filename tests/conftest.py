@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from align.config import recipe_from_dict
 from align.toy import chat_rows
@@ -60,3 +68,44 @@ def make_recipe(tmp_path):
         return recipe if raw else recipe_from_dict(recipe)
 
     return make
+
+
+@contextlib.contextmanager
+def rollout_server(recipe: dict, path: Path, *args: str, env: dict | None = None):
+    """`align serve-rollouts` of `recipe` (written to `path`) in a subprocess on a free port: yields
+    its URL once it listens; stopped on exit."""
+    path.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "align.cli", "serve-rollouts", str(path), "--port", "0", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1])
+    try:
+        lines, deadline = [], time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                raise AssertionError("the server exited:\n" + "".join(lines))
+            lines.append(line)
+            found = re.search(r"on (http://\S+) ", line)
+            if found:  # drained from here on, so that its log never blocks it
+                threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+                yield found.group(1)
+                return
+        raise AssertionError("the server did not start:\n" + "".join(lines))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def perturb_trainable(model, seed: int, lora_b: float = 0.2, other: float = 0.02) -> None:
+    """A training step's worth of change to what `model` trains (the adapter, or everything): Gaussian
+    noise, `lora_b` x on LoRA's B matrices (zero at the start), `other` x on the rest."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * (lora_b if "lora_B" in name else other))

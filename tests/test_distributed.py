@@ -21,7 +21,7 @@ from align.models.tiny import cache_dir, resolve
 from align.toy import chat_rows, preference_rows, prompt_rows
 from align.trainers import DPOTrainer, GRPOTrainer, PPOTrainer, SFTTrainer
 from align.trainers.checkpoint import load_checkpoint
-from tests.conftest import deep_update, write_jsonl
+from tests.conftest import deep_update, rollout_server, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = """
@@ -107,7 +107,12 @@ def launched(tmp_path_factory):
                               "train": {**recipes["sft"]["train"], "resume_from": str(root / "sft/checkpoints/step-000002")}}
     (root / "digits.py").write_text("def digits(completions, **_):\n"
                                     "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
-    return train_on_two_processes(root, recipes)
+    # GRPO again with its rollouts from a server (prefix_shared, as the run above samples in-process)
+    with rollout_server(recipes["grpo"], root / "serve.yaml", "--engine", "prefix_shared") as url:
+        recipes["grpo-server"] = deep_update(json.loads(json.dumps(recipes["grpo"])), {
+            "output_dir": str(root / "grpo-server"),
+            "grpo": {"sampling": {"engine": "server", "server": {"url": url, "transport": "collective"}}}})
+        return train_on_two_processes(root, recipes)
 
 
 def train_on_two_processes(root: Path, recipes: dict[str, dict]) -> dict[str, dict]:
@@ -190,3 +195,10 @@ def test_online_steps_on_two_processes_equal_one_process_on_the_same_experience(
     trainer.from_recipe(recipe_from_dict(single)).fit()
     assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "kl", "reward"),
                     first_step=2)
+
+
+def test_two_processes_sampling_from_one_rollout_server_equal_sampling_in_process(launched):
+    """Each process asks the server for its own prompts' completions (its own seed); the main process
+    alone sends the weights, through a gloo group, before each round: the same run as in-process."""
+    assert_same_run(launched["grpo-server"]["output_dir"], launched["grpo"]["output_dir"],
+                    keys=("loss", "grad_norm", "kl", "reward"))

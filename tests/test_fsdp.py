@@ -20,6 +20,7 @@ from align.models.tiny import resolve
 from align.toy import chat_rows, preference_rows, prompt_rows
 from align.registry import TRAINERS
 from align.trainers import SFTTrainer
+from tests.conftest import deep_update, rollout_server
 from tests.test_distributed import (LORA, assert_same_run, metrics, recipe_dict, single_process,
                                     train_on_two_processes, weights)
 
@@ -81,10 +82,17 @@ def launched(tmp_path_factory):
                                      train={"sharding": "fsdp", "batch_size": 2, "max_steps": 3, "lr": 1e-3},
                                      distill={"teacher_model": str(teacher),
                                               "sampling": {"max_new_tokens": 10, "temperature": 0.0}})
+    # GRPO again, its rollouts from a server: no sampling copy, the main process sends the weights
+    # gathered from the shards
+    recipes["grpo-server"] = deep_update(json.loads(json.dumps(recipes["grpo"])), {
+        "output_dir": str(root / "grpo-server"),
+        "grpo": {"sampling": {"engine": "server", "server": {"transport": "collective"}}}})
     recipes["full-resumed"] = {**recipes["full"], "output_dir": str(root / "full-resumed"),
                                "train": {**recipes["full"]["train"],
                                          "resume_from": str(root / "full" / "checkpoints" / "step-000002")}}
-    return train_on_two_processes(root, recipes)
+    with rollout_server(recipes["grpo"], root / "serve.yaml", "--engine", "prefix_shared") as url:
+        recipes["grpo-server"]["grpo"]["sampling"]["server"]["url"] = url
+        return train_on_two_processes(root, recipes)
 
 
 @pytest.mark.parametrize("name", ["full", "lora", "checkpointed", "offload", "reward", "dpo", "kto", "dpo-lora",
@@ -154,6 +162,13 @@ def test_an_unsharded_checkpoint_is_refused_under_fsdp_naming_the_fix(tmp_path):
     trainer.sharded = True  # as under torchrun with train.sharding: fsdp
     with pytest.raises(AlignError, match="written without train.sharding: fsdp .* resume it with sharding: none"):
         trainer.restore_state(objects)
+
+
+def test_grpo_under_fsdp_sampling_from_a_rollout_server_equals_sampling_in_process(launched):
+    """The same rollouts (the server samples each process's prompts with its seed from the weights the
+    main process gathered and sent), so the same run as with the sampling copies."""
+    assert_same_run(launched["grpo-server"]["output_dir"], launched["grpo"]["output_dir"],
+                    keys=("loss", "grad_norm", "kl", "reward"))
 
 
 def test_grpo_under_fsdp_equals_one_process_on_the_same_experience(launched):

