@@ -151,7 +151,8 @@ class TrainConfig(Section):
     decoder layer), for a model whose training state does not fit one device. fsdp runs every
     built-in algorithm (references, teachers and reward models are frozen whole copies on each
     process; under QLoRA the 4-bit base too, the rest sharded); its checkpoints hold the gathered state
-    and resume on any number of processes (`align.models.sharding`)."""
+    and resume on any number of processes (`align.models.sharding`). DeepSpeed ZeRO is chosen by the
+    launch instead (accelerate's config, `recipes/accelerate/`), with sharding: none (`align.models.zero`)."""
     fsdp_offload: bool = False
     """Under sharding: fsdp, keep the shards (weights, gradients, optimizer state) in CPU memory:
     each layer's weights are copied to the device for its forward and backward, and the optimizer

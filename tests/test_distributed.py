@@ -115,9 +115,10 @@ def launched(tmp_path_factory):
         return train_on_two_processes(root, recipes)
 
 
-def train_on_two_processes(root: Path, recipes: dict[str, dict]) -> dict[str, dict]:
+def train_on_two_processes(root: Path, recipes: dict[str, dict], launcher: list[str] | None = None) -> dict[str, dict]:
     """`align train` of each recipe in turn, in one `torchrun --nproc_per_node 2` launch (CPU, gloo)
-    with its own cache (the processes' reference log-probs are checked against this process's)."""
+    with its own cache (the processes' reference log-probs are checked against this process's);
+    launcher: another launch command for two processes instead (e.g. accelerate launch's)."""
     paths = []
     for name, recipe in recipes.items():
         paths.append(root / f"{name}.yaml")
@@ -127,11 +128,12 @@ def train_on_two_processes(root: Path, recipes: dict[str, dict]) -> dict[str, di
     shutil.copytree(Path(resolve("builtin:tiny-llama")).parent, cache / "builtin")
     env = {**os.environ, "ALIGN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(root / "worker.py"), *map(str, paths)],
+    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*launcher, str(root / "worker.py"), *map(str, paths)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count("done:") == len(recipes)  # the main process alone reports
+    (root / "launch.log").write_text(result.stdout + result.stderr)
     return recipes
 
 

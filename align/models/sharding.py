@@ -118,10 +118,13 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a sharded parameter (a DTensor); other tensors as they are."""
+    """This process's shard of a sharded parameter (a DTensor; or a ZeRO-3 parameter, whose own data is
+    empty outside forwards: its `ds_tensor`); other tensors as they are."""
     from torch.distributed.tensor import DTensor
 
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return getattr(tensor, "ds_tensor", tensor)
 
 
 def full_training_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -38,14 +38,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from align.config import Recipe, Section, flat_keys, load_recipe, save_recipe, saved_recipe_now
 from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
 from align.registry import TRAINERS
-from align.models import Policy, sharding, varlen
+from align.models import Policy, sharding, varlen, zero
 from align.models.packed import attention_kernels
 from align.models.policy import unwrap
 from align.ops.logprobs import label_positions
@@ -69,11 +69,22 @@ def process_accelerator() -> Accelerator:
     """
     options = dict(mixed_precision="no", cpu=not torch.accelerator.is_available(),
                    kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if zero.launched():  # accelerate launched with a DeepSpeed config (align.models.zero); on a machine
+        # without a GPU accelerate would drop DeepSpeed under cpu=True, and find no backend without gloo
+        gloo = [] if torch.accelerator.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        options = dict(mixed_precision="no", kwargs_handlers=gloo)
     try:
-        return Accelerator(**options)
+        accelerator = Accelerator(**options)
     except ValueError:  # "AcceleratorState has already been initialized and cannot be changed"
         AcceleratorState._reset_state()
-        return Accelerator(**options)
+        accelerator = Accelerator(**options)
+    if zero.launched():  # accelerate's DeepSpeed plugin told transformers to partition the models it
+        # loads from now on (ZeRO-3 init); Align loads whole models and partitions the trained one when
+        # its engine starts (zero3_init_flag is refused), so that setting is taken back
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    return accelerator
 
 
 def adamw(params, **settings) -> torch.optim.AdamW:
@@ -151,8 +162,18 @@ class Trainer:
             sharding.shard(policy.module, offload=self.cfg.fsdp_offload)
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
                                         betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
-        if not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
+        self.engine = None
+        """DeepSpeed's engine over the trained root, under a DeepSpeed launch (`align.models.zero`)."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            zero.check(self.algorithm, recipe)
+            config = zero.engine_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, self.cfg,
+                                        self.accelerator.num_processes)
+            self.engine = policy.module = zero.start(policy.module, self.optimizer, config)
+        elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
             self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
+        self.lockstep = self.sharded or self.engine is not None
+        """Whether every process must run as many forwards and backwards as the others (fsdp, ZeRO:
+        collectives inside them); their shares of a step or an eval split are then padded to match."""
         # training mode from here on, as in `fit`: from_pretrained leaves the model in eval mode, where
         # transformers skips activation checkpointing (and dropout) in a `train_step` called directly
         self.policy.module.train()
@@ -298,11 +319,11 @@ class Trainer:
         """This process's share of one optimizer step's items (examples, prompt groups), collated in
         micro-batches of `per_batch` items. A process left without items (a short last step) gets the
         step's first item as a `padding` batch, trained with weight 0: DDP needs every process's backward.
-        Under fsdp every forward is a collective, so each process gets as many micro-batches as the
-        process with the most (the first: shares are round-robin), padded the same way."""
+        Under fsdp and ZeRO (`lockstep`) each process gets as many micro-batches as the process with the
+        most (the first: shares are round-robin), padded the same way."""
         mine = shard(items)
         batches = [self.collate(mine[i:i + per_batch]) for i in range(0, len(mine), per_batch)]
-        return self.padded(batches, most_chunks(len(items), per_batch) if self.sharded else 1, items[0])
+        return self.padded(batches, most_chunks(len(items), per_batch) if self.lockstep else 1, items[0])
 
     def padded(self, batches: list[dict], count: int, item) -> list[dict]:
         """`batches` and, up to `count` batches, `padding` ones of `item` alone (a process's forwards
@@ -443,19 +464,23 @@ class Trainer:
         if self._log_clock is None:
             self._log_clock = time.perf_counter()
         record = self.accumulate_gradients(micro_batches)
-        params = self.policy.trainable_parameters()
-        if self.sharded:  # from each process's shards, on the device (offloaded shards are on the CPU)
-            grad_norm = sharding.clip_grad_norm(params, self.cfg.max_grad_norm, self.accelerator.device)
-        elif self.cfg.max_grad_norm is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        finite = torch.isfinite(grad_norm) & self.loss_is_finite(record["loss"])
-        record["grad_norm"] = grad_norm.detach()
         record["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer_step(finite)
+        if self.engine is not None:  # clipping, the step and its skip when not finite are DeepSpeed's
+            grad_norm, applied = zero.step(self.engine, self.accelerator.device)
+            finite = applied & self.loss_is_finite(record["loss"])
+        else:
+            params = self.policy.trainable_parameters()
+            if self.sharded:  # from each process's shards, on the device (offloaded shards are on the CPU)
+                grad_norm = sharding.clip_grad_norm(params, self.cfg.max_grad_norm, self.accelerator.device)
+            elif self.cfg.max_grad_norm is not None:
+                grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            finite = torch.isfinite(grad_norm) & self.loss_is_finite(record["loss"])
+            self.optimizer_step(finite)
+            self.optimizer.zero_grad(set_to_none=True)
+        record["grad_norm"] = grad_norm.detach()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         skipped = (~finite).float()
         self._nonfinite_in_row = (self._nonfinite_in_row + 1) * skipped
         self._nonfinite_total = self._nonfinite_total + skipped
@@ -515,28 +540,31 @@ class Trainer:
         (the whole step's). Nothing is read from the device (see tests/test_host_syncs.py)."""
         num_items = self.count_step_items(micro_batches)
         dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
-        zero = torch.zeros((), dtype=dtype, device=self.accelerator.device)
-        record: dict[str, torch.Tensor | float] = {"loss": zero, "num_tokens": 0.0}
+        nothing = torch.zeros((), dtype=dtype, device=self.accelerator.device)
+        record: dict[str, torch.Tensor | float] = {"loss": nothing, "num_tokens": 0.0}
         for i, host_batch in enumerate(micro_batches):
             padding = bool(host_batch.get("padding"))
             weight = 0.0 if padding else self.count_items(host_batch) / num_items
             batch = self._to_device({**host_batch, "num_items": num_items})
             last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module):
+            with contextlib.nullcontext() if last or self.engine else self.accelerator.no_sync(self.policy.module):
                 with self.autocast():
                     loss, metrics = self.compute_loss(batch)
                 if padding:
                     loss = loss * 0.0
-                # each process's loss is its share of the step's sum; DDP averages, so scale it back up;
-                # under the forward's attention kernels (activation checkpointing recomputes it here)
+                # each process's loss is its share of the step's sum; DDP (and ZeRO) average, so scale it
+                # back up; under the forward's attention kernels (activation checkpointing recomputes it here)
                 with attention_kernels(self.accelerator.device):
-                    self.accelerator.backward(loss * self.accelerator.num_processes)
+                    if self.engine is not None:
+                        zero.backward(self.engine, loss * self.accelerator.num_processes, last)
+                    else:
+                        self.accelerator.backward(loss * self.accelerator.num_processes)
             if not padding:
                 record["loss"] = record["loss"] + loss.detach().to(dtype)
                 record["num_tokens"] += int(host_batch["num_tokens"])
             for key, value in metrics.items():  # padding adds zeros: every process has the same keys
-                value = torch.as_tensor(value, device=zero.device).detach().to(dtype)
-                record[key] = record.get(key, zero) + (torch.zeros_like(value) if padding else value * weight)
+                value = torch.as_tensor(value, device=nothing.device).detach().to(dtype)
+                record[key] = record.get(key, nothing) + (torch.zeros_like(value) if padding else value * weight)
         return {**record, "num_items": num_items}
 
     def read_record(self, record: dict) -> dict[str, float]:
@@ -557,14 +585,13 @@ class Trainer:
                 for k, v in values.items()}
 
     def eval_batches(self) -> list[dict]:
-        """This process's share of the eval split's batches, collated. Under fsdp every forward is
-        a collective, so each process gets as many as the first, padded with `padding` batches (which
-        count for nothing)."""
+        """This process's share of the eval split's batches, collated. Under fsdp and ZeRO (`lockstep`)
+        each process gets as many as the first, padded with `padding` batches (which count for nothing)."""
         size = self.cfg.eval_batch_size or self.cfg.batch_size
         starts = range(0, len(self.eval_data), size)
         batches = [self.collate([self.eval_data[j] for j in range(i, min(i + size, len(self.eval_data)))])
                    for i in shard(starts)]
-        return self.padded(batches, most_chunks(len(starts), 1), self.eval_data[0]) if self.sharded else batches
+        return self.padded(batches, most_chunks(len(starts), 1), self.eval_data[0]) if self.lockstep else batches
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -608,8 +635,9 @@ class Trainer:
         them, on weights gathered whole (`sharding.gathered`): FSDP records the order in which its
         units ran forward to prefetch their weights in the next backward, and a forward on the main
         process alone would make that order differ between the processes (their collectives then
-        deadlock)."""
-        if self.run_id is None or not (self.accelerator.is_main_process or self.sharded):
+        deadlock). Under ZeRO every process makes them too (stage 3 gathers each layer's weights in its
+        forward, a collective), the same greedy tokens from the same weights."""
+        if self.run_id is None or not (self.accelerator.is_main_process or self.lockstep):
             return []
         prompts = self.sample_prompt_ids()  # the same on every process: all of them take part, or none
         if not prompts:
@@ -667,9 +695,9 @@ class Trainer:
 
     def check_weights_finite(self, what: str) -> None:
         """AlignError if a trainable weight is NaN/inf (one host read; at saves only)."""
-        params = [sharding.local_shard(p.detach()) for p in self.policy.trainable_parameters()]
+        params = [sharding.local_shard(p).detach() for p in self.policy.trainable_parameters()]
         finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
-        if self.sharded:  # every process checks its own shards
+        if self.lockstep:  # every process checks its own shards
             finite = sum_tensors_over_processes({"bad": (~finite).float()}, self.accelerator.device)["bad"] == 0
         if not bool(finite):
             raise AlignError(f"step {self.step}: the weights are NaN/inf, so the {what} was not written (earlier "
@@ -682,7 +710,8 @@ class Trainer:
         non-finite ones, never half-written (see `checkpoint.write_atomically`). Under fsdp the
         shards are gathered first (every process takes part) and written unsharded."""
         self.check_weights_finite("final model")
-        state = sharding.full_state_dict(self.policy.module) if self.sharded else None
+        state = sharding.full_state_dict(self.policy.module) if self.sharded else \
+            zero.full_state_dict(self.engine) if self.engine is not None else None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             write = self.policy.save if state is None else functools.partial(self.policy.save, state_dict=state)
@@ -696,6 +725,8 @@ class Trainer:
         if self.sharded:  # gathered from the shards (every process takes part), parameters named
             model, optimizer = sharding.full_training_state(self.policy.module, self.torch_optimizer)
             model = self.policy.trainable_entries(model)
+        elif self.engine is not None:  # the same, from ZeRO's partitions
+            model, optimizer = zero.full_training_state(self.engine, self.torch_optimizer)
         else:
             model, optimizer = self.policy.state_dict(), self.optimizer.state_dict()
         return {"model": model, "optimizer": optimizer,
@@ -703,12 +734,14 @@ class Trainer:
                 "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
 
     def restore_state(self, objects: dict[str, object]) -> None:
-        if sharding.keyed_by_name(objects["optimizer"]):  # written under fsdp: resumes sharded or not
+        if sharding.keyed_by_name(objects["optimizer"]) and self.engine is not None:
+            zero.load_training_state(self.engine, objects["model"], objects["optimizer"])
+        elif sharding.keyed_by_name(objects["optimizer"]):  # written under fsdp or ZeRO: resumes sharded or not
             sharding.load_training_state(unwrap(self.policy.module), self.torch_optimizer, objects["model"],
                                          objects["optimizer"])
-        elif self.sharded:
-            raise AlignError("this checkpoint was written without train.sharding: fsdp (its optimizer state is "
-                             "numbered, not named); resume it with sharding: none")
+        elif self.lockstep:
+            raise AlignError("this checkpoint was written without train.sharding: fsdp or ZeRO (its optimizer state "
+                             "is numbered, not named); resume it with sharding: none, without DeepSpeed")
         else:
             self.policy.load_state_dict(objects["model"])
             self.optimizer.load_state_dict(objects["optimizer"])

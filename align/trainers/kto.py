@@ -205,7 +205,7 @@ class KTOTrainer(Trainer):
                   "undesirable": sum(b["num_undesirable"] for b in real)}
         kl = torch.zeros(2, device=device)
         if self.uses_kl:
-            for batch in batches if self.sharded else real:  # fsdp: every forward is a collective
+            for batch in batches if self.lockstep else real:  # fsdp, ZeRO: every process runs as many
                 sums = self.kl_pair_sums(batch)
                 if not batch.get("padding"):
                     kl = kl + sums

@@ -259,7 +259,7 @@ class OnlineTrainer(Trainer):
 
         per_batch = max(1, (self.cfg.eval_batch_size or self.cfg.batch_size) // self.group_size)
         with self.scoring_mode():
-            for group, value in zip(groups, map_in_shares(groups, per_batch, values_of, even=self.sharded)):
+            for group, value in zip(groups, map_in_shares(groups, per_batch, values_of, even=self.lockstep)):
                 group.update(value)
 
     def collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:

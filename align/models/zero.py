@@ -1,0 +1,246 @@
+"""DeepSpeed ZeRO stage 2 and 3 for the trained root, when the run is launched with accelerate's
+DeepSpeed config (`accelerate launch --config_file recipes/accelerate/zero3.yaml -m align.cli
+train recipe.yaml`): stage 2 partitions gradients and optimizer state over the processes, stage 3
+the weights too.
+
+Align reads the DeepSpeed configuration accelerate built from the launch's config, fills what the
+recipe owns (micro-batch size, gradient accumulation, clipping: "auto" in the ready configs; a
+different number is an error), and starts the engine itself (`deepspeed.initialize`) on the module
+the loop trains. It then drives the engine as the loop drives DDP: one backward per micro-batch
+(each loss already normalised by the step's items, as everywhere in Align, so DeepSpeed does not
+divide it again), the accumulation boundary set on the last one, one engine step per optimizer step.
+
+Precision: Align's own `train.mixed_precision` (bf16 autocast over fp32 weights) owns it; a
+DeepSpeed config with fp16 or bf16 enabled is refused. Non-finite steps: in fp32, DeepSpeed skips a
+step whose gradient norm is NaN or inf on any process (`engine.was_step_applied()`), which Align
+counts as its own guard does.
+
+Checkpoints never go through DeepSpeed's `save_checkpoint` (torch pickles): every process gathers
+each trainable weight and its AdamW moments whole (`deepspeed.utils.safe_get_full_*`), and the main
+process writes them in Align's own format, named as under fsdp, so a checkpoint resumes under ZeRO,
+fsdp, DDP or on one process, on any number of processes.
+
+Under stage 3 the chunked log-probs read the lm-head weight inside the root's forward (not through
+the lm-head module's own forward); it is registered as the root's external parameter, so it is
+gathered there as any other weight the root's forward uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from align.errors import AlignError
+
+log = logging.getLogger(__name__)
+
+RECIPE_KEYS = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+               "gradient_clipping": "train.max_grad_norm"}
+"""DeepSpeed settings the recipe owns: "auto" (or absent) in a DeepSpeed config, filled from these keys."""
+ALGORITHMS = ("sft", "reward", "dpo", "kto")
+"""The algorithms Align trains under ZeRO so far (online ones sample between steps: not yet)."""
+
+
+def launched() -> bool:
+    """Whether accelerate launched this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def engine_config(plugin_config: dict, train, world_size: int) -> dict:
+    """The DeepSpeed config for `deepspeed.initialize`: accelerate's (from the launch's config) with
+    the recipe's batch size, accumulation and clipping filled in (`train`: the TrainConfig)."""
+    config = {key: value for key, value in plugin_config.items()}
+    wanted = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum,
+              "gradient_clipping": train.max_grad_norm or 0.0}
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            raise AlignError(f"the DeepSpeed config sets {key}: {given}, the recipe's {RECIPE_KEYS[key]} is "
+                             f"{value}: set it to \"auto\" in the DeepSpeed config (Align fills it from the recipe)")
+        config[key] = value
+    config["train_batch_size"] = train.batch_size * train.grad_accum * world_size
+    for precision in ("fp16", "bf16"):
+        if str(config.get(precision, {}).get("enabled", False)).lower() == "true":
+            raise AlignError(f"the DeepSpeed config enables {precision}: Align's train.mixed_precision owns precision "
+                             "(bf16 autocast over fp32 weights); set mixed_precision: 'no' in the accelerate config "
+                             "and train.mixed_precision: bf16 in the recipe")
+        config.pop(precision, None)
+    zero = config.setdefault("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage not in (2, 3):
+        raise AlignError(f"DeepSpeed zero_optimization.stage {stage}: Align runs stages 2 and 3 (for no sharding, "
+                         "launch without the DeepSpeed config: DDP)")
+    for offload in ("offload_optimizer", "offload_param"):
+        if str(zero.get(offload, {}).get("device", "none")).lower() != "none":
+            raise AlignError(f"the DeepSpeed config's zero_optimization.{offload}: Align does not run ZeRO-Offload "
+                             "yet; remove it, or use train.sharding: fsdp with train.fsdp_offload: true under torchrun")
+    if str(plugin_config.get("zero3_init_flag", zero.get("zero3_init_flag", False))).lower() == "true":
+        raise AlignError("the accelerate config's zero3_init_flag: true is not supported (Align loads the model "
+                         "before the engine starts, then partitions it); set it to false")
+    for owned in ("optimizer", "scheduler"):
+        if owned in config:
+            raise AlignError(f"the DeepSpeed config has an {owned!r} section: Align builds the {owned} from the "
+                             f"recipe (train.optimizer, train.lr, train.schedule); remove it")
+    config["zero_allow_untested_optimizer"] = True  # torch's AdamW, as Align builds it
+    config["steps_per_print"] = 2 ** 62  # Align logs
+    return config
+
+
+def start(module: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """The DeepSpeed engine over `module` (the trained root) and `optimizer` (torch's, over the root's
+    trainable parameters). Under stage 3 the causal LM's output layer, which the root's forward reads
+    directly (the chunked log-probs), is registered as the root's external parameter."""
+    import deepspeed
+
+    from align.models.policy import causal_lm
+
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    lm = causal_lm(engine.module)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if stage(engine) == 3 and head is not None:
+        deepspeed.zero.register_external_parameter(engine.module, head.weight)
+    if stage(engine) == 3 and torch.distributed.get_rank() == 0:
+        params = list(engine.module.parameters())
+        partitioned = sum(p.numel() == 0 for p in params)  # outside forwards a partitioned weight holds nothing
+        log.info("DeepSpeed ZeRO-3: %d of %d weights partitioned over %d processes (the others, below "
+                 "stage3_param_persistence_threshold elements, whole on each)", partitioned, len(params),
+                 torch.distributed.get_world_size())
+    return engine
+
+
+def stage(engine) -> int:
+    return engine.zero_optimization_stage()
+
+
+def backward(engine, loss: torch.Tensor, last: bool) -> None:
+    """One micro-batch's backward; `last`: the step's last micro-batch (gradients reduced there).
+    The loss is already this process's share of the step's normalised loss (not divided again)."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def step(engine, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimizer step (gradients clipped by the config's gradient_clipping; skipped by DeepSpeed
+    when their norm is not finite): (grad norm before clipping, 0-dim float; applied, 0-dim bool)."""
+    engine.step()
+    applied = engine.was_step_applied()
+    norm = engine.get_global_grad_norm() if applied else float("nan")
+    return (torch.tensor(float(norm), device=device), torch.tensor(bool(applied), device=device))
+
+
+def _named_trainable(engine) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def full_training_state(engine, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Every process calls it (collectives): (trainable weights, AdamW state), whole, on the CPU, keyed
+    by parameter name as `align.models.sharding.full_training_state` keys them."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    model, state, names = {}, {}, []
+    step_count = _step_count(engine)
+    for name, param in _named_trainable(engine):
+        model[name] = safe_get_full_fp32_param(param).detach().cpu().reshape(_shape(param))
+        moments = {key: safe_get_full_optimizer_state(param, key) for key in ("exp_avg", "exp_avg_sq")}
+        if all(m is not None for m in moments.values()):
+            state[name] = {"step": torch.tensor(float(step_count)),
+                           **{key: m.detach().cpu().reshape(_shape(param)) for key, m in moments.items()}}
+        names.append(name)
+    hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    return model, {"state": state, "param_groups": [{**hyper, "params": names}]}
+
+
+def load_training_state(engine, model_state: dict, optimizer_state: dict) -> None:
+    """Every process calls it with the whole state (`full_training_state`'s, or fsdp's): the trainable
+    weights into both the engine's fp32 partitions and the module's weights, and AdamW's moments and
+    step count into the optimizer's partitions."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    trainable = _named_trainable(engine)
+    unknown = set(model_state) - {name for name, _ in trainable}
+    if unknown:
+        raise AlignError(f"checkpoint has weights this model does not train: {sorted(unknown)[:5]}")
+    device = next(engine.module.parameters()).device
+    for name, param in trainable:
+        if name not in model_state:
+            continue
+        value = model_state[name].to(device)
+        safe_set_full_fp32_param(param, value)  # the optimizer's fp32 copy, and the weights the forward uses:
+        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0) if stage(engine) == 3 \
+            else contextlib.nullcontext()
+        with gathered, torch.no_grad():
+            if stage(engine) != 3 or torch.distributed.get_rank() == 0:
+                param.data.copy_(value.reshape(param.data.shape))
+    states = optimizer_state.get("state", {})
+    if not states:
+        return
+    _create_adam_state(engine, int(next(iter(states.values()))["step"]))
+    for name, param in trainable:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if name in states:
+                safe_set_full_optimizer_state(param, states[name][key].to(device), key)
+
+
+def _create_adam_state(engine, step_count: int) -> None:
+    """torch's AdamW makes its state at its first step, and DeepSpeed's setters write into it: make
+    it for each flat fp32 partition the optimizer steps on (DeepSpeed internals, names as of 0.19;
+    tests/test_zero.py resumes exactly through them)."""
+    zero_optimizer = engine.optimizer
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)  # stage 3
+    if flats is None:
+        flats = zero_optimizer.single_partition_of_fp32_groups  # stage 2
+    inner = zero_optimizer.optimizer
+    for flat in flats:
+        inner.state[flat] = {"step": torch.tensor(float(step_count)), "exp_avg": torch.zeros_like(flat),
+                             "exp_avg_sq": torch.zeros_like(flat)}
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # stage 2: link the params to it
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _step_count(engine) -> int:
+    """AdamW's step count (the same for every partition)."""
+    inner = engine.optimizer.optimizer
+    for state in inner.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _shape(param: nn.Parameter) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Every process calls it (under stage 3 a collective): the root's whole state dict on the CPU for
+    the main process, {} for the others."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gathered = deepspeed.zero.GatheredParameters(params) if stage(engine) == 3 else contextlib.nullcontext()
+    with gathered:
+        if torch.distributed.get_rank() != 0:
+            return {}
+        return {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
+
+
+def check(algorithm: str, recipe) -> None:
+    """What Align does not run under ZeRO yet: an AlignError naming it."""
+    reasons = []
+    if algorithm not in ALGORITHMS:
+        reasons.append(f"algorithm {algorithm!r} (ZeRO trains {', '.join(ALGORITHMS)} so far; "
+                       "use train.sharding: fsdp under torchrun)")
+    if recipe.train.sharding == "fsdp":
+        reasons.append("train.sharding: fsdp (one sharding at a time: launch without the DeepSpeed config, "
+                       "or set sharding: none)")
+    if recipe.adapter.kind == "qlora":
+        reasons.append("adapter.kind qlora (a 4-bit weight carries its quantization state, which a ZeRO "
+                       "partition loses; use train.sharding: fsdp, which keeps the 4-bit base whole)")
+    if recipe._reference_through_the_policy():
+        reasons.append(f"{algorithm}.reference adapter_disabled (set it to frozen_copy)")
+    if reasons:
+        raise AlignError("a DeepSpeed launch cannot run " + "; ".join(reasons))

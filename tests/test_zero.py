@@ -1,0 +1,139 @@
+"""DeepSpeed ZeRO stages 2 and 3 through accelerate's launch (`recipes/accelerate/zero{2,3}.yaml`),
+on two CPU processes (DeepSpeed's CPU accelerator, gloo): every run equals one process on the joint
+batch, a ZeRO checkpoint resumes under ZeRO and on one process without DeepSpeed, and what ZeRO
+does not run is refused. Skipped where DeepSpeed is not installed (it is a dev dependency)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("deepspeed")
+
+from align.config import TrainConfig, recipe_from_dict  # noqa: E402
+from align.errors import AlignError  # noqa: E402
+from align.models import zero  # noqa: E402
+from align.registry import TRAINERS  # noqa: E402
+from align.toy import chat_rows, preference_rows  # noqa: E402
+from align.trainers import SFTTrainer  # noqa: E402
+from tests.test_distributed import (LORA, REPO, assert_same_run, metrics, recipe_dict, single_process,  # noqa: E402
+                                    train_on_two_processes, weights)
+
+STEP = {"batch_size": 2, "grad_accum": 2}
+
+
+def accelerate_launch(config: Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One launch per stage. Stage 2 runs the ready config as it is; stage 3 the ready config with
+    every weight partitioned (DeepSpeed keeps weights under 1e5 elements whole by default: all of
+    tiny-llama's). 21 chats (pairs), 8 a step: the last step's 5 leave one process a padding batch."""
+    root = tmp_path_factory.mktemp("zero")
+    rows, pairs = chat_rows(21, seed=5), preference_rows(21, seed=11)
+    stage2 = {"sft": recipe_dict(root, "z2-sft", "sft", rows, chat_rows(5, seed=6),
+                                 train={**STEP, "save_every": 2, "eval_every": 2, "schedule": "linear"}),
+              "dpo-lora": recipe_dict(root, "z2-dpo-lora", "dpo", pairs, adapter=LORA, train=STEP,
+                                      dpo={"reference": "frozen_copy"}),
+              "reward": recipe_dict(root, "z2-reward", "reward", pairs, train=STEP)}
+    stage2["sft-resumed"] = {**stage2["sft"], "output_dir": str(root / "z2-sft-resumed"),
+                             "train": {**stage2["sft"]["train"],
+                                       "resume_from": str(root / "z2-sft" / "checkpoints" / "step-000002")}}
+    stage3 = {"sft": recipe_dict(root, "z3-sft", "sft", rows, chat_rows(5, seed=6),
+                                 train={**STEP, "save_every": 2, "eval_every": 2}),
+              "sft-lora": recipe_dict(root, "z3-sft-lora", "sft", rows, adapter=LORA, train=STEP),
+              "dpo": recipe_dict(root, "z3-dpo", "dpo", pairs, train={**STEP, "lr": 5e-4}),
+              "kto": recipe_dict(root, "z3-kto", "kto", pairs, adapter=LORA, train={**STEP, "lr": 5e-4},
+                                 kto={"reference": "frozen_copy"})}
+    stage3["sft-resumed"] = {**stage3["sft"], "output_dir": str(root / "z3-sft-resumed"),
+                             "train": {**stage3["sft"]["train"],
+                                       "resume_from": str(root / "z3-sft" / "checkpoints" / "step-000002")}}
+    ds3 = json.loads((REPO / "recipes/accelerate/ds_zero3.json").read_text())
+    ds3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (root / "ds_zero3.json").write_text(json.dumps(ds3))
+    launch3 = yaml.safe_load((REPO / "recipes/accelerate/zero3.yaml").read_text())
+    launch3["deepspeed_config"]["deepspeed_config_file"] = str(root / "ds_zero3.json")
+    (root / "zero3.yaml").write_text(yaml.safe_dump(launch3))
+    (root / "z2").mkdir()
+    (root / "z3").mkdir()
+    train_on_two_processes(root / "z2", stage2, accelerate_launch(REPO / "recipes/accelerate/zero2.yaml"))
+    train_on_two_processes(root / "z3", stage3, accelerate_launch(root / "zero3.yaml"))
+    partitioned = re.findall(r"ZeRO-3: (\d+) of (\d+) weights partitioned", (root / "z3" / "launch.log").read_text())
+    assert len(partitioned) == len(stage3) and all(a == b for a, b in partitioned), partitioned
+    return {2: stage2, 3: stage3}
+
+
+@pytest.mark.parametrize("stage,name", [(2, "sft"), (2, "dpo-lora"), (2, "reward"), (3, "sft"), (3, "sft-lora"),
+                                        (3, "dpo"), (3, "kto")])
+def test_zero_on_two_processes_equals_one_process_with_their_joint_batch(launched, stage, name):
+    """Loss, gradient norm and items at every step within 1e-5 relative (eval loss too); the final
+    weights, gathered from the partitions into a plain transformers/peft directory, within 1e-4."""
+    recipe = launched[stage][name]
+    single = single_process(recipe, batch_size=4)
+    TRAINERS.get(recipe["algorithm"]).from_recipe(recipe_from_dict(single)).fit()
+    assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "num_items", "eval/loss",
+                                                                       "lr", "rewards/margin"))
+    if "eval" in recipe["data"]:  # samples made on every process (stage 3: each layer's forward gathers)
+        shown = Path(recipe["output_dir"], "samples.jsonl").read_text().splitlines()
+        assert shown and all(json.loads(line)["completion"] for line in shown)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_resumes_under_zero_and_on_one_process(launched, stage, tmp_path):
+    """The checkpoint is Align's own (safetensors + JSON, no pickle): the weights and AdamW state
+    gathered from the partitions, named as under fsdp. Resumed under ZeRO (the state put back into
+    the partitions) or on one process without DeepSpeed, step 3 and the final weights equal the
+    straight run's."""
+    straight = launched[stage]["sft"]["output_dir"]
+    checkpoint = Path(straight) / "checkpoints" / "step-000002"
+    assert not list(checkpoint.glob("*.pt")) and not list(checkpoint.glob("*.bin"))
+    one = {**single_process(launched[stage]["sft"], batch_size=2, grad_accum=4, resume_from=str(checkpoint)),
+           "output_dir": str(tmp_path / "one")}
+    SFTTrainer.from_recipe(recipe_from_dict(one)).fit()
+    for resumed in (launched[stage]["sft-resumed"]["output_dir"], one["output_dir"]):
+        got = [r for r in metrics(resumed) if "loss" in r]
+        want = [r for r in metrics(straight) if "loss" in r][-1]
+        assert [r["step"] for r in got] == [3] == [want["step"]]
+        for key in ("loss", "grad_norm", "num_items"):
+            assert got[0][key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (resumed, key)
+        for name, tensor in weights(straight).items():
+            torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
+def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_owns():
+    train = TrainConfig(batch_size=4, grad_accum=3, max_grad_norm=0.5)
+    ready = json.loads((REPO / "recipes/accelerate/ds_zero2.json").read_text())
+    config = zero.engine_config(ready, train, world_size=2)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["gradient_clipping"], config["train_batch_size"]) == (4, 3, 0.5, 24)
+    assert config["zero_optimization"] == ready["zero_optimization"]
+    refused = [({"gradient_accumulation_steps": 2}, "sets gradient_accumulation_steps: 2, the recipe's "
+                                                   "train.grad_accum is 3"),
+               ({"bf16": {"enabled": True}}, "enables bf16: Align's train.mixed_precision owns precision"),
+               ({"zero_optimization": {"stage": 1}}, "stage 1: Align runs stages 2 and 3"),
+               ({"optimizer": {"type": "AdamW"}}, "an 'optimizer' section"),
+               ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "ZeRO-Offload"),
+               ({"zero3_init_flag": True}, "zero3_init_flag: true is not supported")]
+    for change, message in refused:
+        with pytest.raises(AlignError, match=message):
+            zero.engine_config({**ready, **change}, train, world_size=2)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}]}}, "algorithm 'grpo'"),
+    ({"adapter": {**LORA, "kind": "qlora"}}, "adapter.kind qlora"),
+    ({"algorithm": "dpo", "adapter": LORA}, "dpo.reference adapter_disabled"),
+])
+def test_what_zero_does_not_run_is_refused(tmp_path, change, message):
+    rows = preference_rows(4, seed=1) if change.get("algorithm") == "dpo" else chat_rows(4, seed=1)
+    recipe = recipe_from_dict({**recipe_dict(tmp_path, "run", "sft", rows), **change})
+    with pytest.raises(AlignError, match=f"a DeepSpeed launch cannot run .*{message}"):
+        zero.check(recipe.algorithm, recipe)
