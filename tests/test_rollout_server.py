@@ -151,3 +151,22 @@ def test_validate_asks_the_server(server, tmp_path, capsys):
         assert main(["validate", str(path)]) == code
         out = capsys.readouterr()
         assert re.search(said, out.out + out.err)
+
+
+def test_tied_weights_must_come_with_equal_values():
+    """A served model whose embeddings are tied holds one tensor under two names: a trainer that
+    trains one of them (modules_to_save: [lm_head]) would have the other silently overwritten."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.rollout.server import ServedModel, copy_into
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    served = ServedModel(None, model, torch.float32, lambda weights: copy_into(model, weights))
+    assert served.tied == [["model.embed_tokens.weight", "lm_head.weight"]]
+    weights = {name: p.detach() + 1 for name, p in model.named_parameters(remove_duplicate=False)}
+    assert served.load(weights) == 1
+    torch.testing.assert_close(model.lm_head.weight, weights["lm_head.weight"])
+    weights["lm_head.weight"] = weights["lm_head.weight"] + 1
+    with pytest.raises(ValueError, match="tied embeddings.*modules_to_save"):
+        served.load(weights)

@@ -121,15 +121,18 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
                ({"zero_optimization": {"stage": 1}}, "stage 1: Align runs stages 2 and 3"),
                ({"optimizer": {"type": "AdamW"}}, "an 'optimizer' section"),
                ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "ZeRO-Offload"),
-               ({"zero3_init_flag": True}, "zero3_init_flag: true is not supported")]
+               ({"train_batch_size": 16}, "sets train_batch_size: 16")]
     for change, message in refused:
         with pytest.raises(AlignError, match=message):
             zero.engine_config({**ready, **change}, train, world_size=2)
+    with pytest.raises(AlignError, match="zero3_init_flag: true is not supported"):
+        zero.engine_config(ready, train, world_size=2, zero3_init=True)
 
 
 @pytest.mark.parametrize("change,message", [
     ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}]}}, "algorithm 'grpo'"),
     ({"adapter": {**LORA, "kind": "qlora"}}, "adapter.kind qlora"),
+    ({"train": {"optimizer": "adamw_8bit"}}, "train.optimizer adamw_8bit"),
     ({"algorithm": "dpo", "adapter": LORA}, "dpo.reference adapter_disabled"),
 ])
 def test_what_zero_does_not_run_is_refused(tmp_path, change, message):

@@ -39,7 +39,8 @@ from align.errors import AlignError
 log = logging.getLogger(__name__)
 
 RECIPE_KEYS = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-               "gradient_clipping": "train.max_grad_norm"}
+               "gradient_clipping": "train.max_grad_norm",
+               "train_batch_size": "train.batch_size x train.grad_accum x processes"}
 """DeepSpeed settings the recipe owns: "auto" (or absent) in a DeepSpeed config, filled from these keys."""
 ALGORITHMS = ("sft", "reward", "dpo", "kto")
 """The algorithms Align trains under ZeRO so far (online ones sample between steps: not yet)."""
@@ -50,19 +51,20 @@ def launched() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
-def engine_config(plugin_config: dict, train, world_size: int) -> dict:
+def engine_config(plugin_config: dict, train, world_size: int, zero3_init: bool = False) -> dict:
     """The DeepSpeed config for `deepspeed.initialize`: accelerate's (from the launch's config) with
-    the recipe's batch size, accumulation and clipping filled in (`train`: the TrainConfig)."""
+    the recipe's batch size, accumulation and clipping filled in (`train`: the TrainConfig; no
+    max_grad_norm: clipping 0, DeepSpeed's off). zero3_init: the accelerate config's zero3_init_flag."""
     config = {key: value for key, value in plugin_config.items()}
     wanted = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum,
-              "gradient_clipping": train.max_grad_norm or 0.0}
+              "gradient_clipping": train.max_grad_norm or 0.0,
+              "train_batch_size": train.batch_size * train.grad_accum * world_size}
     for key, value in wanted.items():
         given = config.get(key, "auto")
         if given != "auto" and float(given) != float(value):
             raise AlignError(f"the DeepSpeed config sets {key}: {given}, the recipe's {RECIPE_KEYS[key]} is "
                              f"{value}: set it to \"auto\" in the DeepSpeed config (Align fills it from the recipe)")
         config[key] = value
-    config["train_batch_size"] = train.batch_size * train.grad_accum * world_size
     for precision in ("fp16", "bf16"):
         if str(config.get(precision, {}).get("enabled", False)).lower() == "true":
             raise AlignError(f"the DeepSpeed config enables {precision}: Align's train.mixed_precision owns precision "
@@ -78,7 +80,7 @@ def engine_config(plugin_config: dict, train, world_size: int) -> dict:
         if str(zero.get(offload, {}).get("device", "none")).lower() != "none":
             raise AlignError(f"the DeepSpeed config's zero_optimization.{offload}: Align does not run ZeRO-Offload "
                              "yet; remove it, or use train.sharding: fsdp with train.fsdp_offload: true under torchrun")
-    if str(plugin_config.get("zero3_init_flag", zero.get("zero3_init_flag", False))).lower() == "true":
+    if zero3_init:
         raise AlignError("the accelerate config's zero3_init_flag: true is not supported (Align loads the model "
                          "before the engine starts, then partitions it); set it to false")
     for owned in ("optimizer", "scheduler"):
@@ -125,7 +127,8 @@ def backward(engine, loss: torch.Tensor, last: bool) -> None:
 
 def step(engine, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The optimizer step (gradients clipped by the config's gradient_clipping; skipped by DeepSpeed
-    when their norm is not finite): (grad norm before clipping, 0-dim float; applied, 0-dim bool)."""
+    when their norm is not finite on any process): (grad norm before clipping, 0-dim float, NaN when
+    skipped; applied, 0-dim bool). Both are read on the host (DeepSpeed decides there)."""
     engine.step()
     applied = engine.was_step_applied()
     norm = engine.get_global_grad_norm() if applied else float("nan")
@@ -138,17 +141,22 @@ def _named_trainable(engine) -> list[tuple[str, nn.Parameter]]:
 
 def full_training_state(engine, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Every process calls it (collectives): (trainable weights, AdamW state), whole, on the CPU, keyed
-    by parameter name as `align.models.sharding.full_training_state` keys them."""
+    by parameter name as `align.models.sharding.full_training_state` keys them; the main process keeps
+    the tensors (the others return the names and hyper-parameters only)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     model, state, names = {}, {}, []
-    step_count = _step_count(engine)
+    main = torch.distributed.get_rank() == 0
+    step_count = _step_count(engine)  # 0 on every process until a step was applied: no moments yet
     for name, param in _named_trainable(engine):
-        model[name] = safe_get_full_fp32_param(param).detach().cpu().reshape(_shape(param))
-        moments = {key: safe_get_full_optimizer_state(param, key) for key in ("exp_avg", "exp_avg_sq")}
-        if all(m is not None for m in moments.values()):
-            state[name] = {"step": torch.tensor(float(step_count)),
-                           **{key: m.detach().cpu().reshape(_shape(param)) for key, m in moments.items()}}
+        weight = safe_get_full_fp32_param(param)  # a collective; the whole tensor on every process,
+        if main:                                  # kept by the main process only
+            model[name] = weight.detach().cpu().reshape(_shape(param))
+        if step_count:
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in ("exp_avg", "exp_avg_sq")}
+            if main:
+                state[name] = {"step": torch.tensor(float(step_count)),
+                               **{key: m.detach().cpu().reshape(_shape(param)) for key, m in moments.items()}}
         names.append(name)
     hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     return model, {"state": state, "param_groups": [{**hyper, "params": names}]}
@@ -195,9 +203,10 @@ def _create_adam_state(engine, step_count: int) -> None:
     if flats is None:
         flats = zero_optimizer.single_partition_of_fp32_groups  # stage 2
     inner = zero_optimizer.optimizer
+    fused = inner.defaults.get("fused")  # fused AdamW keeps its step count on the weights' device
     for flat in flats:
-        inner.state[flat] = {"step": torch.tensor(float(step_count)), "exp_avg": torch.zeros_like(flat),
-                             "exp_avg_sq": torch.zeros_like(flat)}
+        count = torch.tensor(float(step_count), dtype=torch.float32, device=flat.device if fused else "cpu")
+        inner.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
     if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # stage 2: link the params to it
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
@@ -216,16 +225,18 @@ def _shape(param: nn.Parameter) -> torch.Size:
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Every process calls it (under stage 3 a collective): the root's whole state dict on the CPU for
-    the main process, {} for the others."""
+    """Every process calls it (under stage 3 a collective per weight): the root's whole state dict on
+    the CPU for the main process, {} for the others. One weight is gathered at a time."""
     import deepspeed
 
-    params = list(engine.module.parameters())
-    gathered = deepspeed.zero.GatheredParameters(params) if stage(engine) == 3 else contextlib.nullcontext()
-    with gathered:
-        if torch.distributed.get_rank() != 0:
-            return {}
-        return {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
+    main = torch.distributed.get_rank() == 0
+    state = {}
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        partitioned = stage(engine) == 3 and hasattr(tensor, "ds_id")
+        with deepspeed.zero.GatheredParameters([tensor]) if partitioned else contextlib.nullcontext():
+            if main:
+                state[name] = tensor.detach().cpu().clone()
+    return state
 
 
 def check(algorithm: str, recipe) -> None:
@@ -237,6 +248,8 @@ def check(algorithm: str, recipe) -> None:
     if recipe.train.sharding == "fsdp":
         reasons.append("train.sharding: fsdp (one sharding at a time: launch without the DeepSpeed config, "
                        "or set sharding: none)")
+    if recipe.train.optimizer != "adamw":
+        reasons.append(f"train.optimizer {recipe.train.optimizer} (ZeRO partitions torch's AdamW state; use adamw)")
     if recipe.adapter.kind == "qlora":
         reasons.append("adapter.kind qlora (a 4-bit weight carries its quantization state, which a ZeRO "
                        "partition loses; use train.sharding: fsdp, which keeps the 4-bit base whole)")

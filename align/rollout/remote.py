@@ -100,5 +100,9 @@ def request(url: str, method: str, path: str, body: dict | None = None, data: by
         raise AlignError(f"the rollout server at {url} refused {method} {path}: {text}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            raise AlignError(f"the rollout server at {url} did not answer {method} {path} within {timeout_s:g} s "
+                             "(sampling.server.timeout_s); it serves one request at a time, so with many "
+                             "processes raise the timeout") from None
         raise AlignError(f"sampling.server.url {url}: no rollout server answers ({reason}); start one with "
                          "`align serve-rollouts RECIPE --port PORT` and set the url to it") from None

@@ -42,8 +42,16 @@ class ServedModel:
     """An engine and the weights it samples from: their names and shapes (a transformers causal LM's
     `named_parameters`), and how a complete set of them is loaded."""
 
-    def __init__(self, engine, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, load):
-        self.engine, self.shapes, self.dtype, self._load = engine, shapes, dtype, load
+    def __init__(self, engine, model: nn.Module, dtype: torch.dtype, load):
+        """model: the served model's transformers module (its weights, or a skeleton on the meta device)."""
+        self.engine, self.dtype, self._load = engine, dtype, load
+        named = model.named_parameters(remove_duplicate=False)
+        self.shapes = {name: tuple(p.shape) for name, p in named}
+        names_of: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(param), []).append(name)
+        self.tied = [names for names in names_of.values() if len(names) > 1]
+        """Names of one weight (tied embeddings): they must come with equal values."""
         self.version = 0
 
     @classmethod
@@ -68,14 +76,14 @@ class ServedModel:
             if model_config.dtype not in (None, "auto"):
                 config.dtype = model_config.dtype
             with torch.device("meta"):
-                shapes = named_shapes(AutoModelForCausalLM.from_config(config))
+                skeleton = AutoModelForCausalLM.from_config(config)
             engine = VLLMEngine(None, tokenizer, sampling.vllm, max_model_len, config=config)
-            return cls(engine, shapes, engine.dtype, engine.load_weights)
+            return cls(engine, skeleton, engine.dtype, engine.load_weights)
         from align.rollout import make_engine
 
         model = load_model(model_config, AdapterConfig()).eval().requires_grad_(False)
         engine = make_engine(engine_name, model, tokenizer, sampling, max_model_len)
-        return cls(engine, named_shapes(model), next(model.parameters()).dtype, lambda weights: copy_into(model, weights))
+        return cls(engine, model, next(model.parameters()).dtype, lambda weights: copy_into(model, weights))
 
     def check(self, specs: list[list]) -> None:
         """A ValueError naming the first weight that is unknown, missing or of the wrong shape."""
@@ -93,13 +101,14 @@ class ServedModel:
 
     def load(self, weights: dict[str, torch.Tensor]) -> int:
         self.check([transport.spec(name, tensor) for name, tensor in weights.items()])
+        for names in self.tied:
+            if not all(torch.equal(weights[names[0]], weights[name]) for name in names[1:]):
+                raise ValueError(f"{names} are one weight in the served model (tied embeddings), but the trainer "
+                                 "sent different values (e.g. a trained lm_head under modules_to_save): train "
+                                 "both or neither, or untie them in the model's config")
         self._load((name, tensor.to(self.dtype)) for name, tensor in weights.items())
         self.version += 1
         return self.version
-
-
-def named_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 @torch.no_grad()
@@ -116,6 +125,7 @@ class RolloutServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.served, self.timeout_s = served, timeout_s
         self.lock = threading.Lock()  # one engine call or weight load at a time
+        self.sync_lock = threading.Lock()  # the weight group and the tensors being received
         self.group: transport.WeightGroup | None = None
         self.pending_group: tuple[threading.Thread, dict] | None = None  # the group being opened
         self.receiving: dict | None = None  # the announced tensors: {"thread", "weights", "error"}
@@ -150,54 +160,66 @@ class RolloutServer(ThreadingHTTPServer):
 
     def open_group(self, body: dict) -> dict:
         backend = body.get("backend", "gloo")
-        store = transport.WeightGroup.listen(0, self.timeout_s)
-        result: dict = {}
+        with self.sync_lock:
+            self._refuse_a_second_sync()
+            store = transport.WeightGroup.listen(self.server_address[0], 0, self.timeout_s)
+            result: dict = {}
 
-        def member():
-            try:
-                result["group"] = transport.WeightGroup(store, 1, backend, self.timeout_s)
-            except Exception as error:  # noqa: BLE001 - reported at the next announce
-                result["error"] = error
+            def member():
+                try:
+                    result["group"] = transport.WeightGroup(store, 1, backend, self.timeout_s)
+                except Exception as error:  # noqa: BLE001 - reported at the next announce
+                    result["error"] = error
 
-        thread = threading.Thread(target=member, daemon=True)
-        thread.start()
-        self.pending_group = (thread, result)
+            thread = threading.Thread(target=member, daemon=True)
+            thread.start()
+            self.pending_group = (thread, result)
         return {"port": store.port}
 
     def announce(self, body: dict) -> dict:
         specs = body["tensors"]
         self.served.check(specs)
-        if self.pending_group is not None:
-            (thread, result), self.pending_group = self.pending_group, None
-            thread.join(self.timeout_s)
-            if "group" not in result:
-                raise ValueError(f"the weight group did not open: {result.get('error', 'timed out')}")
-            self.group = result["group"]
-        if self.group is None:
-            raise ValueError("no weight group: POST /weights/group first")
-        job: dict = {"weights": {}}
+        with self.sync_lock:
+            self._refuse_a_second_sync()
+            if self.pending_group is not None:
+                (thread, result), self.pending_group = self.pending_group, None
+                thread.join(self.timeout_s)
+                if "group" not in result:
+                    raise ValueError(f"the weight group did not open: {result.get('error', 'timed out')}")
+                self.group = result["group"]
+            if self.group is None:
+                raise ValueError("no weight group: POST /weights/group first")
+            group, job = self.group, {"weights": {}}
 
-        def receive():
-            try:
-                for name, shape, dtype in specs:
-                    job["weights"][name] = self.group.receive(shape, transport.dtype_of(dtype))
-            except Exception as error:  # noqa: BLE001 - reported by commit
-                job["error"] = error
+            def receive():
+                try:
+                    for name, shape, dtype in specs:
+                        job["weights"][name] = group.receive(shape, transport.dtype_of(dtype))
+                    group.finish()
+                except Exception as error:  # noqa: BLE001 - reported by commit
+                    job["error"] = error
 
-        job["thread"] = threading.Thread(target=receive, daemon=True)
-        job["thread"].start()
-        self.receiving = job
+            job["thread"] = threading.Thread(target=receive, daemon=True)
+            job["thread"].start()
+            self.receiving = job
         return {"tensors": len(specs)}
 
     def commit(self) -> dict:
-        job, self.receiving = self.receiving, None
-        if job is None:
-            raise ValueError("nothing announced: POST /weights/announce first")
-        job["thread"].join(self.timeout_s)
-        if job["thread"].is_alive() or "error" in job:
-            raise ValueError(f"the announced tensors did not all arrive: {job.get('error', 'timed out')}")
+        with self.sync_lock:
+            job, self.receiving = self.receiving, None
+            if job is None:
+                raise ValueError("nothing announced: POST /weights/announce first")
+            job["thread"].join(self.timeout_s)
+            if job["thread"].is_alive() or "error" in job:
+                self.group = None  # a group a transfer failed on is not used again: the trainer opens another
+                raise ValueError(f"the announced tensors did not all arrive: {job.get('error', 'timed out')}")
         with self.lock:
             return {"version": self.served.load(job["weights"])}
+
+    def _refuse_a_second_sync(self) -> None:
+        if self.receiving is not None and self.receiving["thread"].is_alive():
+            raise ValueError("a weight sync is under way: is another trainer using this server? Start one "
+                             "`align serve-rollouts` per run")
 
 
 class Handler(BaseHTTPRequestHandler):

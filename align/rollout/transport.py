@@ -71,10 +71,10 @@ class WeightGroup:
         self.store, self.rank = store, rank  # the store must outlive the group
 
     @staticmethod
-    def listen(port: int, timeout_s: float) -> torch.distributed.TCPStore:
-        """The server's side, step 1: the store the trainer connects to, on `port` (0: any free one,
-        read back from `.port`). Step 2, `WeightGroup(store, 1, backend, timeout_s)`, waits for the trainer."""
-        return torch.distributed.TCPStore("0.0.0.0", port, world_size=2, is_master=True, wait_for_workers=False,
+    def listen(host: str, port: int, timeout_s: float) -> torch.distributed.TCPStore:
+        """The server's side, step 1: the store the trainer connects to, at host:port (port 0: any free
+        one, read back from `.port`). Step 2, `WeightGroup(store, 1, backend, timeout_s)`, waits for the trainer."""
+        return torch.distributed.TCPStore(host, port, world_size=2, is_master=True, wait_for_workers=False,
                                           timeout=datetime.timedelta(seconds=timeout_s))
 
     @classmethod
@@ -91,6 +91,11 @@ class WeightGroup:
         tensor = torch.empty(shape, dtype=dtype, device=self.device)
         self._broadcast(tensor)
         return tensor
+
+    def finish(self) -> None:
+        """Wait until every received tensor has arrived (NCCL's wait only orders the GPU's stream)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         options = torch.distributed.BroadcastOptions()

@@ -162,16 +162,17 @@ class Trainer:
             sharding.shard(policy.module, offload=self.cfg.fsdp_offload)
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
                                         betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
-        self.engine = None
+        self.zero_engine = None
         """DeepSpeed's engine over the trained root, under a DeepSpeed launch (`align.models.zero`)."""
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             zero.check(self.algorithm, recipe)
-            config = zero.engine_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, self.cfg,
-                                        self.accelerator.num_processes)
-            self.engine = policy.module = zero.start(policy.module, self.optimizer, config)
+            plugin = self.accelerator.state.deepspeed_plugin
+            config = zero.engine_config(plugin.deepspeed_config, self.cfg, self.accelerator.num_processes,
+                                        zero3_init=plugin.zero3_init_flag)
+            self.zero_engine = policy.module = zero.start(policy.module, self.optimizer, config)
         elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
             self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
-        self.lockstep = self.sharded or self.engine is not None
+        self.lockstep = self.sharded or self.zero_engine is not None
         """Whether every process must run as many forwards and backwards as the others (fsdp, ZeRO:
         collectives inside them); their shares of a step or an eval split are then padded to match."""
         # training mode from here on, as in `fit`: from_pretrained leaves the model in eval mode, where
@@ -465,9 +466,8 @@ class Trainer:
             self._log_clock = time.perf_counter()
         record = self.accumulate_gradients(micro_batches)
         record["lr"] = self.scheduler.get_last_lr()[0]
-        if self.engine is not None:  # clipping, the step and its skip when not finite are DeepSpeed's
-            grad_norm, applied = zero.step(self.engine, self.accelerator.device)
-            finite = applied & self.loss_is_finite(record["loss"])
+        if self.zero_engine is not None:  # clipping, the step and its skip when not finite are DeepSpeed's
+            grad_norm, finite = zero.step(self.zero_engine, self.accelerator.device)
         else:
             params = self.policy.trainable_parameters()
             if self.sharded:  # from each process's shards, on the device (offloaded shards are on the CPU)
@@ -547,7 +547,7 @@ class Trainer:
             weight = 0.0 if padding else self.count_items(host_batch) / num_items
             batch = self._to_device({**host_batch, "num_items": num_items})
             last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or self.engine else self.accelerator.no_sync(self.policy.module):
+            with contextlib.nullcontext() if last or self.zero_engine is not None else self.accelerator.no_sync(self.policy.module):
                 with self.autocast():
                     loss, metrics = self.compute_loss(batch)
                 if padding:
@@ -555,8 +555,8 @@ class Trainer:
                 # each process's loss is its share of the step's sum; DDP (and ZeRO) average, so scale it
                 # back up; under the forward's attention kernels (activation checkpointing recomputes it here)
                 with attention_kernels(self.accelerator.device):
-                    if self.engine is not None:
-                        zero.backward(self.engine, loss * self.accelerator.num_processes, last)
+                    if self.zero_engine is not None:
+                        zero.backward(self.zero_engine, loss * self.accelerator.num_processes, last)
                     else:
                         self.accelerator.backward(loss * self.accelerator.num_processes)
             if not padding:
@@ -711,7 +711,7 @@ class Trainer:
         shards are gathered first (every process takes part) and written unsharded."""
         self.check_weights_finite("final model")
         state = sharding.full_state_dict(self.policy.module) if self.sharded else \
-            zero.full_state_dict(self.engine) if self.engine is not None else None
+            zero.full_state_dict(self.zero_engine) if self.zero_engine is not None else None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             write = self.policy.save if state is None else functools.partial(self.policy.save, state_dict=state)
@@ -725,8 +725,8 @@ class Trainer:
         if self.sharded:  # gathered from the shards (every process takes part), parameters named
             model, optimizer = sharding.full_training_state(self.policy.module, self.torch_optimizer)
             model = self.policy.trainable_entries(model)
-        elif self.engine is not None:  # the same, from ZeRO's partitions
-            model, optimizer = zero.full_training_state(self.engine, self.torch_optimizer)
+        elif self.zero_engine is not None:  # the same, from ZeRO's partitions
+            model, optimizer = zero.full_training_state(self.zero_engine, self.torch_optimizer)
         else:
             model, optimizer = self.policy.state_dict(), self.optimizer.state_dict()
         return {"model": model, "optimizer": optimizer,
@@ -734,8 +734,8 @@ class Trainer:
                 "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
 
     def restore_state(self, objects: dict[str, object]) -> None:
-        if sharding.keyed_by_name(objects["optimizer"]) and self.engine is not None:
-            zero.load_training_state(self.engine, objects["model"], objects["optimizer"])
+        if sharding.keyed_by_name(objects["optimizer"]) and self.zero_engine is not None:
+            zero.load_training_state(self.zero_engine, objects["model"], objects["optimizer"])
         elif sharding.keyed_by_name(objects["optimizer"]):  # written under fsdp or ZeRO: resumes sharded or not
             sharding.load_training_state(unwrap(self.policy.module), self.torch_optimizer, objects["model"],
                                          objects["optimizer"])

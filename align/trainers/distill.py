@@ -233,7 +233,7 @@ class DistillTrainer(OnlineTrainer):
             sums = torch.stack(sums, 1).cpu().tolist()
             return [s + [float(len(c))] for s, c in zip(sums, rollout.completion_ids)]
 
-        self.engine.sync_weights()
+        self.sync_sampler()
         with self.policy.eval_mode():
             results = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size,
                                     measured)
