@@ -739,7 +739,7 @@ class Trainer:
         elif sharding.keyed_by_name(objects["optimizer"]):  # written under fsdp or ZeRO: resumes sharded or not
             sharding.load_training_state(unwrap(self.policy.module), self.torch_optimizer, objects["model"],
                                          objects["optimizer"])
-        elif self.lockstep:
+        elif self.sharded or self.zero_engine is not None:
             raise AlignError("this checkpoint was written without train.sharding: fsdp or ZeRO (its optimizer state "
                              "is numbered, not named); resume it with sharding: none, without DeepSpeed")
         else:
