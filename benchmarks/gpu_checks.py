@@ -134,18 +134,8 @@ def varlen_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict
     return result
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
-    parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
-    parser.add_argument("--qlora-steps", type=int, default=5)
-    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen", help="comma-separated checks to run")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
-    parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
-    preset, qlora_preset = ("tiny", "tiny") if args.smoke else (args.model, args.qlora_model)
-    work = Path(tempfile.mkdtemp(prefix="align-gpu-checks-"))
+def run_checks(work: Path, args, cuda: bool, preset: str, qlora_preset: str) -> list[dict]:
+    """The checks --only names, each printed as it ends; data and runs under `work`."""
     sft = assets.write_jsonl(assets.sft_rows(64, seed=0), work / "sft.jsonl")
     pairs = assets.write_jsonl(assets.long_prompt_preference_rows(32, seed=1, context_lines=(3, 6)), work / "dpo.jsonl")
     prompts = assets.write_jsonl([{"prompt": r["prompt"], "answer": r["chosen"]}
@@ -174,6 +164,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
             result = {"check": name, "ok": False, "error": f"{type(error).__name__}: {error}"}
         print(json.dumps(result), flush=True)
         results.append(result)
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
+    parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
+    parser.add_argument("--qlora-steps", type=int, default=5)
+    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen", help="comma-separated checks to run")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
+    parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    preset, qlora_preset = ("tiny", "tiny") if args.smoke else (args.model, args.qlora_model)
+    with tempfile.TemporaryDirectory(prefix="align-gpu-checks-") as tmp:  # the data and runs, deleted after
+        results = run_checks(Path(tmp), args, cuda, preset, qlora_preset)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return results
