@@ -129,16 +129,23 @@ def _rewards(run_dir) -> list[float]:
     return [r["reward"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "reward" in r]
 
 
+def _assert_reward_rises(run_dir, label: str, steps: int = 3, gain: float = 0.3) -> list[float]:
+    """The run's mean reward over its last `steps` steps beats its first `steps` by more than `gain`."""
+    rewards = _rewards(run_dir)
+    first, last = sum(rewards[:steps]) / steps, sum(rewards[-steps:]) / steps
+    print(f"{label}, mean digit reward: first {steps} steps {first:.3f}, last {steps} {last:.3f}",
+          [round(r, 3) for r in rewards])
+    assert last > first + gain
+    return rewards
+
+
 def test_grpo_with_the_vllm_engine_learns(make_recipe, tmp_path):
     """With rollouts from vLLM (weights pushed before every round) the policy's mean reward rises,
     and at the end vLLM samples what the policy would."""
     trainer = GRPOTrainer.from_recipe(recipe_from_dict(_grpo_recipe(make_recipe, tmp_path)))
     assert isinstance(trainer.engine, VLLMEngine)
     trainer.fit()
-    rewards = _rewards(tmp_path / "run")
-    print(f"GRPO with vLLM rollouts, mean digit reward: first 3 steps {sum(rewards[:3]) / 3:.3f}, "
-          f"last 3 {sum(rewards[-3:]) / 3:.3f}")
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3
+    _assert_reward_rises(tmp_path / "run", "GRPO with vLLM rollouts")
     prompts = [trainer.train_data[i]["prompt_ids"] for i in range(4)]
     greedy = SamplingParams(temperature=0, max_new_tokens=16)
     trainer.engine.sync_weights()
@@ -157,9 +164,7 @@ def test_grpo_with_the_vllm_engine_on_two_processes(make_recipe, tmp_path):
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     rewards = _rewards(tmp_path / "run")
     assert len(rewards) == 12
-    print(f"two processes, mean digit reward: first 3 steps {sum(rewards[:3]) / 3:.3f}, "
-          f"last 3 {sum(rewards[-3:]) / 3:.3f}")
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3
+    _assert_reward_rises(tmp_path / "run", "two processes")
 
 
 def test_ppo_with_the_vllm_engine_learns(make_recipe, tmp_path):
@@ -173,10 +178,7 @@ def test_ppo_with_the_vllm_engine_learns(make_recipe, tmp_path):
     trainer = PPOTrainer.from_recipe(recipe_from_dict(recipe))
     assert isinstance(trainer.engine, VLLMEngine)
     trainer.fit()
-    rewards = _rewards(tmp_path / "run")
-    print(f"PPO with vLLM rollouts, mean digit reward: first 4 steps {sum(rewards[:4]) / 4:.3f}, "
-          f"last 4 {sum(rewards[-4:]) / 4:.3f}", [round(r, 3) for r in rewards])
-    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2
+    _assert_reward_rises(tmp_path / "run", "PPO with vLLM rollouts", steps=4, gain=0.2)
 
 
 # ---- server mode ----------------------------------------------------------------------------------
@@ -212,7 +214,4 @@ def test_grpo_with_a_vllm_rollout_server_learns(vllm_server, make_recipe, tmp_pa
     trainer = GRPOTrainer.from_recipe(recipe_from_dict(recipe))
     assert isinstance(trainer.engine, RemoteEngine)
     trainer.fit()
-    rewards = _rewards(tmp_path / "run")
-    print(f"GRPO with rollouts from a vLLM server, mean digit reward: first 3 steps {sum(rewards[:3]) / 3:.3f}, "
-          f"last 3 {sum(rewards[-3:]) / 3:.3f}")
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3
+    _assert_reward_rises(tmp_path / "run", "GRPO with rollouts from a vLLM server")

@@ -55,7 +55,7 @@ def engine_config(plugin_config: dict, train, world_size: int, zero3_init: bool 
     """The DeepSpeed config for `deepspeed.initialize`: accelerate's (from the launch's config) with
     the recipe's batch size, accumulation and clipping filled in (`train`: the TrainConfig; no
     max_grad_norm: clipping 0, DeepSpeed's off). zero3_init: the accelerate config's zero3_init_flag."""
-    config = {key: value for key, value in plugin_config.items()}
+    config = dict(plugin_config)
     wanted = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum,
               "gradient_clipping": train.max_grad_norm or 0.0,
               "train_batch_size": train.batch_size * train.grad_accum * world_size}

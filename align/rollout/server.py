@@ -45,10 +45,10 @@ class ServedModel:
     def __init__(self, engine, model: nn.Module, dtype: torch.dtype, load):
         """model: the served model's transformers module (its weights, or a skeleton on the meta device)."""
         self.engine, self.dtype, self._load = engine, dtype, load
-        named = model.named_parameters(remove_duplicate=False)
-        self.shapes = {name: tuple(p.shape) for name, p in named}
-        names_of: dict[int, list[str]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        names_of: dict[int, list[str]] = {}  # tied weights: one parameter under several names
         for name, param in model.named_parameters(remove_duplicate=False):
+            self.shapes[name] = tuple(param.shape)
             names_of.setdefault(id(param), []).append(name)
         self.tied = [names for names in names_of.values() if len(names) > 1]
         """Names of one weight (tied embeddings): they must come with equal values."""

@@ -734,9 +734,10 @@ class Trainer:
                 "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
 
     def restore_state(self, objects: dict[str, object]) -> None:
-        if sharding.keyed_by_name(objects["optimizer"]) and self.zero_engine is not None:
+        named = sharding.keyed_by_name(objects["optimizer"])  # written under fsdp or ZeRO: resumes anywhere
+        if named and self.zero_engine is not None:
             zero.load_training_state(self.zero_engine, objects["model"], objects["optimizer"])
-        elif sharding.keyed_by_name(objects["optimizer"]):  # written under fsdp or ZeRO: resumes sharded or not
+        elif named:
             sharding.load_training_state(unwrap(self.policy.module), self.torch_optimizer, objects["model"],
                                          objects["optimizer"])
         elif self.sharded or self.zero_engine is not None:

@@ -21,7 +21,6 @@ the per-sequence values to [S, T].
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 import time
