@@ -289,6 +289,10 @@ class SamplingConfig(Section):
     """prefix_shared: our sampler (prompt KV computed once per group); hf: transformers' generate;
     vllm: vLLM (optional dependency: pip install vllm), settings in `vllm`; server: a rollout
     server's (`align serve-rollouts`), settings in `server`."""
+    cuda_graphs: bool = True
+    """prefix_shared on CUDA: decode over a static KV cache, each step a replayed CUDA graph (one
+    launch instead of hundreds; finished rows ride along). false: the eager loop, where finished
+    rows leave the batch. Models with sliding-window layers always decode the eager way."""
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     max_prompt_length: int | None = Field(None, gt=0)

@@ -8,6 +8,9 @@
    NF4 base, bf16 compute and autocast, gradient checkpointing, paged 8-bit AdamW.
 3. **Varlen attention**: packed rows (up to 4096 tokens) through the varlen kernel against the
    block-diagonal-mask SDPA path: the kernel ran, and log-probs and gradients agree to bf16 noise.
+4. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
+   log-probs equal the eager loop's on the same fed tokens (fp32), and a GRPO-sized rollout
+   (8 prompts x 8 samples x 256 tokens) is timed both ways.
 
     python -m benchmarks.gpu_checks --model 0.5b --qlora-model 1.5b
     python -m benchmarks.gpu_checks --smoke      # CPU, tiny model: the same code, no sync mode, AdamW
@@ -134,6 +137,77 @@ def varlen_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict
     return result
 
 
+def graphs_check(model_dir: str, prompts_path: str, cuda: bool, max_new_tokens: int) -> dict:
+    """The static decoder (a CUDA graph per rollout on CUDA) against the eager loop: a teacher-forced
+    walk feeding both the eager loop's greedy tokens, log-probs compared at every step, on the fp32
+    model (as the benchmark's sampler runs it) and on a QLoRA policy (needs bitsandbytes); then a
+    seeded rollout of the fp32 model timed each way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.rollout import PrefixSharedEngine, SamplingParams
+    from benchmarks.common import load_rows
+
+    device = torch.device("cuda" if cuda else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in load_rows(prompts_path)[:8]]
+    result = {"check": "CUDA-graph decoding", **_teacher_forced(model, tokenizer, prompts, device, max_new_tokens)}
+    result["ok"] = bool(result["logp_max_abs_diff"] < 1e-3 and (result["captured"] or not cuda))
+    try:
+        import bitsandbytes  # noqa: F401
+        from align.config import AdapterConfig, ModelConfig
+        from align.models import Policy
+
+        policy = Policy.from_config(ModelConfig(name_or_path=model_dir, dtype="bfloat16"),
+                                    AdapterConfig(kind="qlora", r=16, alpha=32, dropout=0.0))
+        qlora = _teacher_forced(policy.model, tokenizer, prompts, device, 32)
+        result["qlora"] = qlora
+        result["ok"] = result["ok"] and bool(qlora["logp_max_abs_diff"] < 5e-2 and (qlora["captured"] or not cuda))
+        del policy
+    except ImportError:
+        result["qlora"] = "bitsandbytes not installed"
+    seconds = {}
+    params = SamplingParams(max_new_tokens=max_new_tokens, seed=0, stop_token_ids=[])
+    for name, engine in (("eager", PrefixSharedEngine(model, tokenizer, static=False)),
+                         ("graphs", PrefixSharedEngine(model, tokenizer))):
+        engine.generate(prompts[:2], SamplingParams(max_new_tokens=8, seed=0), 2)  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        rollout = engine.generate(prompts, params, 8)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - start
+    result.update(rows=len(rollout), tokens=sum(map(len, rollout.completion_ids)), eager_s=seconds["eager"],
+                  graphs_s=seconds["graphs"], speedup=seconds["eager"] / seconds["graphs"])
+    if not cuda:
+        result["note"] = "no CUDA: the static decoder ran eagerly (no graph), and the timed engines both ran the eager loop"
+    return result
+
+
+def _teacher_forced(model, tokenizer, prompts: list[list[int]], device: torch.device, steps: int) -> dict:
+    """Feed the eager loop's greedy tokens to it and to a static decoder (8 samples per prompt):
+    {"logp_max_abs_diff": the largest log-prob difference over the steps, "captured": a graph was}."""
+    from align.rollout import PrefixSharedEngine
+    from align.rollout.sampling import inference
+    from align.rollout.static_decoder import StaticDecoder
+
+    eager, worst = PrefixSharedEngine(model, tokenizer, static=False), 0.0
+    with inference(model):
+        live, logits = eager.prefill(prompts, 8, steps, device)
+        twin, static_logits = eager.prefill(prompts, 8, steps, device)
+        decoder = StaticDecoder(model, twin.cache, twin.mask[:, :twin.width], twin.positions, steps,
+                                graphs=device.type == "cuda")
+        rows = torch.arange(len(live.rows), device=device)
+        for _ in range(min(steps, 64) - 1):
+            a, b = torch.log_softmax(logits.float(), -1), torch.log_softmax(static_logits.float(), -1)
+            worst = max(worst, float((a - b).abs().max()))
+            tokens = a.argmax(-1)
+            live.push(tokens)
+            logits, static_logits = eager.decode(live), decoder.step(rows, tokens)
+    return {"logp_max_abs_diff": worst, "captured": decoder.graph is not None}
+
+
 def run_checks(work: Path, args, cuda: bool, preset: str, qlora_preset: str) -> list[dict]:
     """The checks --only names, each printed as it ends; data and runs under `work`."""
     sft = assets.write_jsonl(assets.sft_rows(64, seed=0), work / "sft.jsonl")
@@ -155,6 +229,7 @@ def run_checks(work: Path, args, cuda: bool, preset: str, qlora_preset: str) -> 
     checks["qlora"] = ("QLoRA SFT memory", lambda: qlora_memory(str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"]),
                                                                  sft, work, cuda, args.qlora_steps if cuda else 2))
     checks["varlen"] = ("varlen attention", lambda: varlen_check(lm, sft, work, cuda))
+    checks["graphs"] = ("CUDA-graph decoding", lambda: graphs_check(lm, prompts, cuda, 256 if cuda else 8))
     only = {key.strip() for key in args.only.split(",")}
     results = []
     for name, check in (checks[key] for key in checks if key in only):  # one failing check leaves the others
@@ -172,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
     parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
     parser.add_argument("--qlora-steps", type=int, default=5)
-    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen", help="comma-separated checks to run")
+    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen,graphs", help="comma-separated checks to run")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
     parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
     args = parser.parse_args(argv)

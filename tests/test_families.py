@@ -29,6 +29,7 @@ from align.models.tiny import resolve
 from align.ops.logprobs import IGNORE_INDEX
 from align.rollout.prefix_shared import PrefixSharedEngine
 from align.rollout.sampling import inference
+from align.rollout.static_decoder import StaticDecoder, static_decoding_refusal
 from tests.conftest import write_jsonl
 
 VOCAB = 512  # the built-in tiny tokenizer's, so trainers can run on these models
@@ -197,6 +198,38 @@ def test_sampler_logits_equal_forward(name, attn):
             if step < len(steps):
                 live.push(torch.tensor(steps[step]))
                 logits = engine.decode(live)
+
+
+@pytest.mark.parametrize("name, attn", MATRIX)
+def test_static_decoder_logits_equal_forward(name, attn):
+    """The static decoder (what CUDA graphs replay; run eagerly here) gives forward()'s logits on
+    each family with its sliding window turned off, a finished row riding along; a model with
+    sliding-window layers is refused (it decodes the usual way)."""
+    model = build(name, attn, **FAMILIES[name].knobs.get("sliding window", {}))
+    engine = PrefixSharedEngine(model, tokenizer=None)
+    prompts = random_ids(9, 5, seed=3)
+    steps = random_ids(*[4] * 6, seed=4)
+    with inference(model):
+        live, logits = engine.prefill(prompts, 2, len(steps), torch.device("cpu"))
+        refusal = static_decoding_refusal(model, live.cache)
+        if any(window is not None for window in layer_windows(model.config).values()):
+            assert refusal is not None and "sliding-window" in refusal
+            assert "sliding-window" in static_decoding_refusal(build(name, attn), live.cache)
+            return
+        assert refusal is None
+        decoder = StaticDecoder(model, live.cache, live.mask[:, :live.width], live.positions, len(steps),
+                                graphs=False)
+        rows = [0, 1, 2, 3]
+        for step in range(len(steps) + 1):
+            for i, row in enumerate(rows):
+                sequence = prompts[row // 2] + [s[row] for s in steps[:step]]
+                want = model(input_ids=torch.tensor([sequence])).logits[0, -1]
+                torch.testing.assert_close(torch.log_softmax(logits[i].float(), -1),
+                                           torch.log_softmax(want.float(), -1), atol=1e-5, rtol=0)
+            if step < len(steps):
+                rows = [0, 2, 3] if step >= 2 else rows  # row 1 finished after its third token
+                logits = decoder.step(torch.tensor(rows), torch.tensor([steps[step][r] for r in rows]))
+    assert decoder.graph is None and decoder.updates == model.config.num_hidden_layers * len(steps)
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_on_policy_fast_path_equals_the_general_loss(grpo_recipe, norm, beta):
                                              batch)
     assert fast.item() == pytest.approx(plain.item(), abs=1e-6) and fast.requires_grad
     assert {k: v.item() for k, v in fast_metrics.items() if k != "entropy"} == pytest.approx(
-        {k: v.item() for k, v in plain_metrics.items()})
+        {k: v.item() for k, v in plain_metrics.items()}, rel=1e-5, abs=1e-7)  # kl ~1e-3: fp32 noise ~1e-8
     for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(plain, params)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 

@@ -34,6 +34,15 @@ def _sharpen(model: torch.nn.Module) -> None:
         model.lm_head.weight *= 10
 
 
+def _random_adapter(model: torch.nn.Module) -> None:
+    """A non-zero adapter, so its effect is part of a comparison."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+
+
 @pytest.fixture(scope="module")
 def policy():
     policy = _policy()
@@ -240,11 +249,7 @@ def test_prompts_are_prefilled_once_and_finished_rows_leave_the_batch(policy, pr
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_greedy_equality_holds_for_adapter_policies(kind, prompts):
     policy = _policy(kind)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a non-zero adapter, so its effect is part of the comparison
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    _random_adapter(policy.model)
     policy.model.train()
     ours, hf = _engines(policy)
     params = SamplingParams(temperature=0, max_new_tokens=8)
@@ -253,6 +258,61 @@ def test_greedy_equality_holds_for_adapter_policies(kind, prompts):
     assert policy.model.training  # the engines restore the training mode
     with policy.model.disable_adapter():
         assert ours.generate(prompts, params, group_size=2).completion_ids != rollout.completion_ids
+
+
+# ---- static decoding (CUDA graphs on a GPU; eager here) -------------------------------------------
+
+STATIC_CASES = [dict(temperature=0, max_new_tokens=12), dict(max_new_tokens=12, seed=3, repetition_penalty=1.3),
+                dict(max_new_tokens=16, seed=5, top_k=20, stop_token_ids=list(range(3, 60)))]
+
+
+@pytest.mark.parametrize("kind", ["none", "lora", "qlora"])
+def test_static_decoding_samples_what_the_eager_loop_samples(kind, policy, prompts):
+    """Rows that finish early ride along in the static decoder (the eager loop drops them): the
+    completions, greedy or seeded samples, are the same token for token."""
+    if kind != "none":
+        policy = _policy(kind)
+        _random_adapter(policy.model)
+    eager = PrefixSharedEngine(policy.model, policy.tokenizer, static=False)
+    static = PrefixSharedEngine(policy.model, policy.tokenizer, static=True)
+    for case in STATIC_CASES:
+        params = SamplingParams(**case)
+        want, got = eager.generate(prompts, params, 3), static.generate(prompts, params, 3)
+        assert (got.completion_ids, got.finished) == (want.completion_ids, want.finished), case
+    lengths = {len(c) for c in got.completion_ids}
+    assert len(lengths) > 2  # rows did finish at different steps
+    assert static.static is True
+    from align.config import SamplingConfig  # the recipe's switch: CUDA graphs where CUDA is (None), or never
+    assert make_engine("prefix_shared", policy.model, policy.tokenizer, SamplingConfig()).static is None
+    assert make_engine("prefix_shared", policy.model, policy.tokenizer, SamplingConfig(cuda_graphs=False)).static is False
+
+
+class _IgnoresForeignCaches(torch.nn.Module):
+    """A causal LM that hands its model only transformers' own caches (and their masks): with a
+    static decoder it runs without error but sees one token alone, as a family whose layers kept
+    their cache another way would; only the count of cache updates shows it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, cache=None, **kwargs):
+        from transformers import DynamicCache
+
+        if not isinstance(cache, DynamicCache):
+            cache, kwargs["attention_mask"] = None, None
+        return self.inner(cache=cache, **kwargs)
+
+
+def test_a_model_that_ignores_the_static_cache_decodes_the_usual_way(policy, prompts, caplog):
+    model = _IgnoresForeignCaches(policy.model)
+    engine = PrefixSharedEngine(model, policy.tokenizer, static=True)
+    params = SamplingParams(max_new_tokens=8, seed=1)
+    rollout = engine.generate(prompts, params, 2)
+    assert "decoding without a static cache: StaticDecodingError: 0 cache updates for 2 layers" in caplog.text
+    assert engine.static is False
+    assert rollout.completion_ids == PrefixSharedEngine(policy.model, policy.tokenizer, static=False).generate(
+        prompts, params, 2).completion_ids
 
 
 # ---- edges and errors --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Rollout engines: sample G completions per prompt behind one interface.
 
-- `PrefixSharedEngine` (default): each prompt prefilled once for its group, finished rows leave the batch.
+- `PrefixSharedEngine` (default): each prompt prefilled once for its group, finished rows leave the
+  batch; on CUDA the decoding steps replay a CUDA graph (`align.rollout.static_decoder`).
 - `HFGenerateEngine`: transformers' generate, the correctness reference.
 - `VLLMEngine` (`align.rollout.vllm`, imported only when asked): vLLM on a copy of the policy's
   weights, loaded before every rollout.
@@ -31,7 +32,7 @@ class RolloutEngine(Protocol):
 
 @ROLLOUT_ENGINES.register("prefix_shared")
 def prefix_shared(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
-    return PrefixSharedEngine(model, tokenizer)
+    return PrefixSharedEngine(model, tokenizer, static=None if getattr(sampling, "cuda_graphs", True) else False)
 
 
 @ROLLOUT_ENGINES.register("hf")

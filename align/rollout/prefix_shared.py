@@ -1,16 +1,22 @@
 """Our sampler: each prompt is prefilled once and its KV cache shared by its G samples, all live
-rows decode together one token per step, and finished rows leave the batch."""
+rows decode together one token per step, and finished rows leave the batch. On CUDA the steps
+replay a CUDA graph over a static cache instead (`align.rollout.static_decoder`: every row stays,
+the host launches one graph per step instead of each kernel)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from align.rollout.static_decoder import StaticDecoder, static_decoding_refusal
 from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
                                     logits_processors, model_device, next_tokens, sampling_generator,
                                     with_cache)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,7 +35,7 @@ class LiveRows:
     mask: torch.Tensor
     width: int
     positions: torch.Tensor
-    cache: DynamicCache
+    cache: DynamicCache | None
 
     def push(self, tokens: torch.Tensor) -> None:
         """Append the [B] new tokens."""
@@ -40,14 +46,18 @@ class LiveRows:
         """Keep only the rows at `index` [B'] (cache included): finished rows stop costing compute."""
         self.rows, self.ids, self.mask, self.positions = (x[index] for x in (self.rows, self.ids, self.mask,
                                                                              self.positions))
-        self.cache.batch_select_indices(index)
+        if self.cache is not None:  # (a static decoder keeps every row)
+            self.cache.batch_select_indices(index)
 
 
 class PrefixSharedEngine:
-    """Sampling on the policy's own modules (LoRA and QLoRA included); no weight sync needed."""
+    """Sampling on the policy's own modules (LoRA and QLoRA included); no weight sync needed.
 
-    def __init__(self, model: torch.nn.Module, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    static: decode through a `StaticDecoder` (None: on CUDA only, with CUDA graphs; True: also
+    elsewhere, without graphs, as the tests do; False: never). Models it refuses decode the usual way."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, static: bool | None = None):
+        self.model, self.tokenizer, self.static = model, tokenizer, static
 
     def sync_weights(self) -> None:
         """The engine runs the trained modules themselves."""
@@ -65,6 +75,7 @@ class PrefixSharedEngine:
         generator = sampling_generator(params, device)
         with inference(self.model):
             live, logits = self.prefill(prompt_ids, group_size, params.max_new_tokens, device)
+            decoder = self.static_decoder(live, params.max_new_tokens, device)
             for step in range(params.max_new_tokens):
                 scores = processors(live.ids[:, :live.width], logits.float())  # float32, as in generate
                 tokens = next_tokens(scores, params, generator)
@@ -78,8 +89,39 @@ class PrefixSharedEngine:
                 live.push(tokens)
                 if not all(alive):
                     live.keep(torch.tensor(alive, device=device).nonzero()[:, 0])
-                logits = self.decode(live)
+                if decoder is None:
+                    logits = self.decode(live)
+                else:
+                    logits, decoder = self.decode_static(decoder, live)
         return rollout
+
+    def static_decoder(self, live: LiveRows, max_new_tokens: int, device: torch.device) -> StaticDecoder | None:
+        """A static decoder for this rollout, or None (refused, or not asked for)."""
+        wanted = device.type == "cuda" if self.static is None else self.static
+        if not wanted or max_new_tokens < 2:
+            return None
+        refusal = static_decoding_refusal(self.model, live.cache)
+        if refusal is not None:
+            logger.info("decoding without a static cache: %s", refusal)
+            return None
+        return StaticDecoder(self.model, live.cache, live.mask[:, :live.width], live.positions, max_new_tokens,
+                             graphs=device.type == "cuda")
+
+    def decode_static(self, decoder: StaticDecoder, live: LiveRows) -> tuple[torch.Tensor, StaticDecoder | None]:
+        """`decode` through the static decoder -> (logits [B, V], the decoder to go on with). The
+        prefill's cache is kept until the first step has shown the model ran with the decoder's cache
+        (every layer updated it, no error); if it did not, this engine decodes the usual way from
+        then on."""
+        try:
+            logits = decoder.step(live.rows, live.ids[:, live.width - 1])
+        except Exception as error:  # noqa: BLE001 (any failure of the first step: the usual way is exact)
+            if live.cache is None:
+                raise
+            logger.warning("decoding without a static cache: %s: %s", type(error).__name__, error)
+            self.static = False
+            return self.decode(live), None
+        live.cache = None
+        return logits, decoder
 
     def prefill(self, prompt_ids: list[list[int]], group_size: int, max_new_tokens: int,
                 device: torch.device) -> tuple[LiveRows, torch.Tensor]:
