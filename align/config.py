@@ -70,6 +70,17 @@ class ModelConfig(Section):
     chat_template: str | None = None
     """A Jinja chat template, or a path to a file holding one, replacing the tokenizer's."""
     gradient_checkpointing: bool = False
+    checkpointed_layers: float = Field(1.0, gt=0.0, le=1.0)
+    """With gradient_checkpointing: the fraction of decoder layers whose activations are recomputed
+    in the backward, spread evenly (0.5: every other layer); each saves its layer's activations for
+    about a third of its compute. 1.0: every layer."""
+
+    @model_validator(mode="after")
+    def _check_checkpointed_layers(self) -> "ModelConfig":
+        if self.checkpointed_layers < 1 and not self.gradient_checkpointing:
+            raise ValueError("checkpointed_layers < 1 needs gradient_checkpointing: true (it picks the layers "
+                             "that gradient checkpointing recomputes)")
+        return self
 
 
 class AdapterConfig(Section):

@@ -41,6 +41,7 @@ class Spec:
     group_size: int = 8       # GRPO: completions per prompt
     max_new_tokens: int = 64  # GRPO / PPO
     pack_length: int | None = None  # SFT: packed rows of up to this many tokens (None: the batch's longest chat)
+    checkpointed_layers: float = 0.0  # Align: this fraction of the layers under activation checkpointing (0: none)
 
     @property
     def cuda(self) -> bool:
@@ -91,6 +92,8 @@ def align_recipe(spec: Spec, algorithm: str, **sections) -> dict:
                   "mixed_precision": "bf16" if spec.cuda else "no", "log_every": spec.log_every,
                   "progress": False, "plots": False},
     }
+    if spec.checkpointed_layers:  # (TRL checkpoints every layer or none: its side stays without)
+        recipe["model"].update(gradient_checkpointing=True, checkpointed_layers=spec.checkpointed_layers)
     recipe.update(sections)
     return recipe
 

@@ -28,12 +28,14 @@
 #                   SFT/DPO/GRPO; QLoRA SFT peak memory on the 1.5b preset: needs the bitsandbytes wheel)
 #   --only-checks L some of those checks: comma-separated from sft,dpo,grpo,qlora,varlen
 #   --profile       also profile every job (benchmarks.run --profile: <out>/<stem>-profile.txt; not for timings)
+#   --set C.K=V     passed on to benchmarks.run (repeatable), e.g. --set grpo.checkpointed_layers=0.5
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 PYTHON="${PYTHON:-python3}"
 wheels="" all=0 smoke=0 check=1 checks=1 only_checks="" profile=0 cases="" model="" repeats="" variants="" out="" timeout=300
+sets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --wheels) wheels="$2"; shift 2 ;;
@@ -43,13 +45,14 @@ while [[ $# -gt 0 ]]; do
     --no-checks) checks=0; shift ;;
     --only-checks) only_checks="$2"; shift 2 ;;
     --profile) profile=1; shift ;;
+    --set) sets+=(--set "$2"); shift 2 ;;
     --cases) cases="$2"; shift 2 ;;
     --model) model="$2"; shift 2 ;;
     --repeats) repeats="$2"; shift 2 ;;
     --variants) variants="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -130,6 +133,7 @@ fi
 [[ -n "$out" ]] && args+=(--out "$out")
 args+=(--timeout "$timeout")
 [[ $profile -eq 1 ]] && args+=(--profile)
+args+=("${sets[@]}")
 step "python -m benchmarks.run ${args[*]}"
 failed=0
 "$PYTHON" -m benchmarks.run "${args[@]}" || failed=$?   # the checks below still run (one lease, one try)

@@ -180,9 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     for item in args.set:
         key, _, value = item.partition("=")
         name, _, field = key.partition(".")
-        if name not in settings or field not in settings[name]:
-            parser.error(f"--set {item!r}: expected CASE.KEY=VALUE with KEY one of {sorted(PRESETS['sft'])}")
-        old = settings[name][field]
+        defaults = {f.name: f.default for f in dataclasses.fields(Spec) if f.default is not dataclasses.MISSING}
+        if name not in settings or (field not in settings[name] and defaults.get(field) is None):
+            parser.error(f"--set {item!r}: expected CASE.KEY=VALUE with KEY one of "
+                         f"{sorted(set(PRESETS['sft']) | {k for k, v in defaults.items() if v is not None})}")
+        old = settings[name].get(field, defaults.get(field))
         settings[name][field] = tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
     shared = {}
     for name in names:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from align.data import pack, pad
+from align.errors import AlignError
 from align.losses.sft import masked_nll
 from align.ops.logprobs import IGNORE_INDEX
 from align.toy import chat_rows, prompt_completion_rows
@@ -152,6 +153,29 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(make_rec
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_fraction_of_the_layers_is_checkpointed(make_recipe):
+    """checkpointed_layers 0.5 on the 2-layer model: layer 1 recomputes (once per micro-batch), layer
+    0 does not, and the gradients are the plain ones; QLoRA's preparation does not switch the rest
+    back on; without gradient_checkpointing the key is an error."""
+    plain = gradients(SFTTrainer.from_recipe(make_recipe()))
+    for adapter in ({}, {"adapter": {"kind": "qlora", "r": 4, "dropout": 0.0}}):
+        trainer = SFTTrainer.from_recipe(make_recipe(**adapter, model={"gradient_checkpointing": True,
+                                                                       "checkpointed_layers": 0.5}))
+        layers = [m for name, m in trainer.policy.model.named_modules() if name.endswith(("layers.0", "layers.1"))]
+        assert [layer.gradient_checkpointing for layer in layers] == [False, True], adapter
+        calls = {i: [] for i in range(2)}
+        for i, layer in enumerate(layers):
+            layer.mlp.act_fn.register_forward_hook(lambda *args, i=i: calls[i].append(1))
+        gradients(trainer)
+        assert len(calls[1]) == 2 * len(calls[0]) > 0, adapter
+    full = gradients(SFTTrainer.from_recipe(make_recipe(model={"gradient_checkpointing": True,
+                                                               "checkpointed_layers": 0.5})))
+    for name in plain:
+        torch.testing.assert_close(full[name], plain[name], atol=1e-6, rtol=1e-5)
+    with pytest.raises(AlignError, match="checkpointed_layers < 1 needs gradient_checkpointing: true"):
+        make_recipe(model={"checkpointed_layers": 0.5})
 
 
 def test_checkpointed_layers_recompute_with_the_forwards_attention_kernels(make_recipe, monkeypatch):

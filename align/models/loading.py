@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -107,7 +108,10 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
         model.config.pad_token_id = load_tokenizer(config).pad_token_id
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    return apply_adapter(model, adapter, config.gradient_checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+    model = apply_adapter(model, adapter, config.gradient_checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+    if config.gradient_checkpointing and config.checkpointed_layers < 1:  # (after QLoRA's preparation, which enables all)
+        checkpoint_some_layers(model, config.checkpointed_layers)
+    return model
 
 
 def check_has_score_head(path: str, config: ModelConfig) -> None:
@@ -219,6 +223,20 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpoint_some_layers(model, fraction: float) -> None:
+    """Keep activation checkpointing on `fraction` of the decoder layers, spread evenly (layer i of n
+    is checkpointed when floor((i + 1) * fraction) > floor(i * fraction): floor(n * fraction) layers),
+    through each layer's own `gradient_checkpointing` switch (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise AlignError(f"model.checkpointed_layers={fraction}: this model's layers cannot be checkpointed one by one "
+                         "(none is a transformers GradientCheckpointingLayer); use 1.0")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = math.floor((i + 1) * fraction) > math.floor(i * fraction)
 
 
 def keep_4bit_forward_exact(model) -> None:
