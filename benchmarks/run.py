@@ -180,11 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     for item in args.set:
         key, _, value = item.partition("=")
         name, _, field = key.partition(".")
-        defaults = {f.name: f.default for f in dataclasses.fields(Spec) if f.default is not dataclasses.MISSING}
-        if name not in settings or (field not in settings[name] and defaults.get(field) is None):
+        defaults = {f.name: f.default for f in dataclasses.fields(Spec)  # (threads: the --threads flag)
+                    if f.default is not dataclasses.MISSING and f.name != "threads"}
+        if name not in settings or (field not in settings[name] and field not in defaults):
             parser.error(f"--set {item!r}: expected CASE.KEY=VALUE with KEY one of "
-                         f"{sorted(set(PRESETS['sft']) | {k for k, v in defaults.items() if v is not None})}")
+                         f"{sorted(set(PRESETS['sft']) | set(defaults))}")
         old = settings[name].get(field, defaults.get(field))
+        old = 0 if old is None else old  # (pack_length: None by default, an int when set)
         settings[name][field] = tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
     shared = {}
     for name in names:

@@ -287,32 +287,48 @@ def test_static_decoding_samples_what_the_eager_loop_samples(kind, policy, promp
     assert make_engine("prefix_shared", policy.model, policy.tokenizer, SamplingConfig(cuda_graphs=False)).static is False
 
 
-class _IgnoresForeignCaches(torch.nn.Module):
-    """A causal LM that hands its model only transformers' own caches (and their masks): with a
-    static decoder it runs without error but sees one token alone, as a family whose layers kept
-    their cache another way would; only the count of cache updates shows it."""
+class _MisusesForeignCaches(torch.nn.Module):
+    """A causal LM that misuses any cache but transformers' own, without an error: "cache" hands its
+    model no cache (and no mask: one token alone), "mask" the cache but a mask that lets every column
+    through. The first static step must catch both (an update count; log-probs against the usual step)."""
 
-    def __init__(self, model):
+    def __init__(self, model, misuse: str):
         super().__init__()
-        self.inner, self.config = model, model.config
+        self.inner, self.config, self.misuse = model, model.config, misuse
 
     def forward(self, cache=None, **kwargs):
         from transformers import DynamicCache
 
-        if not isinstance(cache, DynamicCache):
+        if not isinstance(cache, DynamicCache) and self.misuse == "cache":
             cache, kwargs["attention_mask"] = None, None
+        elif not isinstance(cache, DynamicCache):
+            kwargs["attention_mask"] = torch.ones_like(kwargs["attention_mask"])
         return self.inner(cache=cache, **kwargs)
 
 
-def test_a_model_that_ignores_the_static_cache_decodes_the_usual_way(policy, prompts, caplog):
-    model = _IgnoresForeignCaches(policy.model)
-    engine = PrefixSharedEngine(model, policy.tokenizer, static=True)
+@pytest.mark.parametrize("misuse, message", [("cache", "StaticDecodingError: 0 cache updates for 2 layers"),
+                                             ("mask", "StaticDecodingError: its first step's log-probs differ")])
+def test_a_model_that_misuses_the_static_cache_decodes_the_usual_way(policy, prompts, caplog, misuse, message):
+    engine = PrefixSharedEngine(_MisusesForeignCaches(policy.model, misuse), policy.tokenizer, static=True)
     params = SamplingParams(max_new_tokens=8, seed=1)
     rollout = engine.generate(prompts, params, 2)
-    assert "decoding without a static cache: StaticDecodingError: 0 cache updates for 2 layers" in caplog.text
+    assert f"decoding without a static cache: {message}" in caplog.text
     assert engine.static is False
     assert rollout.completion_ids == PrefixSharedEngine(policy.model, policy.tokenizer, static=False).generate(
         prompts, params, 2).completion_ids
+
+
+def test_models_whose_weights_move_in_hooks_are_refused():
+    """FSDP2, DeepSpeed ZeRO-3 and accelerate's offload gather or move weights in hooks, which a CUDA
+    graph would not replay: such models decode the usual way."""
+    from transformers import DynamicCache
+
+    from align.rollout.static_decoder import static_decoding_refusal
+
+    model = _policy().model
+    assert static_decoding_refusal(model, DynamicCache()) is None
+    next(model.parameters()).ds_id = 0  # what DeepSpeed marks its partitioned parameters with
+    assert "gathers or moves its weights in hooks" in static_decoding_refusal(model, DynamicCache())
 
 
 # ---- edges and errors --------------------------------------------------------------------------

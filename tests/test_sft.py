@@ -176,6 +176,23 @@ def test_a_fraction_of_the_layers_is_checkpointed(make_recipe):
         torch.testing.assert_close(full[name], plain[name], atol=1e-6, rtol=1e-5)
     with pytest.raises(AlignError, match="checkpointed_layers < 1 needs gradient_checkpointing: true"):
         make_recipe(model={"checkpointed_layers": 0.5})
+    with pytest.raises(AlignError, match="checkpoints none of this model's 2 layers"):
+        SFTTrainer.from_recipe(make_recipe(model={"gradient_checkpointing": True, "checkpointed_layers": 0.4}))
+
+
+@pytest.mark.parametrize("layers, fraction, chosen", [(10, 0.3, [3, 6, 9]), (4, 0.5, [1, 3]), (100, 0.29, 29),
+                                                      (3, 1.0, [0, 1, 2])])
+def test_checkpointed_layers_are_spread_evenly(layers, fraction, chosen):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.models.loading import checkpoint_some_layers, enable_activation_checkpointing
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=layers,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    enable_activation_checkpointing(model)
+    checkpoint_some_layers(model, fraction)
+    on = [i for i, layer in enumerate(model.model.layers) if layer.gradient_checkpointing]
+    assert on == chosen if isinstance(chosen, list) else len(on) == chosen
 
 
 def test_checkpointed_layers_recompute_with_the_forwards_attention_kernels(make_recipe, monkeypatch):

@@ -226,17 +226,21 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def checkpoint_some_layers(model, fraction: float) -> None:
-    """Keep activation checkpointing on `fraction` of the decoder layers, spread evenly (layer i of n
-    is checkpointed when floor((i + 1) * fraction) > floor(i * fraction): floor(n * fraction) layers),
-    through each layer's own `gradient_checkpointing` switch (transformers' GradientCheckpointingLayer)."""
+    """Keep activation checkpointing on `fraction` of the decoder's layers, spread evenly (layer i of
+    n is checkpointed when floor((i + 1) * fraction) > floor(i * fraction): floor(n * fraction)
+    layers), through each layer's own `gradient_checkpointing` switch (transformers'
+    GradientCheckpointingLayer); other checkpointed modules (a vision tower's) are left as they are."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise AlignError(f"model.checkpointed_layers={fraction}: this model's layers cannot be checkpointed one by one "
-                         "(none is a transformers GradientCheckpointingLayer); use 1.0")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    count = math.floor(round(len(layers) * fraction, 9))  # (round: 100 x 0.29 is 28.999... in floats)
+    if count == 0:
+        raise AlignError(f"model.checkpointed_layers={fraction} checkpoints none of this model's {len(layers)} "
+                         "layers that can be checkpointed one by one; raise it (1.0: every layer)")
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = math.floor((i + 1) * fraction) > math.floor(i * fraction)
+        layer.gradient_checkpointing = math.floor(round((i + 1) * fraction, 9)) > math.floor(round(i * fraction, 9))
 
 
 def keep_4bit_forward_exact(model) -> None:

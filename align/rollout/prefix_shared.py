@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from align.rollout.static_decoder import StaticDecoder, static_decoding_refusal
+from align.rollout.static_decoder import StaticDecoder, StaticDecodingError, check_first_step, static_decoding_refusal
 from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
                                     logits_processors, model_device, next_tokens, sampling_generator,
                                     with_cache)
@@ -58,6 +58,7 @@ class PrefixSharedEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, static: bool | None = None):
         self.model, self.tokenizer, self.static = model, tokenizer, static
+        self.capture_failed = False  # once a capture failed, later rollouts do not try again
 
     def sync_weights(self) -> None:
         """The engine runs the trained modules themselves."""
@@ -96,7 +97,7 @@ class PrefixSharedEngine:
         return rollout
 
     def static_decoder(self, live: LiveRows, max_new_tokens: int, device: torch.device) -> StaticDecoder | None:
-        """A static decoder for this rollout, or None (refused, or not asked for)."""
+        """A static decoder for this rollout, or None (refused, not asked for, or no memory for it)."""
         wanted = device.type == "cuda" if self.static is None else self.static
         if not wanted or max_new_tokens < 2:
             return None
@@ -104,22 +105,32 @@ class PrefixSharedEngine:
         if refusal is not None:
             logger.info("decoding without a static cache: %s", refusal)
             return None
-        return StaticDecoder(self.model, live.cache, live.mask[:, :live.width], live.positions, max_new_tokens,
-                             graphs=device.type == "cuda")
+        try:
+            return StaticDecoder(self.model, live.cache, live.mask[:, :live.width], live.positions, max_new_tokens,
+                                 graphs=device.type == "cuda" and not self.capture_failed)
+        except torch.OutOfMemoryError as error:
+            logger.warning("decoding without a static cache: %s", error)
+            return None
 
     def decode_static(self, decoder: StaticDecoder, live: LiveRows) -> tuple[torch.Tensor, StaticDecoder | None]:
-        """`decode` through the static decoder -> (logits [B, V], the decoder to go on with). The
-        prefill's cache is kept until the first step has shown the model ran with the decoder's cache
-        (every layer updated it, no error); if it did not, this engine decodes the usual way from
-        then on."""
+        """`decode` through the static decoder -> (logits [B, V], the decoder to go on with).
+
+        Its first step is checked against the usual step, from the prefill's cache (kept until then):
+        every layer must have updated the decoder's cache and the log-probs must agree (to float
+        noise); else this rollout goes on the usual way, and a model that did not use the cache as
+        expected is never decoded statically again by this engine."""
+        if live.cache is None:
+            return decoder.step(live.rows, live.ids[:, live.width - 1]), decoder
+        expected = self.decode(live)
         try:
             logits = decoder.step(live.rows, live.ids[:, live.width - 1])
+            check_first_step(logits, expected)
         except Exception as error:  # noqa: BLE001 (any failure of the first step: the usual way is exact)
-            if live.cache is None:
-                raise
             logger.warning("decoding without a static cache: %s: %s", type(error).__name__, error)
-            self.static = False
-            return self.decode(live), None
+            if isinstance(error, (StaticDecodingError, TypeError, AttributeError)):
+                self.static = False  # the model's forward does not fit the decoder (not a passing failure)
+            return expected, None
+        self.capture_failed = self.capture_failed or decoder.capture_failed
         live.cache = None
         return logits, decoder
 

@@ -44,7 +44,29 @@ def static_decoding_refusal(model: torch.nn.Module, cache: DynamicCache) -> str 
         return "sliding-window layers (the static cache keeps every column)"
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return f"cache layers {sorted({type(layer).__name__ for layer in cache.layers})} (plain keys and values only)"
+    hooked = next((name for name, module in model.named_modules() if _gathers_weights(module)), None)
+    if hooked is not None:
+        return (f"module {hooked or 'the model'} gathers or moves its weights in hooks (fsdp, DeepSpeed, "
+                "accelerate offload), which a CUDA graph would not replay")
     return None
+
+
+def _gathers_weights(module: torch.nn.Module) -> bool:
+    """FSDP2 modules, DeepSpeed ZeRO-3 parameters, DTensor weights, accelerate's device-map hooks."""
+    from torch.distributed.tensor import DTensor
+
+    if type(module).__name__.startswith("FSDP") or hasattr(module, "_hf_hook"):
+        return True
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+
+
+def check_first_step(logits: torch.Tensor, expected: torch.Tensor) -> None:
+    """The static decoder's first logits [B, V] against the usual step's: their log-probs agree
+    within float noise (1e-3 in float32, 5e-2 in a 16-bit dtype), or StaticDecodingError."""
+    tolerance = 1e-3 if expected.dtype == torch.float32 else 5e-2
+    difference = (torch.log_softmax(logits.float(), -1) - torch.log_softmax(expected.float(), -1)).abs().max()
+    if not difference <= tolerance:  # (NaN included)
+        raise StaticDecodingError(f"its first step's log-probs differ from the usual step's by {float(difference):.3g}")
 
 
 class StaticDecoder:
@@ -72,7 +94,9 @@ class StaticDecoder:
         self.positions = positions[:, None].clone()
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=mask.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.stream = torch.cuda.Stream(mask.device) if graphs else None  # where the graph is captured
         self.logits: torch.Tensor | None = None  # the graph's output
+        self.capture_failed = False
         self.updates = 0
 
     # ---- the cache protocol (what the model's attention layers call) --------------------------------
@@ -94,11 +118,12 @@ class StaticDecoder:
             return self.logits[rows]
         first = self.updates == 0
         if first and self.graphs:  # the first step on the stream the graph is captured on (lazy setup)
-            self.stream = torch.cuda.Stream(self.ids.device)
             self.stream.wait_stream(torch.cuda.current_stream(self.ids.device))
-            with torch.cuda.stream(self.stream):
-                logits = self._forward()
-            torch.cuda.current_stream(self.ids.device).wait_stream(self.stream)
+            try:
+                with torch.cuda.stream(self.stream):
+                    logits = self._forward()
+            finally:
+                torch.cuda.current_stream(self.ids.device).wait_stream(self.stream)
         else:
             logits = self._forward()
         if first and self.updates != len(self.keys):
@@ -122,18 +147,22 @@ class StaticDecoder:
         """Record `_forward` in a CUDA graph (the kernels are recorded, not run), on the stream the
         first step ran on. (`torch.cuda.graph` would also empty the allocator's cache, which the
         training step after the rollout would then refill.) A capture that fails (an operation that
-        reads the device, say) leaves the steps eager, with a warning."""
-        graph = torch.cuda.CUDAGraph()
+        reads the device, say) leaves the steps eager, with a warning naming the operation's error."""
+        graph, cause = torch.cuda.CUDAGraph(), None
         try:
             with torch.cuda.stream(self.stream):
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     self.logits = self._forward()
+                except Exception as error:  # noqa: BLE001 (capture_end's own error would hide it)
+                    cause = error
+                    raise
                 finally:
                     graph.capture_end()
         except Exception as error:  # noqa: BLE001
+            error = cause or error
             logger.warning("decoding without a CUDA graph: capture failed (%s: %s)", type(error).__name__, error)
-            self.graphs, self.logits = False, None
+            self.graphs, self.capture_failed, self.logits = False, True, None
             return
         self.graph = graph
 
