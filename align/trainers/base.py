@@ -20,13 +20,14 @@ The training step never waits on the device: metrics stay on it and are read onc
 (`Trainer.log`); tests/test_host_syncs.py counts the host reads of a step. A step whose loss or
 gradient norm is not finite is skipped on the device (`optimizer_step`) and counted; the count is
 read at log steps, and train.max_nonfinite_steps such steps in a row stop the run.
+
+Saving the final model, checkpoints and resuming live in `align.trainers.resume` (mixed in).
 """
 
 from __future__ import annotations
 
 import copy
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -41,17 +42,17 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
-from align.config import Recipe, Section, flat_keys, load_recipe, save_recipe, saved_recipe_now
+from align.config import Recipe, Section, load_recipe, save_recipe
 from align.data import detect_format, load_rows, pack, pad
 from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy, sharding, varlen, zero
 from align.models.packed import attention_kernels
-from align.models.policy import unwrap
 from align.ops.logprobs import label_positions
-from align.trainers import checkpoint, run_dir, samples
+from align.trainers import run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
-from align.distributed import gather_shares, most_chunks, shard, sum_over_processes, sum_tensors_over_processes
+from align.trainers.resume import Resumable
+from align.distributed import most_chunks, shard, sum_over_processes, sum_tensors_over_processes
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def register_trainer(name: str, config: type[Section] | None = None):
     return add
 
 
-class Trainer:
+class Trainer(Resumable):
     algorithm: str = ""
     """The name the trainer is registered under (`register_trainer`)."""
     config_class: type[Section] | None = None
@@ -692,137 +693,3 @@ class Trainer:
                 f"(it is {self.cfg.lr}), no gradient clipping (train.max_grad_norm), bad data or rewards. Resume "
                 f"from the newest checkpoint with train.resume_from=auto after fixing it, or allow more with "
                 f"train.max_nonfinite_steps")
-
-    def check_weights_finite(self, what: str) -> None:
-        """AlignError if a trainable weight is NaN/inf (one host read; at saves only)."""
-        params = [sharding.local_shard(p).detach() for p in self.policy.trainable_parameters()]
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
-        if self.lockstep:  # every process checks its own shards
-            finite = sum_tensors_over_processes({"bad": (~finite).float()}, self.accelerator.device)["bad"] == 0
-        if not bool(finite):
-            raise AlignError(f"step {self.step}: the weights are NaN/inf, so the {what} was not written (earlier "
-                             f"checkpoints are kept). Lower train.lr (it is {self.cfg.lr}) or clip gradients "
-                             "(train.max_grad_norm)")
-
-    # ---- saving and resuming --------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
-        """Final weights (adapter or full model) and tokenizer, loadable by transformers/peft; never
-        non-finite ones, never half-written (see `checkpoint.write_atomically`). Under fsdp the
-        shards are gathered first (every process takes part) and written unsharded."""
-        self.check_weights_finite("final model")
-        state = sharding.full_state_dict(self.policy.module) if self.sharded else \
-            zero.full_state_dict(self.zero_engine) if self.zero_engine is not None else None
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            write = self.policy.save if state is None else functools.partial(self.policy.save, state_dict=state)
-            checkpoint.write_atomically(directory, write, "final model")
-
-    def checkpoint_state(self) -> dict[str, object]:
-        """What a checkpoint holds: nested dicts/lists of tensors, numbers and strings (stored as
-        safetensors + JSON, see `align.trainers.checkpoint`); `restore_state` puts it back. Called on
-        every process; the state is the same on all but the random generators (one per process). The
-        learning-rate schedule is not in it: `resume` rebuilds it from the recipe at the step."""
-        if self.sharded:  # gathered from the shards (every process takes part), parameters named
-            model, optimizer = sharding.full_training_state(self.policy.module, self.torch_optimizer)
-            model = self.policy.trainable_entries(model)
-        elif self.zero_engine is not None:  # the same, from ZeRO's partitions
-            model, optimizer = zero.full_training_state(self.zero_engine, self.torch_optimizer)
-        else:
-            model, optimizer = self.policy.state_dict(), self.optimizer.state_dict()
-        return {"model": model, "optimizer": optimizer,
-                "rng": gather_shares([checkpoint.rng_state()]),
-                "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
-
-    def restore_state(self, objects: dict[str, object]) -> None:
-        named = sharding.keyed_by_name(objects["optimizer"])  # written under fsdp or ZeRO: resumes anywhere
-        if named and self.zero_engine is not None:
-            zero.load_training_state(self.zero_engine, objects["model"], objects["optimizer"])
-        elif named:
-            sharding.load_training_state(unwrap(self.policy.module), self.torch_optimizer, objects["model"],
-                                         objects["optimizer"])
-        elif self.sharded or self.zero_engine is not None:
-            raise AlignError("this checkpoint was written without train.sharding: fsdp or ZeRO (its optimizer state "
-                             "is numbered, not named); resume it with sharding: none, without DeepSpeed")
-        else:
-            self.policy.load_state_dict(objects["model"])
-            self.optimizer.load_state_dict(objects["optimizer"])
-        if "skipped" in objects:
-            total, in_row = objects["skipped"].to(self.accelerator.device)
-            self._nonfinite_total, self._nonfinite_in_row = total, in_row
-        rng = objects["rng"]
-        checkpoint.set_rng_state(rng[min(self.accelerator.process_index, len(rng) - 1)])
-
-    def save_checkpoint(self) -> Path:
-        """Checkpoint the current step (written by the main process; the others wait for it)."""
-        self.check_weights_finite("checkpoint")
-        objects = self.checkpoint_state()
-        root = self.output_dir / "checkpoints"
-        if self.accelerator.is_main_process:
-            checkpoint.save_checkpoint(root, self.step, objects,
-                                       {"algorithm": self.algorithm, "total_steps": self.total_steps,
-                                        "global_batch_size": self.global_batch_size,
-                                        "recipe": self.recipe.model_dump(mode="json")},
-                                       keep=self.cfg.keep_checkpoints, run_id=self.run_id)
-        self.accelerator.wait_for_everyone()
-        return checkpoint.checkpoint_dir(root, self.step)
-
-    def resume(self, where: str) -> None:
-        """Continue from a checkpoint directory, or for `auto` from this run's newest loadable one in
-        output_dir (a damaged one is skipped with a warning)."""
-        if where == "auto":
-            found = checkpoint.load_newest(self.output_dir / "checkpoints", self.run_id)
-            if found is None:
-                log.warning("train.resume_from=auto: no checkpoint of this run in %s; starting from scratch",
-                            self.output_dir)
-                return
-            path, state, objects = found
-        else:
-            path = Path(where)
-            if not (path / checkpoint.STATE_FILE).is_file():
-                raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
-            state, objects = checkpoint.load_checkpoint(path)
-        if state["step"] > self.total_steps:
-            raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
-                             f"{self.total_steps} steps; raise train.max_steps or start a new run")
-        applied = self.check_resumable(path, state)
-        self.restore_state(objects)
-        self.step = state["step"]
-        for group in self.torch_optimizer.param_groups:  # this recipe's settings, not the checkpoint's
-            group.update(betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
-        self.scheduler = self.make_scheduler(self.step)
-        log.info("resumed from %s at step %d", path, self.step)
-        if applied:
-            log.warning("resumed with changed settings, applied from step %d on (the schedule re-evaluated there): %s",
-                        self.step, "; ".join(applied))
-
-    RESUME_APPLIES = ("train.lr", "train.warmup", "train.schedule", "train.max_steps", "train.epochs",
-                      "train.max_grad_norm", "train.weight_decay", "train.adam_betas", "train.max_nonfinite_steps",
-                      "train.log_every", "train.eval_every", "train.eval_at_start", "train.eval_batch_size",
-                      "train.save_every", "train.keep_checkpoints", "train.resume_from", "train.progress",
-                      "train.plots", "train.report_to", "train.eval_samples", "output_dir")
-    """Recipe keys a resumed run may change (optimizer, schedule, cadence, output); any other change
-    (model, adapter, data, algorithm, its section, seed, ...) is refused by `check_resumable`."""
-
-    def check_resumable(self, path: Path, state: dict) -> list[str]:
-        """The changes between the checkpoint's recipe and this one, as "key: old -> new" lines, if
-        all are in RESUME_APPLIES (batch_size/grad_accum too when the global batch stays the same, as
-        when resuming at another process count); else AlignError listing the refused ones."""
-        if "recipe" not in state:
-            return []
-        old = flat_keys(saved_recipe_now(state["recipe"], self.recipe.algorithm))
-        new = flat_keys(self.recipe.model_dump(mode="json"))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        same_global_batch = state.get("global_batch_size") == self.global_batch_size
-        batch_keys = ("train.batch_size", "train.grad_accum") if same_global_batch else ()
-        lines = {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed}
-        refused = [k for k in changed if k not in self.RESUME_APPLIES and k not in batch_keys]
-        if not same_global_batch and state.get("global_batch_size") is not None:
-            lines["global batch"] = (f"global batch (examples per optimizer step, batch_size * grad_accum * "
-                                     f"processes): {state['global_batch_size']} -> {self.global_batch_size}")
-            refused.append("global batch")
-        if refused:
-            raise AlignError(f"train.resume_from: {path} was trained with another recipe; these changes cannot be "
-                             "applied to a resumed run:\n  " + "\n  ".join(lines[k] for k in refused) +
-                             "\nrevert them, or start a new run (a new output_dir, or --overwrite). Changes to the "
-                             "optimizer, schedule and cadence keys are applied on resume.")
-        return [lines[k] for k in changed if k not in ("train.resume_from", "output_dir")]
