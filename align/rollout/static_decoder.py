@@ -53,9 +53,10 @@ def static_decoding_refusal(model: torch.nn.Module, cache: DynamicCache) -> str 
 
 def _gathers_weights(module: torch.nn.Module) -> bool:
     """FSDP2 modules, DeepSpeed ZeRO-3 parameters, DTensor weights, accelerate's device-map hooks."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    if type(module).__name__.startswith("FSDP") or hasattr(module, "_hf_hook"):
+    if isinstance(module, FSDPModule) or hasattr(module, "_hf_hook"):
         return True
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters(recurse=False))
 
