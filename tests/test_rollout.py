@@ -318,6 +318,25 @@ def test_a_model_that_misuses_the_static_cache_decodes_the_usual_way(policy, pro
         prompts, params, 2).completion_ids
 
 
+def test_the_first_step_check_allows_float_noise_only():
+    """1e-3 on log-probs when the model computes in float32 (its keys' dtype), 5e-2 in 16 bits,
+    whatever dtype the logits come in; NaN never passes."""
+    from align.rollout.static_decoder import StaticDecodingError, check_first_step
+
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.randn(3, 50, generator=generator)
+    noise = torch.rand(3, 50, generator=generator)  # in [0, 1): log-prob differences below twice the scale
+    check_first_step(expected + 4e-4 * noise, expected, torch.float32)
+    check_first_step((expected + 1e-2 * noise).bfloat16(), expected.bfloat16(), torch.bfloat16)
+    check_first_step(expected + 1e-2 * noise, expected, torch.bfloat16)  # (a 16-bit model with float32 logits)
+    one_off = expected.clone()
+    one_off[:, 7] += 2e-2
+    for logits, dtype in ((one_off, torch.float32), (expected + 0.2 * noise, torch.bfloat16),
+                          (expected * float("nan"), torch.bfloat16)):
+        with pytest.raises(StaticDecodingError, match="log-probs differ"):
+            check_first_step(logits, expected, dtype)
+
+
 def test_models_whose_weights_move_in_hooks_are_refused():
     """FSDP2, DeepSpeed ZeRO-3 and accelerate's offload gather or move weights in hooks, which a CUDA
     graph would not replay: such models decode the usual way."""

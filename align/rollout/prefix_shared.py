@@ -124,7 +124,7 @@ class PrefixSharedEngine:
         expected = self.decode(live)
         try:
             logits = decoder.step(live.rows, live.ids[:, live.width - 1])
-            check_first_step(logits, expected)
+            check_first_step(logits, expected, decoder.keys[0].dtype)
         except Exception as error:  # noqa: BLE001 (any failure of the first step: the usual way is exact)
             logger.warning("decoding without a static cache: %s: %s", type(error).__name__, error)
             if isinstance(error, (StaticDecodingError, TypeError, AttributeError)):
