@@ -168,6 +168,10 @@ class TrainConfig(Section):
     """Under sharding: fsdp, keep the shards (weights, gradients, optimizer state) in CPU memory:
     each layer's weights are copied to the device for its forward and backward, and the optimizer
     steps on the CPU (torch's CPUOffloadPolicy). Slower; for a model whose shards do not fit the GPUs."""
+    fsdp_reference: Literal["whole", "sharded"] = "whole"
+    """Under sharding: fsdp, the frozen-copy reference model (DPO/KTO without a precomputed reference,
+    GRPO/PPO with a KL term): whole on each process, or sharded like the policy (its weights divided
+    by the processes; each layer gathered for its forward)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False
@@ -405,11 +409,21 @@ class Recipe(Section):
         if self.train.sharding != "fsdp":
             if self.train.fsdp_offload:
                 raise ValueError("train.fsdp_offload offloads FSDP's shards: it needs train.sharding: fsdp")
+            if self.train.fsdp_reference == "sharded":
+                raise ValueError("train.fsdp_reference: sharded shards the reference like the policy: it needs "
+                                 "train.sharding: fsdp")
             return self
         refused = [(self.algorithm not in SHARDABLE_ALGORITHMS, f"algorithm {self.algorithm!r} (fsdp trains "
                     f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),
                    (self._reference_through_the_policy(), f"{self.algorithm}.reference adapter_disabled (the "
                     "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
+                   (self.train.fsdp_reference == "sharded" and self.algorithm == "distill",
+                    "train.fsdp_reference sharded for distillation (the teacher's lm-head is read inside the "
+                    "student's loss; keep it whole)"),
+                   (self.train.fsdp_reference == "sharded" and getattr(self.section, "precompute_reference", False),
+                    f"train.fsdp_reference sharded with {self.algorithm}.precompute_reference true (each process "
+                    "precomputes its own share of the cache; set precompute_reference: false, or keep the "
+                    "reference whole)"),
                    (getattr(getattr(self.section, "sampling", None), "engine", None) == "vllm",
                     f"{self.algorithm}.sampling.engine vllm (under fsdp each process samples from an unsharded copy "
                     "with prefix_shared or hf)")]

@@ -7,6 +7,7 @@ does not do yet is refused before a model loads."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,10 @@ def launched(tmp_path_factory):
                # LoRA with a frozen-copy reference (the adapter-disabled one is refused under fsdp)
                "dpo-lora": recipe_dict(root, "dpo-lora", "dpo", pairs, adapter=LORA, train=SHARDED,
                                        dpo={"reference": "frozen_copy", "precompute_reference": False}),
+               # full fine-tuning, the frozen-copy reference sharded like the policy (no precomputed cache)
+               "dpo-reference-sharded": recipe_dict(root, "dpo-reference-sharded", "dpo", pairs,
+                                                    train={**SHARDED, "lr": 5e-4, "fsdp_reference": "sharded"},
+                                                    dpo={"precompute_reference": False}),
                # QLoRA: the 4-bit base whole on each process (left out of the shards), the rest sharded
                "qlora": recipe_dict(root, "qlora", "sft", rows, adapter={**LORA, "kind": "qlora"}, train=SHARDED)}
     # GRPO, full fine-tuning with a KL reference (frozen copy): 2 prompts of 4 completions a round,
@@ -61,6 +66,8 @@ def launched(tmp_path_factory):
     recipes["grpo"] = recipe_dict(root, "grpo", "grpo", prompt_rows(8, seed=21), train={**online, "batch_size": 4},
                                   grpo={"group_size": 4, "num_iterations": 2, "beta": 0.05, "loss_norm": "dapo",
                                         "sampling": {"max_new_tokens": 12}, "rewards": digits})
+    recipes["grpo-reference-sharded"] = deep_update(json.loads(json.dumps(recipes["grpo"])), {
+        "output_dir": str(root / "grpo-reference-sharded"), "train": {"fsdp_reference": "sharded"}})
     (root / "digits.py").write_text("def digits(completions, **_):\n"  # varies between random completions
                                     "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
     # PPO, full fine-tuning, a separate critic (sharded with the policy in one root) and a KL reference:
@@ -96,7 +103,7 @@ def launched(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["full", "lora", "checkpointed", "offload", "reward", "dpo", "kto", "dpo-lora",
-                                  "qlora"])
+                                  "dpo-reference-sharded", "qlora"])
 def test_fsdp_on_two_processes_equals_one_process_with_their_joint_batch(launched, name):
     """Loss, gradient norm and items at every step within 1e-5 relative; the final weights, gathered
     from the shards into a plain transformers/peft directory, within 1e-4 (AdamW, see assert_same_run)."""
@@ -137,6 +144,9 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_and_on_one(l
     ({"algorithm": "ppo", "adapter": LORA, "ppo": {"kl_coef": 0.05, "rewards": [{"fn": "exact_answer"}]}},
      r"fsdp cannot run with ppo.reference adapter_disabled"),
     ({"train": {"sharding": "none", "fsdp_offload": True}}, "train.fsdp_offload .* needs train.sharding: fsdp"),
+    ({"train": {"sharding": "none", "fsdp_reference": "sharded"}}, "fsdp_reference: sharded .* needs train.sharding: fsdp"),
+    ({"algorithm": "dpo", "train": {"fsdp_reference": "sharded"}},
+     "fsdp_reference sharded with dpo.precompute_reference true .* set precompute_reference: false"),
 ])
 def test_what_fsdp_does_not_do_yet_is_refused_by_the_recipe(tmp_path, change, refused):
     rows = preference_rows(4, seed=1) if change.get("algorithm") == "dpo" else chat_rows(4, seed=1)
@@ -171,7 +181,17 @@ def test_grpo_under_fsdp_sampling_from_a_rollout_server_equals_sampling_in_proce
                     keys=("loss", "grad_norm", "kl", "reward"))
 
 
-def test_grpo_under_fsdp_equals_one_process_on_the_same_experience(launched):
+def test_a_sharded_reference_holds_half_its_weights_on_each_process(launched):
+    """train.fsdp_reference: sharded (DPO above, GRPO below, each equal to one process): each
+    process says how much of the reference it holds."""
+    log = Path(launched["dpo"]["output_dir"]).parent.joinpath("launch.log").read_text()
+    held = re.findall(r"the frozen reference is sharded over 2 processes: this one holds (\d+) of (\d+) weights", log)
+    assert len(held) == 4  # two runs, two processes each
+    assert all(0 < 2 * int(mine) <= int(total) + 4096 for mine, total in held), held
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo-reference-sharded"])
+def test_grpo_under_fsdp_equals_one_process_on_the_same_experience(launched, name):
     """Each process samples its own prompts (from its unsharded copy of the policy, synced from the
     shards before each round), so, as for DDP in test_distributed, one process resumes from the
     sharded run's step-1 checkpoint, mid-round (the same weights, the whole round's experience): the
@@ -179,7 +199,7 @@ def test_grpo_under_fsdp_equals_one_process_on_the_same_experience(launched):
     from align.trainers import GRPOTrainer
     from align.trainers.checkpoint import load_checkpoint
 
-    recipe = launched["grpo"]
+    recipe = launched[name]
     checkpoint = Path(recipe["output_dir"], "checkpoints", "step-000001")
     groups = load_checkpoint(checkpoint)[1]["experience"]["groups"]
     assert len(groups) == 2 and all(len(g["completions"]) == 4 for g in groups)
@@ -232,6 +252,14 @@ assert kept_after_forward() == [True, False]  # FSDP's own: the root keeps its w
 with sharding.gathered(root):
     assert kept_after_forward() == [True, True]
 assert kept_after_forward() == [True, False]  # gathered() restored each unit's setting
+
+from torch.distributed.tensor import DTensor
+from align.models.policy import Policy
+
+policy = Policy(AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32), None, "frozen_copy")
+policy.shard_reference(torch.device("cpu"))  # (train.fsdp_reference: sharded)
+policy.reference_logprobs({"input_ids": torch.tensor([[1, 2, 3, 4]]), "labels": torch.tensor([[2, 3, 4, -100]])})
+assert isinstance(policy.reference_module.model.lm_head.weight, DTensor)  # its root resharded after the forward
 print("copied", dist.get_rank(), len(whole))
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from typing import Literal
 
@@ -17,12 +18,14 @@ from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
-from align.models import tiny
+from align.models import sharding, tiny
 from align.models.dropout import disable_dropout
 from align.models.head import check_logprobs_match_forward, logit_transform
 from align.models.loading import load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.ops.logprobs import token_logprobs, weighted_logprob_sum
+
+log = logging.getLogger(__name__)
 
 ReferenceStrategy = Literal["auto", "adapter_disabled", "frozen_copy", "none"]
 
@@ -170,6 +173,7 @@ class Policy(Trainable):
         if reference == "adapter_disabled" and not self.has_adapter:
             raise ValueError("reference strategy 'adapter_disabled' needs a LoRA/QLoRA adapter")
         self.reference = reference
+        self.reference_sharded = False
         self._reference_module = None
         if reference == "frozen_copy":
             self._reference_module = TokenLogprobModel(copy.deepcopy(model)).eval().requires_grad_(False)
@@ -203,6 +207,18 @@ class Policy(Trainable):
         if self._reference_module is not None:
             disable_dropout(self._reference_module)
 
+    def shard_reference(self, device: torch.device, offload: bool = False) -> None:
+        """Shard the frozen-copy reference over the processes as the policy is (`sharding.shard`; every
+        process must then run its forwards in step, as under fsdp it does for the policy's)."""
+        if not offload:
+            self._reference_module.to(device)
+        sharding.shard(self._reference_module, offload=offload)
+        self.reference_sharded = True
+        params = list(self._reference_module.parameters())
+        log.info("train.fsdp_reference: the frozen reference is sharded over %d processes: this one holds %d of %d "
+                 "weights", torch.distributed.get_world_size(), sum(sharding.local_shard(p).numel() for p in params),
+                 sum(p.numel() for p in params))
+
     def release_reference(self) -> None:
         """Free the reference model once its log-probs are cached."""
         self._reference_module, self.reference = None, "none"
@@ -224,6 +240,12 @@ class Policy(Trainable):
     @torch.no_grad()
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """[B, T] log-probs of `batch["labels"]` under the reference model (no gradient)."""
+        if self.reference == "frozen_copy" and self.reference_sharded:
+            module = self._reference_module.train(self.module.training)
+            try:
+                return module(**batch, temperature=temperature)
+            finally:  # FSDP keeps a root's weights gathered after its forward, for a backward a frozen root never has
+                module.reshard()
         if self.reference == "frozen_copy":  # in the policy's mode: the same dropout setting
             device = batch["input_ids"].device  # (not a policy weight's: under fsdp offload those are on the CPU)
             return self._reference_module.to(device).train(self.module.training)(**batch, temperature=temperature)

@@ -161,6 +161,8 @@ class Trainer(Resumable):
             if self.samples_in_process():
                 self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()
             sharding.shard(policy.module, offload=self.cfg.fsdp_offload)
+            if self.cfg.fsdp_reference == "sharded" and policy.reference == "frozen_copy":
+                policy.shard_reference(self.accelerator.device, offload=self.cfg.fsdp_offload)
         self.optimizer = make_optimizer(self.cfg.optimizer, policy.trainable_parameters(), lr=self.cfg.lr,
                                         betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         self.zero_engine = None
