@@ -171,7 +171,8 @@ class TrainConfig(Section):
     fsdp_reference: Literal["whole", "sharded"] = "whole"
     """Under sharding: fsdp, the frozen-copy reference model (DPO/KTO without a precomputed reference,
     GRPO/PPO with a KL term): whole on each process, or sharded like the policy (its weights divided
-    by the processes; each layer gathered for its forward)."""
+    by the processes; each layer gathered for its forward). No effect where no such reference is
+    loaded (an adapter-disabled one, a reference-free loss, beta 0)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False
@@ -420,7 +421,8 @@ class Recipe(Section):
                    (self.train.fsdp_reference == "sharded" and self.algorithm == "distill",
                     "train.fsdp_reference sharded for distillation (the teacher's lm-head is read inside the "
                     "student's loss; keep it whole)"),
-                   (self.train.fsdp_reference == "sharded" and getattr(self.section, "precompute_reference", False),
+                   (self.train.fsdp_reference == "sharded" and getattr(self.section, "precompute_reference", False)
+                    and self._uses_reference(),
                     f"train.fsdp_reference sharded with {self.algorithm}.precompute_reference true (each process "
                     "precomputes its own share of the cache; set precompute_reference: false, or keep the "
                     "reference whole)"),
@@ -432,6 +434,17 @@ class Recipe(Section):
             raise ValueError("train.sharding: fsdp cannot run with " + "; ".join(reasons) +
                              "; use sharding: none (DDP) for this recipe")
         return self
+
+    def _uses_reference(self) -> bool:
+        """Whether the algorithm's loss takes reference log-probs (DPO's loss needs one, KTO always,
+        GRPO with beta > 0, PPO with kl_coef > 0)."""
+        section = self.section
+        if self.algorithm == "dpo":
+            from align.registry import PREFERENCE_LOSSES
+
+            return PREFERENCE_LOSSES.get(section.loss_type).needs_reference
+        return {"kto": True, "grpo": getattr(section, "beta", 0) > 0,
+                "ppo": getattr(section, "kl_coef", 0) > 0}.get(self.algorithm, False)
 
     def _reference_through_the_policy(self) -> bool:
         """Whether the reference model is the policy with its adapter disabled (an adapter, the

@@ -57,6 +57,11 @@ def launched(tmp_path_factory):
                "dpo-reference-sharded": recipe_dict(root, "dpo-reference-sharded", "dpo", pairs,
                                                     train={**SHARDED, "lr": 5e-4, "fsdp_reference": "sharded"},
                                                     dpo={"precompute_reference": False}),
+               "kto-reference-sharded": recipe_dict(root, "kto-reference-sharded", "kto", pairs,
+                                                    preference_rows(5, seed=12),
+                                                    train={**SHARDED, "lr": 5e-4, "eval_every": 2,
+                                                           "fsdp_reference": "sharded"},
+                                                    kto={"precompute_reference": False}),
                # QLoRA: the 4-bit base whole on each process (left out of the shards), the rest sharded
                "qlora": recipe_dict(root, "qlora", "sft", rows, adapter={**LORA, "kind": "qlora"}, train=SHARDED)}
     # GRPO, full fine-tuning with a KL reference (frozen copy): 2 prompts of 4 completions a round,
@@ -103,7 +108,7 @@ def launched(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["full", "lora", "checkpointed", "offload", "reward", "dpo", "kto", "dpo-lora",
-                                  "dpo-reference-sharded", "qlora"])
+                                  "dpo-reference-sharded", "kto-reference-sharded", "qlora"])
 def test_fsdp_on_two_processes_equals_one_process_with_their_joint_batch(launched, name):
     """Loss, gradient norm and items at every step within 1e-5 relative; the final weights, gathered
     from the shards into a plain transformers/peft directory, within 1e-4 (AdamW, see assert_same_run)."""
@@ -147,6 +152,8 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_and_on_one(l
     ({"train": {"sharding": "none", "fsdp_reference": "sharded"}}, "fsdp_reference: sharded .* needs train.sharding: fsdp"),
     ({"algorithm": "dpo", "train": {"fsdp_reference": "sharded"}},
      "fsdp_reference sharded with dpo.precompute_reference true .* set precompute_reference: false"),
+    ({"algorithm": "distill", "train": {"fsdp_reference": "sharded"}, "distill": {"teacher_model": "builtin:tiny-llama"}},
+     "fsdp_reference sharded for distillation"),
 ])
 def test_what_fsdp_does_not_do_yet_is_refused_by_the_recipe(tmp_path, change, refused):
     rows = preference_rows(4, seed=1) if change.get("algorithm") == "dpo" else chat_rows(4, seed=1)
@@ -186,8 +193,15 @@ def test_a_sharded_reference_holds_half_its_weights_on_each_process(launched):
     process says how much of the reference it holds."""
     log = Path(launched["dpo"]["output_dir"]).parent.joinpath("launch.log").read_text()
     held = re.findall(r"the frozen reference is sharded over 2 processes: this one holds (\d+) of (\d+) weights", log)
-    assert len(held) == 4  # two runs, two processes each
+    assert len(held) == 6  # three runs, two processes each
     assert all(0 < 2 * int(mine) <= int(total) + 4096 for mine, total in held), held
+    # GRPO with its KL reference sharded is the run with it whole, step for step (the same seeds; a
+    # one-process resume would reuse the checkpoint's reference log-probs, so this is the KL's check)
+    whole, sharded = metrics(launched["grpo"]["output_dir"]), metrics(launched["grpo-reference-sharded"]["output_dir"])
+    assert [r["step"] for r in sharded] == [1, 2, 3, 4] and abs(sharded[0]["kl"]) < 1e-6 < sharded[-1]["kl"]
+    for a, b in zip(whole, sharded):
+        for key in ("loss", "kl", "grad_norm", "reward"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
 
 
 @pytest.mark.parametrize("name", ["grpo", "grpo-reference-sharded"])

@@ -212,7 +212,11 @@ class Policy(Trainable):
         process must then run its forwards in step, as under fsdp it does for the policy's)."""
         if not offload:
             self._reference_module.to(device)
-        sharding.shard(self._reference_module, offload=offload)
+        try:
+            sharding.shard(self._reference_module, offload=offload)
+        except AlignError as error:
+            raise AlignError(f"train.fsdp_reference=sharded: {error} (for the reference: set fsdp_reference: whole)") \
+                from None
         self.reference_sharded = True
         params = list(self._reference_module.parameters())
         log.info("train.fsdp_reference: the frozen reference is sharded over %d processes: this one holds %d of %d "

@@ -111,6 +111,12 @@ class DistillPolicy(Policy):
         check_logprobs_match_forward(causal_lm(model))
         super().use_reference_model(model)
 
+    def shard_reference(self, device: torch.device, offload: bool = False) -> None:
+        """Refused: the student's loss reads the teacher's lm-head outside the teacher's forward,
+        where a sharded weight is a DTensor shard (the recipe check refuses it first)."""
+        raise AlignError("train.fsdp_reference=sharded: a distillation teacher stays whole on each process; set "
+                         "fsdp_reference: whole")
+
     @property
     def teacher(self) -> nn.Module:
         """The teacher's causal LM, on the student's device, in eval mode."""
