@@ -436,23 +436,9 @@ class Recipe(Section):
         return self
 
     def _uses_reference(self) -> bool:
-        """Whether the algorithm's loss takes reference log-probs (DPO's loss needs one, KTO always,
-        GRPO with beta > 0, PPO with kl_coef > 0)."""
+        """Whether the algorithm's loss takes reference log-probs: DPO's when its loss needs one, GRPO's
+        with beta > 0, PPO's with kl_coef > 0, any other section's that has a reference (KTO's)."""
         section = self.section
-        if self.algorithm == "dpo":
-            from align.registry import PREFERENCE_LOSSES
-
-            return PREFERENCE_LOSSES.get(section.loss_type).needs_reference
-        return {"kto": True, "grpo": getattr(section, "beta", 0) > 0,
-                "ppo": getattr(section, "kl_coef", 0) > 0}.get(self.algorithm, False)
-
-    def _reference_through_the_policy(self) -> bool:
-        """Whether the reference model is the policy with its adapter disabled (an adapter, the
-        reference on auto or adapter_disabled, no separate reference model; a loss that needs one)."""
-        section = self.section
-        if self.adapter.kind == "none" or getattr(section, "reference", "frozen_copy") == "frozen_copy" \
-                or getattr(section, "reference_model", None):
-            return False
         if self.algorithm == "dpo":
             from align.registry import PREFERENCE_LOSSES
 
@@ -462,6 +448,15 @@ class Recipe(Section):
         if self.algorithm == "ppo":
             return section.kl_coef > 0
         return True
+
+    def _reference_through_the_policy(self) -> bool:
+        """Whether the reference model is the policy with its adapter disabled (an adapter, the
+        reference on auto or adapter_disabled, no separate reference model; a loss that needs one)."""
+        section = self.section
+        if self.adapter.kind == "none" or getattr(section, "reference", "frozen_copy") == "frozen_copy" \
+                or getattr(section, "reference_model", None):
+            return False
+        return self._uses_reference()
 
     @model_validator(mode="after")
     def _check_files(self) -> "Recipe":
