@@ -72,6 +72,11 @@ def sum_tensors_over_processes(values: dict[str, torch.Tensor | float],
     return dict(zip(keys, stacked.unbind()))
 
 
+def from_every_process(value) -> list:
+    """Every process's `value`, in process order, on every process."""
+    return gather_object([value])
+
+
 def from_main_process(value):
     """The main process's `value`, on every process."""
     return broadcast_object_list([value])[0]

@@ -94,3 +94,100 @@ def test_resume_after_a_kill_mid_write_falls_back_to_the_previous_checkpoint(mak
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(want, got):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_rows_written_by_each_process_are_read_by_any_share(tmp_path):
+    """fsdp checkpoints: each process writes its rows of a sharded tensor (torch.chunk's split, the
+    last share empty when there are fewer rows than shares); a process resuming on another number of
+    processes reads its rows across the writers' files."""
+    from align.models.sharding import shard_rows
+
+    whole = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)
+    pieces = {}
+    for processes in (3, 5, 8):
+        (tmp_path / str(processes)).mkdir()
+        for process in range(processes):
+            start, stop = shard_rows(7, processes, process)
+            reason, sums = checkpoint._write_rows(tmp_path / str(processes),
+                                                  {"w": checkpoint.RowShard(whole[start:stop], start, (7, 3))},
+                                                  process, processes)
+            assert reason is None and list(sums) == [checkpoint.rows_file(process, processes)]
+        pieces[processes] = checkpoint._stored_pieces(tmp_path / str(processes))["w"]
+    assert [count for _, count, _ in pieces[8]] == [1, 1, 1, 1, 1, 1, 1, 0]
+    for processes, written in pieces.items():
+        stored = checkpoint.StoredRows("w", (7, 3), written)
+        assert torch.equal(stored.whole(), whole)
+        for start in range(8):
+            for stop in range(start, 8):
+                assert torch.equal(stored.rows(start, stop), whole[start:stop]), (processes, start, stop)
+    with pytest.raises(checkpoint.UnusableCheckpoint, match="do not hold rows 0-7 once each"):
+        checkpoint.StoredRows("w", (7, 3), pieces[3][:1] + pieces[3][2:])  # a writer's file missing
+    reason, _ = checkpoint._write_rows(tmp_path / "absent", {"w": checkpoint.RowShard(whole, 0, (7, 3))}, 1, 2)
+    assert "process 1 does not see" in reason and "a filesystem they share" in reason
+
+
+def test_a_checkpoint_with_rows_loads_them_whole_or_on_demand_and_checks_their_files(tmp_path):
+    shard = checkpoint.RowShard(torch.arange(6.0).reshape(3, 2), 0, (3, 2))
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, step, {"model": {"w": shard, "b": torch.ones(2)}}, {}, keep=3, run_id="r")
+    step2 = tmp_path / "step-000002"
+    assert sorted(p.name for p in step2.iterdir()) == sorted([checkpoint.rows_file(0, 1), checkpoint.STATE_FILE,
+                                                              checkpoint.TENSORS_FILE])
+    _, objects = checkpoint.load_checkpoint(step2)
+    assert torch.equal(objects["model"]["w"], shard.local) and torch.equal(objects["model"]["b"], torch.ones(2))
+    _, lazy = checkpoint.load_checkpoint(step2, lazy=True)
+    assert isinstance(lazy["model"]["w"], checkpoint.StoredRows)
+    assert torch.equal(lazy["model"]["w"].rows(1, 3), shard.local[1:])
+    rows = step2 / checkpoint.rows_file(0, 1)
+    rows.write_bytes(rows.read_bytes()[:-1] + bytes([rows.read_bytes()[-1] ^ 1]))
+    path, _, _ = checkpoint.load_newest(tmp_path, "r")  # damaged rows: the checkpoint before it
+    assert path.name == "step-000001"
+
+
+TWO_WRITERS = """
+import errno, sys
+from pathlib import Path
+import torch
+from align.errors import AlignError
+from align.trainers import checkpoint
+from align.trainers.base import process_accelerator
+
+process = process_accelerator().process_index  # two processes, as the trainers start them
+root = Path(sys.argv[1])
+
+def rows(step):  # this process's row of a 2 x 2 tensor
+    return {"w": checkpoint.RowShard(torch.full((1, 2), float(10 * step + process)), process, (2, 2))}
+
+checkpoint.save_checkpoint(root, 1, {"model": rows(1), "b": torch.ones(2)}, {}, keep=3, run_id="r")
+if process == 1:  # its disk is full at the next save
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    checkpoint.save_file = full_disk
+try:
+    checkpoint.save_checkpoint(root, 2, {"model": rows(2), "b": torch.ones(2)}, {}, keep=3, run_id="r")
+except AlignError as error:
+    print(f"process {process} raised: {error}")
+"""
+
+
+def test_a_write_failing_on_one_process_leaves_no_checkpoint_and_every_process_raises(tmp_path):
+    """fsdp checkpoints have a writer per process: one process's full disk fails the save on every
+    process (none waits forever, none goes on as if saved), and the earlier checkpoint stays whole."""
+    import subprocess
+    import sys
+
+    from tests.test_distributed import REPO
+
+    (tmp_path / "writers.py").write_text(TWO_WRITERS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "writers.py"), str(tmp_path / "checkpoints")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for process in (0, 1):
+        assert f"process {process} raised: could not write checkpoint step 2" in result.stdout
+    assert result.stdout.count("No space left on device; the earlier checkpoints there are intact") == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]  # no staging left
+    _, objects = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step-000001")
+    torch.testing.assert_close(objects["model"]["w"], torch.tensor([[10.0, 10.0], [11.0, 11.0]]))

@@ -118,7 +118,7 @@ def launched(tmp_path_factory):
 def train_on_two_processes(root: Path, recipes: dict[str, dict], launcher: list[str] | None = None) -> dict[str, dict]:
     """`align train` of each recipe in turn, in one `torchrun --nproc_per_node 2` launch (CPU, gloo)
     with its own cache (the processes' reference log-probs are checked against this process's);
-    launcher: another launch command for two processes instead (e.g. accelerate launch's)."""
+    launcher: another launch command instead (e.g. accelerate launch's, or torchrun's for more processes)."""
     paths = []
     for name, recipe in recipes.items():
         paths.append(root / f"{name}.yaml")

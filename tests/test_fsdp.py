@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,15 @@ def launched(tmp_path_factory):
                                          "resume_from": str(root / "full" / "checkpoints" / "step-000002")}}
     with rollout_server(recipes["grpo"], root / "serve.yaml", "--engine", "prefix_shared") as url:
         recipes["grpo-server"]["grpo"]["sampling"]["server"]["url"] = url
-        return train_on_two_processes(root, recipes)
+        train_on_two_processes(root, recipes)
+    # the two processes' step-2 checkpoint resumed on four (the same 8 chats a step): each reads its
+    # rows of the shards from the two writers' files
+    (root / "four").mkdir()
+    recipes["full-resumed-4"] = deep_update(json.loads(json.dumps(recipes["full-resumed"])), {
+        "output_dir": str(root / "four" / "full-resumed"), "train": {"batch_size": 1}})
+    train_on_two_processes(root / "four", {"full-resumed-4": recipes["full-resumed-4"]},
+                           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"])
+    return recipes
 
 
 @pytest.mark.parametrize("name", ["full", "lora", "checkpointed", "offload", "reward", "dpo", "kto", "dpo-lora",
@@ -126,16 +135,24 @@ def test_fsdp_on_two_processes_equals_one_process_with_their_joint_batch(launche
         assert all(r["completion"] for r in sharded)  # (greedy text itself may flip on a near-tie: weights differ ~1e-6)
 
 
-def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_and_on_one(launched, tmp_path):
-    """The checkpoint holds the state gathered from the shards, the optimizer's by parameter name:
-    resumed on two processes (sharded) or one (unsharded), step 3 and the final weights equal the
-    straight run's."""
+def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_on_four_and_on_one(launched, tmp_path):
+    """Each process writes its own rows of the shards (nothing is gathered), the optimizer's state
+    keyed by parameter name: resumed on two processes, on four (sharded, each reading its rows) or on
+    one (read whole), step 3 and the final weights equal the straight run's."""
+    from align.trainers.checkpoint import StoredRows, load_checkpoint, rows_file
+
     straight = launched["full"]["output_dir"]
-    checkpoint = str(Path(straight) / "checkpoints" / "step-000002")
-    one = {**single_process(launched["full"], batch_size=2, grad_accum=4, resume_from=checkpoint),
+    checkpoint = Path(straight) / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in checkpoint.glob("rows-*")) == [rows_file(0, 2), rows_file(1, 2)]
+    _, objects = load_checkpoint(checkpoint, lazy=True)
+    assert objects["model"] and all(isinstance(t, StoredRows) for t in objects["model"].values())
+    assert all(isinstance(t, StoredRows) for entry in objects["optimizer"]["state"].values()
+               for key, t in entry.items() if key != "step")
+    one = {**single_process(launched["full"], batch_size=2, grad_accum=4, resume_from=str(checkpoint)),
            "output_dir": str(tmp_path / "one")}
     SFTTrainer.from_recipe(recipe_from_dict(one)).fit()
-    for resumed in (launched["full-resumed"]["output_dir"], one["output_dir"]):
+    for resumed in (launched["full-resumed"]["output_dir"], launched["full-resumed-4"]["output_dir"],
+                    one["output_dir"]):
         (got,) = metrics(resumed)
         want = metrics(straight)[-1]
         assert got["step"] == want["step"] == 3

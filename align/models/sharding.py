@@ -17,6 +17,8 @@ Supported here: every built-in algorithm (`align.config.SHARDABLE_ALGORITHMS`; P
 of the trained root and sharded with the policy; distillation's teacher, like every frozen model,
 is whole on each process), full fine-tuning, LoRA and QLoRA (see `shard`), activation checkpointing. The
 gradients are reduce-scattered and averaged over the processes as DDP's are, so a step equals DDP's.
+Checkpoints are never gathered: each process saves its own rows of the shards
+(`sharded_training_state`) and reads back the rows it holds (`load_sharded_training_state`).
 """
 
 from __future__ import annotations
@@ -127,19 +129,90 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     return getattr(tensor, "ds_tensor", tensor)
 
 
-def full_training_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Every process calls it: (model state, optimizer state), unsharded, on the CPU, for the main
-    process ({} for the others). The optimizer state is keyed by parameter name (not by position), so
-    a checkpoint resumes on any number of processes, sharded or not (`load_training_state`)."""
+def shard_rows(rows: int, processes: int, process: int) -> tuple[int, int]:
+    """Rows [start, stop) of a dim-0 size `rows` that FSDP2 (`Shard(0)`, torch.chunk's split) gives
+    process `process` of `processes`: ceil(rows / processes) each, the last ones shorter or empty."""
+    size = -(-rows // processes)
+    return min(process * size, rows), min((process + 1) * size, rows)
+
+
+def _rows_held(tensor) -> tuple[int, int]:
+    """Rows [start, stop) of a sharded tensor this process holds; AlignError for a layout other than
+    fsdp's one-dimensional Shard(0) (checked against the local shard's own size)."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise AlignError(f"a sharded weight is placed as {placements} on a {mesh.ndim}-d mesh; Align's checkpoints "
+                         "store fsdp's Shard(0) over one process group")
+    start, stop = shard_rows(tensor.shape[0], mesh.size(), mesh.get_local_rank())
+    if tensor.to_local().shape[0] != stop - start:
+        raise AlignError(f"a sharded weight of {tensor.shape[0]} rows holds {tensor.to_local().shape[0]} here, not "
+                         f"torch.chunk's {stop - start}: unknown fsdp layout")
+    return start, stop
+
+
+def _local_rows(tree):
+    """`tree` with each DTensor as this process's `RowShard` (its own rows, not gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    from align.trainers.checkpoint import RowShard
+
+    if isinstance(tree, DTensor):
+        start, _ = _rows_held(tree)
+        return RowShard(tree.to_local().detach(), start, tuple(tree.shape))
+    if isinstance(tree, dict):
+        return {key: _local_rows(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_local_rows(value) for value in tree]
+    return tree
+
+
+def sharded_training_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Every process calls it: (model state, optimizer state) keyed by parameter name, each sharded
+    tensor as this process's rows (`RowShard`): nothing is gathered, each process saves its own share
+    (`align.trainers.checkpoint`), and `load_sharded_training_state` reads it back on any number of
+    processes (or `load_training_state`, whole, unsharded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model, optim = get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=False))
+    return _local_rows(model), _local_rows(optim)
+
+
+def load_sharded_training_state(module: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                                optimizer_state: dict) -> None:
+    """Every process calls it: a checkpoint's named state into the sharded `module` and `optimizer`,
+    each process reading only the rows it holds. Values are `StoredRows` (a sharded checkpoint, read
+    on demand) or whole tensors; model_state may hold only some weights (the trainable ones)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from align.trainers.checkpoint import StoredRows
+
+    def held(now, saved):  # `now` (this process's tensor, as the module holds it) filled from `saved`
+        if isinstance(now, DTensor):
+            start, stop = _rows_held(now)
+            rows = saved.rows(start, stop) if isinstance(saved, StoredRows) else saved[start:stop]
+            now.to_local().copy_(rows)
+            return now
+        return saved.whole() if isinstance(saved, StoredRows) else saved
+
+    model_now, optim_now = get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=False))
+    unknown = sorted(set(model_state) - set(model_now)) + sorted(set(optimizer_state["state"]) - set(optim_now["state"]))
+    if unknown:
+        raise AlignError(f"checkpoint has weights this model lacks: {unknown[:5]}")
+    model = {name: held(model_now[name], saved) for name, saved in model_state.items()}
+    state = {name: {key: held(optim_now["state"][name].get(key), saved) for key, saved in entry.items()}
+             for name, entry in optimizer_state["state"].items()}
+    set_state_dict(module, optimizer, model_state_dict=model,
+                   optim_state_dict={"state": state, "param_groups": optimizer_state["param_groups"]},
+                   options=StateDictOptions(strict=False))
 
 
 def load_training_state(module: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                         optimizer_state: dict) -> None:
-    """Put `full_training_state`'s output back (each process holds all of it; `module` sharded or not):
-    model_state may hold only some weights (a checkpoint keeps the trainable ones)."""
+    """Put a checkpoint's named state back, whole, into an unsharded `module` and `optimizer` (each
+    process holds all of it): model_state may hold only some weights (a checkpoint keeps the trainable ones)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
@@ -147,7 +220,7 @@ def load_training_state(module: nn.Module, optimizer: torch.optim.Optimizer, mod
 
 
 def keyed_by_name(optimizer_state: dict) -> bool:
-    """Whether an optimizer state dict is `full_training_state`'s (parameters named, not numbered)."""
+    """Whether an optimizer state dict is keyed by parameter name (written under fsdp or ZeRO), not numbered."""
     groups = optimizer_state.get("param_groups") or [{}]
     return any(isinstance(name, str) for name in groups[0].get("params", []))
 

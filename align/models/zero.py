@@ -141,7 +141,7 @@ def _named_trainable(engine) -> list[tuple[str, nn.Parameter]]:
 
 def full_training_state(engine, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Every process calls it (collectives): (trainable weights, AdamW state), whole, on the CPU, keyed
-    by parameter name as `align.models.sharding.full_training_state` keys them; the main process keeps
+    by parameter name as fsdp's checkpoints key them; the main process keeps
     the tensors (the others return the names and hyper-parameters only)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 

@@ -10,6 +10,13 @@ everything else (optimizer settings, random generator states, counters) as JSON 
 `trainer_state.json`, with the sha256 of each other file. No pickle is read, so a malicious
 checkpoint cannot run code; the checksums catch accidental corruption (a truncated or damaged
 file), and `load_newest` then falls back to the previous checkpoint.
+
+Sharded state (`RowShard`: an FSDP2 shard, rows of a tensor split along dim 0 over the processes)
+is never gathered: each process writes its own rows into `rows-00001-of-00008.safetensors` in the
+same staging directory, and the main process renames the directory once every process has written
+and flushed its file (on a filesystem every process shares). Loading gives each such tensor as
+`StoredRows`, which reads only the rows asked for, so a sharded resume reads each process's share
+whatever the number of processes that wrote it.
 """
 
 from __future__ import annotations
@@ -20,19 +27,27 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from accelerate import PartialState
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from align.distributed import from_every_process, from_main_process
 from align.errors import AlignError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "tensors.safetensors"
+ROWS_FILES = "rows-*-of-*.safetensors"
+
+
+def rows_file(process: int, processes: int) -> str:
+    return f"rows-{process + 1:05d}-of-{processes:05d}.safetensors"
 
 
 class UnusableCheckpoint(AlignError):
@@ -54,18 +69,72 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class RowShard:
+    """This process's rows [offset, offset + local.shape[0]) of a tensor of `shape` split along dim 0
+    over the processes (an FSDP2 shard). A checkpoint stores it in this process's rows file."""
+    local: torch.Tensor
+    offset: int
+    shape: tuple[int, ...]
+
+
+class StoredRows:
+    """A tensor of `shape` stored as rows in the rows files of a checkpoint, read on demand.
+    pieces: (offset, row count, file), which must tile rows [0, shape[0]) (UnusableCheckpoint if not)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], pieces: list[tuple[int, int, Path]]):
+        self.name, self.shape = name, tuple(shape)
+        self.pieces = sorted(pieces, key=lambda piece: piece[0])
+        starts = [offset for offset, _, _ in self.pieces]
+        stops = [offset + count for offset, count, _ in self.pieces]
+        if not self.shape or starts[:1] != [0] or starts[1:] != stops[:-1] or stops[-1:] != [self.shape[0]]:
+            raise UnusableCheckpoint(f"{name}: its rows files do not hold rows 0-{self.shape[0] if self.shape else 0} "
+                                     f"once each (they hold {list(zip(starts, stops))})")
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as one CPU tensor, read from the files that hold them."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise AlignError(f"{self.name}: rows {start}-{stop} asked of a tensor of {self.shape[0]} rows")
+        wanted = [(offset, count, file) for offset, count, file in self.pieces
+                  if max(start, offset) < min(stop, offset + count)]
+        parts = []
+        for offset, count, file in wanted or self.pieces[:1]:  # none: an empty share, read as 0 rows
+            lo, hi = (max(start, offset), min(stop, offset + count)) if wanted else (offset, offset)
+            with safe_open(str(file), "pt") as stored:
+                parts.append(stored.get_slice(self.name)[lo - offset:hi - offset])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def whole(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
+def materialize(obj):
+    """`obj` (a loaded checkpoint's objects) with every StoredRows read whole."""
+    if isinstance(obj, StoredRows):
+        return obj.whole()
+    if isinstance(obj, dict):
+        return {k: materialize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(materialize(v) for v in obj)
+    return obj
+
+
 # ---- nested objects <-> (JSON tree, flat tensors) ---------------------------------------------
 class _TensorTable:
     """Collects the tensors of a nested object under path names, storing each storage once: tied
     weights (one tensor under two names) become one entry; other views of a saved storage are copied
     (safetensors refuses tensors that share memory)."""
 
-    def __init__(self):
+    def __init__(self, keep_tensors: bool = True):
+        self.keep_tensors = keep_tensors  # False: names only (a process that writes only its rows)
         self.tensors: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, RowShard] = {}
         self.views: dict[tuple, str] = {}
         self.storages: set[int] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
+        if not self.keep_tensors:
+            return name
         tensor = tensor.detach()
         pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
         view = (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
@@ -84,6 +153,9 @@ def _encode(obj, name: str, table: _TensorTable):
     are not plain strings are tagged so that `_decode` gives back the same types."""
     if isinstance(obj, torch.Tensor):
         return {"__tensor__": table.add(name, obj)}
+    if isinstance(obj, RowShard):
+        table.rows[name] = obj
+        return {"__rows__": name, "shape": list(obj.shape)}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
     if isinstance(obj, (np.integer, np.floating)):
@@ -101,20 +173,23 @@ def _encode(obj, name: str, table: _TensorTable):
                     "strings, None and lists/tuples/dicts of them are stored)")
 
 
-def _decode(tree, tensors: dict[str, torch.Tensor]):
+def _decode(tree, tensors: dict[str, torch.Tensor], rows: dict[str, list]):
+    """The object `_encode` made `tree` of; `rows`: each stored-rows name's pieces (see StoredRows)."""
     if isinstance(tree, list):
-        return [_decode(v, tensors) for v in tree]
+        return [_decode(v, tensors, rows) for v in tree]
     if not isinstance(tree, dict):
         return tree
     if "__tensor__" in tree:
         return tensors[tree["__tensor__"]]
+    if "__rows__" in tree:
+        return StoredRows(tree["__rows__"], tree["shape"], rows.get(tree["__rows__"], []))
     if "__ndarray__" in tree:
         return np.array(tree["__ndarray__"], dtype=tree["dtype"])
     if "__tuple__" in tree:
-        return tuple(_decode(v, tensors) for v in tree["__tuple__"])
+        return tuple(_decode(v, tensors, rows) for v in tree["__tuple__"])
     if "__items__" in tree:
-        return {k: _decode(v, tensors) for k, v in tree["__items__"]}
-    return {k: _decode(v, tensors) for k, v in tree.items()}
+        return {k: _decode(v, tensors, rows) for k, v in tree["__items__"]}
+    return {k: _decode(v, tensors, rows) for k, v in tree.items()}
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -142,33 +217,78 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
-def _write(staging: Path, objects: dict[str, object], state: dict, write_extra) -> None:
-    """The checkpoint's files in `staging`: tensors, extra files, then the state that lists their sums."""
-    table = _TensorTable()
-    trees = {name: _encode(obj, name, table) for name, obj in objects.items()}
+def _write_rows(staging: Path, rows: dict[str, RowShard], process: int, processes: int) -> tuple[str | None, dict]:
+    """This process's rows file in `staging` (made by the main process), flushed: (None, {file: sha256}),
+    or (the reason it could not be written, {})."""
+    if not staging.is_dir():
+        return (f"process {process} does not see {staging}, which the main process made: every process must "
+                "write to the same output_dir (a filesystem they share)"), {}
+    file, tensors, seen = staging / rows_file(process, processes), {}, set()
+    for name, shard in rows.items():
+        local = shard.local.detach().contiguous().cpu()
+        tensors[name] = local.clone() if local.numel() and local.data_ptr() in seen else local  # tied: stored twice
+        seen.add(local.data_ptr())
+    try:
+        save_file(tensors, str(file), metadata={name: str(shard.offset) for name, shard in rows.items()})
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, SafetensorError) as error:
+        return _reason(error), {}
+    return None, {file.name: sha256(file)}
+
+
+def _write(staging: Path, trees: dict, table: _TensorTable, state: dict, write_extra, rows_sums: dict) -> None:
+    """The main process's files in `staging`: tensors, extra files, then the state that lists the sums
+    of every file (the rows files' as their writers computed them)."""
     save_file(table.tensors, str(staging / TENSORS_FILE))
     if write_extra is not None:
         write_extra(staging)
-    sums = {str(p.relative_to(staging)): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-    (staging / STATE_FILE).write_text(json.dumps({**state, "objects": trees, "sha256": sums}, indent=1))
+    sums = {str(p.relative_to(staging)): sha256(p) for p in sorted(staging.rglob("*"))
+            if p.is_file() and p.name not in rows_sums}
+    (staging / STATE_FILE).write_text(json.dumps({**state, "objects": trees, "sha256": {**sums, **rows_sums}},
+                                                 indent=1))
 
 
 def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: dict, keep: int,
                     run_id: str | None = None, write_extra=None) -> Path:
-    """Write `objects` (nested dicts/lists/tuples of tensors, numbers and strings) and the JSON-able
-    `state` as checkpoint `step` of run `run_id`.
+    """Every process calls it: write `objects` (nested dicts/lists/tuples of tensors, RowShards,
+    numbers and strings) and the JSON-able `state` as checkpoint `step` of run `run_id`.
 
-    `write_extra(directory)` may add files (e.g. a loadable adapter). Keeps the newest `keep`
-    checkpoints of this run; another run's checkpoints are never removed.
+    The main process writes the objects (every process passes the same, but for its RowShards) and
+    each process the rows of its RowShards; the checkpoint appears once all have written (or not at
+    all, and every process raises AlignError). `write_extra(directory)` may add files (e.g. a loadable
+    adapter). Keeps the newest `keep` checkpoints of this run; another run's are never removed.
     """
-    final = checkpoint_dir(root, step)
-    staging = root / f".staging-step-{step:06d}"
-    reason = _write_staged(staging, lambda d: _write(d, objects, {**state, "step": step, "run_id": run_id},
-                                                      write_extra))
+    processes = PartialState()
+    final, staging = checkpoint_dir(root, step), root / f".staging-step-{step:06d}"
+    table = _TensorTable(keep_tensors=processes.is_main_process)
+    trees = {name: _encode(obj, name, table) for name, obj in objects.items()}
+    reason = from_main_process(_start_staging(staging) if processes.is_main_process else None)
+    rows_sums: dict = {}
+    if reason is None and table.rows:
+        reason, rows_sums = _write_rows(staging, table.rows, processes.process_index, processes.num_processes)
+    outcomes = from_every_process((reason, rows_sums))
+    reason = next((why for why, _ in outcomes if why), None)
+    if processes.is_main_process:
+        if reason is None:
+            all_sums = {name: digest for _, sums in outcomes for name, digest in sums.items()}
+            reason = _staged(staging, lambda d: _write(d, trees, table, {**state, "step": step, "run_id": run_id},
+                                                       write_extra, all_sums))
+        if reason is None:
+            _put_in_place(staging, final, root, step)
+            for old in list_checkpoints(root, run_id)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+    reason = from_main_process(reason)
     if reason:  # disk full, I/O error: the earlier checkpoints stay as they were
         raise AlignError(f"could not write checkpoint step {step} in {root}: {reason}; the earlier "
                          "checkpoints there are intact (free some space and resume with "
                          "train.resume_from=auto)")
+    return final
+
+
+def _put_in_place(staging: Path, final: Path, root: Path, step: int) -> None:
     if final.exists():  # re-saving a step after a resume: move the old copy aside, never delete first
         retired = root / f".retired-step-{step:06d}"
         shutil.rmtree(retired, ignore_errors=True)
@@ -177,23 +297,32 @@ def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: di
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, final)
-    for old in list_checkpoints(root, run_id)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
-def _write_staged(staging: Path, write) -> str | None:
-    """`write(staging)` into a fresh `staging` directory (its parents created), flushed to disk. On a
-    write error (a full disk, an I/O error; safetensors reports those as its own error) the staging
-    directory is removed and the reason returned; None when all is written."""
+def _reason(error: Exception) -> str:
+    return str(getattr(error, "strerror", None) or error)
+
+
+def _start_staging(staging: Path) -> str | None:
+    """A fresh, empty `staging` directory (its parents created); the reason if it cannot be made."""
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
+    except OSError as error:
+        return _reason(error)
+    return None
+
+
+def _staged(staging: Path, write) -> str | None:
+    """`write(staging)` into the `staging` directory, flushed to disk. On a write error (a full disk,
+    an I/O error; safetensors reports those as its own error) the staging directory is removed and the
+    reason returned; None when all is written."""
+    try:
         write(staging)
         _fsync_tree(staging)
     except (OSError, SafetensorError) as error:
         shutil.rmtree(staging, ignore_errors=True)
-        return str(getattr(error, "strerror", None) or error)
+        return _reason(error)
     return None
 
 
@@ -204,7 +333,7 @@ def write_atomically(directory: Path, write, what: str) -> None:
     never a config without its weights."""
     directory = Path(directory)
     staging = directory / f".staging-{what.replace(' ', '-')}"
-    reason = _write_staged(staging, write)
+    reason = _start_staging(staging) or _staged(staging, write)
     if reason:
         raise AlignError(f"could not write the {what} to {directory}: {reason} (nothing of it was "
                          "written; checkpoints in checkpoints/ are intact: free some space and resume with "
@@ -256,23 +385,39 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict[str, object]]:
-    """(state, {name: object}) of a checkpoint directory; UnusableCheckpoint if it is damaged."""
+def _stored_pieces(path: Path) -> dict[str, list[tuple[int, int, Path]]]:
+    """{name: [(row offset, row count, file)]} of the checkpoint's rows files (one per process that wrote it)."""
+    pieces: dict[str, list] = {}
+    for file in sorted(path.glob(ROWS_FILES)):
+        try:
+            with safe_open(str(file), "pt") as stored:
+                for name, offset in (stored.metadata() or {}).items():
+                    pieces.setdefault(name, []).append((int(offset), stored.get_slice(name).get_shape()[0], file))
+        except (OSError, SafetensorError, ValueError) as error:
+            raise UnusableCheckpoint(f"{path}: unreadable {file.name} ({error})") from None
+    return pieces
+
+
+def load_checkpoint(path: Path, lazy: bool = False) -> tuple[dict, dict[str, object]]:
+    """(state, {name: object}) of a checkpoint directory; UnusableCheckpoint if it is damaged.
+    lazy: sharded tensors stay `StoredRows` (read on demand) rather than being read whole."""
     state = _read_state(path)
     try:
         tensors = load_file(str(path / TENSORS_FILE), device="cpu")
     except (OSError, SafetensorError) as error:
         raise UnusableCheckpoint(f"{path}: unreadable {TENSORS_FILE} ({error})") from None
-    return state, {name: _decode(tree, tensors) for name, tree in state.pop("objects").items()}
+    pieces = _stored_pieces(path)
+    objects = {name: _decode(tree, tensors, pieces) for name, tree in state.pop("objects").items()}
+    return state, objects if lazy else materialize(objects)
 
 
-def load_newest(root: Path, run_id: str | None) -> tuple[Path, dict, dict[str, object]] | None:
+def load_newest(root: Path, run_id: str | None, lazy: bool = False) -> tuple[Path, dict, dict[str, object]] | None:
     """(path, state, objects) of the newest loadable checkpoint of run `run_id` under `root`, falling
     back past damaged ones with a warning; None if there is none; AlignError if none loads."""
     found = list_checkpoints(root, run_id)
     for path in reversed(found):
         try:
-            return (path, *load_checkpoint(path))
+            return (path, *load_checkpoint(path, lazy))
         except UnusableCheckpoint as error:
             log.warning("skipping checkpoint %s; trying the one before it", error)
     if found:

@@ -1,7 +1,8 @@
 """Saving and resuming, the part of `Trainer` that writes its weights and checkpoints and reads
 them back (`align.trainers.checkpoint` holds the file format): the final model, a checkpoint's
-state (gathered from fsdp shards or ZeRO partitions, so a checkpoint resumes under any of them or
-on one process), and which recipe changes a resumed run may apply."""
+state (under fsdp each process writes its own shards' rows; ZeRO's partitions are gathered; the
+optimizer state is keyed by parameter name, so a checkpoint resumes under either, or DDP, or on one
+process), and which recipe changes a resumed run may apply."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ class Resumable:
         safetensors + JSON, see `align.trainers.checkpoint`); `restore_state` puts it back. Called on
         every process; the state is the same on all but the random generators (one per process). The
         learning-rate schedule is not in it: `resume` rebuilds it from the recipe at the step."""
-        if self.sharded:  # gathered from the shards (every process takes part), parameters named
-            model, optimizer = sharding.full_training_state(self.policy.module, self.torch_optimizer)
+        if self.sharded:  # each process's own rows of its shards, never gathered; parameters named
+            model, optimizer = sharding.sharded_training_state(self.policy.module, self.torch_optimizer)
             model = self.policy.trainable_entries(model)
         elif self.zero_engine is not None:  # the same, from ZeRO's partitions
             model, optimizer = zero.full_training_state(self.zero_engine, self.torch_optimizer)
@@ -64,8 +65,15 @@ class Resumable:
                 "skipped": torch.stack([self._nonfinite_total, self._nonfinite_in_row]).cpu()}
 
     def restore_state(self, objects: dict[str, object]) -> None:
+        """Put `checkpoint_state`'s objects back (sharded tensors may come as `checkpoint.StoredRows`:
+        under fsdp each process reads its own rows, elsewhere they are read whole)."""
+        if not self.sharded:
+            objects = checkpoint.materialize(objects)
         named = sharding.keyed_by_name(objects["optimizer"])  # written under fsdp or ZeRO: resumes anywhere
-        if named and self.zero_engine is not None:
+        if named and self.sharded:
+            sharding.load_sharded_training_state(self.policy.module, self.torch_optimizer, objects["model"],
+                                                 objects["optimizer"])
+        elif named and self.zero_engine is not None:
             zero.load_training_state(self.zero_engine, objects["model"], objects["optimizer"])
         elif named:
             sharding.load_training_state(unwrap(self.policy.module), self.torch_optimizer, objects["model"],
@@ -83,24 +91,20 @@ class Resumable:
         checkpoint.set_rng_state(rng[min(self.accelerator.process_index, len(rng) - 1)])
 
     def save_checkpoint(self) -> Path:
-        """Checkpoint the current step (written by the main process; the others wait for it)."""
+        """Checkpoint the current step (every process takes part: under fsdp each writes its shards'
+        rows, the main process the rest)."""
         self.check_weights_finite("checkpoint")
-        objects = self.checkpoint_state()
-        root = self.output_dir / "checkpoints"
-        if self.accelerator.is_main_process:
-            checkpoint.save_checkpoint(root, self.step, objects,
-                                       {"algorithm": self.algorithm, "total_steps": self.total_steps,
-                                        "global_batch_size": self.global_batch_size,
-                                        "recipe": self.recipe.model_dump(mode="json")},
-                                       keep=self.cfg.keep_checkpoints, run_id=self.run_id)
-        self.accelerator.wait_for_everyone()
-        return checkpoint.checkpoint_dir(root, self.step)
+        return checkpoint.save_checkpoint(self.output_dir / "checkpoints", self.step, self.checkpoint_state(),
+                                          {"algorithm": self.algorithm, "total_steps": self.total_steps,
+                                           "global_batch_size": self.global_batch_size,
+                                           "recipe": self.recipe.model_dump(mode="json")},
+                                          keep=self.cfg.keep_checkpoints, run_id=self.run_id)
 
     def resume(self, where: str) -> None:
         """Continue from a checkpoint directory, or for `auto` from this run's newest loadable one in
         output_dir (a damaged one is skipped with a warning)."""
         if where == "auto":
-            found = checkpoint.load_newest(self.output_dir / "checkpoints", self.run_id)
+            found = checkpoint.load_newest(self.output_dir / "checkpoints", self.run_id, lazy=True)
             if found is None:
                 log.warning("train.resume_from=auto: no checkpoint of this run in %s; starting from scratch",
                             self.output_dir)
@@ -110,7 +114,7 @@ class Resumable:
             path = Path(where)
             if not (path / checkpoint.STATE_FILE).is_file():
                 raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
-            state, objects = checkpoint.load_checkpoint(path)
+            state, objects = checkpoint.load_checkpoint(path, lazy=True)
         if state["step"] > self.total_steps:
             raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
                              f"{self.total_steps} steps; raise train.max_steps or start a new run")
