@@ -161,18 +161,19 @@ class TrainConfig(Section):
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
     decoder layer), for a model whose training state does not fit one device. fsdp runs every
     built-in algorithm (references, teachers and reward models are frozen whole copies on each
-    process; under QLoRA the 4-bit base too, the rest sharded); its checkpoints hold the gathered state
-    and resume on any number of processes (`align.models.sharding`). DeepSpeed ZeRO is chosen by the
+    process, or the reference sharded with fsdp_reference; under QLoRA the 4-bit base whole, the rest
+    sharded); each process writes its own shards into a checkpoint, which resumes on any number of
+    processes (`align.models.sharding`). DeepSpeed ZeRO is chosen by the
     launch instead (accelerate's config, `recipes/accelerate/`), with sharding: none (`align.models.zero`)."""
     fsdp_offload: bool = False
     """Under sharding: fsdp, keep the shards (weights, gradients, optimizer state) in CPU memory:
     each layer's weights are copied to the device for its forward and backward, and the optimizer
     steps on the CPU (torch's CPUOffloadPolicy). Slower; for a model whose shards do not fit the GPUs."""
     fsdp_reference: Literal["whole", "sharded"] = "whole"
-    """Under sharding: fsdp, the frozen-copy reference model (DPO/KTO without a precomputed reference,
-    GRPO/PPO with a KL term): whole on each process, or sharded like the policy (its weights divided
-    by the processes; each layer gathered for its forward). No effect where no such reference is
-    loaded (an adapter-disabled one, a reference-free loss, beta 0)."""
+    """Under sharding: fsdp, the frozen-copy reference model (DPO/KTO, also while they precompute
+    its log-probs; GRPO/PPO with a KL term): whole on each process, or sharded like the policy (its
+    weights divided by the processes; each layer gathered for its forward). No effect where no such
+    reference is loaded (an adapter-disabled one, a reference-free loss, beta 0)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False
@@ -421,11 +422,6 @@ class Recipe(Section):
                    (self.train.fsdp_reference == "sharded" and self.algorithm == "distill",
                     "train.fsdp_reference sharded for distillation (the teacher's lm-head is read inside the "
                     "student's loss; keep it whole)"),
-                   (self.train.fsdp_reference == "sharded" and getattr(self.section, "precompute_reference", False)
-                    and self._uses_reference(),
-                    f"train.fsdp_reference sharded with {self.algorithm}.precompute_reference true (each process "
-                    "precomputes its own share of the cache; set precompute_reference: false, or keep the "
-                    "reference whole)"),
                    (getattr(getattr(self.section, "sampling", None), "engine", None) == "vllm",
                     f"{self.algorithm}.sampling.engine vllm (under fsdp each process samples from an unsharded copy "
                     "with prefix_shared or hf)")]

@@ -108,22 +108,24 @@ def test_rows_written_by_each_process_are_read_by_any_share(tmp_path):
         (tmp_path / str(processes)).mkdir()
         for process in range(processes):
             start, stop = shard_rows(7, processes, process)
-            reason, sums = checkpoint._write_rows(tmp_path / str(processes),
-                                                  {"w": checkpoint.RowShard(whole[start:stop], start, (7, 3))},
-                                                  process, processes)
-            assert reason is None and list(sums) == [checkpoint.rows_file(process, processes)]
-        pieces[processes] = checkpoint._stored_pieces(tmp_path / str(processes))["w"]
-    assert [count for _, count, _ in pieces[8]] == [1, 1, 1, 1, 1, 1, 1, 0]
+            sums = checkpoint._write_rows(tmp_path / str(processes),
+                                          {"w": checkpoint.RowShard(whole[start:stop], start, (7, 3))},
+                                          process, processes)
+            assert list(sums) == [checkpoint.rows_file(process, processes)]
+        pieces[processes] = checkpoint._stored_pieces(tmp_path / str(processes), None)["w"]
+    assert [shape for _, shape, _ in pieces[8]] == [(1, 3)] * 7 + [(0, 3)]
     for processes, written in pieces.items():
         stored = checkpoint.StoredRows("w", (7, 3), written)
         assert torch.equal(stored.whole(), whole)
         for start in range(8):
             for stop in range(start, 8):
                 assert torch.equal(stored.rows(start, stop), whole[start:stop]), (processes, start, stop)
-    with pytest.raises(checkpoint.UnusableCheckpoint, match="do not hold rows 0-7 once each"):
+    with pytest.raises(checkpoint.UnusableCheckpoint, match=r"do not hold rows 0-7 of shape \[7, 3\] once each"):
         checkpoint.StoredRows("w", (7, 3), pieces[3][:1] + pieces[3][2:])  # a writer's file missing
-    reason, _ = checkpoint._write_rows(tmp_path / "absent", {"w": checkpoint.RowShard(whole, 0, (7, 3))}, 1, 2)
-    assert "process 1 does not see" in reason and "a filesystem they share" in reason
+    with pytest.raises(checkpoint.UnusableCheckpoint, match="once each"):
+        checkpoint.StoredRows("w", (7, 4), pieces[3])  # another trailing shape
+    with pytest.raises(AlignError, match=r"process 1 does not see .* \(a filesystem they share\)"):
+        checkpoint._write_rows(tmp_path / "absent", {"w": checkpoint.RowShard(whole, 0, (7, 3))}, 1, 2)
 
 
 def test_a_checkpoint_with_rows_loads_them_whole_or_on_demand_and_checks_their_files(tmp_path):
@@ -142,6 +144,9 @@ def test_a_checkpoint_with_rows_loads_them_whole_or_on_demand_and_checks_their_f
     rows.write_bytes(rows.read_bytes()[:-1] + bytes([rows.read_bytes()[-1] ^ 1]))
     path, _, _ = checkpoint.load_newest(tmp_path, "r")  # damaged rows: the checkpoint before it
     assert path.name == "step-000001"
+    _, lazy = checkpoint.load_checkpoint(step2, lazy=True, rows_when_read=True)  # a resuming process's view:
+    with pytest.raises(checkpoint.UnusableCheckpoint, match="damaged"):     # checked as it reads them
+        lazy["model"]["w"].rows(0, 1)
 
 
 TWO_WRITERS = """
@@ -167,12 +172,21 @@ try:
     checkpoint.save_checkpoint(root, 2, {"model": rows(2), "b": torch.ones(2)}, {}, keep=3, run_id="r")
 except AlignError as error:
     print(f"process {process} raised: {error}")
+if process == 1:  # then a failure nobody expects (a bug): that process raises it, the other an AlignError
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug in the writer")
+    checkpoint.save_file = bug
+try:
+    checkpoint.save_checkpoint(root, 3, {"model": rows(3), "b": torch.ones(2)}, {}, keep=3, run_id="r")
+except Exception as error:
+    print(f"process {process} raised {type(error).__name__}: {error}")
 """
 
 
 def test_a_write_failing_on_one_process_leaves_no_checkpoint_and_every_process_raises(tmp_path):
-    """fsdp checkpoints have a writer per process: one process's full disk fails the save on every
-    process (none waits forever, none goes on as if saved), and the earlier checkpoint stays whole."""
+    """fsdp checkpoints have a writer per process: one process's full disk (or a bug in its writer)
+    fails the save on every process (none waits forever, none goes on as if saved), and the earlier
+    checkpoint stays whole."""
     import subprocess
     import sys
 
@@ -188,6 +202,9 @@ def test_a_write_failing_on_one_process_leaves_no_checkpoint_and_every_process_r
     for process in (0, 1):
         assert f"process {process} raised: could not write checkpoint step 2" in result.stdout
     assert result.stdout.count("No space left on device; the earlier checkpoints there are intact") == 2
+    assert "process 1 raised RuntimeError: a bug in the writer" in result.stdout
+    assert "process 0 raised AlignError: could not write checkpoint step 3" in result.stdout
+    assert "RuntimeError: a bug in the writer; the earlier checkpoints there are intact" in result.stdout
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]  # no staging left
     _, objects = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step-000001")
     torch.testing.assert_close(objects["model"]["w"], torch.tensor([[10.0, 10.0], [11.0, 11.0]]))

@@ -58,6 +58,11 @@ def launched(tmp_path_factory):
                "dpo-reference-sharded": recipe_dict(root, "dpo-reference-sharded", "dpo", pairs,
                                                     train={**SHARDED, "lr": 5e-4, "fsdp_reference": "sharded"},
                                                     dpo={"precompute_reference": False}),
+               # the same, its log-probs precomputed (the cache built in even shares by the sharded reference)
+               "dpo-precompute-sharded": recipe_dict(root, "dpo-precompute-sharded", "dpo", pairs,
+                                                     preference_rows(5, seed=12),
+                                                     train={**SHARDED, "lr": 5e-4, "eval_every": 2,
+                                                            "fsdp_reference": "sharded"}),
                "kto-reference-sharded": recipe_dict(root, "kto-reference-sharded", "kto", pairs,
                                                     preference_rows(5, seed=12),
                                                     train={**SHARDED, "lr": 5e-4, "eval_every": 2,
@@ -117,7 +122,8 @@ def launched(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["full", "lora", "checkpointed", "offload", "reward", "dpo", "kto", "dpo-lora",
-                                  "dpo-reference-sharded", "kto-reference-sharded", "qlora"])
+                                  "dpo-reference-sharded", "dpo-precompute-sharded", "kto-reference-sharded",
+                                  "qlora"])
 def test_fsdp_on_two_processes_equals_one_process_with_their_joint_batch(launched, name):
     """Loss, gradient norm and items at every step within 1e-5 relative; the final weights, gathered
     from the shards into a plain transformers/peft directory, within 1e-4 (AdamW, see assert_same_run)."""
@@ -167,8 +173,6 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_on_four_and_
      r"fsdp cannot run with ppo.reference adapter_disabled"),
     ({"train": {"sharding": "none", "fsdp_offload": True}}, "train.fsdp_offload .* needs train.sharding: fsdp"),
     ({"train": {"sharding": "none", "fsdp_reference": "sharded"}}, "fsdp_reference: sharded .* needs train.sharding: fsdp"),
-    ({"algorithm": "dpo", "train": {"fsdp_reference": "sharded"}},
-     "fsdp_reference sharded with dpo.precompute_reference true .* set precompute_reference: false"),
     ({"algorithm": "distill", "train": {"fsdp_reference": "sharded"}, "distill": {"teacher_model": "builtin:tiny-llama"}},
      "fsdp_reference sharded for distillation"),
 ])
@@ -210,7 +214,7 @@ def test_a_sharded_reference_holds_half_its_weights_on_each_process(launched):
     process says how much of the reference it holds."""
     log = Path(launched["dpo"]["output_dir"]).parent.joinpath("launch.log").read_text()
     held = re.findall(r"the frozen reference is sharded over 2 processes: this one holds (\d+) of (\d+) weights", log)
-    assert len(held) == 6  # three runs, two processes each
+    assert len(held) == 8  # four runs, two processes each
     assert all(0 < 2 * int(mine) <= int(total) + 4096 for mine, total in held), held
     # GRPO with its KL reference sharded is the run with it whole, step for step (the same seeds; a
     # one-process resume would reuse the checkpoint's reference log-probs, so this is the KL's check)
@@ -291,6 +295,16 @@ policy = Policy(AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.fl
 policy.shard_reference(torch.device("cpu"))  # (train.fsdp_reference: sharded)
 policy.reference_logprobs({"input_ids": torch.tensor([[1, 2, 3, 4]]), "labels": torch.tensor([[2, 3, 4, -100]])})
 assert isinstance(policy.reference_module.model.lm_head.weight, DTensor)  # its root resharded after the forward
+
+from align.models.reference_cache import tensors_hash  # the reference cache's key of a sharded reference:
+
+hashes = [None, None]  # the same on every process, and it changes when one process's rows change
+dist.all_gather_object(hashes, tensors_hash(policy.reference_module))
+assert hashes[0] == hashes[1] and len(hashes[0]) == 64
+with torch.no_grad():
+    if dist.get_rank() == 1:
+        policy.reference_module.model.lm_head.weight.to_local()[-1, -1] += 1
+assert tensors_hash(policy.reference_module) != hashes[0]
 print("copied", dist.get_rank(), len(whole))
 """
 

@@ -96,15 +96,30 @@ def tensors_hash(module: torch.nn.Module) -> str:
     blake2b per 16 MiB block, blocks hashed in parallel. Measured 0.65 GB/s on a 2-vCPU machine
     whose vCPUs do not scale (one thread: 0.62 GB/s), i.e. about 22 s for a 7B bf16 model (14 GB);
     it scales with cores elsewhere (hashlib releases the GIL).
+
+    A module sharded by fsdp (DTensor weights): every process calls it, hashes its own rows, and
+    gets the hash of every process's hashes, the whole model's (the same model sharded over another
+    number of processes hashes differently: a cache miss, never a wrong hit).
     """
+    from torch.distributed.tensor import DTensor
+
+    from align.models import sharding
+
     def entry(name: str, tensor: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
-        raw = tensor.detach().reshape(-1).view(torch.uint8)
+        sharded = isinstance(tensor, DTensor)
+        rows = list(sharding.rows_held(tensor)) if sharded else []
+        raw = sharding.local_shard(tensor).detach().reshape(-1).view(torch.uint8)
         blocks = [raw[start:start + BLOCK_BYTES] for start in range(0, max(raw.numel(), 1), BLOCK_BYTES)]
-        return json.dumps([name, str(tensor.dtype), list(tensor.shape)]), blocks
+        return json.dumps([name, str(tensor.dtype), list(tensor.shape), *rows]), blocks
 
     with torch.no_grad():
         named = sorted(_named_tensors(module), key=lambda item: item[0])
-        return _tree_hash([entry(name, tensor) for name, tensor in named], _tensor_block_digest)
+        digest = _tree_hash([entry(name, tensor) for name, tensor in named], _tensor_block_digest)
+    if any(isinstance(tensor, DTensor) for _, tensor in named):  # the process group the shards live in
+        digests = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        digest = json_hash(digests)
+    return digest
 
 
 def _file_block_digest(block: tuple[Path, int]) -> bytes:
@@ -277,11 +292,17 @@ def low_precision(recipe) -> bool:
 
 
 def precompute(data, columns: Sequence[str], settings: dict, values_of: Callable[[Sequence[int]], list],
-               batch_size: int, low_precision: bool, width: int) -> torch.Tensor:
+               batch_size: int, low_precision: bool, width: int, even: bool = False) -> torch.Tensor:
     """[len(data), width] reference values of every example (each process computing its share of
     them, `batch_size` examples a call of `values_of(indices) -> [width] tensor per index`), reused
     from the cache when the key of `settings` (which must hold `model_identity`, the tokenizer and
-    every setting the numbers depend on) and the data's `columns` was computed before."""
+    every setting the numbers depend on) and the data's `columns` was computed before. even: every
+    process makes as many calls as the busiest (a sharded reference: each forward is a collective)."""
+    def every_value() -> torch.Tensor:
+        return torch.stack(map_in_shares(range(len(data)), batch_size, values_of, even=even))
+
+    def first_values() -> torch.Tensor:
+        return torch.stack(values_of(range(min(batch_size, len(data)))))
+
     key = reference_key({**settings, "data": data_hash(data, columns)})
-    return cached_reference(key, len(data), lambda: torch.stack(map_in_shares(range(len(data)), batch_size, values_of)),
-                            lambda: torch.stack(values_of(range(min(batch_size, len(data))))), low_precision, width)
+    return cached_reference(key, len(data), every_value, first_values, low_precision, width)

@@ -136,13 +136,13 @@ def shard_rows(rows: int, processes: int, process: int) -> tuple[int, int]:
     return min(process * size, rows), min((process + 1) * size, rows)
 
 
-def _rows_held(tensor) -> tuple[int, int]:
+def rows_held(tensor) -> tuple[int, int]:
     """Rows [start, stop) of a sharded tensor this process holds; AlignError for a layout other than
     fsdp's one-dimensional Shard(0) (checked against the local shard's own size)."""
     from torch.distributed.tensor import Shard
 
     mesh, placements = tensor.device_mesh, tuple(tensor.placements)
-    if mesh.ndim != 1 or placements != (Shard(0),):
+    if mesh.ndim != 1 or placements != (Shard(0),) or tensor.dim() == 0:
         raise AlignError(f"a sharded weight is placed as {placements} on a {mesh.ndim}-d mesh; Align's checkpoints "
                          "store fsdp's Shard(0) over one process group")
     start, stop = shard_rows(tensor.shape[0], mesh.size(), mesh.get_local_rank())
@@ -159,7 +159,7 @@ def _local_rows(tree):
     from align.trainers.checkpoint import RowShard
 
     if isinstance(tree, DTensor):
-        start, _ = _rows_held(tree)
+        start, _ = rows_held(tree)
         return RowShard(tree.to_local().detach(), start, tuple(tree.shape))
     if isinstance(tree, dict):
         return {key: _local_rows(value) for key, value in tree.items()}
@@ -191,7 +191,9 @@ def load_sharded_training_state(module: nn.Module, optimizer: torch.optim.Optimi
 
     def held(now, saved):  # `now` (this process's tensor, as the module holds it) filled from `saved`
         if isinstance(now, DTensor):
-            start, stop = _rows_held(now)
+            if tuple(saved.shape) != tuple(now.shape):
+                raise AlignError(f"checkpoint: a weight of shape {list(saved.shape)} for one of {list(now.shape)}")
+            start, stop = rows_held(now)
             rows = saved.rows(start, stop) if isinstance(saved, StoredRows) else saved[start:stop]
             now.to_local().copy_(rows)
             return now

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -78,29 +79,47 @@ class RowShard:
     shape: tuple[int, ...]
 
 
+class RowsFile:
+    """One writer's rows file of a checkpoint; `expected`: its sha256, checked at its first read
+    (None: the load checked it already)."""
+
+    def __init__(self, path: Path, expected: str | None = None):
+        self.path, self.expected = path, expected
+
+    def open(self):
+        if self.expected is not None:
+            if sha256(self.path) != self.expected:
+                raise UnusableCheckpoint(f"{self.path} is damaged (its sha256 differs from the one saved)")
+            self.expected = None
+        return safe_open(str(self.path), "pt")
+
+
 class StoredRows:
     """A tensor of `shape` stored as rows in the rows files of a checkpoint, read on demand.
-    pieces: (offset, row count, file), which must tile rows [0, shape[0]) (UnusableCheckpoint if not)."""
+    pieces: (row offset, the piece's shape, file), which must tile rows [0, shape[0]) with the same
+    trailing shape (UnusableCheckpoint if not)."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], pieces: list[tuple[int, int, Path]]):
+    def __init__(self, name: str, shape: tuple[int, ...], pieces: list[tuple[int, tuple, RowsFile]]):
         self.name, self.shape = name, tuple(shape)
         self.pieces = sorted(pieces, key=lambda piece: piece[0])
         starts = [offset for offset, _, _ in self.pieces]
-        stops = [offset + count for offset, count, _ in self.pieces]
-        if not self.shape or starts[:1] != [0] or starts[1:] != stops[:-1] or stops[-1:] != [self.shape[0]]:
+        stops = [offset + piece[0] for offset, piece, _ in self.pieces]
+        tiled = bool(self.shape) and starts[:1] == [0] and starts[1:] == stops[:-1] and stops[-1:] == [self.shape[0]]
+        if not tiled or any(tuple(piece[1:]) != self.shape[1:] for _, piece, _ in self.pieces):
             raise UnusableCheckpoint(f"{name}: its rows files do not hold rows 0-{self.shape[0] if self.shape else 0} "
-                                     f"once each (they hold {list(zip(starts, stops))})")
+                                     f"of shape {list(self.shape)} once each (they hold "
+                                     f"{[(offset, list(piece)) for offset, piece, _ in self.pieces]})")
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as one CPU tensor, read from the files that hold them."""
         if not 0 <= start <= stop <= self.shape[0]:
             raise AlignError(f"{self.name}: rows {start}-{stop} asked of a tensor of {self.shape[0]} rows")
-        wanted = [(offset, count, file) for offset, count, file in self.pieces
-                  if max(start, offset) < min(stop, offset + count)]
+        wanted = [(offset, piece[0], file) for offset, piece, file in self.pieces
+                  if max(start, offset) < min(stop, offset + piece[0])]
         parts = []
-        for offset, count, file in wanted or self.pieces[:1]:  # none: an empty share, read as 0 rows
-            lo, hi = (max(start, offset), min(stop, offset + count)) if wanted else (offset, offset)
-            with safe_open(str(file), "pt") as stored:
+        for offset, count, file in wanted or [(0, 0, self.pieces[0][2])]:  # none: an empty share, 0 rows
+            lo, hi = (max(start, offset), min(stop, offset + count)) if wanted else (0, 0)
+            with file.open() as stored:
                 parts.append(stored.get_slice(self.name)[lo - offset:hi - offset])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -217,29 +236,30 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
-def _write_rows(staging: Path, rows: dict[str, RowShard], process: int, processes: int) -> tuple[str | None, dict]:
-    """This process's rows file in `staging` (made by the main process), flushed: (None, {file: sha256}),
-    or (the reason it could not be written, {})."""
+def _write_rows(staging: Path, rows: dict[str, RowShard], process: int, processes: int) -> dict[str, str]:
+    """This process's rows file in `staging` (made by the main process), flushed: {file name: sha256}."""
     if not staging.is_dir():
-        return (f"process {process} does not see {staging}, which the main process made: every process must "
-                "write to the same output_dir (a filesystem they share)"), {}
+        raise AlignError(f"process {process} does not see {staging}, which the main process made: every process "
+                         "must write to the same output_dir (a filesystem they share)")
     file, tensors, seen = staging / rows_file(process, processes), {}, set()
     for name, shard in rows.items():
         local = shard.local.detach().contiguous().cpu()
-        tensors[name] = local.clone() if local.numel() and local.data_ptr() in seen else local  # tied: stored twice
-        seen.add(local.data_ptr())
-    try:
-        save_file(tensors, str(file), metadata={name: str(shard.offset) for name, shard in rows.items()})
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    except (OSError, SafetensorError) as error:
-        return _reason(error), {}
-    return None, {file.name: sha256(file)}
+        shared = local.numel() and local.untyped_storage().data_ptr() in seen
+        tensors[name] = local.clone() if shared else local  # tied weights, or views of one storage: stored apart
+        seen.add(local.untyped_storage().data_ptr())
+    save_file(tensors, str(file), metadata={name: str(shard.offset) for name, shard in rows.items()})
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+    return {file.name: sha256(file)}
 
 
 def _write(staging: Path, trees: dict, table: _TensorTable, state: dict, write_extra, rows_sums: dict) -> None:
-    """The main process's files in `staging`: tensors, extra files, then the state that lists the sums
-    of every file (the rows files' as their writers computed them)."""
+    """The main process's files in `staging`, flushed: tensors, extra files, then the state that lists
+    the sums of every file (the rows files' as their writers computed them, each checked present)."""
+    missing = [name for name in rows_sums if not (staging / name).is_file()]
+    if missing:
+        raise AlignError(f"the main process does not see {', '.join(missing)} in {staging}, which other processes "
+                         "wrote: every process must write to the same output_dir (a filesystem they share)")
     save_file(table.tensors, str(staging / TENSORS_FILE))
     if write_extra is not None:
         write_extra(staging)
@@ -247,6 +267,20 @@ def _write(staging: Path, trees: dict, table: _TensorTable, state: dict, write_e
             if p.is_file() and p.name not in rows_sums}
     (staging / STATE_FILE).write_text(json.dumps({**state, "objects": trees, "sha256": {**sums, **rows_sums}},
                                                  indent=1))
+    _fsync_tree(staging)
+
+
+def _attempt(work) -> tuple[str | None, Exception | None]:
+    """Run `work()`, this process's own part of a save, so that a failure never leaves the other
+    processes waiting in the next collective: (None, None), or (why it failed, and the error itself
+    where it is not an expected one: a full disk, an I/O error, a directory not shared)."""
+    try:
+        work()
+    except (OSError, SafetensorError, AlignError) as error:
+        return _reason(error), None
+    except Exception as error:  # a bug, or memory: re-raised once every process knows
+        return f"{type(error).__name__}: {error}", error
+    return None, None
 
 
 def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: dict, keep: int,
@@ -256,31 +290,38 @@ def save_checkpoint(root: Path, step: int, objects: dict[str, object], state: di
 
     The main process writes the objects (every process passes the same, but for its RowShards) and
     each process the rows of its RowShards; the checkpoint appears once all have written (or not at
-    all, and every process raises AlignError). `write_extra(directory)` may add files (e.g. a loadable
+    all, and every process raises). `write_extra(directory)` may add files (e.g. a loadable
     adapter). Keeps the newest `keep` checkpoints of this run; another run's are never removed.
     """
     processes = PartialState()
+    main = processes.is_main_process
     final, staging = checkpoint_dir(root, step), root / f".staging-step-{step:06d}"
-    table = _TensorTable(keep_tensors=processes.is_main_process)
+    table = _TensorTable(keep_tensors=main)
     trees = {name: _encode(obj, name, table) for name, obj in objects.items()}
-    reason = from_main_process(_start_staging(staging) if processes.is_main_process else None)
-    rows_sums: dict = {}
+    reason, error = _attempt(lambda: _start_staging(staging)) if main else (None, None)
+    reason, rows_sums = from_main_process(reason), {}
     if reason is None and table.rows:
-        reason, rows_sums = _write_rows(staging, table.rows, processes.process_index, processes.num_processes)
+        reason, error = _attempt(lambda: rows_sums.update(_write_rows(staging, table.rows, processes.process_index,
+                                                                      processes.num_processes)))
     outcomes = from_every_process((reason, rows_sums))
     reason = next((why for why, _ in outcomes if why), None)
-    if processes.is_main_process:
+    if main:
         if reason is None:
-            all_sums = {name: digest for _, sums in outcomes for name, digest in sums.items()}
-            reason = _staged(staging, lambda d: _write(d, trees, table, {**state, "step": step, "run_id": run_id},
-                                                       write_extra, all_sums))
+            every_sum = {name: digest for _, sums in outcomes for name, digest in sums.items()}
+
+            def finish():
+                _write(staging, trees, table, {**state, "step": step, "run_id": run_id}, write_extra, every_sum)
+                _put_in_place(staging, final, root, step)
+
+            reason, error = _attempt(finish)
         if reason is None:
-            _put_in_place(staging, final, root, step)
             for old in list_checkpoints(root, run_id)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         else:
             shutil.rmtree(staging, ignore_errors=True)
     reason = from_main_process(reason)
+    if error is not None:
+        raise error
     if reason:  # disk full, I/O error: the earlier checkpoints stay as they were
         raise AlignError(f"could not write checkpoint step {step} in {root}: {reason}; the earlier "
                          "checkpoints there are intact (free some space and resume with "
@@ -303,14 +344,10 @@ def _reason(error: Exception) -> str:
     return str(getattr(error, "strerror", None) or error)
 
 
-def _start_staging(staging: Path) -> str | None:
-    """A fresh, empty `staging` directory (its parents created); the reason if it cannot be made."""
+def _start_staging(staging: Path) -> None:
+    """A fresh, empty `staging` directory (its parents created)."""
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as error:
-        return _reason(error)
-    return None
+    staging.mkdir(parents=True)
 
 
 def _staged(staging: Path, write) -> str | None:
@@ -333,7 +370,11 @@ def write_atomically(directory: Path, write, what: str) -> None:
     never a config without its weights."""
     directory = Path(directory)
     staging = directory / f".staging-{what.replace(' ', '-')}"
-    reason = _start_staging(staging) or _staged(staging, write)
+    try:
+        _start_staging(staging)
+    except OSError as error:
+        raise AlignError(f"could not write the {what} to {directory}: {_reason(error)}") from None
+    reason = _staged(staging, write)
     if reason:
         raise AlignError(f"could not write the {what} to {directory}: {reason} (nothing of it was "
                          "written; checkpoints in checkpoints/ are intact: free some space and resume with "
@@ -369,8 +410,9 @@ def clean_staging(root: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _read_state(path: Path) -> dict:
-    """The checkpoint's state, its files checked against their sums (UnusableCheckpoint if not)."""
+def _read_state(path: Path, rows_when_read: bool = False) -> dict:
+    """The checkpoint's state, its files checked against their sums (UnusableCheckpoint if not);
+    rows_when_read: its rows files left for `RowsFile` to check when they are read."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as error:
@@ -380,33 +422,37 @@ def _read_state(path: Path) -> dict:
         raise UnusableCheckpoint(f"{path}: not a checkpoint of this Align version{old}")
     for name, expected in state["sha256"].items():
         file = path / name
-        if not file.is_file() or sha256(file) != expected:
+        if not file.is_file() or (not (rows_when_read and fnmatch(name, ROWS_FILES)) and sha256(file) != expected):
             raise UnusableCheckpoint(f"{path}: {name} is missing or damaged (its sha256 differs from the one saved)")
     return state
 
 
-def _stored_pieces(path: Path) -> dict[str, list[tuple[int, int, Path]]]:
-    """{name: [(row offset, row count, file)]} of the checkpoint's rows files (one per process that wrote it)."""
+def _stored_pieces(path: Path, sums: dict[str, str] | None) -> dict[str, list[tuple[int, tuple, RowsFile]]]:
+    """{name: [(row offset, shape, file)]} of the checkpoint's rows files (one per process that wrote
+    it); sums: each file's sha256, checked at its first read (None: checked already)."""
     pieces: dict[str, list] = {}
-    for file in sorted(path.glob(ROWS_FILES)):
+    for path_of_file in sorted(path.glob(ROWS_FILES)):
+        file = RowsFile(path_of_file, None if sums is None else sums.get(path_of_file.name, ""))
         try:
-            with safe_open(str(file), "pt") as stored:
+            with safe_open(str(path_of_file), "pt") as stored:
                 for name, offset in (stored.metadata() or {}).items():
-                    pieces.setdefault(name, []).append((int(offset), stored.get_slice(name).get_shape()[0], file))
+                    pieces.setdefault(name, []).append((int(offset), tuple(stored.get_slice(name).get_shape()), file))
         except (OSError, SafetensorError, ValueError) as error:
-            raise UnusableCheckpoint(f"{path}: unreadable {file.name} ({error})") from None
+            raise UnusableCheckpoint(f"{path}: unreadable {path_of_file.name} ({error})") from None
     return pieces
 
 
-def load_checkpoint(path: Path, lazy: bool = False) -> tuple[dict, dict[str, object]]:
+def load_checkpoint(path: Path, lazy: bool = False, rows_when_read: bool = False) -> tuple[dict, dict[str, object]]:
     """(state, {name: object}) of a checkpoint directory; UnusableCheckpoint if it is damaged.
-    lazy: sharded tensors stay `StoredRows` (read on demand) rather than being read whole."""
-    state = _read_state(path)
+    lazy: sharded tensors stay `StoredRows` (read on demand) rather than being read whole.
+    rows_when_read: each rows file is checked against its sum when first read, not all of them here
+    (a process resuming sharded reads its own share of them)."""
+    state = _read_state(path, rows_when_read)
     try:
         tensors = load_file(str(path / TENSORS_FILE), device="cpu")
     except (OSError, SafetensorError) as error:
         raise UnusableCheckpoint(f"{path}: unreadable {TENSORS_FILE} ({error})") from None
-    pieces = _stored_pieces(path)
+    pieces = _stored_pieces(path, state["sha256"] if rows_when_read else None)
     objects = {name: _decode(tree, tensors, pieces) for name, tree in state.pop("objects").items()}
     return state, objects if lazy else materialize(objects)
 

@@ -100,7 +100,8 @@ class DPOTrainer(PreferenceTrainer):
             with self.policy.eval_mode():  # a fixed number per pair: no dropout (see train.dropout_during_training)
                 values = reference_cache.precompute(data, PAIR_COLUMNS, settings, reference,
                                                     self.cfg.eval_batch_size or self.cfg.batch_size,
-                                                    reference_cache.low_precision(self.recipe), width=2)
+                                                    reference_cache.low_precision(self.recipe), width=2,
+                                                    even=self.policy.reference_sharded)
             setattr(self, name, data.add_column("ref_logps", values.tolist()))
         self.policy.release_reference()
 

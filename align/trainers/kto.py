@@ -154,7 +154,8 @@ class KTOTrainer(Trainer):
                 values = reference_cache.precompute(data, columns, settings, reference,
                                                     self.cfg.eval_batch_size or self.cfg.batch_size,
                                                     reference_cache.low_precision(self.recipe),
-                                                    width=2 if self.uses_kl else 1)
+                                                    width=2 if self.uses_kl else 1,
+                                                    even=self.policy.reference_sharded)
             setattr(self, name, data.add_column("ref_logps", values.tolist()))
         self.policy.release_reference()
 

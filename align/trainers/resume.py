@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from align.config import flat_keys, saved_recipe_now
-from align.distributed import gather_shares, sum_tensors_over_processes
+from align.distributed import from_main_process, gather_shares, sum_tensors_over_processes
 from align.errors import AlignError
 from align.models import sharding, zero
 from align.models.policy import unwrap
@@ -102,19 +102,23 @@ class Resumable:
 
     def resume(self, where: str) -> None:
         """Continue from a checkpoint directory, or for `auto` from this run's newest loadable one in
-        output_dir (a damaged one is skipped with a warning)."""
-        if where == "auto":
-            found = checkpoint.load_newest(self.output_dir / "checkpoints", self.run_id, lazy=True)
-            if found is None:
-                log.warning("train.resume_from=auto: no checkpoint of this run in %s; starting from scratch",
-                            self.output_dir)
-                return
-            path, state, objects = found
-        else:
-            path = Path(where)
-            if not (path / checkpoint.STATE_FILE).is_file():
-                raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
-            state, objects = checkpoint.load_checkpoint(path, lazy=True)
+        output_dir (a damaged one is skipped with a warning). The main process picks it and checks
+        every file; the others resume from the same one, each checking the rows files it reads."""
+        found, error = None, None
+        if self.accelerator.is_main_process:
+            try:
+                found = self._checkpoint_to_resume(where)
+            except AlignError as failure:
+                error = str(failure)
+        path, error = from_main_process((found and str(found[0]), error))
+        if error:
+            raise AlignError(error)
+        if path is None:
+            log.warning("train.resume_from=auto: no checkpoint of this run in %s; starting from scratch",
+                        self.output_dir)
+            return
+        path = Path(path)
+        state, objects = found[1:] if found else checkpoint.load_checkpoint(path, lazy=True, rows_when_read=True)
         if state["step"] > self.total_steps:
             raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
                              f"{self.total_steps} steps; raise train.max_steps or start a new run")
@@ -128,6 +132,16 @@ class Resumable:
         if applied:
             log.warning("resumed with changed settings, applied from step %d on (the schedule re-evaluated there): %s",
                         self.step, "; ".join(applied))
+
+    def _checkpoint_to_resume(self, where: str) -> tuple[Path, dict, dict] | None:
+        """(path, state, objects) of the checkpoint `resume` continues from, every file checked; None
+        for `auto` without one."""
+        if where == "auto":
+            return checkpoint.load_newest(self.output_dir / "checkpoints", self.run_id, lazy=True)
+        path = Path(where)
+        if not (path / checkpoint.STATE_FILE).is_file():
+            raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
+        return (path, *checkpoint.load_checkpoint(path, lazy=True))
 
     RESUME_APPLIES = ("train.lr", "train.warmup", "train.schedule", "train.max_steps", "train.epochs",
                       "train.max_grad_norm", "train.weight_decay", "train.adam_betas", "train.max_nonfinite_steps",
