@@ -23,8 +23,8 @@ from align.toy import chat_rows, preference_rows, prompt_rows
 from align.registry import TRAINERS
 from align.trainers import SFTTrainer
 from tests.conftest import deep_update, rollout_server
-from tests.test_distributed import (LORA, assert_same_run, metrics, recipe_dict, single_process,
-                                    train_on_two_processes, weights)
+from tests.test_distributed import (LORA, assert_same_run, metrics, recipe_dict, resumed_mid_round_on_one_process,
+                                    single_process, train_on_two_processes, weights)
 
 SHARDED = {"sharding": "fsdp", "batch_size": 2, "grad_accum": 2}
 
@@ -231,16 +231,10 @@ def test_grpo_under_fsdp_equals_one_process_on_the_same_experience(launched, nam
     shards before each round), so, as for DDP in test_distributed, one process resumes from the
     sharded run's step-1 checkpoint, mid-round (the same weights, the whole round's experience): the
     round's second pass must agree; the next round samples on the updated weights."""
-    from align.trainers import GRPOTrainer
     from align.trainers.checkpoint import load_checkpoint
 
     recipe = launched[name]
-    checkpoint = Path(recipe["output_dir"], "checkpoints", "step-000001")
-    groups = load_checkpoint(checkpoint)[1]["experience"]["groups"]
-    assert len(groups) == 2 and all(len(g["completions"]) == 4 for g in groups)
-    assert metrics(recipe["output_dir"])[0]["grad_norm"] > 0.01  # the rewards vary: a real gradient
-    single = single_process(recipe, batch_size=8, resume_from=str(checkpoint), max_steps=2)
-    GRPOTrainer.from_recipe(recipe_from_dict(single)).fit()
+    single = resumed_mid_round_on_one_process(recipe, 8, batch_size=8, max_steps=2)
     (got,), want = metrics(single["output_dir"]), metrics(recipe["output_dir"])
     assert got["step"] == 2 and [r["step"] for r in want] == [1, 2, 3, 4]  # two rounds, the second sampled after a sync
     for key in ("loss", "grad_norm", "kl", "reward"):
@@ -336,13 +330,8 @@ def test_ppo_under_fsdp_equals_one_process_on_the_same_experience(launched):
     policy alone: as GRPO's, one process resumes from the sharded run's step-1 checkpoint (mid-round:
     the same weights, the whole round's experience) and the round's other mini-batch steps agree;
     the final policy and critic, gathered from the shards, are saved whole."""
-    from align.trainers import PPOTrainer
-
     recipe = launched["ppo"]
-    checkpoint = Path(recipe["output_dir"], "checkpoints", "step-000001")
-    assert metrics(recipe["output_dir"])[0]["grad_norm"] > 0.01
-    single = single_process(recipe, batch_size=4, resume_from=str(checkpoint))
-    PPOTrainer.from_recipe(recipe_from_dict(single)).fit()
+    single = resumed_mid_round_on_one_process(recipe, 8, batch_size=4)
     assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "kl", "reward"),
                     first_step=2)
     sharded, one = (load_file(Path(d, "critic", "model.safetensors")) for d in (recipe["output_dir"], single["output_dir"]))

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO stages 2 and 3 through accelerate's launch (`recipes/accelerate/zero{2,3}.yaml`),
 on two CPU processes (DeepSpeed's CPU accelerator, gloo): every run equals one process on the joint
-batch, a ZeRO checkpoint resumes under ZeRO and on one process without DeepSpeed, and what ZeRO
+batch (GRPO and PPO: on the same experience), a ZeRO checkpoint resumes under ZeRO and on one process without DeepSpeed, and what ZeRO
 does not run is refused. Skipped where DeepSpeed is not installed (it is a dev dependency)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
@@ -20,10 +21,11 @@ from align.config import TrainConfig, recipe_from_dict  # noqa: E402
 from align.errors import AlignError  # noqa: E402
 from align.models import zero  # noqa: E402
 from align.registry import TRAINERS  # noqa: E402
-from align.toy import chat_rows, preference_rows  # noqa: E402
+from align.toy import chat_rows, preference_rows, prompt_rows  # noqa: E402
 from align.trainers import SFTTrainer  # noqa: E402
-from tests.test_distributed import (LORA, REPO, assert_same_run, metrics, recipe_dict, single_process,  # noqa: E402
-                                    train_on_two_processes, weights)
+from tests.test_distributed import (LORA, REPO, assert_same_run, metrics, recipe_dict,  # noqa: E402
+                                    resumed_mid_round_on_one_process, single_process, train_on_two_processes,
+                                    weights)
 
 STEP = {"batch_size": 2, "grad_accum": 2}
 
@@ -56,6 +58,23 @@ def launched(tmp_path_factory):
     stage3["sft-resumed"] = {**stage3["sft"], "output_dir": str(root / "z3-sft-resumed"),
                              "train": {**stage3["sft"]["train"],
                                        "resume_from": str(root / "z3-sft" / "checkpoints" / "step-000002")}}
+    # GRPO (full fine-tuning, a frozen-copy KL reference): 2 prompts of 4 completions a round, each
+    # process samples its own (stage 2 from the trained model, whose weights it holds whole; stage 3
+    # from an unpartitioned copy synced before each round); 2 passes a round
+    online = {"max_steps": 4, "save_every": 1, "keep_checkpoints": 4, "lr": 1e-3}
+    digits = [{"fn": f"{root / 'digits.py'}:digits"}]
+    (root / "digits.py").write_text("def digits(completions, **_):\n"
+                                    "    return [float(sum(c.isdigit() for c in text)) for text in completions]\n")
+    for stage, group in ((2, stage2), (3, stage3)):
+        group["grpo"] = recipe_dict(root, f"z{stage}-grpo", "grpo", prompt_rows(8, seed=21),
+                                    train={**online, "batch_size": 4},
+                                    grpo={"group_size": 4, "num_iterations": 2, "beta": 0.05, "loss_norm": "dapo",
+                                          "sampling": {"max_new_tokens": 12}, "rewards": digits})
+    # PPO under stage 3: the policy and a separate critic partitioned in one root, a KL reference;
+    # 8 prompts a round, 2 epochs x 2 mini-batches
+    stage3["ppo"] = recipe_dict(root, "z3-ppo", "ppo", prompt_rows(16, seed=31), train={**online, "batch_size": 2},
+                                ppo={"ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.05, "critic": "separate",
+                                     "sampling": {"max_new_tokens": 10}, "rewards": digits})
     ds3 = json.loads((REPO / "recipes/accelerate/ds_zero3.json").read_text())
     ds3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (root / "ds_zero3.json").write_text(json.dumps(ds3))
@@ -108,6 +127,45 @@ def test_a_zero_checkpoint_resumes_under_zero_and_on_one_process(launched, stage
             torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-4, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_grpo_under_zero_equals_one_process_on_the_same_experience(launched, stage):
+    """Each process samples its own prompts, so, as under DDP and fsdp, one process resumes from the
+    ZeRO run's step-1 checkpoint, mid-round (the same weights, the whole round's experience): the
+    round's second pass agrees."""
+    recipe = launched[stage]["grpo"]
+    single = resumed_mid_round_on_one_process(recipe, 8, batch_size=8, max_steps=2)
+    (got,), want = metrics(single["output_dir"]), metrics(recipe["output_dir"])
+    assert got["step"] == 2 and [r["step"] for r in want] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "kl", "reward"):
+        assert got[key] == pytest.approx(want[1][key], rel=1e-5, abs=1e-6), key
+
+
+def test_grpo_under_zero3_samples_from_a_copy_synced_with_the_partitions(launched):
+    """Stage 3 samples from an unpartitioned copy of the policy, synced from the partitions before
+    each round; stage 2 from the trained model itself. The same seeds, so the same run at every step,
+    the second round sampled after the first round's updates (a stale copy would sample otherwise)."""
+    two, three = (metrics(launched[stage]["grpo"]["output_dir"]) for stage in (2, 3))
+    assert [r["step"] for r in three] == [1, 2, 3, 4] and abs(three[0]["kl"]) < 1e-6 < three[-1]["kl"]
+    for a, b in zip(two, three):
+        for key in ("loss", "kl", "grad_norm", "reward"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_ppo_under_zero3_equals_one_process_on_the_same_experience(launched):
+    """PPO's policy and separate critic partitioned in one root, the sampler an unpartitioned copy
+    of the policy alone: one process resumes from the step-1 checkpoint (mid-round) and the round's
+    other mini-batch steps agree; the final critic is saved whole."""
+    recipe = launched[3]["ppo"]
+    single = resumed_mid_round_on_one_process(recipe, 8, batch_size=4)
+    assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "kl", "reward"),
+                    first_step=2)
+    partitioned, one = (load_file(Path(d, "critic", "model.safetensors")) for d in (recipe["output_dir"],
+                                                                                    single["output_dir"]))
+    assert partitioned.keys() == one.keys() and "score.weight" in partitioned
+    for name, tensor in partitioned.items():
+        torch.testing.assert_close(one[name], tensor, atol=1e-4, rtol=0, msg=f"critic {name}")
+
+
 def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_owns():
     train = TrainConfig(batch_size=4, grad_accum=3, max_grad_norm=0.5)
     ready = json.loads((REPO / "recipes/accelerate/ds_zero2.json").read_text())
@@ -130,7 +188,9 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}]}}, "algorithm 'grpo'"),
+    ({"algorithm": "distill", "distill": {"teacher_model": "builtin:tiny-llama"}}, "algorithm 'distill'"),
+    ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}], "sampling": {"engine": "server"}}},
+     "grpo.sampling.engine server"),
     ({"adapter": {**LORA, "kind": "qlora"}}, "adapter.kind qlora"),
     ({"train": {"optimizer": "adamw_8bit"}}, "train.optimizer adamw_8bit"),
     ({"algorithm": "dpo", "adapter": LORA}, "dpo.reference adapter_disabled"),

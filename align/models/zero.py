@@ -20,6 +20,10 @@ each trainable weight and its AdamW moments whole (`deepspeed.utils.safe_get_ful
 process writes them in Align's own format, named as under fsdp, so a checkpoint resumes under ZeRO,
 fsdp, DDP or on one process, on any number of processes.
 
+GRPO and PPO sample between steps, each process its own prompts: under stage 2 from the trained
+model (whole on each process), under stage 3 from an unpartitioned copy of the policy's model that
+`copy_weights` syncs from the partitions before each round.
+
 Under stage 3 the chunked log-probs read the lm-head weight inside the root's forward (not through
 the lm-head module's own forward); it is registered as the root's external parameter, so it is
 gathered there as any other weight the root's forward uses.
@@ -42,8 +46,8 @@ RECIPE_KEYS = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_a
                "gradient_clipping": "train.max_grad_norm",
                "train_batch_size": "train.batch_size x train.grad_accum x processes"}
 """DeepSpeed settings the recipe owns: "auto" (or absent) in a DeepSpeed config, filled from these keys."""
-ALGORITHMS = ("sft", "reward", "dpo", "kto")
-"""The algorithms Align trains under ZeRO so far (online ones sample between steps: not yet)."""
+ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo", "ppo")
+"""The algorithms Align trains under ZeRO so far (distillation: not yet)."""
 
 
 def launched() -> bool:
@@ -116,6 +120,26 @@ def start(module: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
 
 def stage(engine) -> int:
     return engine.zero_optimization_stage()
+
+
+def partitions_weights(config: dict) -> bool:
+    """Whether an engine config (`engine_config`'s) partitions the weights themselves (stage 3)."""
+    return int(config["zero_optimization"]["stage"]) == 3
+
+
+@torch.no_grad()
+def copy_weights(engine, target: nn.Module) -> None:
+    """Every process calls it (under stage 3 a collective per weight): `target`, an unpartitioned
+    copy of the root's `model` (the sampler's, made before the engine started), gets the current
+    trainable weights, each gathered whole in turn (frozen ones never change, so LoRA gathers only the
+    adapter; a critic beside the policy in the root, PPO's, is not the sampler's)."""
+    import deepspeed
+
+    own = dict(target.named_parameters())
+    for name, param in _named_trainable(engine):
+        if name.startswith("model."):
+            with deepspeed.zero.GatheredParameters([param]):
+                own[name.removeprefix("model.")].copy_(param.data.reshape(own[name.removeprefix("model.")].shape))
 
 
 def backward(engine, loss: torch.Tensor, last: bool) -> None:
@@ -245,6 +269,11 @@ def check(algorithm: str, recipe) -> None:
     if algorithm not in ALGORITHMS:
         reasons.append(f"algorithm {algorithm!r} (ZeRO trains {', '.join(ALGORITHMS)} so far; "
                        "use train.sharding: fsdp under torchrun)")
+    engine = getattr(getattr(recipe.section, "sampling", None), "engine", None)
+    if engine in ("vllm", "server"):
+        reasons.append(f"{algorithm}.sampling.engine {engine} (under ZeRO each process samples its own prompts "
+                       "in process, with prefix_shared or hf; a rollout server runs under torchrun, with or "
+                       "without train.sharding: fsdp)")
     if recipe.train.sharding == "fsdp":
         reasons.append("train.sharding: fsdp (one sharding at a time: launch without the DeepSpeed config, "
                        "or set sharding: none)")

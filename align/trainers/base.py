@@ -153,8 +153,8 @@ class Trainer(Resumable):
         self.accelerator = process_accelerator()
         self.sharded = self.cfg.sharding == "fsdp" and self.accelerator.num_processes > 1  # one process: nothing to shard
         self.sampling_copy: torch.nn.Module | None = None
-        """Under fsdp, for trainers that sample while training: an unsharded copy of the policy's model on
-        each process, synced from the shards before each sampling (`sync_sampler`)."""
+        """Under fsdp or ZeRO-3, for trainers that sample while training: an unsharded copy of the policy's
+        model on each process, synced from the shards before each sampling (`sync_sampler`)."""
         if self.sharded:  # before the optimizer: its parameters become the shards
             if not self.cfg.fsdp_offload:  # offloaded, fully_shard moves one unit at a time
                 policy.module.to(self.accelerator.device)
@@ -172,6 +172,8 @@ class Trainer(Resumable):
             plugin = self.accelerator.state.deepspeed_plugin
             config = zero.engine_config(plugin.deepspeed_config, self.cfg, self.accelerator.num_processes,
                                         zero3_init=plugin.zero3_init_flag)
+            if zero.partitions_weights(config) and self.samples_in_process():  # as under fsdp (stage 2 keeps
+                self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()  # whole weights)
             self.zero_engine = policy.module = zero.start(policy.module, self.optimizer, config)
         elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
             self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)

@@ -32,7 +32,7 @@ from align.data.groups import pack_groups, sequence_tokens
 from align.data.prompts import tokenize_prompts
 from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
-from align.models import sharding
+from align.models import sharding, zero
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers import samples
@@ -121,7 +121,7 @@ class OnlineTrainer(Trainer):
         self.rewards.dry_run(*self.reward_inputs(rows, rollout))
 
     def start_engine(self) -> None:
-        """The rollout engine, sampling from the policy's model (under fsdp its unsharded copy), and
+        """The rollout engine, sampling from the policy's model (under fsdp or ZeRO-3 its unsharded copy), and
         no experience yet."""
         sampling = self.rl.sampling
         longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
@@ -197,10 +197,12 @@ class OnlineTrainer(Trainer):
         return rollout, torch.cat([p[2] for p in per_prompt])
 
     def sync_sampler(self) -> None:
-        """Make the engine sample from the current weights: under fsdp the unsharded sampling copy
-        gets them from the shards (every process calls this: a collective); engines outside the
+        """Make the engine sample from the current weights: under fsdp or ZeRO-3 the unsharded sampling
+        copy gets them from the shards (every process calls this: a collective); engines outside the
         trained modules (vLLM, a rollout server) are sent them (a server: from the shards, gathered)."""
-        if self.sampling_copy is not None:
+        if self.sampling_copy is not None and self.zero_engine is not None:
+            zero.copy_weights(self.zero_engine, self.sampling_copy)
+        elif self.sampling_copy is not None:
             sharding.copy_weights(self.policy.module, self.sampling_copy)
         with self.whole_policy():
             self.engine.sync_weights()
