@@ -52,6 +52,26 @@ def single_process(recipe: dict, batch_size: int, **train) -> dict:
     return deep_update(json.loads(json.dumps(out)), {"train": {"batch_size": batch_size, **train}})
 
 
+def distill_recipe(root: Path, name: str, **sections) -> dict:
+    """Distillation of tiny-llama from a perturbed copy of itself (written to root/teacher once),
+    greedy samples (the same completions on one process or two), 4 prompts a step, 3 steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = root / "teacher"
+    if not teacher.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama"), dtype=torch.float32)
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(3)
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(teacher)
+        AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(teacher)
+    recipe = recipe_dict(root, name, "distill", prompt_rows(12, seed=41),
+                         train={"batch_size": 2, "max_steps": 3, "lr": 1e-3},
+                         distill={"teacher_model": str(teacher), "sampling": {"max_new_tokens": 10, "temperature": 0.0}})
+    return deep_update(recipe, sections)
+
+
 def resumed_mid_round_on_one_process(recipe: dict, completions: int, batch_size: int, **train) -> dict:
     """The one-process run of an online `recipe` resumed from its multi-process run's step-1
     checkpoint, mid-round: the same weights and the same whole-round experience (`completions` in

@@ -15,16 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from align.config import recipe_from_dict
-from align.models.tiny import resolve
 from align.toy import chat_rows, preference_rows, prompt_rows
 from align.registry import TRAINERS
 from align.trainers import SFTTrainer
 from tests.conftest import deep_update, rollout_server
-from tests.test_distributed import (LORA, assert_same_run, metrics, recipe_dict, resumed_mid_round_on_one_process,
-                                    single_process, train_on_two_processes, weights)
+from tests.test_distributed import (LORA, assert_same_run, distill_recipe, metrics, recipe_dict,
+                                    resumed_mid_round_on_one_process, single_process, train_on_two_processes, weights)
 
 SHARDED = {"sharding": "fsdp", "batch_size": 2, "grad_accum": 2}
 
@@ -88,18 +85,7 @@ def launched(tmp_path_factory):
                                       "sampling": {"max_new_tokens": 10}, "rewards": digits})
     # distillation from a perturbed copy of the student, greedy sampling (the same completions on one
     # process or two), 4 prompts a step
-    teacher = root / "teacher"
-    model = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama"), dtype=torch.float32)
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(3)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(teacher)
-    AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(teacher)
-    recipes["distill"] = recipe_dict(root, "distill", "distill", prompt_rows(12, seed=41),
-                                     train={"sharding": "fsdp", "batch_size": 2, "max_steps": 3, "lr": 1e-3},
-                                     distill={"teacher_model": str(teacher),
-                                              "sampling": {"max_new_tokens": 10, "temperature": 0.0}})
+    recipes["distill"] = distill_recipe(root, "distill", train={"sharding": "fsdp"})
     # GRPO again, its rollouts from a server: no sampling copy, the main process sends the weights
     # gathered from the shards
     recipes["grpo-server"] = deep_update(json.loads(json.dumps(recipes["grpo"])), {

@@ -23,9 +23,9 @@ from align.models import zero  # noqa: E402
 from align.registry import TRAINERS  # noqa: E402
 from align.toy import chat_rows, preference_rows, prompt_rows  # noqa: E402
 from align.trainers import SFTTrainer  # noqa: E402
-from tests.test_distributed import (LORA, REPO, assert_same_run, metrics, recipe_dict,  # noqa: E402
-                                    resumed_mid_round_on_one_process, single_process, train_on_two_processes,
-                                    weights)
+from tests.test_distributed import (LORA, REPO, assert_same_run, distill_recipe, metrics,  # noqa: E402
+                                    recipe_dict, resumed_mid_round_on_one_process, single_process,
+                                    train_on_two_processes, weights)
 
 STEP = {"batch_size": 2, "grad_accum": 2}
 
@@ -75,6 +75,8 @@ def launched(tmp_path_factory):
     stage3["ppo"] = recipe_dict(root, "z3-ppo", "ppo", prompt_rows(16, seed=31), train={**online, "batch_size": 2},
                                 ppo={"ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.05, "critic": "separate",
                                      "sampling": {"max_new_tokens": 10}, "rewards": digits})
+    # distillation under stage 3: the student partitioned, sampling from its copy; the teacher whole
+    stage3["distill"] = distill_recipe(root, "z3-distill")
     ds3 = json.loads((REPO / "recipes/accelerate/ds_zero3.json").read_text())
     ds3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (root / "ds_zero3.json").write_text(json.dumps(ds3))
@@ -166,6 +168,16 @@ def test_ppo_under_zero3_equals_one_process_on_the_same_experience(launched):
         torch.testing.assert_close(one[name], tensor, atol=1e-4, rtol=0, msg=f"critic {name}")
 
 
+def test_distillation_under_zero3_equals_one_process(launched):
+    """The student partitioned, the teacher whole on each process (its head read in the student's
+    forward), greedy samples from the student's copy: every step equals one process's."""
+    recipe = launched[3]["distill"]
+    single = single_process(recipe, batch_size=4)
+    TRAINERS.get("distill").from_recipe(recipe_from_dict(single)).fit()
+    assert metrics(recipe["output_dir"])[0]["loss"] > 1e-3  # the teacher differs: a real divergence
+    assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm"))
+
+
 def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_owns():
     train = TrainConfig(batch_size=4, grad_accum=3, max_grad_norm=0.5)
     ready = json.loads((REPO / "recipes/accelerate/ds_zero2.json").read_text())
@@ -188,7 +200,6 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"algorithm": "distill", "distill": {"teacher_model": "builtin:tiny-llama"}}, "algorithm 'distill'"),
     ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}], "sampling": {"engine": "server"}}},
      "grpo.sampling.engine server"),
     ({"adapter": {**LORA, "kind": "qlora"}}, "adapter.kind qlora"),

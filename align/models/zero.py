@@ -20,7 +20,7 @@ each trainable weight and its AdamW moments whole (`deepspeed.utils.safe_get_ful
 process writes them in Align's own format, named as under fsdp, so a checkpoint resumes under ZeRO,
 fsdp, DDP or on one process, on any number of processes.
 
-GRPO and PPO sample between steps, each process its own prompts: under stage 2 from the trained
+GRPO, PPO and distillation sample between steps, each process its own prompts: under stage 2 from the trained
 model (whole on each process), under stage 3 from an unpartitioned copy of the policy's model that
 `copy_weights` syncs from the partitions before each round.
 
@@ -46,8 +46,8 @@ RECIPE_KEYS = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_a
                "gradient_clipping": "train.max_grad_norm",
                "train_batch_size": "train.batch_size x train.grad_accum x processes"}
 """DeepSpeed settings the recipe owns: "auto" (or absent) in a DeepSpeed config, filled from these keys."""
-ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo", "ppo")
-"""The algorithms Align trains under ZeRO so far (distillation: not yet)."""
+ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo", "ppo", "distill")
+"""The algorithms Align trains under ZeRO (every built-in one)."""
 
 
 def launched() -> bool:
