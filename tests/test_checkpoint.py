@@ -167,7 +167,7 @@ checkpoint.save_checkpoint(root, 1, {"model": rows(1), "b": torch.ones(2)}, {}, 
 if process == 1:  # its disk is full at the next save
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    checkpoint.save_file = full_disk
+    checkpoint.write_safetensors_streaming = full_disk
 try:
     checkpoint.save_checkpoint(root, 2, {"model": rows(2), "b": torch.ones(2)}, {}, keep=3, run_id="r")
 except AlignError as error:
@@ -175,7 +175,7 @@ except AlignError as error:
 if process == 1:  # then a failure nobody expects (a bug): that process raises it, the other an AlignError
     def bug(*args, **kwargs):
         raise RuntimeError("a bug in the writer")
-    checkpoint.save_file = bug
+    checkpoint.write_safetensors_streaming = bug
 try:
     checkpoint.save_checkpoint(root, 3, {"model": rows(3), "b": torch.ones(2)}, {}, keep=3, run_id="r")
 except Exception as error:
@@ -208,3 +208,24 @@ def test_a_write_failing_on_one_process_leaves_no_checkpoint_and_every_process_r
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]  # no staging left
     _, objects = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step-000001")
     torch.testing.assert_close(objects["model"]["w"], torch.tensor([[10.0, 10.0], [11.0, 11.0]]))
+
+
+def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
+    """Rows files are written a tensor at a time (bounded host memory): every stored dtype, empty and
+    strided tensors read back bit for bit, with the metadata."""
+    from safetensors import safe_open
+
+    base = torch.randn(4, 6)
+    tensors = {"f32": base, "bf16": base.bfloat16(), "f16": base.half(), "f64": base.double()[:, :5],
+               "i64": torch.arange(7), "u8": torch.arange(5, dtype=torch.uint8), "bool": base > 0,
+               "empty": torch.zeros(0, 6), "strided": base.t(), "scalar": torch.tensor(3.5)}
+    path = tmp_path / "rows.safetensors"
+    checkpoint.write_safetensors_streaming(path, tensors, {"f32": "0", "note": "x"})
+    with safe_open(str(path), "pt") as stored:
+        assert stored.metadata() == {"f32": "0", "note": "x"}
+        assert sorted(stored.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            got = stored.get_tensor(name)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    with pytest.raises(TypeError, match="complex64 is not stored"):
+        checkpoint.write_safetensors_streaming(path, {"c": torch.zeros(2, dtype=torch.complex64)}, {})

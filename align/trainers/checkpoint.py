@@ -236,20 +236,43 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors_streaming(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`tensors` (on any device) as a safetensors file at `path`, copied to the CPU and written one at a
+    time, so that a process's host memory holds one tensor, not all of them (safetensors' own
+    `save_file` takes them all on the CPU at once). The format: an 8-byte little-endian header
+    size, a JSON header (each tensor's dtype, shape and byte range; the metadata), the bytes."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"checkpoint tensor {name!r}: dtype {tensor.dtype} is not stored")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_rows(staging: Path, rows: dict[str, RowShard], process: int, processes: int) -> dict[str, str]:
     """This process's rows file in `staging` (made by the main process), flushed: {file name: sha256}."""
     if not staging.is_dir():
         raise AlignError(f"process {process} does not see {staging}, which the main process made: every process "
                          "must write to the same output_dir (a filesystem they share)")
-    file, tensors, seen = staging / rows_file(process, processes), {}, set()
-    for name, shard in rows.items():
-        local = shard.local.detach().contiguous().cpu()
-        shared = local.numel() and local.untyped_storage().data_ptr() in seen
-        tensors[name] = local.clone() if shared else local  # tied weights, or views of one storage: stored apart
-        seen.add(local.untyped_storage().data_ptr())
-    save_file(tensors, str(file), metadata={name: str(shard.offset) for name, shard in rows.items()})
-    with open(file, "rb") as f:
-        os.fsync(f.fileno())
+    file = staging / rows_file(process, processes)
+    write_safetensors_streaming(file, {name: shard.local for name, shard in rows.items()},
+                                {name: str(shard.offset) for name, shard in rows.items()})
     return {file.name: sha256(file)}
 
 
