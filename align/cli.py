@@ -143,10 +143,12 @@ def _check_rollout_server(recipe) -> None:
 def _check_rewards(recipe) -> None:
     """Resolve every reward of a GRPO/PPO recipe (imports functions; loads no reward model)."""
     from align.rewards import load_reward_function
+    from align.rewards.loading import check_reward_model_kwargs
 
     for i, entry in enumerate(getattr(recipe.section, "rewards", [])):
         key = f"{recipe.section_key}.rewards[{i}]"
         if ":" not in entry.fn and ("/" in entry.fn or os.sep in entry.fn):  # a reward-model directory
+            check_reward_model_kwargs(entry.kwargs, f"{key}.kwargs")
             found = (Path(entry.fn) / "config.json").is_file()
             print(f"{key}: reward model {entry.fn!r} " + ("found" if found else "not there yet (train it first)"))
             continue

@@ -123,7 +123,8 @@ def test_reward_model_directory_is_a_reward(tmp_path):
 
     RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), AdapterConfig()).save(
         tmp_path / "rm")
-    rewards = RewardFunctions.from_config([RewardFunctionConfig(fn=str(tmp_path / "rm"), kwargs={"batch_size": 2}),
+    rewards = RewardFunctions.from_config([RewardFunctionConfig(fn=str(tmp_path / "rm"), kwargs={"batch_size": 2,
+                                                                                          "device": "cpu"}),
                                            RewardFunctionConfig(fn="exact_answer")])
     assert rewards.names == ["rm", "exact_answer"]
     args = batch([" 1 + 1 = 2. The answer is 2.", " Hmm.", " The answer is 19."])

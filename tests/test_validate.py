@@ -9,7 +9,7 @@ import yaml
 from align.cli import main
 from align.config import AdapterConfig, DataSource, ModelConfig
 from align.errors import AlignError
-from align.toy import chat_rows, prompt_completion_rows
+from align.toy import chat_rows, prompt_completion_rows, prompt_rows
 from tests.conftest import write_jsonl
 
 
@@ -214,3 +214,20 @@ def test_an_adapter_trained_on_another_base_names_the_dir_the_base_and_the_shape
     assert message in str(error.value)
     code, err = cli(capsys, "generate", str(directory), "--prompt", "hi")
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ("{device: banana}", "grpo.rewards[0].kwargs.device: 'banana' is not a device (cpu, cuda, cuda:1, ...)"),
+    ("{device: 'cuda:7'}", "grpo.rewards[0].kwargs.device: 'cuda:7', but this machine has"),
+    ("{temperature: 0.5}", "grpo.rewards[0].kwargs: a reward model takes only dtype, batch_size and device, "
+                           "not temperature"),
+])
+def test_a_reward_models_settings_are_checked_before_it_loads(make_recipe, tmp_path, capsys, kwargs, message):
+    """A reward-model directory is placed where its `device` says (validate cannot load it: it may
+    not be trained yet, but its settings are checked)."""
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(raw=True, algorithm="grpo", rows=prompt_rows(8),
+                                                 grpo={"group_size": 4, "rewards": [{"fn": "exact_answer"}]})))
+    code, err = cli(capsys, "validate", str(recipe),
+                    "--set", f"grpo.rewards=[{{fn: {tmp_path / 'rm'}, kwargs: {kwargs}}}]")
+    assert code == 2 and message in err, err

@@ -91,7 +91,7 @@ class RewardScorer:
 
 def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, device: str | None = None) -> RewardScorer:
     """A reward model saved by Align (full weights or an adapter) as a callable scorer, on `device`
-    (default: the GPU when there is one)."""
+    (e.g. cpu, cuda:1; default: the GPU when there is one, the process's own in a multi-GPU launch)."""
     config = ModelConfig(name_or_path=path, dtype=dtype)
     model = RewardModel.from_config(config, AdapterConfig(kind="none"))
     model.module.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -157,10 +157,37 @@ def _bind(fn: Callable, kwargs: dict, key: str) -> Callable:
     return bound
 
 
+def check_reward_model_kwargs(kwargs: dict, key: str) -> None:
+    """AlignError naming `key` (the entry's kwargs) for a setting a reward-model directory does not take."""
+    unknown = set(kwargs) - {"dtype", "batch_size", "device"}
+    if unknown:
+        raise AlignError(f"{key}: a reward model takes only dtype, batch_size and device, not "
+                         f"{', '.join(sorted(unknown))}")
+    if "device" in kwargs:
+        check_device(kwargs["device"], f"{key}.device")
+
+
+def check_device(device, key: str) -> None:
+    """AlignError naming `key` unless `device` is a torch device this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AlignError(f"{key}: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    count = torch.accelerator.device_count() if parsed.type != "cpu" else 0
+    if parsed.type != "cpu" and (not torch.accelerator.is_available() or parsed.type !=
+                                 torch.accelerator.current_accelerator().type or (parsed.index or 0) >= count):
+        raise AlignError(f"{key}: {device!r}, but this machine has " +
+                         (f"{count} {torch.accelerator.current_accelerator().type} device(s)"
+                          if torch.accelerator.is_available() else "no accelerator") + "; use cpu or one it has")
+
+
 def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | None = None) -> Callable:
     """The reward callable named by `spec` (see the module docstring for the forms), with `kwargs` bound.
 
-    For a reward-model directory the kwargs go to `load_reward_model` (`dtype`, `batch_size`).
+    For a reward-model directory the kwargs go to `load_reward_model` (`dtype`, `batch_size`, and
+    `device`: where it is placed, e.g. cpu or cuda:1; default this process's accelerator).
     key: where the spec came from (e.g. `grpo.rewards[0]`), for error messages.
     """
     where_fn, where_kwargs = (f"{key}.fn", f"{key}.kwargs") if key else (f"reward {spec!r}", f"reward {spec!r} kwargs")
@@ -170,10 +197,7 @@ def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | No
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise AlignError(f"{where_fn}: {spec!r} is a directory but not a model (no config.json); give the "
                              "output_dir of an Align reward-model run, or a reward function: " + FORMS)
-        unknown = set(kwargs) - {"dtype", "batch_size"}
-        if unknown:
-            raise AlignError(f"{where_kwargs}: a reward model takes only dtype and batch_size, not "
-                             f"{', '.join(sorted(unknown))}")
+        check_reward_model_kwargs(kwargs, where_kwargs)
         from align.models.reward import load_reward_model
 
         return load_reward_model(path, **kwargs)
