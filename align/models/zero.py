@@ -105,7 +105,7 @@ def start(module: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     from align.models.policy import causal_lm
 
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
-    lm = causal_lm(engine.module)
+    lm = causal_lm(getattr(engine.module, "model", engine.module))  # the root wraps the causal LM
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if stage(engine) == 3 and head is not None:
         deepspeed.zero.register_external_parameter(engine.module, head.weight)

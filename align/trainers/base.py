@@ -158,8 +158,8 @@ class Trainer(Resumable):
         if self.sharded:  # before the optimizer: its parameters become the shards
             if not self.cfg.fsdp_offload:  # offloaded, fully_shard moves one unit at a time
                 policy.module.to(self.accelerator.device)
-            if self.samples_in_process():
-                self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()
+            if self.samples_in_process():  # (with offloaded shards too: the copy samples on the device)
+                self.sampling_copy = self.copy_for_sampling(policy)
             sharding.shard(policy.module, offload=self.cfg.fsdp_offload)
             if self.cfg.fsdp_reference == "sharded" and policy.reference == "frozen_copy":
                 policy.shard_reference(self.accelerator.device, offload=self.cfg.fsdp_offload)
@@ -173,7 +173,7 @@ class Trainer(Resumable):
             config = zero.engine_config(plugin.deepspeed_config, self.cfg, self.accelerator.num_processes,
                                         zero3_init=plugin.zero3_init_flag)
             if zero.partitions_weights(config) and self.samples_in_process():  # as under fsdp (stage 2 keeps
-                self.sampling_copy = copy.deepcopy(policy.model).requires_grad_(False).eval()  # whole weights)
+                self.sampling_copy = self.copy_for_sampling(policy)  # whole weights: it samples from them)
             self.zero_engine = policy.module = zero.start(policy.module, self.optimizer, config)
         elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
             self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
@@ -196,6 +196,11 @@ class Trainer(Resumable):
         """The signal's name when a SIGTERM/SIGINT stopped `fit` after a checkpoint, else None."""
         self._samples_file: samples.SamplesFile | None = None
         self.prepare_data()
+
+    def copy_for_sampling(self, policy: Policy) -> torch.nn.Module:
+        """A frozen copy of the policy's model, whole, on this process's device: made before the model
+        is sharded or partitioned, synced before each sampling (`OnlineTrainer.sync_sampler`)."""
+        return copy.deepcopy(policy.model).to(self.accelerator.device).requires_grad_(False).eval()
 
     @property
     def torch_optimizer(self) -> torch.optim.Optimizer:

@@ -242,7 +242,7 @@ class DistillTrainer(OnlineTrainer):
         self.sync_sampler()
         with self.policy.eval_mode():
             results = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size,
-                                    measured)
+                                    measured, even=self.lockstep)  # fsdp, ZeRO-3: each forward is a collective
         totals = torch.tensor(results, dtype=torch.float64).sum(0).tolist()
         tokens = max(totals[4], 1.0)
         self.show_samples(self.greedy_samples())
