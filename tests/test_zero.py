@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO stages 2 and 3 through accelerate's launch (`recipes/accelerate/zero{2,3}.yaml`),
+"""DeepSpeed ZeRO stages 2 and 3 through accelerate's launch (`recipes/accelerate/zero{2,3,3_offload}.yaml`),
 on two CPU processes (DeepSpeed's CPU accelerator, gloo): every run equals one process on the joint
 batch (GRPO and PPO: on the same experience), a ZeRO checkpoint resumes under ZeRO and on one process without DeepSpeed, and what ZeRO
 does not run is refused. Skipped where DeepSpeed is not installed (it is a dev dependency)."""
@@ -77,23 +77,34 @@ def launched(tmp_path_factory):
                                      "sampling": {"max_new_tokens": 10}, "rewards": digits})
     # distillation under stage 3: the student partitioned, sampling from its copy; the teacher whole
     stage3["distill"] = distill_recipe(root, "z3-distill")
-    ds3 = json.loads((REPO / "recipes/accelerate/ds_zero3.json").read_text())
-    ds3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (root / "ds_zero3.json").write_text(json.dumps(ds3))
-    launch3 = yaml.safe_load((REPO / "recipes/accelerate/zero3.yaml").read_text())
-    launch3["deepspeed_config"]["deepspeed_config_file"] = str(root / "ds_zero3.json")
-    (root / "zero3.yaml").write_text(yaml.safe_dump(launch3))
-    (root / "z2").mkdir()
-    (root / "z3").mkdir()
+    # ZeRO-Offload with the ready config (stage 3, weights and optimizer state in CPU memory, torch's
+    # AdamW stepping there): SFT with its resume, and GRPO sampling from its copy
+    offload = {"sft": recipe_dict(root, "z3o-sft", "sft", rows, chat_rows(5, seed=6),
+                                  train={**STEP, "save_every": 2, "eval_every": 2})}
+    offload["sft-resumed"] = {**offload["sft"], "output_dir": str(root / "z3o-sft-resumed"),
+                              "train": {**offload["sft"]["train"],
+                                        "resume_from": str(root / "z3o-sft" / "checkpoints" / "step-000002")}}
+    offload["grpo"] = {**stage3["grpo"], "output_dir": str(root / "z3o-grpo")}
+    for name, ready in (("zero3", "ds_zero3.json"), ("zero3_offload", "ds_zero3_offload.json")):
+        config = json.loads((REPO / "recipes/accelerate" / ready).read_text())
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (root / ready).write_text(json.dumps(config))
+        launch = yaml.safe_load((REPO / f"recipes/accelerate/{name}.yaml").read_text())
+        launch["deepspeed_config"]["deepspeed_config_file"] = str(root / ready)
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(launch))
+    for group in ("z2", "z3", "z3o"):
+        (root / group).mkdir()
     train_on_two_processes(root / "z2", stage2, accelerate_launch(REPO / "recipes/accelerate/zero2.yaml"))
     train_on_two_processes(root / "z3", stage3, accelerate_launch(root / "zero3.yaml"))
-    partitioned = re.findall(r"ZeRO-3: (\d+) of (\d+) weights partitioned", (root / "z3" / "launch.log").read_text())
-    assert len(partitioned) == len(stage3) and all(a == b for a, b in partitioned), partitioned
-    return {2: stage2, 3: stage3}
+    train_on_two_processes(root / "z3o", offload, accelerate_launch(root / "zero3_offload.yaml"))
+    for group, recipes in (("z3", stage3), ("z3o", offload)):
+        partitioned = re.findall(r"ZeRO-3: (\d+) of (\d+) weights partitioned", (root / group / "launch.log").read_text())
+        assert len(partitioned) == len(recipes) and all(a == b for a, b in partitioned), partitioned
+    return {2: stage2, 3: stage3, "offload": offload}
 
 
 @pytest.mark.parametrize("stage,name", [(2, "sft"), (2, "dpo-lora"), (2, "reward"), (3, "sft"), (3, "sft-lora"),
-                                        (3, "dpo"), (3, "kto")])
+                                        (3, "dpo"), (3, "kto"), ("offload", "sft")])
 def test_zero_on_two_processes_equals_one_process_with_their_joint_batch(launched, stage, name):
     """Loss, gradient norm and items at every step within 1e-5 relative (eval loss too); the final
     weights, gathered from the partitions into a plain transformers/peft directory, within 1e-4."""
@@ -107,7 +118,7 @@ def test_zero_on_two_processes_equals_one_process_with_their_joint_batch(launche
         assert shown and all(json.loads(line)["completion"] for line in shown)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "offload"])
 def test_a_zero_checkpoint_resumes_under_zero_and_on_one_process(launched, stage, tmp_path):
     """The checkpoint is Align's own (safetensors + JSON, no pickle): the weights and AdamW state
     gathered from the partitions, named as under fsdp. Resumed under ZeRO (the state put back into
@@ -129,7 +140,7 @@ def test_a_zero_checkpoint_resumes_under_zero_and_on_one_process(launched, stage
             torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-4, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "offload"])
 def test_grpo_under_zero_equals_one_process_on_the_same_experience(launched, stage):
     """Each process samples its own prompts, so, as under DDP and fsdp, one process resumes from the
     ZeRO run's step-1 checkpoint, mid-round (the same weights, the whole round's experience): the
@@ -190,13 +201,19 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
                ({"bf16": {"enabled": True}}, "enables bf16: Align's train.mixed_precision owns precision"),
                ({"zero_optimization": {"stage": 1}}, "stage 1: Align runs stages 2 and 3"),
                ({"optimizer": {"type": "AdamW"}}, "an 'optimizer' section"),
-               ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "ZeRO-Offload"),
+               ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "not to NVMe"),
+               ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3"),
+               ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                 "zero_force_ds_cpu_optimizer": True}, "Align steps torch's AdamW on the offloaded partitions"),
                ({"train_batch_size": 16}, "sets train_batch_size: 16")]
     for change, message in refused:
         with pytest.raises(AlignError, match=message):
             zero.engine_config({**ready, **change}, train, world_size=2)
     with pytest.raises(AlignError, match="zero3_init_flag: true is not supported"):
         zero.engine_config(ready, train, world_size=2, zero3_init=True)
+    offload = zero.engine_config(json.loads((REPO / "recipes/accelerate/ds_zero3_offload.json").read_text()), train,
+                                 world_size=2)  # the ready ZeRO-Offload config: torch's AdamW on the CPU partitions
+    assert offload["zero_force_ds_cpu_optimizer"] is False and "zero_force_ds_cpu_optimizer" not in config
 
 
 @pytest.mark.parametrize("change,message", [

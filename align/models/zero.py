@@ -10,6 +10,11 @@ the loop trains. It then drives the engine as the loop drives DDP: one backward 
 (each loss already normalised by the step's items, as everywhere in Align, so DeepSpeed does not
 divide it again), the accumulation boundary set on the last one, one engine step per optimizer step.
 
+ZeRO-Offload (`offload_optimizer` and, under stage 3, `offload_param` to the CPU; the ready config
+`recipes/accelerate/zero3_offload.yaml`) keeps the fp32 partitions and AdamW's moments in CPU memory
+and steps there: Align's optimizer is torch's AdamW (one fused, vectorised CPU kernel), not
+DeepSpeed's compiled CPU Adam, which would be a build step on every machine.
+
 Precision: Align's own `train.mixed_precision` (bf16 autocast over fp32 weights) owns it; a
 DeepSpeed config with fp16 or bf16 enabled is refused. Non-finite steps: in fp32, DeepSpeed skips a
 step whose gradient norm is NaN or inf on any process (`engine.was_step_applied()`), which Align
@@ -80,10 +85,20 @@ def engine_config(plugin_config: dict, train, world_size: int, zero3_init: bool 
     if stage not in (2, 3):
         raise AlignError(f"DeepSpeed zero_optimization.stage {stage}: Align runs stages 2 and 3 (for no sharding, "
                          "launch without the DeepSpeed config: DDP)")
-    for offload in ("offload_optimizer", "offload_param"):
-        if str(zero.get(offload, {}).get("device", "none")).lower() != "none":
-            raise AlignError(f"the DeepSpeed config's zero_optimization.{offload}: Align does not run ZeRO-Offload "
-                             "yet; remove it, or use train.sharding: fsdp with train.fsdp_offload: true under torchrun")
+    offloaded = {offload: str(zero.get(offload, {}).get("device", "none")).lower()
+                 for offload in ("offload_optimizer", "offload_param")}
+    for offload, device in offloaded.items():
+        if device not in ("none", "cpu"):
+            raise AlignError(f"the DeepSpeed config's zero_optimization.{offload}.device is {device!r}: Align runs "
+                             "ZeRO-Offload to the CPU (device: cpu), not to NVMe")
+    if offloaded["offload_param"] == "cpu" and stage != 3:
+        raise AlignError("the DeepSpeed config's zero_optimization.offload_param needs stage 3 (only stage 3 "
+                         "partitions the weights)")
+    if offloaded["offload_optimizer"] == "cpu":  # torch's AdamW steps on the CPU partitions (see the module doc)
+        if str(config.get("zero_force_ds_cpu_optimizer", False)).lower() == "true":
+            raise AlignError("the DeepSpeed config sets zero_force_ds_cpu_optimizer: true, but Align steps torch's "
+                             "AdamW on the offloaded partitions; remove it")
+        config["zero_force_ds_cpu_optimizer"] = False
     if zero3_init:
         raise AlignError("the accelerate config's zero3_init_flag: true is not supported (Align loads the model "
                          "before the engine starts, then partitions it); set it to false")
