@@ -161,8 +161,8 @@ class TrainConfig(Section):
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
     decoder layer), for a model whose training state does not fit one device. fsdp runs every
     built-in algorithm (references, teachers and reward models are frozen whole copies on each
-    process, or the reference sharded with fsdp_reference; under QLoRA the 4-bit base whole, the rest
-    sharded); each process writes its own shards into a checkpoint, which resumes on any number of
+    process, or the reference sharded with fsdp_reference, a reward model with its kwargs shard: true;
+    under QLoRA the 4-bit base whole, the rest sharded); each process writes its own shards into a checkpoint, which resumes on any number of
     processes (`align.models.sharding`). DeepSpeed ZeRO is chosen by the
     launch instead (accelerate's config, `recipes/accelerate/`), with sharding: none (`align.models.zero`)."""
     fsdp_offload: bool = False
@@ -408,6 +408,12 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_sharding(self) -> "Recipe":
         """What train.sharding=fsdp does not do yet is refused before a model loads."""
+        rewards = getattr(self.section, "rewards", [])
+        sharded_rewards = [f"{self.section_key}.rewards[{i}]" for i, entry in enumerate(rewards)
+                           if entry.kwargs.get("shard") is True]
+        if sharded_rewards and self.train.sharding != "fsdp":
+            raise ValueError(f"{sharded_rewards[0]}.kwargs.shard: true shards the reward model like the policy: it "
+                             "needs train.sharding: fsdp")
         if self.train.sharding != "fsdp":
             if self.train.fsdp_offload:
                 raise ValueError("train.fsdp_offload offloads FSDP's shards: it needs train.sharding: fsdp")

@@ -86,6 +86,19 @@ def launched(tmp_path_factory):
     # distillation from a perturbed copy of the student, greedy sampling (the same completions on one
     # process or two), 4 prompts a step
     recipes["distill"] = distill_recipe(root, "distill", train={"sharding": "fsdp"})
+    # GRPO scored by a reward model (random weights: rewards that vary), whole on each process or
+    # sharded like the policy; 9 prompts, 2 a round, 5 rounds: the last has one prompt, so one process
+    # scores nothing and pads the sharded model's forwards; an eval split of 5 prompts, evaluated at the end
+    from align.config import AdapterConfig, ModelConfig
+    from align.models.reward import RewardModel
+
+    RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), AdapterConfig()).save(
+        root / "rm")
+    for name, kwargs in (("grpo-rm", {}), ("grpo-rm-sharded", {"shard": True})):
+        recipes[name] = recipe_dict(root, name, "grpo", prompt_rows(9, seed=23), prompt_rows(5, seed=24),
+                                    train={"sharding": "fsdp", "batch_size": 4, "max_steps": 5, "lr": 1e-3},
+                                    grpo={"group_size": 4, "sampling": {"max_new_tokens": 8},
+                                          "rewards": [{"fn": str(root / "rm"), "kwargs": {"batch_size": 3, **kwargs}}]})
     # GRPO again, its rollouts from a server: no sampling copy, the main process sends the weights
     # gathered from the shards
     recipes["grpo-server"] = deep_update(json.loads(json.dumps(recipes["grpo"])), {
@@ -193,6 +206,22 @@ def test_grpo_under_fsdp_sampling_from_a_rollout_server_equals_sampling_in_proce
     main process gathered and sent), so the same run as with the sampling copies."""
     assert_same_run(launched["grpo-server"]["output_dir"], launched["grpo"]["output_dir"],
                     keys=("loss", "grad_norm", "kl", "reward"))
+
+
+def test_a_sharded_reward_model_scores_as_the_whole_one(launched):
+    """A reward model with kwargs shard: true holds half its weights on each process and scores in
+    step with the other process (padding forwards where it has fewer completions, or none, as in the
+    last round): the same rewards, so the same run, step for step, and the same evaluation."""
+    log = Path(launched["grpo-rm"]["output_dir"]).parent.joinpath("launch.log").read_text()
+    held = re.findall(r"reward model \S+ is sharded over 2 processes: this one holds (\d+) of (\d+) weights", log)
+    assert len(held) == 2 and all(0 < 2 * int(mine) <= int(total) + 4096 for mine, total in held), held
+    whole, sharded = (metrics(launched[name]["output_dir"]) for name in ("grpo-rm", "grpo-rm-sharded"))
+    assert [r["step"] for r in sharded] == [1, 2, 3, 4, 5, 5] and "eval/reward" in sharded[-1]
+    assert len({round(r["reward"], 6) for r in whole if "reward" in r}) > 1  # the rewards vary
+    for a, b in zip(whole, sharded):
+        for key in ("loss", "grad_norm", "reward", "eval/reward"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
 def test_a_sharded_reference_holds_half_its_weights_on_each_process(launched):

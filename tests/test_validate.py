@@ -219,8 +219,12 @@ def test_an_adapter_trained_on_another_base_names_the_dir_the_base_and_the_shape
 @pytest.mark.parametrize("kwargs, message", [
     ("{device: banana}", "grpo.rewards[0].kwargs.device: 'banana' is not a device (cpu, cuda, cuda:1, ...)"),
     ("{device: 'cuda:7'}", "grpo.rewards[0].kwargs.device: 'cuda:7', but this machine has"),
-    ("{temperature: 0.5}", "grpo.rewards[0].kwargs: a reward model takes only dtype, batch_size and device, "
-                           "not temperature"),
+    ("{temperature: 0.5}", "grpo.rewards[0].kwargs: a reward model takes only dtype, batch_size, device and "
+                           "shard, not temperature"),
+    ("{shard: 1}", "grpo.rewards[0].kwargs.shard: 1 is not true or false"),
+    ("{shard: true, device: cpu}", "shard and device together"),  # (under train.sharding: fsdp, set below)
+    ("{shard: true}", "grpo.rewards[0].kwargs.shard: true shards the reward model like the policy: it needs "
+                      "train.sharding: fsdp"),
 ])
 def test_a_reward_models_settings_are_checked_before_it_loads(make_recipe, tmp_path, capsys, kwargs, message):
     """A reward-model directory is placed where its `device` says (validate cannot load it: it may
@@ -228,6 +232,7 @@ def test_a_reward_models_settings_are_checked_before_it_loads(make_recipe, tmp_p
     recipe = tmp_path / "grpo.yaml"
     recipe.write_text(yaml.safe_dump(make_recipe(raw=True, algorithm="grpo", rows=prompt_rows(8),
                                                  grpo={"group_size": 4, "rewards": [{"fn": "exact_answer"}]})))
-    code, err = cli(capsys, "validate", str(recipe),
+    sharding = ["--set", "train.sharding=fsdp"] if "device: cpu" in kwargs else []
+    code, err = cli(capsys, "validate", str(recipe), *sharding,
                     "--set", f"grpo.rewards=[{{fn: {tmp_path / 'rm'}, kwargs: {kwargs}}}]")
     assert code == 2 and message in err, err

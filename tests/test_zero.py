@@ -219,6 +219,8 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
 @pytest.mark.parametrize("change,message", [
     ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}], "sampling": {"engine": "server"}}},
      "grpo.sampling.engine server"),
+    ({"algorithm": "grpo", "train": {"sharding": "fsdp"},
+      "grpo": {"rewards": [{"fn": "runs/rm", "kwargs": {"shard": True}}]}}, "grpo.rewards kwargs shard: true"),
     ({"adapter": {**LORA, "kind": "qlora"}}, "adapter.kind qlora"),
     ({"train": {"optimizer": "adamw_8bit"}}, "train.optimizer adamw_8bit"),
     ({"algorithm": "dpo", "adapter": LORA}, "dpo.reference adapter_disabled"),

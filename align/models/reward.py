@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -11,6 +13,8 @@ from align.data.preference import prompt_completion_ids
 from align.models.loading import load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
+
+log = logging.getLogger(__name__)
 
 
 class ScalarHeadModel(nn.Module):
@@ -51,10 +55,14 @@ class RewardScorer:
     when given, are the sampled ids (the policy shares the reward model's tokenizer): a completion
     whose ids do not end in EOS (it hit max_new_tokens, or a stop string ended it) is scored on
     those ids as sampled, with no EOS appended, so it is not scored as a finished answer.
+
+    sharded: the model is sharded over the processes (`load_reward_model(shard=True)`): every process
+    calls the scorer at the same points (the trainers do), and each call runs as many forwards on
+    every process (a process with fewer rows pads with one-token forwards), each a collective.
     """
 
-    def __init__(self, reward_model: RewardModel, batch_size: int = 16):
-        self.reward_model, self.batch_size = reward_model, batch_size
+    def __init__(self, reward_model: RewardModel, batch_size: int = 16, sharded: bool = False):
+        self.reward_model, self.batch_size, self.sharded = reward_model, batch_size, sharded
         self.__name__ = "reward_model"
 
     @torch.no_grad()
@@ -62,20 +70,38 @@ class RewardScorer:
                  **_) -> list[float]:
         out = []
         sampled = completion_ids or [None] * len(completions)
-        device = next(self.reward_model.module.parameters()).device
-        with self.reward_model.eval_mode():
-            for start in range(0, len(prompts), self.batch_size):
+        starts = range(0, len(prompts), self.batch_size)
+        most = self.most_forwards(len(starts)) if self.sharded else len(starts)  # before any forward: they
+        with self.reward_model.eval_mode():                                      # are collectives too
+            for start in starts:
                 ids, positions, last = [], [], []
                 for row in range(start, min(start + self.batch_size, len(prompts))):
                     p, c = self.input_ids(prompts[row], completions[row], sampled[row], row)
                     ids += p + c
                     positions += list(range(len(p) + len(c)))
                     last.append(len(ids) - 1)
-                scores = self.reward_model.scores({"input_ids": torch.tensor([ids], device=device),
-                                                   "position_ids": torch.tensor([positions], device=device),
-                                                   "last_index": torch.tensor(last, device=device)})
-                out += scores.tolist()
+                out += self.forward(ids, positions, last).tolist()
+            for _ in range(most - len(starts)):  # as many forwards as the process with the most rows
+                self.forward([self.reward_model.tokenizer.eos_token_id or 0], [0], [0])
         return out
+
+    def forward(self, ids: list[int], positions: list[int], last: list[int]) -> torch.Tensor:
+        """[len(last)] scores of one packed row: `ids` with their `positions`, scored at `last`."""
+        module = self.reward_model.module
+        device = next(module.parameters()).device
+        try:
+            return self.reward_model.scores({"input_ids": torch.tensor([ids], device=device),
+                                             "position_ids": torch.tensor([positions], device=device),
+                                             "last_index": torch.tensor(last, device=device)})
+        finally:
+            if self.sharded:  # FSDP keeps a root's weights gathered after its forward, for a backward
+                module.reshard()  # a frozen root never has
+
+    def most_forwards(self, mine: int) -> int:
+        """The most forwards any process runs in this call (a collective)."""
+        most = torch.tensor(mine, device=next(self.reward_model.module.parameters()).device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return int(most)
 
     def input_ids(self, prompt, completion, sampled: list[int] | None, row: int) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) as the reward model reads them: the completion re-tokenized
@@ -89,10 +115,22 @@ class RewardScorer:
         return p, list(sampled) if unfinished else c
 
 
-def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, device: str | None = None) -> RewardScorer:
+def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, device: str | None = None,
+                      shard: bool = False) -> RewardScorer:
     """A reward model saved by Align (full weights or an adapter) as a callable scorer, on `device`
-    (e.g. cpu, cuda:1; default: the GPU when there is one, the process's own in a multi-GPU launch)."""
+    (e.g. cpu, cuda:1; default: the GPU when there is one, the process's own in a multi-GPU launch).
+    shard: under several processes, shard it over them like an fsdp policy (`sharding.shard`: each
+    holds 1/N of its weights; every process must then score in step, see RewardScorer)."""
+    from align.models import sharding
+
     config = ModelConfig(name_or_path=path, dtype=dtype)
     model = RewardModel.from_config(config, AdapterConfig(kind="none"))
     model.module.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return RewardScorer(model, batch_size)
+    sharded = shard and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if sharded:
+        sharding.shard(model.module)
+        params = list(model.module.parameters())
+        log.info("reward model %s is sharded over %d processes: this one holds %d of %d weights", path,
+                 torch.distributed.get_world_size(), sum(sharding.local_shard(p).numel() for p in params),
+                 sum(p.numel() for p in params))
+    return RewardScorer(model, batch_size, sharded)

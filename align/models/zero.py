@@ -289,6 +289,9 @@ def check(algorithm: str, recipe) -> None:
         reasons.append(f"{algorithm}.sampling.engine {engine} (under ZeRO each process samples its own prompts "
                        "in process, with prefix_shared or hf; a rollout server runs under torchrun, with or "
                        "without train.sharding: fsdp)")
+    if any(entry.kwargs.get("shard") is True for entry in getattr(recipe.section, "rewards", [])):
+        reasons.append(f"{algorithm}.rewards kwargs shard: true (a reward model is sharded under fsdp; under ZeRO "
+                       "it is whole on each process)")
     if recipe.train.sharding == "fsdp":
         reasons.append("train.sharding: fsdp (one sharding at a time: launch without the DeepSpeed config, "
                        "or set sharding: none)")

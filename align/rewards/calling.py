@@ -148,6 +148,19 @@ class RewardFunctions:
                    [f"{key}[{i}]" for i in range(len(entries))], [e.timeout_s for e in entries],
                    [e.max_abs for e in entries])
 
+    @property
+    def sharded(self) -> bool:
+        """Whether a function is a reward model sharded over the processes (`RewardScorer.sharded`):
+        every process must then call the functions at the same points."""
+        return any(getattr(fn, "sharded", False) for fn in self.functions)
+
+    def pad_sharded(self) -> None:
+        """On a process with no completions where the others score theirs: the sharded reward models'
+        forwards, in the order `__call__` runs them, so that every process runs as many."""
+        for fn in self.functions:
+            if getattr(fn, "sharded", False):
+                fn([], [], [])
+
     # --- calling
 
     def __call__(self, prompts: list, completions: list[str], completion_ids: list[list[int]],

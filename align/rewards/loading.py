@@ -159,12 +159,17 @@ def _bind(fn: Callable, kwargs: dict, key: str) -> Callable:
 
 def check_reward_model_kwargs(kwargs: dict, key: str) -> None:
     """AlignError naming `key` (the entry's kwargs) for a setting a reward-model directory does not take."""
-    unknown = set(kwargs) - {"dtype", "batch_size", "device"}
+    unknown = set(kwargs) - {"dtype", "batch_size", "device", "shard"}
     if unknown:
-        raise AlignError(f"{key}: a reward model takes only dtype, batch_size and device, not "
+        raise AlignError(f"{key}: a reward model takes only dtype, batch_size, device and shard, not "
                          f"{', '.join(sorted(unknown))}")
     if "device" in kwargs:
         check_device(kwargs["device"], f"{key}.device")
+    if not isinstance(kwargs.get("shard", False), bool):
+        raise AlignError(f"{key}.shard: {kwargs['shard']!r} is not true or false")
+    if kwargs.get("shard") and "device" in kwargs:
+        raise AlignError(f"{key}: shard and device together (a sharded reward model lives on each process's own "
+                         "device, as the policy's shards do); drop device")
 
 
 def check_device(device, key: str) -> None:
@@ -186,8 +191,9 @@ def check_device(device, key: str) -> None:
 def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | None = None) -> Callable:
     """The reward callable named by `spec` (see the module docstring for the forms), with `kwargs` bound.
 
-    For a reward-model directory the kwargs go to `load_reward_model` (`dtype`, `batch_size`, and
-    `device`: where it is placed, e.g. cpu or cuda:1; default this process's accelerator).
+    For a reward-model directory the kwargs go to `load_reward_model` (`dtype`, `batch_size`,
+    `device`: where it is placed, e.g. cpu or cuda:1, default this process's accelerator; `shard`:
+    sharded over the processes under train.sharding: fsdp).
     key: where the spec came from (e.g. `grpo.rewards[0]`), for error messages.
     """
     where_fn, where_kwargs = (f"{key}.fn", f"{key}.kwargs") if key else (f"reward {spec!r}", f"reward {spec!r} kwargs")

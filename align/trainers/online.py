@@ -191,6 +191,8 @@ class OnlineTrainer(Trainer):
             values = self.score(mine, rollout)
             per_prompt = [(rollout.completion_ids[i * g:(i + 1) * g], rollout.finished[i * g:(i + 1) * g],
                            values[i * g:(i + 1) * g]) for i in range(len(mine))]
+        elif self.rewards.sharded:  # no prompts here this round (its last, short one)
+            self.rewards.pad_sharded()
         per_prompt = gather_shares(per_prompt)
         rollout = Rollout([r["prompt_ids"] for r in rows], [c for p in per_prompt for c in p[0]],
                           [f for p in per_prompt for f in p[1]], g)
@@ -301,7 +303,8 @@ class OnlineTrainer(Trainer):
             return list(zip(self.score(rows, rollout), map(len, rollout.completion_ids), texts, sampled))
 
         self.sync_sampler()
-        results = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size, scored)
+        results = map_in_shares(range(len(self.eval_data)), self.cfg.eval_batch_size or self.cfg.batch_size, scored,
+                                even=self.rewards.sharded)  # a sharded reward model: as many calls on each process
         values, lengths = torch.stack([r[0] for r in results]), [r[1] for r in results]
         combined = self.rewards.combine(values)  # NaN where no function scored the completion
         metrics = {"completions/mean_length": sum(lengths) / len(lengths), **self.rewards.metrics(values)}
