@@ -54,8 +54,9 @@ def single_process(recipe: dict, batch_size: int, **train) -> dict:
 
 def distill_recipe(root: Path, name: str, **sections) -> dict:
     """Distillation of tiny-llama from a perturbed copy of itself (written to root/teacher once),
-    greedy samples (the same completions on one process or two), 4 prompts a step, 3 steps; an eval
-    split of 5 prompts in batches of 2 (two forwards on one process, one on the other: padded)."""
+    greedy samples (the same completions on one process or two), 4 prompts a step, 13 prompts in 4
+    steps: the last has one prompt, so one process samples none; an eval split of 5 prompts in
+    batches of 2 (two forwards on one process, one on the other: padded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = root / "teacher"
@@ -67,8 +68,8 @@ def distill_recipe(root: Path, name: str, **sections) -> dict:
                 p.add_(0.05 * torch.randn_like(p))
         model.save_pretrained(teacher)
         AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(teacher)
-    recipe = recipe_dict(root, name, "distill", prompt_rows(12, seed=41), prompt_rows(5, seed=42),
-                         train={"batch_size": 2, "max_steps": 3, "lr": 1e-3},
+    recipe = recipe_dict(root, name, "distill", prompt_rows(13, seed=41), prompt_rows(5, seed=42),
+                         train={"batch_size": 2, "max_steps": 4, "lr": 1e-3},
                          distill={"teacher_model": str(teacher), "sampling": {"max_new_tokens": 10, "temperature": 0.0}})
     return deep_update(recipe, sections)
 

@@ -85,6 +85,17 @@ def launched(tmp_path_factory):
                               "train": {**offload["sft"]["train"],
                                         "resume_from": str(root / "z3o-sft" / "checkpoints" / "step-000002")}}
     offload["grpo"] = {**stage3["grpo"], "output_dir": str(root / "z3o-grpo")}
+    # stage 2 with the optimizer offloaded (weights whole on each process): SFT with its resume
+    offload2 = {"sft": recipe_dict(root, "z2o-sft", "sft", rows, train={**STEP, "save_every": 2})}
+    offload2["sft-resumed"] = {**offload2["sft"], "output_dir": str(root / "z2o-sft-resumed"),
+                               "train": {**offload2["sft"]["train"],
+                                         "resume_from": str(root / "z2o-sft" / "checkpoints" / "step-000002")}}
+    config = json.loads((REPO / "recipes/accelerate/ds_zero2.json").read_text())
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (root / "ds_zero2_offload.json").write_text(json.dumps(config))
+    launch = yaml.safe_load((REPO / "recipes/accelerate/zero2.yaml").read_text())
+    launch["deepspeed_config"]["deepspeed_config_file"] = str(root / "ds_zero2_offload.json")
+    (root / "zero2_offload.yaml").write_text(yaml.safe_dump(launch))
     for name, ready in (("zero3", "ds_zero3.json"), ("zero3_offload", "ds_zero3_offload.json")):
         config = json.loads((REPO / "recipes/accelerate" / ready).read_text())
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -92,19 +103,20 @@ def launched(tmp_path_factory):
         launch = yaml.safe_load((REPO / f"recipes/accelerate/{name}.yaml").read_text())
         launch["deepspeed_config"]["deepspeed_config_file"] = str(root / ready)
         (root / f"{name}.yaml").write_text(yaml.safe_dump(launch))
-    for group in ("z2", "z3", "z3o"):
+    for group in ("z2", "z3", "z3o", "z2o"):
         (root / group).mkdir()
     train_on_two_processes(root / "z2", stage2, accelerate_launch(REPO / "recipes/accelerate/zero2.yaml"))
     train_on_two_processes(root / "z3", stage3, accelerate_launch(root / "zero3.yaml"))
     train_on_two_processes(root / "z3o", offload, accelerate_launch(root / "zero3_offload.yaml"))
+    train_on_two_processes(root / "z2o", offload2, accelerate_launch(root / "zero2_offload.yaml"))
     for group, recipes in (("z3", stage3), ("z3o", offload)):
         partitioned = re.findall(r"ZeRO-3: (\d+) of (\d+) weights partitioned", (root / group / "launch.log").read_text())
         assert len(partitioned) == len(recipes) and all(a == b for a, b in partitioned), partitioned
-    return {2: stage2, 3: stage3, "offload": offload}
+    return {2: stage2, 3: stage3, "offload": offload, "offload2": offload2}
 
 
 @pytest.mark.parametrize("stage,name", [(2, "sft"), (2, "dpo-lora"), (2, "reward"), (3, "sft"), (3, "sft-lora"),
-                                        (3, "dpo"), (3, "kto"), ("offload", "sft")])
+                                        (3, "dpo"), (3, "kto"), ("offload", "sft"), ("offload2", "sft")])
 def test_zero_on_two_processes_equals_one_process_with_their_joint_batch(launched, stage, name):
     """Loss, gradient norm and items at every step within 1e-5 relative (eval loss too); the final
     weights, gathered from the partitions into a plain transformers/peft directory, within 1e-4."""
@@ -118,7 +130,7 @@ def test_zero_on_two_processes_equals_one_process_with_their_joint_batch(launche
         assert shown and all(json.loads(line)["completion"] for line in shown)
 
 
-@pytest.mark.parametrize("stage", [2, 3, "offload"])
+@pytest.mark.parametrize("stage", [2, 3, "offload", "offload2"])
 def test_a_zero_checkpoint_resumes_under_zero_and_on_one_process(launched, stage, tmp_path):
     """The checkpoint is Align's own (safetensors + JSON, no pickle): the weights and AdamW state
     gathered from the partitions, named as under fsdp. Resumed under ZeRO (the state put back into
@@ -205,6 +217,8 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
                ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3"),
                ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
                  "zero_force_ds_cpu_optimizer": True}, "Align steps torch's AdamW on the offloaded partitions"),
+               ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
+                "offload_optimizer.ratio: a partial offload"),
                ({"train_batch_size": 16}, "sets train_batch_size: 16")]
     for change, message in refused:
         with pytest.raises(AlignError, match=message):
@@ -214,6 +228,8 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
     offload = zero.engine_config(json.loads((REPO / "recipes/accelerate/ds_zero3_offload.json").read_text()), train,
                                  world_size=2)  # the ready ZeRO-Offload config: torch's AdamW on the CPU partitions
     assert offload["zero_force_ds_cpu_optimizer"] is False and "zero_force_ds_cpu_optimizer" not in config
+    assert "zero_force_ds_cpu_optimizer" not in zero.engine_config(  # a null section: no offload
+        {**ready, "zero_optimization": {"stage": 2, "offload_optimizer": None}}, train, world_size=2)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -85,7 +85,7 @@ def engine_config(plugin_config: dict, train, world_size: int, zero3_init: bool 
     if stage not in (2, 3):
         raise AlignError(f"DeepSpeed zero_optimization.stage {stage}: Align runs stages 2 and 3 (for no sharding, "
                          "launch without the DeepSpeed config: DDP)")
-    offloaded = {offload: str(zero.get(offload, {}).get("device", "none")).lower()
+    offloaded = {offload: str((zero.get(offload) or {}).get("device", "none")).lower()
                  for offload in ("offload_optimizer", "offload_param")}
     for offload, device in offloaded.items():
         if device not in ("none", "cpu"):
@@ -99,6 +99,9 @@ def engine_config(plugin_config: dict, train, world_size: int, zero3_init: bool 
             raise AlignError("the DeepSpeed config sets zero_force_ds_cpu_optimizer: true, but Align steps torch's "
                              "AdamW on the offloaded partitions; remove it")
         config["zero_force_ds_cpu_optimizer"] = False
+        if float(zero["offload_optimizer"].get("ratio", 1.0)) != 1.0:
+            raise AlignError("the DeepSpeed config's zero_optimization.offload_optimizer.ratio: a partial offload "
+                             "needs DeepSpeed's own CPU Adam; Align offloads the whole optimizer (remove ratio)")
     if zero3_init:
         raise AlignError("the accelerate config's zero3_init_flag: true is not supported (Align loads the model "
                          "before the engine starts, then partitions it); set it to false")

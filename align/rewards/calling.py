@@ -274,6 +274,8 @@ class RewardFunctions:
             raise AlignError(f"{label} {what}; a reward must return scores (one float or None per completion), "
                              "not end the run") from error
         size = len(batch["completions"])
+        if getattr(self.functions[i], "sharded", False):  # its calls are collectives: no retry on this process alone
+            raise AlignError(f"{label} raised {type(error).__name__}: {error} on a batch of {size} rows") from error
         for row in range(size):
             one = {k: v[row:row + 1] if isinstance(v, (list, tuple)) else v for k, v in arguments.items()}
             try:

@@ -191,8 +191,8 @@ class OnlineTrainer(Trainer):
             values = self.score(mine, rollout)
             per_prompt = [(rollout.completion_ids[i * g:(i + 1) * g], rollout.finished[i * g:(i + 1) * g],
                            values[i * g:(i + 1) * g]) for i in range(len(mine))]
-        elif self.rewards.sharded:  # no prompts here this round (its last, short one)
-            self.rewards.pad_sharded()
+        elif getattr(self, "rewards", None) is not None and self.rewards.sharded:  # no prompts here this
+            self.rewards.pad_sharded()  # round (its last, short one); distillation has no rewards
         per_prompt = gather_shares(per_prompt)
         rollout = Rollout([r["prompt_ids"] for r in rows], [c for p in per_prompt for c in p[0]],
                           [f for p in per_prompt for f in p[1]], g)
