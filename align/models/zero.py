@@ -156,8 +156,9 @@ def copy_weights(engine, target: nn.Module) -> None:
     own = dict(target.named_parameters())
     for name, param in _named_trainable(engine):
         if name.startswith("model."):
+            copy = own[name.removeprefix("model.")]
             with deepspeed.zero.GatheredParameters([param]):
-                own[name.removeprefix("model.")].copy_(param.data.reshape(own[name.removeprefix("model.")].shape))
+                copy.copy_(param.data.reshape(copy.shape))
 
 
 def backward(engine, loss: torch.Tensor, last: bool) -> None:

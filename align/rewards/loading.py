@@ -180,12 +180,13 @@ def check_device(device, key: str) -> None:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise AlignError(f"{key}: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    count = torch.accelerator.device_count() if parsed.type != "cpu" else 0
-    if parsed.type != "cpu" and (not torch.accelerator.is_available() or parsed.type !=
-                                 torch.accelerator.current_accelerator().type or (parsed.index or 0) >= count):
-        raise AlignError(f"{key}: {device!r}, but this machine has " +
-                         (f"{count} {torch.accelerator.current_accelerator().type} device(s)"
-                          if torch.accelerator.is_available() else "no accelerator") + "; use cpu or one it has")
+    if parsed.type == "cpu":
+        return
+    kind = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    count = torch.accelerator.device_count() if kind is not None else 0
+    if kind is None or parsed.type != kind.type or (parsed.index or 0) >= count:
+        has = f"{count} {kind.type} device(s)" if kind is not None else "no accelerator"
+        raise AlignError(f"{key}: {device!r}, but this machine has {has}; use cpu or one it has")
 
 
 def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | None = None) -> Callable:

@@ -241,11 +241,12 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def write_safetensors_streaming(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors_streaming(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """`tensors` (on any device) as a safetensors file at `path`, copied to the CPU and written one at a
     time, so that a process's host memory holds one tensor, not all of them (safetensors' own
-    `save_file` takes them all on the CPU at once). The format: an 8-byte little-endian header
-    size, a JSON header (each tensor's dtype, shape and byte range; the metadata), the bytes."""
+    `save_file` takes them all on the CPU at once); flushed. Returns the file's sha256, computed as it
+    is written (not read back). The format: an 8-byte little-endian header size, a JSON header (each
+    tensor's dtype, shape and byte range; the metadata), the bytes."""
     header, offset = {"__metadata__": metadata}, 0
     for name, tensor in tensors.items():
         if tensor.dtype not in SAFETENSORS_DTYPES:
@@ -256,13 +257,19 @@ def write_safetensors_streaming(path: Path, tensors: dict[str, torch.Tensor], me
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for tensor in tensors.values():
-            f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+        def write(block) -> None:
+            f.write(block)
+            digest.update(block)
+
+        write(len(encoded).to_bytes(8, "little"))
+        write(encoded)
+        for tensor in tensors.values():  # one on the CPU at a time
+            write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
+    return digest.hexdigest()
 
 
 def _write_rows(staging: Path, rows: dict[str, RowShard], process: int, processes: int) -> dict[str, str]:
@@ -271,9 +278,8 @@ def _write_rows(staging: Path, rows: dict[str, RowShard], process: int, processe
         raise AlignError(f"process {process} does not see {staging}, which the main process made: every process "
                          "must write to the same output_dir (a filesystem they share)")
     file = staging / rows_file(process, processes)
-    write_safetensors_streaming(file, {name: shard.local for name, shard in rows.items()},
-                                {name: str(shard.offset) for name, shard in rows.items()})
-    return {file.name: sha256(file)}
+    return {file.name: write_safetensors_streaming(file, {name: shard.local for name, shard in rows.items()},
+                                                   {name: str(shard.offset) for name, shard in rows.items()})}
 
 
 def _write(staging: Path, trees: dict, table: _TensorTable, state: dict, write_extra, rows_sums: dict) -> None:

@@ -187,6 +187,9 @@ class DistillTrainer(OnlineTrainer):
         """No reward functions: [N, 0]."""
         return torch.zeros(len(rollout.completion_ids), 0)
 
+    def score_nothing(self) -> None:
+        """No reward functions: nothing to run."""
+
     def make_experience(self, round_: int) -> dict:
         """Sample the round's completions (the student's); the teacher scores them in the loss."""
         rows = self.round_rows(round_)

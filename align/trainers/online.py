@@ -191,8 +191,8 @@ class OnlineTrainer(Trainer):
             values = self.score(mine, rollout)
             per_prompt = [(rollout.completion_ids[i * g:(i + 1) * g], rollout.finished[i * g:(i + 1) * g],
                            values[i * g:(i + 1) * g]) for i in range(len(mine))]
-        elif getattr(self, "rewards", None) is not None and self.rewards.sharded:  # no prompts here this
-            self.rewards.pad_sharded()  # round (its last, short one); distillation has no rewards
+        else:  # no prompts here this round (its last, short one)
+            self.score_nothing()
         per_prompt = gather_shares(per_prompt)
         rollout = Rollout([r["prompt_ids"] for r in rows], [c for p in per_prompt for c in p[0]],
                           [f for p in per_prompt for f in p[1]], g)
@@ -219,6 +219,12 @@ class OnlineTrainer(Trainer):
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
         """[N*G, F] rewards of every completion from every reward function (NaN = not applicable)."""
         return self.rewards(*self.reward_inputs(rows, rollout))
+
+    def score_nothing(self) -> None:
+        """What `score` does on a process with no completions while the others score theirs: the
+        collectives it would run (a sharded reward model's forwards), so that every process runs as many."""
+        if self.rewards.sharded:
+            self.rewards.pad_sharded()
 
     def reward_inputs(self, rows: list[dict], rollout: Rollout) -> tuple:
         """(prompts, completions, completion_ids, columns) for the reward functions: prompts as in the
