@@ -180,6 +180,7 @@ try:
     checkpoint.save_checkpoint(root, 3, {"model": rows(3), "b": torch.ones(2)}, {}, keep=3, run_id="r")
 except Exception as error:
     print(f"process {process} raised {type(error).__name__}: {error}")
+torch.distributed.destroy_process_group()  # not left to the interpreter's exit, which may abort
 """
 
 
@@ -220,7 +221,8 @@ def test_the_streaming_writer_writes_what_safetensors_reads(tmp_path):
                "i64": torch.arange(7), "u8": torch.arange(5, dtype=torch.uint8), "bool": base > 0,
                "empty": torch.zeros(0, 6), "strided": base.t(), "scalar": torch.tensor(3.5)}
     path = tmp_path / "rows.safetensors"
-    checkpoint.write_safetensors_streaming(path, tensors, {"f32": "0", "note": "x"})
+    digest = checkpoint.write_safetensors_streaming(path, tensors, {"f32": "0", "note": "x"})
+    assert digest == checkpoint.sha256(path)  # computed while writing
     with safe_open(str(path), "pt") as stored:
         assert stored.metadata() == {"f32": "0", "note": "x"}
         assert sorted(stored.keys()) == sorted(tensors)
