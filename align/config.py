@@ -161,7 +161,7 @@ class TrainConfig(Section):
     fsdp = torch's FSDP2, weights, gradients and optimizer state sharded over the processes (per
     decoder layer), for a model whose training state does not fit one device. fsdp runs every
     built-in algorithm (references, teachers and reward models are frozen whole copies on each
-    process, or the reference sharded with fsdp_reference, a reward model with its kwargs shard: true;
+    process, or the reference or teacher sharded with fsdp_reference, a reward model with its kwargs shard: true;
     under QLoRA the 4-bit base whole, the rest sharded); each process writes its own shards into a checkpoint, which resumes on any number of
     processes (`align.models.sharding`). DeepSpeed ZeRO is chosen by the
     launch instead (accelerate's config, `recipes/accelerate/`), with sharding: none (`align.models.zero`)."""
@@ -171,9 +171,9 @@ class TrainConfig(Section):
     steps on the CPU (torch's CPUOffloadPolicy). Slower; for a model whose shards do not fit the GPUs."""
     fsdp_reference: Literal["whole", "sharded"] = "whole"
     """Under sharding: fsdp, the frozen-copy reference model (DPO/KTO, also while they precompute
-    its log-probs; GRPO/PPO with a KL term): whole on each process, or sharded like the policy (its
-    weights divided by the processes; each layer gathered for its forward). No effect where no such
-    reference is loaded (an adapter-disabled one, a reference-free loss, beta 0)."""
+    its log-probs; GRPO/PPO with a KL term; distillation's teacher): whole on each process, or sharded
+    like the policy (its weights divided by the processes; each layer gathered for its forward). No
+    effect where no such reference is loaded (an adapter-disabled one, a reference-free loss, beta 0)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False
@@ -425,9 +425,6 @@ class Recipe(Section):
                     f"{', '.join(SHARDABLE_ALGORITHMS)} so far)"),
                    (self._reference_through_the_policy(), f"{self.algorithm}.reference adapter_disabled (the "
                     "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
-                   (self.train.fsdp_reference == "sharded" and self.algorithm == "distill",
-                    "train.fsdp_reference sharded for distillation (the teacher's lm-head is read inside the "
-                    "student's loss; keep it whole)"),
                    (getattr(getattr(self.section, "sampling", None), "engine", None) == "vllm",
                     f"{self.algorithm}.sampling.engine vllm (under fsdp each process samples from an unsharded copy "
                     "with prefix_shared or hf)")]

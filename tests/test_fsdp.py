@@ -86,6 +86,9 @@ def launched(tmp_path_factory):
     # distillation from a perturbed copy of the student, greedy sampling (the same completions on one
     # process or two), 4 prompts a step
     recipes["distill"] = distill_recipe(root, "distill", train={"sharding": "fsdp"})
+    # the same with the teacher sharded like the student (its lm-head gathered by its root's forward)
+    recipes["distill-teacher-sharded"] = distill_recipe(root, "distill-teacher-sharded",
+                                                        train={"sharding": "fsdp", "fsdp_reference": "sharded"})
     # GRPO scored by a reward model (random weights: rewards that vary), whole on each process or
     # sharded like the policy; 9 prompts, 2 a round, 5 rounds: the last has one prompt, so one process
     # scores nothing and pads the sharded model's forwards; an eval split of 5 prompts, evaluated at the end
@@ -172,8 +175,6 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_two_processes_on_four_and_
      r"fsdp cannot run with ppo.reference adapter_disabled"),
     ({"train": {"sharding": "none", "fsdp_offload": True}}, "train.fsdp_offload .* needs train.sharding: fsdp"),
     ({"train": {"sharding": "none", "fsdp_reference": "sharded"}}, "fsdp_reference: sharded .* needs train.sharding: fsdp"),
-    ({"algorithm": "distill", "train": {"fsdp_reference": "sharded"}, "distill": {"teacher_model": "builtin:tiny-llama"}},
-     "fsdp_reference sharded for distillation"),
 ])
 def test_what_fsdp_does_not_do_yet_is_refused_by_the_recipe(tmp_path, change, refused):
     rows = preference_rows(4, seed=1) if change.get("algorithm") == "dpo" else chat_rows(4, seed=1)
@@ -229,7 +230,7 @@ def test_a_sharded_reference_holds_half_its_weights_on_each_process(launched):
     process says how much of the reference it holds."""
     log = Path(launched["dpo"]["output_dir"]).parent.joinpath("launch.log").read_text()
     held = re.findall(r"the frozen reference is sharded over 2 processes: this one holds (\d+) of (\d+) weights", log)
-    assert len(held) == 8  # four runs, two processes each
+    assert len(held) == 10  # five runs, two processes each
     assert all(0 < 2 * int(mine) <= int(total) + 4096 for mine, total in held), held
     # GRPO with its KL reference sharded is the run with it whole, step for step (the same seeds; a
     # one-process resume would reuse the checkpoint's reference log-probs, so this is the KL's check)
@@ -314,6 +315,24 @@ with torch.no_grad():
     if dist.get_rank() == 1:
         policy.reference_module.model.lm_head.weight.to_local()[-1, -1] += 1
 assert tensors_hash(policy.reference_module) != hashes[0]
+
+from align.trainers.distill import DistillPolicy  # a sharded teacher (fsdp_reference: sharded for distillation)
+
+distiller = DistillPolicy(AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32), None, "none")
+teacher = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+with torch.no_grad(), torch.random.fork_rng():  # the same teacher on both processes
+    torch.manual_seed(3)
+    for p in teacher.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+distiller.use_reference_model(teacher)
+batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "labels": torch.tensor([[2, 3, 4, 5, -100]])}
+whole_teacher = distiller.distill(batch, None, beta=1.0, temperature=1.0)
+distiller.shard_reference(torch.device("cpu"))
+sharded_teacher = distiller.distill(batch, None, beta=1.0, temperature=1.0)
+assert isinstance(distiller.teacher.lm_head.weight, DTensor)  # its root resharded after the student's loss read it
+for field in ("divergence", "teacher_logps", "student_logps"):
+    torch.testing.assert_close(getattr(sharded_teacher, field), getattr(whole_teacher, field), atol=1e-6, rtol=1e-6)
+assert whole_teacher.divergence[0, :4].min() > 0
 print("copied", dist.get_rank(), len(whole))
 # a group left to the interpreter's exit sometimes aborted it after both processes had printed
 # ("terminate called without an active exception"): tear it down here
@@ -325,7 +344,9 @@ def test_the_sampling_copy_gets_the_weights_of_every_shard(tmp_path):
     """`sharding.copy_weights`, which syncs GRPO's unsharded sampling copy before each round: after
     both processes change their own shards, each process's copy holds the whole new weights. And
     `sharding.gathered` (greedy samples) keeps every weight whole inside, then restores FSDP's own
-    setting on exit (the root keeps its weights after a forward, the layers reshard)."""
+    setting on exit (the root keeps its weights after a forward, the layers reshard). A sharded
+    reference, and a sharded teacher, are resharded after use; the teacher's divergence is the
+    whole teacher's."""
     import os
     import subprocess
     import sys
@@ -366,3 +387,15 @@ def test_distillation_under_fsdp_equals_one_process(launched):
     TRAINERS.get("distill").from_recipe(recipe_from_dict(single)).fit()
     assert metrics(recipe["output_dir"])[0]["loss"] > 1e-3  # the teacher differs: a real divergence
     assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm"))
+
+
+def test_a_sharded_teacher_distills_as_the_whole_one(launched):
+    """train.fsdp_reference: sharded for distillation: each process holds half the teacher, whose
+    root gathers its lm-head for the student's loss and drops it after: the same run as with the
+    teacher whole on each process, step for step, and the same evaluation (padded on one process)."""
+    whole, sharded = (metrics(launched[name]["output_dir"]) for name in ("distill", "distill-teacher-sharded"))
+    assert [r["step"] for r in sharded] == [r["step"] for r in whole] and "eval/teacher_nll" in sharded[-1]
+    for a, b in zip(whole, sharded):
+        for key in ("loss", "grad_norm", "teacher_nll", "eval/loss", "eval/teacher_nll"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)

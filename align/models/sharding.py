@@ -14,8 +14,8 @@ This is called directly rather than through accelerate's FSDP plugin, which on a
 back to DDP (so the gloo tests would prove nothing) and prepares one model per call.
 
 Supported here: every built-in algorithm (`align.config.SHARDABLE_ALGORITHMS`; PPO's critic is part
-of the trained root and sharded with the policy; distillation's teacher, like every frozen model,
-is whole on each process), full fine-tuning, LoRA and QLoRA (see `shard`), activation checkpointing. The
+of the trained root and sharded with the policy; references, teachers and reward models are frozen
+roots of their own, whole on each process unless the recipe shards them), full fine-tuning, LoRA and QLoRA (see `shard`), activation checkpointing. The
 gradients are reduce-scattered and averaged over the processes as DDP's are, so a step equals DDP's.
 Checkpoints are never gathered: each process saves its own rows of the shards
 (`sharded_training_state`) and reads back the rows it holds (`load_sharded_training_state`).

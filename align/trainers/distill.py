@@ -99,6 +99,23 @@ class DistillModel(TokenLogprobModel):
         return out.total, out.divergence, out.entropy, out.student_logps, out.teacher_logps
 
 
+class TeacherModel(nn.Module):
+    """The frozen teacher as one module whose forward returns its last hidden states [B, T, H_t]
+    (its lm-head is applied in the student's loss, `DistillModel`). Being the teacher's root, under
+    `train.fsdp_reference: sharded` its forward gathers the embedding, final norm and lm-head, and
+    FSDP keeps a root's weights gathered after its forward until `reshard()`: the student's loss
+    reads the whole lm-head then (not a DTensor shard)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                max_seq_len: int | None = None, **_) -> torch.Tensor:
+        return decoder_hidden(causal_lm(self.model), input_ids, position_ids, attention_mask, cu_seq_lens, max_seq_len)
+
+
 class DistillPolicy(Policy):
     """A Policy whose reference model is the teacher (`Policy.from_config(reference_model=...)`),
     and whose trained module computes the distillation loss (`DistillModel`)."""
@@ -109,34 +126,34 @@ class DistillPolicy(Policy):
     def use_reference_model(self, model: nn.Module) -> None:
         """The teacher, frozen; its logits must be its own forward()'s (the probe every policy passes)."""
         check_logprobs_match_forward(causal_lm(model))
-        super().use_reference_model(model)
-
-    def shard_reference(self, device: torch.device, offload: bool = False) -> None:
-        """Refused: the student's loss reads the teacher's lm-head outside the teacher's forward,
-        where a sharded weight is a DTensor shard (the recipe check refuses it first)."""
-        raise AlignError("train.fsdp_reference=sharded: a distillation teacher stays whole on each process; set "
-                         "fsdp_reference: whole")
+        self._reference_module = TeacherModel(model).eval().requires_grad_(False)
+        self.reference = "frozen_copy"
 
     @property
     def teacher(self) -> nn.Module:
-        """The teacher's causal LM, on the student's device, in eval mode."""
+        """The teacher's causal LM."""
         if self._reference_module is None:
             raise RuntimeError("this policy has no teacher")
-        device = next(self.module.parameters()).device
-        return causal_lm(self._reference_module.to(device).eval().model)
+        return causal_lm(self._reference_module.model)
 
     def distill(self, batch: dict, token_weights: torch.Tensor | None, beta: float,
                 temperature: float) -> DistillOutput:
         """The teacher's hidden states on `batch` (no gradient), then the student's forward with the
         chunked divergence (`DistillModel`). token_weights: [B, T] packed, each token's weight in
         `total` (the loss), or None (1 each)."""
-        teacher = self.teacher
-        with torch.no_grad():
-            hidden = decoder_hidden(teacher, batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"),
-                                    batch.get("cu_seq_lens"), batch.get("max_seq_len"))
-        outputs = self.module(**batch, teacher_hidden=hidden, teacher_head=teacher.get_output_embeddings(),
-                              teacher_transform=logit_transform(teacher.config), distill_weights=token_weights,
-                              beta=beta, temperature=temperature)
+        root = self._reference_module.eval()
+        if not self.reference_sharded:  # on the batch's device (under fsdp offload the student's weights are on the CPU)
+            root.to(batch["input_ids"].device)
+        try:
+            with torch.no_grad():
+                hidden = root(**batch)
+            teacher = causal_lm(root.model)
+            outputs = self.module(**batch, teacher_hidden=hidden, teacher_head=teacher.get_output_embeddings(),
+                                  teacher_transform=logit_transform(teacher.config), distill_weights=token_weights,
+                                  beta=beta, temperature=temperature)
+        finally:
+            if self.reference_sharded:  # the student's loss has read its lm-head: FSDP keeps a root's weights
+                root.reshard()  # gathered after its forward, for a backward a frozen root never has
         return DistillOutput(*outputs)
 
 
