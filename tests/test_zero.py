@@ -23,6 +23,7 @@ from align.models import zero  # noqa: E402
 from align.registry import TRAINERS  # noqa: E402
 from align.toy import chat_rows, preference_rows, prompt_rows  # noqa: E402
 from align.trainers import SFTTrainer  # noqa: E402
+from tests.conftest import deep_update, rollout_server  # noqa: E402
 from tests.test_distributed import (LORA, REPO, assert_same_run, distill_recipe, metrics,  # noqa: E402
                                     recipe_dict, resumed_mid_round_on_one_process, single_process,
                                     train_on_two_processes, weights)
@@ -70,6 +71,11 @@ def launched(tmp_path_factory):
                                     train={**online, "batch_size": 4},
                                     grpo={"group_size": 4, "num_iterations": 2, "beta": 0.05, "loss_norm": "dapo",
                                           "sampling": {"max_new_tokens": 12}, "rewards": digits})
+    # GRPO under stage 3 with its rollouts from a server: no sampling copy, every weight gathered
+    # for the main process to send before each round (safetensors over HTTP)
+    stage3["grpo-server"] = deep_update(json.loads(json.dumps(stage3["grpo"])), {
+        "output_dir": str(root / "z3-grpo-server"),
+        "grpo": {"sampling": {"engine": "server", "server": {"transport": "http"}}}})
     # PPO under stage 3: the policy and a separate critic partitioned in one root, a KL reference;
     # 8 prompts a round, 2 epochs x 2 mini-batches
     stage3["ppo"] = recipe_dict(root, "z3-ppo", "ppo", prompt_rows(16, seed=31), train={**online, "batch_size": 2},
@@ -106,7 +112,9 @@ def launched(tmp_path_factory):
     for group in ("z2", "z3", "z3o", "z2o"):
         (root / group).mkdir()
     train_on_two_processes(root / "z2", stage2, accelerate_launch(REPO / "recipes/accelerate/zero2.yaml"))
-    train_on_two_processes(root / "z3", stage3, accelerate_launch(root / "zero3.yaml"))
+    with rollout_server(stage3["grpo"], root / "serve.yaml", "--engine", "prefix_shared") as url:
+        stage3["grpo-server"]["grpo"]["sampling"]["server"]["url"] = url
+        train_on_two_processes(root / "z3", stage3, accelerate_launch(root / "zero3.yaml"))
     train_on_two_processes(root / "z3o", offload, accelerate_launch(root / "zero3_offload.yaml"))
     train_on_two_processes(root / "z2o", offload2, accelerate_launch(root / "zero2_offload.yaml"))
     for group, recipes in (("z3", stage3), ("z3o", offload)):
@@ -176,6 +184,13 @@ def test_grpo_under_zero3_samples_from_a_copy_synced_with_the_partitions(launche
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
 
 
+def test_grpo_under_zero3_sampling_from_a_rollout_server_equals_sampling_in_process(launched):
+    """The server samples each process's prompts with its seed from the weights the main process
+    gathered from the partitions and sent: the same rollouts as from the synced copies, so the same run."""
+    assert_same_run(launched[3]["grpo-server"]["output_dir"], launched[3]["grpo"]["output_dir"],
+                    keys=("loss", "grad_norm", "kl", "reward"))
+
+
 def test_ppo_under_zero3_equals_one_process_on_the_same_experience(launched):
     """PPO's policy and separate critic partitioned in one root, the sampler an unpartitioned copy
     of the policy alone: one process resumes from the step-1 checkpoint (mid-round) and the round's
@@ -233,8 +248,8 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}], "sampling": {"engine": "server"}}},
-     "grpo.sampling.engine server"),
+    ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}], "sampling": {"engine": "vllm"}}},
+     "grpo.sampling.engine vllm"),
     ({"algorithm": "grpo", "train": {"sharding": "fsdp"},
       "grpo": {"rewards": [{"fn": "runs/rm", "kwargs": {"shard": True}}]}}, "grpo.rewards kwargs shard: true"),
     ({"adapter": {**LORA, "kind": "qlora"}}, "adapter.kind qlora"),

@@ -27,7 +27,9 @@ fsdp, DDP or on one process, on any number of processes.
 
 GRPO, PPO and distillation sample between steps, each process its own prompts: under stage 2 from the trained
 model (whole on each process), under stage 3 from an unpartitioned copy of the policy's model that
-`copy_weights` syncs from the partitions before each round.
+`copy_weights` syncs from the partitions before each round. Or they sample from a rollout server
+(`sampling.engine: server`): then there is no copy, and before each round every weight is gathered
+(`gathered`) for the main process to send.
 
 Under stage 3 the chunked log-probs read the lm-head weight inside the root's forward (not through
 the lm-head module's own forward); it is registered as the root's external parameter, so it is
@@ -161,6 +163,16 @@ def copy_weights(engine, target: nn.Module) -> None:
                 copy.copy_(param.data.reshape(copy.shape))
 
 
+def gathered(engine):
+    """Every process calls it (under stage 3 a collective): a context inside which every weight of
+    the engine's module is whole on every process, to be read (changes are not written back), e.g.
+    for the main process to send them to a rollout server. Costs the whole model on each process
+    while inside; under stage 2 (weights whole already) it does nothing."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+
+
 def backward(engine, loss: torch.Tensor, last: bool) -> None:
     """One micro-batch's backward; `last`: the step's last micro-batch (gradients reduced there).
     The loss is already this process's share of the step's normalised loss (not divided again)."""
@@ -288,11 +300,9 @@ def check(algorithm: str, recipe) -> None:
     if algorithm not in ALGORITHMS:
         reasons.append(f"algorithm {algorithm!r} (ZeRO trains {', '.join(ALGORITHMS)} so far; "
                        "use train.sharding: fsdp under torchrun)")
-    engine = getattr(getattr(recipe.section, "sampling", None), "engine", None)
-    if engine in ("vllm", "server"):
-        reasons.append(f"{algorithm}.sampling.engine {engine} (under ZeRO each process samples its own prompts "
-                       "in process, with prefix_shared or hf; a rollout server runs under torchrun, with or "
-                       "without train.sharding: fsdp)")
+    if getattr(getattr(recipe.section, "sampling", None), "engine", None) == "vllm":
+        reasons.append(f"{algorithm}.sampling.engine vllm (an engine inside each training process; under ZeRO "
+                       "sample in process with prefix_shared or hf, or from a rollout server: engine server)")
     if any(entry.kwargs.get("shard") is True for entry in getattr(recipe.section, "rewards", [])):
         reasons.append(f"{algorithm}.rewards kwargs shard: true (a reward model is sharded under fsdp; under ZeRO "
                        "it is whole on each process)")

@@ -210,10 +210,15 @@ class OnlineTrainer(Trainer):
             self.engine.sync_weights()
 
     def whole_policy(self):
-        """Under fsdp with a rollout server: a context in which every process holds the policy's whole
-        weights (`sharding.gathered`, a collective), for the main process to send. Else nothing."""
-        if self.sharded and not self.samples_in_process():
+        """Under fsdp or ZeRO-3 with a rollout server: a context in which every process holds the
+        policy's whole weights (`sharding.gathered`, `zero.gathered`: collectives), for the main
+        process to send. Else nothing."""
+        if self.samples_in_process():
+            return contextlib.nullcontext()
+        if self.sharded:
             return sharding.gathered(self.policy.module)
+        if self.zero_engine is not None:
+            return zero.gathered(self.zero_engine)
         return contextlib.nullcontext()
 
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
