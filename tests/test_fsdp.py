@@ -21,7 +21,8 @@ from align.registry import TRAINERS
 from align.trainers import SFTTrainer
 from tests.conftest import deep_update, rollout_server
 from tests.test_distributed import (LORA, assert_same_run, distill_recipe, metrics, recipe_dict,
-                                    resumed_mid_round_on_one_process, single_process, train_on_two_processes, weights)
+                                    resumed_mid_round_on_one_process, run_script_on_two_processes, single_process,
+                                    train_on_two_processes, weights)
 
 SHARDED = {"sharding": "fsdp", "batch_size": 2, "grad_accum": 2}
 
@@ -347,21 +348,7 @@ def test_the_sampling_copy_gets_the_weights_of_every_shard(tmp_path):
     setting on exit (the root keeps its weights after a forward, the layers reshard). A sharded
     reference, and a sharded teacher, are resharded after use; the teacher's divergence is the
     whole teacher's."""
-    import os
-    import subprocess
-    import sys
-
-    from align.models.tiny import resolve
-    from tests.test_distributed import REPO
-
-    (tmp_path / "check.py").write_text(COPY_CHECK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(tmp_path / "check.py"), resolve("builtin:tiny-llama")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert result.stdout.count("copied") == 2
+    assert run_script_on_two_processes(tmp_path, COPY_CHECK).count("copied") == 2
 
 
 def test_ppo_under_fsdp_equals_one_process_on_the_same_experience(launched):

@@ -25,7 +25,8 @@ from align.toy import chat_rows, preference_rows, prompt_rows  # noqa: E402
 from align.trainers import SFTTrainer  # noqa: E402
 from tests.conftest import deep_update, rollout_server  # noqa: E402
 from tests.test_distributed import (LORA, REPO, assert_same_run, distill_recipe, metrics,  # noqa: E402
-                                    recipe_dict, resumed_mid_round_on_one_process, single_process,
+                                    recipe_dict, resumed_mid_round_on_one_process, run_script_on_two_processes,
+                                    single_process,
                                     train_on_two_processes, weights)
 
 STEP = {"batch_size": 2, "grad_accum": 2}
@@ -81,7 +82,7 @@ def launched(tmp_path_factory):
     stage3["ppo"] = recipe_dict(root, "z3-ppo", "ppo", prompt_rows(16, seed=31), train={**online, "batch_size": 2},
                                 ppo={"ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.05, "critic": "separate",
                                      "sampling": {"max_new_tokens": 10}, "rewards": digits})
-    # distillation under stage 3: the student partitioned, sampling from its copy; the teacher whole
+    # distillation under stage 3: the student partitioned, sampling from its copy; the teacher partitioned too
     stage3["distill"] = distill_recipe(root, "z3-distill")
     # ZeRO-Offload with the ready config (stage 3, weights and optimizer state in CPU memory, torch's
     # AdamW stepping there): SFT with its resume, and GRPO sampling from its copy
@@ -118,8 +119,12 @@ def launched(tmp_path_factory):
     train_on_two_processes(root / "z3o", offload, accelerate_launch(root / "zero3_offload.yaml"))
     train_on_two_processes(root / "z2o", offload2, accelerate_launch(root / "zero2_offload.yaml"))
     for group, recipes in (("z3", stage3), ("z3o", offload)):
-        partitioned = re.findall(r"ZeRO-3: (\d+) of (\d+) weights partitioned", (root / group / "launch.log").read_text())
+        log = (root / group / "launch.log").read_text()
+        partitioned = re.findall(r"ZeRO-3: (\d+) of (\d+) weights partitioned", log)
         assert len(partitioned) == len(recipes) and all(a == b for a, b in partitioned), partitioned
+        # the frozen references and teachers too (DPO, KTO, GRPO twice, PPO, distillation; GRPO offloaded)
+        references = re.findall(r"ZeRO-3: (\d+) of (\d+) weights of the frozen reference partitioned", log)
+        assert len(references) == {"z3": 6, "z3o": 1}[group] and all(a == b for a, b in references), references
     return {2: stage2, 3: stage3, "offload": offload, "offload2": offload2}
 
 
@@ -191,6 +196,50 @@ def test_grpo_under_zero3_sampling_from_a_rollout_server_equals_sampling_in_proc
                     keys=("loss", "grad_norm", "kl", "reward"))
 
 
+PARTITIONED_REFERENCE_CHECK = """
+import sys
+import torch
+import torch.distributed as dist
+import deepspeed
+from transformers import AutoModelForCausalLM
+from align.models import zero
+from align.models.policy import TokenLogprobModel
+from align.models.reference_cache import tensors_hash
+from align.config import TrainConfig
+
+deepspeed.init_distributed(dist_backend="gloo")
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "labels": torch.tensor([[2, 3, 4, 5, -100]])}
+with torch.no_grad():
+    want = TokenLogprobModel(model)(**batch)
+whole_hash = tensors_hash(TokenLogprobModel(model))
+config = zero.engine_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+                            TrainConfig(batch_size=1), world_size=dist.get_world_size())
+reference = zero.start_frozen(TokenLogprobModel(model), config)
+assert all(p.numel() == 0 for p in reference.module.parameters())  # partitioned: nothing whole here
+with torch.no_grad():
+    got = reference(**batch)
+torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+hashes = [None, None]
+dist.all_gather_object(hashes, tensors_hash(reference))
+assert hashes[0] == hashes[1] != whole_hash and len(hashes[0]) == 64
+with torch.no_grad():
+    if dist.get_rank() == 1:
+        next(reference.module.parameters()).ds_tensor.view(-1)[0] += 1
+assert tensors_hash(reference) != hashes[0]
+print("hashed", dist.get_rank())
+dist.destroy_process_group()
+"""
+
+
+def test_a_partitioned_reference_computes_and_hashes_as_the_whole_one(tmp_path):
+    """Under stage 3 a frozen reference (or teacher) is partitioned like the policy
+    (`zero.start_frozen`): its log-probs are the whole model's, and its reference-cache key
+    (`tensors_hash`) hashes what each process holds: the same on every process, and changed by a
+    change in one process's partition (a key blind to the partitions would give wrong cache hits)."""
+    assert run_script_on_two_processes(tmp_path, PARTITIONED_REFERENCE_CHECK).count("hashed") == 2
+
+
 def test_ppo_under_zero3_equals_one_process_on_the_same_experience(launched):
     """PPO's policy and separate critic partitioned in one root, the sampler an unpartitioned copy
     of the policy alone: one process resumes from the step-1 checkpoint (mid-round) and the round's
@@ -207,8 +256,8 @@ def test_ppo_under_zero3_equals_one_process_on_the_same_experience(launched):
 
 
 def test_distillation_under_zero3_equals_one_process(launched):
-    """The student partitioned, the teacher whole on each process (its head read in the student's
-    forward), greedy samples from the student's copy: every step equals one process's."""
+    """The student and the teacher partitioned (the teacher's head gathered for the student's
+    forward, which reads it), greedy samples from the student's copy: every step equals one process's."""
     recipe = launched[3]["distill"]
     single = single_process(recipe, batch_size=4)
     TRAINERS.get("distill").from_recipe(recipe_from_dict(single)).fit()

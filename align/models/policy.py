@@ -18,7 +18,7 @@ from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
-from align.models import sharding, tiny
+from align.models import sharding, tiny, zero
 from align.models.dropout import disable_dropout
 from align.models.head import check_logprobs_match_forward, logit_transform
 from align.models.loading import load_model, load_tokenizer
@@ -223,6 +223,13 @@ class Policy(Trainable):
                  "weights", torch.distributed.get_world_size(), sum(sharding.local_shard(p).numel() for p in params),
                  sum(p.numel() for p in params))
 
+    def partition_reference(self, config: dict) -> None:
+        """Under DeepSpeed ZeRO-3: partition the frozen-copy reference over the processes as the policy
+        is (`zero.start_frozen`, an engine without optimizer; every process must then run its forwards
+        in step, as it does the policy's). config: the policy's engine config."""
+        self._reference_module = zero.start_frozen(self._reference_module, config)
+        self.reference_sharded = True
+
     def release_reference(self) -> None:
         """Free the reference model once its log-probs are cached."""
         self._reference_module, self.reference = None, "none"
@@ -245,11 +252,12 @@ class Policy(Trainable):
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """[B, T] log-probs of `batch["labels"]` under the reference model (no gradient)."""
         if self.reference == "frozen_copy" and self.reference_sharded:
-            module = self._reference_module.train(self.module.training)
+            module = self._reference_module
+            module.train(self.module.training)  # (a DeepSpeed engine's train() returns None)
             try:
                 return module(**batch, temperature=temperature)
-            finally:  # FSDP keeps a root's weights gathered after its forward, for a backward a frozen root never has
-                module.reshard()
+            finally:  # FSDP keeps a root's weights gathered after its forward, for a backward a frozen root never
+                sharding.reshard_frozen(module)  # has (ZeRO-3 releases them itself)
         if self.reference == "frozen_copy":  # in the policy's mode: the same dropout setting
             device = batch["input_ids"].device  # (not a policy weight's: under fsdp offload those are on the CPU)
             return self._reference_module.to(device).train(self.module.training)(**batch, temperature=temperature)

@@ -97,26 +97,33 @@ def tensors_hash(module: torch.nn.Module) -> str:
     whose vCPUs do not scale (one thread: 0.62 GB/s), i.e. about 22 s for a 7B bf16 model (14 GB);
     it scales with cores elsewhere (hashlib releases the GIL).
 
-    A module sharded by fsdp (DTensor weights): every process calls it, hashes its own rows, and
-    gets the hash of every process's hashes, the whole model's (the same model sharded over another
-    number of processes hashes differently: a cache miss, never a wrong hit).
+    A module sharded by fsdp (DTensor weights) or partitioned by ZeRO-3: every process calls it,
+    hashes the part it holds, and gets the hash of every process's hashes, the whole model's (the
+    same model sharded over another number of processes hashes differently: a cache miss, never a
+    wrong hit).
     """
     from torch.distributed.tensor import DTensor
 
-    from align.models import sharding
+    from align.models import sharding, zero
 
     def entry(name: str, tensor: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
-        sharded = isinstance(tensor, DTensor)
-        rows = list(sharding.rows_held(tensor)) if sharded else []
-        raw = sharding.local_shard(tensor).detach().reshape(-1).view(torch.uint8)
+        shape, position = list(tensor.shape), []
+        if isinstance(tensor, DTensor):  # this process's rows
+            held, position = sharding.local_shard(tensor), list(sharding.rows_held(tensor))
+        elif zero.partitioned(tensor):  # this process's slice of the flattened weight
+            held, start = zero.held_part(tensor)
+            shape, position = list(tensor.ds_shape), [start, held.numel()]
+        else:
+            held = tensor
+        raw = held.detach().reshape(-1).view(torch.uint8)
         blocks = [raw[start:start + BLOCK_BYTES] for start in range(0, max(raw.numel(), 1), BLOCK_BYTES)]
-        return json.dumps([name, str(tensor.dtype), list(tensor.shape), *rows]), blocks
+        return json.dumps([name, str(tensor.dtype), shape, *position]), blocks
 
     with torch.no_grad():
         named = sorted(_named_tensors(module), key=lambda item: item[0])
         digest = _tree_hash([entry(name, tensor) for name, tensor in named], _tensor_block_digest)
-    if any(isinstance(tensor, DTensor) for _, tensor in named):  # the process group the shards live in
-        digests = [None] * torch.distributed.get_world_size()
+    if any(isinstance(tensor, DTensor) or zero.partitioned(tensor) for _, tensor in named):
+        digests = [None] * torch.distributed.get_world_size()  # (the process group the shards live in)
         torch.distributed.all_gather_object(digests, digest)
         digest = json_hash(digests)
     return digest

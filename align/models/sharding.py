@@ -80,6 +80,16 @@ def gathered(module: nn.Module):
             unit.set_reshard_after_forward(unit is not module, recurse=False)
 
 
+def reshard_frozen(root: nn.Module) -> None:
+    """After a forward of a frozen root sharded by FSDP, drop the whole weights its forward gathered:
+    FSDP keeps a root's weights after its forward, for a backward a frozen root never has. Any other
+    module (a ZeRO-3 engine releases its weights itself): nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(root, FSDPModule):
+        root.reshard()
+
+
 @torch.no_grad()
 def copy_weights(root: nn.Module, target: nn.Module) -> None:
     """Every process calls it (a collective per weight): `target`, an unsharded copy of `root.model`

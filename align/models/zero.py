@@ -31,6 +31,9 @@ model (whole on each process), under stage 3 from an unpartitioned copy of the p
 (`sampling.engine: server`): then there is no copy, and before each round every weight is gathered
 (`gathered`) for the main process to send.
 
+Under stage 3 a frozen reference or distillation teacher is partitioned too (`start_frozen`, as
+TRL's `prepare_deepspeed`); under stage 2 it is whole on each process.
+
 Under stage 3 the chunked log-probs read the lm-head weight inside the root's forward (not through
 the lm-head module's own forward); it is registered as the root's external parameter, so it is
 gathered there as any other weight the root's forward uses.
@@ -122,20 +125,75 @@ def start(module: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     directly (the chunked log-probs), is registered as the root's external parameter."""
     import deepspeed
 
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    if stage(engine) == 3:
+        _register_head(engine)
+        _log_partitioned(engine, "")
+    return engine
+
+
+def start_frozen(module: nn.Module, config: dict):
+    """A DeepSpeed engine without optimizer over a frozen root (a reference or teacher), partitioned
+    as stage 3 partitions the policy (TRL's `prepare_deepspeed` does the same), so that no process holds
+    it whole: each of its forwards gathers the weights it uses, so every process must run as many.
+    config: `engine_config`'s for the trained root, stage 3; its optimizer offload does not apply."""
+    import deepspeed
+
+    frozen = {**config, "zero_optimization": {key: value for key, value in config["zero_optimization"].items()
+                                              if key != "offload_optimizer"}}
+    frozen.pop("zero_force_ds_cpu_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=module, config=frozen)
+    _register_head(engine)
+    _log_partitioned(engine, " of the frozen reference")
+    engine.eval()
+    return engine
+
+
+def _register_head(engine) -> None:
+    """The causal LM's output layer, which the root's forward reads directly (the chunked log-probs),
+    registered as the root's external parameter: gathered with the root's weights (stage 3)."""
+    import deepspeed
+
     from align.models.policy import causal_lm
 
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     lm = causal_lm(getattr(engine.module, "model", engine.module))  # the root wraps the causal LM
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if stage(engine) == 3 and head is not None:
+    if head is not None:
         deepspeed.zero.register_external_parameter(engine.module, head.weight)
-    if stage(engine) == 3 and torch.distributed.get_rank() == 0:
+
+
+def _log_partitioned(engine, what: str) -> None:
+    if torch.distributed.get_rank() == 0:
         params = list(engine.module.parameters())
         partitioned = sum(p.numel() == 0 for p in params)  # outside forwards a partitioned weight holds nothing
-        log.info("DeepSpeed ZeRO-3: %d of %d weights partitioned over %d processes (the others, below "
-                 "stage3_param_persistence_threshold elements, whole on each)", partitioned, len(params),
+        log.info("DeepSpeed ZeRO-3: %d of %d weights%s partitioned over %d processes (the others, below "
+                 "stage3_param_persistence_threshold elements, whole on each)", partitioned, len(params), what,
                  torch.distributed.get_world_size())
-    return engine
+
+
+def partitioned(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a weight partitioned by ZeRO-3 (its data empty outside forwards)."""
+    return hasattr(tensor, "ds_tensor")
+
+
+def held_part(param: nn.Parameter) -> tuple[torch.Tensor, int]:
+    """(the elements of a ZeRO-3 weight this process holds, flattened, without the partition's padding;
+    their offset in the flattened weight)."""
+    part, size = param.ds_tensor.reshape(-1), param.ds_tensor.ds_numel  # every process holds `size` elements,
+    start = torch.distributed.get_rank(param.ds_process_group) * size  # the last ones padded past the weight's end
+    return part[:max(0, min(size, param.ds_numel - start))], start
+
+
+@contextlib.contextmanager
+def gathered_weights(module: nn.Module):
+    """Every process calls it (a collective): inside, `module`'s weights partitioned by ZeRO-3 are whole,
+    to be read outside the forward of the engine they belong to (a teacher's lm-head, read in the
+    student's loss). Other weights: nothing to do."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if partitioned(p)]
+    with deepspeed.zero.GatheredParameters(params) if params else contextlib.nullcontext():
+        yield
 
 
 def stage(engine) -> int:

@@ -175,6 +175,8 @@ class Trainer(Resumable):
             if zero.partitions_weights(config) and self.samples_in_process():  # as under fsdp (stage 2 keeps
                 self.sampling_copy = self.copy_for_sampling(policy)  # whole weights: it samples from them)
             self.zero_engine = policy.module = zero.start(policy.module, self.optimizer, config)
+            if zero.partitions_weights(config) and policy.reference == "frozen_copy":  # a reference or teacher
+                policy.partition_reference(config)  # partitioned as the policy is (as TRL does under ZeRO-3)
         elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
             self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
         self.lockstep = self.sharded or self.zero_engine is not None

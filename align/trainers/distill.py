@@ -37,7 +37,8 @@ from align.losses.distill import check_divergence, distill_loss, distill_token_w
 from align.losses.policy_gradient import masked_mean
 from align.models.head import check_logprobs_match_forward, logit_transform
 from align.models.packed import decoder_hidden
-from align.models.policy import Policy, TokenLogprobModel, causal_lm
+from align.models import sharding, zero
+from align.models.policy import Policy, TokenLogprobModel, causal_lm, unwrap
 from align.ops.distill import DistillOutput, chunked_divergence
 from align.rollout import Rollout
 from align.trainers.base import register_trainer
@@ -134,26 +135,30 @@ class DistillPolicy(Policy):
         """The teacher's causal LM."""
         if self._reference_module is None:
             raise RuntimeError("this policy has no teacher")
-        return causal_lm(self._reference_module.model)
+        return causal_lm(unwrap(self._reference_module).model)
 
     def distill(self, batch: dict, token_weights: torch.Tensor | None, beta: float,
                 temperature: float) -> DistillOutput:
         """The teacher's hidden states on `batch` (no gradient), then the student's forward with the
         chunked divergence (`DistillModel`). token_weights: [B, T] packed, each token's weight in
-        `total` (the loss), or None (1 each)."""
-        root = self._reference_module.eval()
+        `total` (the loss), or None (1 each). A sharded teacher's lm-head is whole while the student's
+        loss reads it: under fsdp its root keeps what its forward gathered until resharded, under
+        ZeRO-3 it is gathered for the student's forward."""
+        root = self._reference_module
+        root.eval()  # (a DeepSpeed engine's eval() returns None)
         if not self.reference_sharded:  # on the batch's device (under fsdp offload the student's weights are on the CPU)
             root.to(batch["input_ids"].device)
         try:
             with torch.no_grad():
                 hidden = root(**batch)
-            teacher = causal_lm(root.model)
-            outputs = self.module(**batch, teacher_hidden=hidden, teacher_head=teacher.get_output_embeddings(),
-                                  teacher_transform=logit_transform(teacher.config), distill_weights=token_weights,
-                                  beta=beta, temperature=temperature)
+            teacher = self.teacher
+            head = teacher.get_output_embeddings()
+            with zero.gathered_weights(head):
+                outputs = self.module(**batch, teacher_hidden=hidden, teacher_head=head,
+                                      teacher_transform=logit_transform(teacher.config), distill_weights=token_weights,
+                                      beta=beta, temperature=temperature)
         finally:
-            if self.reference_sharded:  # the student's loss has read its lm-head: FSDP keeps a root's weights
-                root.reshard()  # gathered after its forward, for a backward a frozen root never has
+            sharding.reshard_frozen(root)
         return DistillOutput(*outputs)
 
 
