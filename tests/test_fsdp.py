@@ -7,6 +7,7 @@ does not do yet is refused before a model loads."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -187,6 +188,56 @@ def test_what_fsdp_does_not_do_yet_is_refused_by_the_recipe(tmp_path, change, re
             recipe[key] = value
     with pytest.raises(Exception, match=refused):
         recipe_from_dict(recipe)
+
+
+def test_an_accelerate_launch_with_the_ready_fsdp_config_shards_with_align_s_fsdp2(tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/fsdp.yaml` (on a CPU accelerate itself would
+    fall back to DDP): Align shards with its own FSDP2, each process writing its rows into the
+    checkpoint, and the run equals one process on the joint batch."""
+    from align.trainers.checkpoint import rows_file
+    from tests.test_distributed import REPO
+
+    recipe = recipe_dict(tmp_path, "launched", "sft", chat_rows(16, seed=5), train={**SHARDED, "max_steps": 2,
+                                                                                    "save_every": 2})
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "recipes/accelerate/fsdp.yaml"), "--num_processes", "2"]
+    train_on_two_processes(tmp_path, {"launched": recipe}, launcher)
+    rows = sorted(p.name for p in Path(recipe["output_dir"], "checkpoints", "step-000002").glob("rows-*"))
+    assert rows == [rows_file(0, 2), rows_file(1, 2)]  # written by each process
+    single = single_process(recipe, batch_size=4)
+    TRAINERS.get("sft").from_recipe(recipe_from_dict(single)).fit()
+    assert_same_run(recipe["output_dir"], single["output_dir"], keys=("loss", "grad_norm", "num_items"))
+
+
+@pytest.mark.parametrize("launch,recipe,refused", [
+    ({}, {"train": {"sharding": "none"}}, "train.sharding is none: set it to fsdp"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, {}, "mixed_precision is bf16: Align's train.mixed_precision owns"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, {}, "fsdp_offload_params is true and train.fsdp_offload false"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, {}, "set model.gradient_checkpointing: true"),
+    ({"FSDP_VERSION": "1", "FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, {}, "fsdp_reshard_after_forward is shard_grad_op"),
+    ({"FSDP_RESHARD_AFTER_FORWARD": "false"}, {}, "fsdp_reshard_after_forward is false"),
+])
+def test_an_accelerate_fsdp_launch_that_disagrees_with_the_recipe_is_refused(tmp_path, monkeypatch, launch, recipe,
+                                                                           refused):
+    from align.errors import AlignError
+    from align.models import sharding
+
+    base = {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_MIXED_PRECISION": "no", "FSDP_OFFLOAD_PARAMS": "false",
+            "FSDP_ACTIVATION_CHECKPOINTING": "false", "FSDP_RESHARD_AFTER_FORWARD": "true",
+            "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    for name, value in {**base, **launch}.items():
+        monkeypatch.setenv(name, value)
+    good = recipe_from_dict(recipe_dict(tmp_path, "run", "sft", chat_rows(4, seed=1), train={"sharding": "fsdp"}))
+    bad = recipe_from_dict(deep_update(recipe_dict(tmp_path, "run", "sft", chat_rows(4, seed=1),
+                                                   train={"sharding": "fsdp"}), recipe))
+    with pytest.raises(AlignError, match=f"accelerate launched with an FSDP config: .*{refused}"):
+        sharding.check_accelerate_launch(bad.train, bad.model)
+    if launch:  # the launch's own setting is the odd one out: the recipe alone is fine with the others
+        return
+    for name, value in base.items():
+        monkeypatch.setenv(name, value)
+    sharding.check_accelerate_launch(good.train, good.model)
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"  # Align loads every model whole everywhere
 
 
 def test_an_unsharded_checkpoint_is_refused_under_fsdp_naming_the_fix(tmp_path):

@@ -11,7 +11,8 @@ from another unsharded copy on each process, synced from the shards before each 
 (`copy_weights`): each process samples its own prompts, a number of forwards only the data decides.
 
 This is called directly rather than through accelerate's FSDP plugin, which on a CPU silently falls
-back to DDP (so the gloo tests would prove nothing) and prepares one model per call.
+back to DDP (so the gloo tests would prove nothing) and prepares one model per call; a launch with
+accelerate's FSDP config is checked against the recipe (`check_accelerate_launch`) and runs this.
 
 Supported here: every built-in algorithm (`align.config.SHARDABLE_ALGORITHMS`; PPO's critic is part
 of the trained root and sharded with the policy; references, teachers and reward models are frozen
@@ -24,11 +25,51 @@ Checkpoints are never gathered: each process saves its own rows of the shards
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
 
 from align.errors import AlignError
+
+
+def accelerate_launched() -> bool:
+    """Whether `accelerate launch` started this process with an FSDP config (its distributed_type: FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def check_accelerate_launch(train, model) -> None:
+    """Under `accelerate launch` with an FSDP config, Align shards with its own FSDP2 (`shard`), not
+    accelerate's plugin: the recipe must ask for it (`train.sharding: fsdp`), and what the launch
+    config sets must agree with the recipe (an AlignError naming both). Its memory-saving loading
+    (`fsdp_cpu_ram_efficient_loading`: weights read on the main process only, broadcast by
+    accelerate's FSDP) is turned off, as Align loads every model whole on every process, references
+    and reward models included. train, model: the recipe's TrainConfig and ModelConfig."""
+    if not accelerate_launched():
+        return
+    env = lambda name, default="false": os.environ.get(name, default).lower()  # noqa: E731
+    problems = []
+    if train.sharding != "fsdp":
+        problems.append("train.sharding is none: set it to fsdp (Align shards with FSDP2 itself; --set "
+                        "train.sharding=fsdp), or launch without the FSDP config for DDP")
+    if env("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        problems.append(f"the launch's mixed_precision is {env('ACCELERATE_MIXED_PRECISION')}: Align's "
+                        "train.mixed_precision owns precision; set mixed_precision: 'no' in the accelerate config "
+                        "and train.mixed_precision: bf16 in the recipe")
+    offload = env("FSDP_OFFLOAD_PARAMS") == "true"
+    if offload != train.fsdp_offload:
+        problems.append(f"fsdp_offload_params is {str(offload).lower()} and train.fsdp_offload "
+                        f"{str(train.fsdp_offload).lower()}: set them alike")
+    if env("FSDP_ACTIVATION_CHECKPOINTING") == "true" and not model.gradient_checkpointing:
+        problems.append("fsdp_activation_checkpointing is true and model.gradient_checkpointing false: set "
+                        "model.gradient_checkpointing: true (Align checkpoints the decoder layers itself)")
+    reshard = env("FSDP_RESHARD_AFTER_FORWARD", "true")  # FSDP2: a bool; FSDP1: a sharding strategy
+    if reshard not in ("true", "full_shard", "1"):
+        problems.append(f"fsdp_reshard_after_forward is {reshard}: Align shards weights, gradients and optimizer "
+                        "state and reshards each layer after its forward (FULL_SHARD; true under FSDP2)")
+    if problems:
+        raise AlignError("accelerate launched with an FSDP config: " + "; ".join(problems))
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -237,6 +237,7 @@ class Trainer(Resumable):
         """
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe, overrides)
+        sharding.check_accelerate_launch(recipe.train, recipe.model)  # before any model loads
         set_seed(recipe.train.seed)
         splits = cls.load_splits(recipe)
         policy = cls.build_policy(recipe)
