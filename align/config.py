@@ -172,8 +172,10 @@ class TrainConfig(Section):
     fsdp_reference: Literal["whole", "sharded"] = "whole"
     """Under sharding: fsdp, the frozen-copy reference model (DPO/KTO, also while they precompute
     its log-probs; GRPO/PPO with a KL term; distillation's teacher): whole on each process, or sharded
-    like the policy (its weights divided by the processes; each layer gathered for its forward). No
-    effect where no such reference is loaded (an adapter-disabled one, a reference-free loss, beta 0)."""
+    like the policy (its weights divided by the processes; each layer gathered for its forward; a
+    teacher's embedding, norm and lm-head stay gathered until the student's loss has read the lm-head).
+    No effect where no such reference is loaded (an adapter-disabled one, a reference-free loss, beta 0).
+    Under DeepSpeed ZeRO-3 references and teachers are partitioned whatever this says."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False

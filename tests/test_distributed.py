@@ -74,14 +74,14 @@ def distill_recipe(root: Path, name: str, **sections) -> dict:
     return deep_update(recipe, sections)
 
 
-def run_script_on_two_processes(directory: Path, script: str) -> str:
+def run_script_on_processes(directory: Path, script: str, processes: int = 2) -> str:
     """`script` (Python source, given tiny-llama's directory as its argument) under `torchrun
-    --nproc_per_node 2` (CPU, gloo); its output, after checking it exited cleanly."""
+    --nproc_per_node processes` (CPU, gloo); its output, after checking it exited cleanly."""
     (directory / "check.py").write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(directory / "check.py"), resolve("builtin:tiny-llama")],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(processes), str(directory / "check.py"), resolve("builtin:tiny-llama")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout

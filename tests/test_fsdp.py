@@ -22,7 +22,7 @@ from align.registry import TRAINERS
 from align.trainers import SFTTrainer
 from tests.conftest import deep_update, rollout_server
 from tests.test_distributed import (LORA, assert_same_run, distill_recipe, metrics, recipe_dict,
-                                    resumed_mid_round_on_one_process, run_script_on_two_processes, single_process,
+                                    resumed_mid_round_on_one_process, run_script_on_processes, single_process,
                                     train_on_two_processes, weights)
 
 SHARDED = {"sharding": "fsdp", "batch_size": 2, "grad_accum": 2}
@@ -281,9 +281,10 @@ def test_a_sharded_reference_holds_half_its_weights_on_each_process(launched):
     """train.fsdp_reference: sharded (DPO above, GRPO below, each equal to one process): each
     process says how much of the reference it holds."""
     log = Path(launched["dpo"]["output_dir"]).parent.joinpath("launch.log").read_text()
-    held = re.findall(r"the frozen reference is sharded over 2 processes: this one holds (\d+) of (\d+) weights", log)
-    assert len(held) == 10  # five runs, two processes each
-    assert all(0 < 2 * int(mine) <= int(total) + 4096 for mine, total in held), held
+    held = re.findall(r"the frozen (reference|teacher) is sharded over 2 processes: this one holds (\d+) of (\d+) "
+                      "weights", log)
+    assert sorted(name for name, _, _ in held) == ["reference"] * 8 + ["teacher"] * 2  # five runs, two processes each
+    assert all(0 < 2 * int(mine) <= int(total) + 4096 for _, mine, total in held), held
     # GRPO with its KL reference sharded is the run with it whole, step for step (the same seeds; a
     # one-process resume would reuse the checkpoint's reference log-probs, so this is the KL's check)
     whole, sharded = metrics(launched["grpo"]["output_dir"]), metrics(launched["grpo-reference-sharded"]["output_dir"])
@@ -399,7 +400,7 @@ def test_the_sampling_copy_gets_the_weights_of_every_shard(tmp_path):
     setting on exit (the root keeps its weights after a forward, the layers reshard). A sharded
     reference, and a sharded teacher, are resharded after use; the teacher's divergence is the
     whole teacher's."""
-    assert run_script_on_two_processes(tmp_path, COPY_CHECK).count("copied") == 2
+    assert run_script_on_processes(tmp_path, COPY_CHECK).count("copied") == 2
 
 
 def test_ppo_under_fsdp_equals_one_process_on_the_same_experience(launched):

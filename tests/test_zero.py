@@ -25,7 +25,7 @@ from align.toy import chat_rows, preference_rows, prompt_rows  # noqa: E402
 from align.trainers import SFTTrainer  # noqa: E402
 from tests.conftest import deep_update, rollout_server  # noqa: E402
 from tests.test_distributed import (LORA, REPO, assert_same_run, distill_recipe, metrics,  # noqa: E402
-                                    recipe_dict, resumed_mid_round_on_one_process, run_script_on_two_processes,
+                                    recipe_dict, resumed_mid_round_on_one_process, run_script_on_processes,
                                     single_process,
                                     train_on_two_processes, weights)
 
@@ -123,7 +123,8 @@ def launched(tmp_path_factory):
         partitioned = re.findall(r"ZeRO-3: (\d+) of (\d+) weights partitioned", log)
         assert len(partitioned) == len(recipes) and all(a == b for a, b in partitioned), partitioned
         # the frozen references and teachers too (DPO, KTO, GRPO twice, PPO, distillation; GRPO offloaded)
-        references = re.findall(r"ZeRO-3: (\d+) of (\d+) weights of the frozen reference partitioned", log)
+        references = re.findall(r"ZeRO-3: (\d+) of (\d+) weights of the frozen (?:reference|teacher) partitioned",
+                                log)
         assert len(references) == {"z3": 6, "z3o": 1}[group] and all(a == b for a, b in references), references
     return {2: stage2, 3: stage3, "offload": offload, "offload2": offload2}
 
@@ -215,18 +216,25 @@ with torch.no_grad():
 whole_hash = tensors_hash(TokenLogprobModel(model))
 config = zero.engine_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
                             TrainConfig(batch_size=1), world_size=dist.get_world_size())
-reference = zero.start_frozen(TokenLogprobModel(model), config)
+reference = zero.start_frozen(TokenLogprobModel(model), config, "reference", reads_head=True)
 assert all(p.numel() == 0 for p in reference.module.parameters())  # partitioned: nothing whole here
 with torch.no_grad():
     got = reference(**batch)
 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-hashes = [None, None]
+hashes = [None] * dist.get_world_size()  # (3 processes: the last one's partitions end in padding, not hashed)
 dist.all_gather_object(hashes, tensors_hash(reference))
-assert hashes[0] == hashes[1] != whole_hash and len(hashes[0]) == 64
+assert len(set(hashes)) == 1 and hashes[0] != whole_hash and len(hashes[0]) == 64
+assert tensors_hash(reference) == hashes[0]  # the padding's uninitialised bytes are left out
 with torch.no_grad():
     if dist.get_rank() == 1:
         next(reference.module.parameters()).ds_tensor.view(-1)[0] += 1
 assert tensors_hash(reference) != hashes[0]
+import gc, weakref
+alive = weakref.ref(next(reference.module.parameters()))
+zero.release_frozen(reference)  # as after DPO's precompute: the partitions are freed
+del reference, model
+gc.collect()
+assert alive() is None
 print("hashed", dist.get_rank())
 dist.destroy_process_group()
 """
@@ -236,8 +244,9 @@ def test_a_partitioned_reference_computes_and_hashes_as_the_whole_one(tmp_path):
     """Under stage 3 a frozen reference (or teacher) is partitioned like the policy
     (`zero.start_frozen`): its log-probs are the whole model's, and its reference-cache key
     (`tensors_hash`) hashes what each process holds: the same on every process, and changed by a
-    change in one process's partition (a key blind to the partitions would give wrong cache hits)."""
-    assert run_script_on_two_processes(tmp_path, PARTITIONED_REFERENCE_CHECK).count("hashed") == 2
+    change in one process's partition (a key blind to the partitions would give wrong cache hits).
+    Three processes, so that partitions end in padding. Released, its partitions are freed."""
+    assert run_script_on_processes(tmp_path, PARTITIONED_REFERENCE_CHECK, 3).count("hashed") == 3
 
 
 def test_ppo_under_zero3_equals_one_process_on_the_same_experience(launched):

@@ -106,10 +106,16 @@ class Trainable:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    @property
+    def training(self) -> bool:
+        """Whether the trained module is in training mode (read on the module itself: a DeepSpeed
+        engine's own `training` stays True whatever mode its module is in)."""
+        return unwrap(self.module).training
+
     @contextlib.contextmanager
     def mode(self, training: bool):
         """Run in training (dropout active) or eval mode, then restore the mode it had."""
-        was_training = self.module.training
+        was_training = self.training
         self.module.train(training)
         try:
             yield
@@ -163,6 +169,9 @@ class Policy(Trainable):
     (a frozen deep copy taken before training), `none`, or `auto` (adapter_disabled when the model
     has an adapter, else frozen_copy).
     """
+
+    reference_name = "reference"
+    """What the frozen reference model is called in logs (a distillation policy's: teacher)."""
 
     def __init__(self, model: nn.Module, tokenizer, reference: ReferenceStrategy = "none"):
         check_logprobs_match_forward(causal_lm(model))
@@ -219,7 +228,7 @@ class Policy(Trainable):
                 from None
         self.reference_sharded = True
         params = list(self._reference_module.parameters())
-        log.info("train.fsdp_reference: the frozen reference is sharded over %d processes: this one holds %d of %d "
+        log.info(f"train.fsdp_reference: the frozen {self.reference_name} is sharded over %d processes: this one holds %d of %d "
                  "weights", torch.distributed.get_world_size(), sum(sharding.local_shard(p).numel() for p in params),
                  sum(p.numel() for p in params))
 
@@ -227,11 +236,14 @@ class Policy(Trainable):
         """Under DeepSpeed ZeRO-3: partition the frozen-copy reference over the processes as the policy
         is (`zero.start_frozen`, an engine without optimizer; every process must then run its forwards
         in step, as it does the policy's). config: the policy's engine config."""
-        self._reference_module = zero.start_frozen(self._reference_module, config)
+        self._reference_module = zero.start_frozen(self._reference_module, config, self.reference_name,
+                                                   reads_head=isinstance(self._reference_module, TokenLogprobModel))
         self.reference_sharded = True
 
     def release_reference(self) -> None:
         """Free the reference model once its log-probs are cached."""
+        if zero.is_engine(self._reference_module):  # DeepSpeed keeps a partitioned one alive otherwise
+            zero.release_frozen(self._reference_module)
         self._reference_module, self.reference = None, "none"
 
     def logprobs(self, batch: dict, temperature: float = 1.0, return_entropy: bool = False):
@@ -253,14 +265,14 @@ class Policy(Trainable):
         """[B, T] log-probs of `batch["labels"]` under the reference model (no gradient)."""
         if self.reference == "frozen_copy" and self.reference_sharded:
             module = self._reference_module
-            module.train(self.module.training)  # (a DeepSpeed engine's train() returns None)
+            module.train(self.training)  # (a DeepSpeed engine's train() returns None)
             try:
                 return module(**batch, temperature=temperature)
             finally:  # FSDP keeps a root's weights gathered after its forward, for a backward a frozen root never
                 sharding.reshard_frozen(module)  # has (ZeRO-3 releases them itself)
         if self.reference == "frozen_copy":  # in the policy's mode: the same dropout setting
             device = batch["input_ids"].device  # (not a policy weight's: under fsdp offload those are on the CPU)
-            return self._reference_module.to(device).train(self.module.training)(**batch, temperature=temperature)
+            return self._reference_module.to(device).train(self.training)(**batch, temperature=temperature)
         if self.reference == "adapter_disabled":
             with self.model.disable_adapter():
                 return TokenLogprobModel(self.model)(**batch, temperature=temperature)

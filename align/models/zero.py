@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 
 import torch
 from torch import nn
@@ -132,21 +133,45 @@ def start(module: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     return engine
 
 
-def start_frozen(module: nn.Module, config: dict):
+def start_frozen(module: nn.Module, config: dict, name: str, reads_head: bool):
     """A DeepSpeed engine without optimizer over a frozen root (a reference or teacher), partitioned
     as stage 3 partitions the policy (TRL's `prepare_deepspeed` does the same), so that no process holds
     it whole: each of its forwards gathers the weights it uses, so every process must run as many.
-    config: `engine_config`'s for the trained root, stage 3; its optimizer offload does not apply."""
+    config: `engine_config`'s for the trained root, stage 3; its optimizer offload does not apply.
+    name: the model's name in the log; reads_head: whether the root's forward reads the lm-head
+    weight directly (the chunked log-probs: then gathered with the root's weights)."""
     import deepspeed
 
     frozen = {**config, "zero_optimization": {key: value for key, value in config["zero_optimization"].items()
                                               if key != "offload_optimizer"}}
     frozen.pop("zero_force_ds_cpu_optimizer", None)
     engine, *_ = deepspeed.initialize(model=module, config=frozen)
-    _register_head(engine)
-    _log_partitioned(engine, " of the frozen reference")
+    if reads_head:
+        _register_head(engine)
+    _log_partitioned(engine, f" of the frozen {name}")
     engine.eval()
     return engine
+
+
+def is_engine(module) -> bool:
+    """Whether `module` is a DeepSpeed engine (there is none unless deepspeed was imported)."""
+    if "deepspeed" not in sys.modules:
+        return False
+    from deepspeed import DeepSpeedEngine
+
+    return isinstance(module, DeepSpeedEngine)
+
+
+def release_frozen(engine) -> None:
+    """Free a frozen engine (`start_frozen`'s) once it is no longer used: DeepSpeed 0.19 keeps every
+    stage-3 root on a module-level list (parameter_offload.FWD_MODULE_STACK), which would keep its
+    partitions alive for the rest of the run."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+    if any(module is engine.module for module in stack):
+        stack[:] = [module for module in stack if module is not engine.module]
+    engine.destroy()
 
 
 def _register_head(engine) -> None:
@@ -223,12 +248,12 @@ def copy_weights(engine, target: nn.Module) -> None:
 
 def gathered(engine):
     """Every process calls it (under stage 3 a collective): a context inside which every weight of
-    the engine's module is whole on every process, to be read (changes are not written back), e.g.
+    the policy (the engine's module's `model`) is whole on every process, to be read (changes are not written back), e.g.
     for the main process to send them to a rollout server. Costs the whole model on each process
     while inside; under stage 2 (weights whole already) it does nothing."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    return deepspeed.zero.GatheredParameters(list(engine.module.model.parameters()))  # the policy's (not a critic's)
 
 
 def backward(engine, loss: torch.Tensor, last: bool) -> None:

@@ -121,6 +121,8 @@ class DistillPolicy(Policy):
     """A Policy whose reference model is the teacher (`Policy.from_config(reference_model=...)`),
     and whose trained module computes the distillation loss (`DistillModel`)."""
 
+    reference_name = "teacher"
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return DistillModel(model)
 
