@@ -410,12 +410,14 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_sharding(self) -> "Recipe":
         """What train.sharding=fsdp does not do yet is refused before a model loads."""
+        from align.models.zero import launched as zero_launched  # (align.models imports this module)
+
         rewards = getattr(self.section, "rewards", [])
         sharded_rewards = [f"{self.section_key}.rewards[{i}]" for i, entry in enumerate(rewards)
                            if entry.kwargs.get("shard") is True]
-        if sharded_rewards and self.train.sharding != "fsdp":
+        if sharded_rewards and self.train.sharding != "fsdp" and not zero_launched():
             raise ValueError(f"{sharded_rewards[0]}.kwargs.shard: true shards the reward model like the policy: it "
-                             "needs train.sharding: fsdp")
+                             "needs train.sharding: fsdp (or a DeepSpeed ZeRO-3 launch)")
         if self.train.sharding != "fsdp":
             if self.train.fsdp_offload:
                 raise ValueError("train.fsdp_offload offloads FSDP's shards: it needs train.sharding: fsdp")

@@ -74,6 +74,19 @@ def distill_recipe(root: Path, name: str, **sections) -> dict:
     return deep_update(recipe, sections)
 
 
+def assert_same_scores(whole_dir: str, sharded_dir: str) -> None:
+    """The GRPO runs scored by a reward model whole on each process and sharded (the recipes of
+    test_fsdp and test_zero: 5 steps, evaluated at the end, rewards that vary) agree step for step,
+    and in evaluation."""
+    whole, sharded = metrics(whole_dir), metrics(sharded_dir)
+    assert [r["step"] for r in sharded] == [1, 2, 3, 4, 5, 5] and "eval/reward" in sharded[-1]
+    assert len({round(r["reward"], 6) for r in whole if "reward" in r}) > 1  # the rewards vary
+    for a, b in zip(whole, sharded):
+        for key in ("loss", "grad_norm", "reward", "eval/reward"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
 def run_script_on_processes(directory: Path, script: str, processes: int = 2) -> str:
     """`script` (Python source, given tiny-llama's directory as its argument) under `torchrun
     --nproc_per_node processes` (CPU, gloo); its output, after checking it exited cleanly."""

@@ -24,10 +24,9 @@ from align.registry import TRAINERS  # noqa: E402
 from align.toy import chat_rows, preference_rows, prompt_rows  # noqa: E402
 from align.trainers import SFTTrainer  # noqa: E402
 from tests.conftest import deep_update, rollout_server  # noqa: E402
-from tests.test_distributed import (LORA, REPO, assert_same_run, distill_recipe, metrics,  # noqa: E402
-                                    recipe_dict, resumed_mid_round_on_one_process, run_script_on_processes,
-                                    single_process,
-                                    train_on_two_processes, weights)
+from tests.test_distributed import (LORA, REPO, assert_same_run, assert_same_scores,  # noqa: E402
+                                    distill_recipe, metrics, recipe_dict, resumed_mid_round_on_one_process,
+                                    run_script_on_processes, single_process, train_on_two_processes, weights)
 
 STEP = {"batch_size": 2, "grad_accum": 2}
 
@@ -77,6 +76,19 @@ def launched(tmp_path_factory):
     stage3["grpo-server"] = deep_update(json.loads(json.dumps(stage3["grpo"])), {
         "output_dir": str(root / "z3-grpo-server"),
         "grpo": {"sampling": {"engine": "server", "server": {"transport": "http"}}}})
+    # GRPO under stage 3 scored by a reward model (random weights: rewards that vary), whole on each
+    # process or partitioned like the policy; 9 prompts, 2 a round, 5 rounds: in the last one process
+    # scores nothing and pads the partitioned model's forwards; an eval split of 5 prompts at the end
+    from align.config import AdapterConfig, ModelConfig
+    from align.models.reward import RewardModel
+
+    RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), AdapterConfig()).save(
+        root / "rm")
+    for name, kwargs in (("grpo-rm", {}), ("grpo-rm-sharded", {"shard": True})):
+        stage3[name] = recipe_dict(root, f"z3-{name}", "grpo", prompt_rows(9, seed=23), prompt_rows(5, seed=24),
+                                   train={"batch_size": 4, "max_steps": 5, "lr": 1e-3},
+                                   grpo={"group_size": 4, "sampling": {"max_new_tokens": 8},
+                                         "rewards": [{"fn": str(root / "rm"), "kwargs": {"batch_size": 3, **kwargs}}]})
     # PPO under stage 3: the policy and a separate critic partitioned in one root, a KL reference;
     # 8 prompts a round, 2 epochs x 2 mini-batches
     stage3["ppo"] = recipe_dict(root, "z3-ppo", "ppo", prompt_rows(16, seed=31), train={**online, "batch_size": 2},
@@ -216,7 +228,7 @@ with torch.no_grad():
 whole_hash = tensors_hash(TokenLogprobModel(model))
 config = zero.engine_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
                             TrainConfig(batch_size=1), world_size=dist.get_world_size())
-reference = zero.start_frozen(TokenLogprobModel(model), config, "reference", reads_head=True)
+reference = zero.start_frozen(TokenLogprobModel(model), "reference", reads_head=True, config=config)
 assert all(p.numel() == 0 for p in reference.module.parameters())  # partitioned: nothing whole here
 with torch.no_grad():
     got = reference(**batch)
@@ -247,6 +259,16 @@ def test_a_partitioned_reference_computes_and_hashes_as_the_whole_one(tmp_path):
     change in one process's partition (a key blind to the partitions would give wrong cache hits).
     Three processes, so that partitions end in padding. Released, its partitions are freed."""
     assert run_script_on_processes(tmp_path, PARTITIONED_REFERENCE_CHECK, 3).count("hashed") == 3
+
+
+def test_a_partitioned_reward_model_scores_as_the_whole_one(launched):
+    """A reward model with kwargs shard: true under ZeRO-3 is partitioned like the policy and scores
+    in step on every process (padding forwards where one has fewer completions, or none, as in the
+    last round): the same rewards as the whole one, so the same run, and the same evaluation."""
+    log = (Path(launched[3]["grpo-rm"]["output_dir"]).parent / "z3" / "launch.log").read_text()
+    held = re.findall(r"ZeRO-3: (\d+) of (\d+) weights of the frozen reward model \S+ partitioned", log)
+    assert len(held) == 1 and held[0][0] == held[0][1], held  # logged by the main process
+    assert_same_scores(launched[3]["grpo-rm"]["output_dir"], launched[3]["grpo-rm-sharded"]["output_dir"])
 
 
 def test_ppo_under_zero3_equals_one_process_on_the_same_experience(launched):
@@ -308,8 +330,8 @@ def test_the_engine_config_takes_the_recipes_settings_and_refuses_what_align_own
 @pytest.mark.parametrize("change,message", [
     ({"algorithm": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}], "sampling": {"engine": "vllm"}}},
      "grpo.sampling.engine vllm"),
-    ({"algorithm": "grpo", "train": {"sharding": "fsdp"},
-      "grpo": {"rewards": [{"fn": "runs/rm", "kwargs": {"shard": True}}]}}, "grpo.rewards kwargs shard: true"),
+    ({"algorithm": "grpo", "train": {"sharding": "fsdp"}, "grpo": {"rewards": [{"fn": "exact_answer"}]}},
+     r"train.sharding: fsdp \(one sharding at a time"),
     ({"adapter": {**LORA, "kind": "qlora"}}, "adapter.kind qlora"),
     ({"train": {"optimizer": "adamw_8bit"}}, "train.optimizer adamw_8bit"),
     ({"algorithm": "dpo", "adapter": LORA}, "dpo.reference adapter_disabled"),

@@ -228,15 +228,15 @@ class Policy(Trainable):
                 from None
         self.reference_sharded = True
         params = list(self._reference_module.parameters())
-        log.info(f"train.fsdp_reference: the frozen {self.reference_name} is sharded over %d processes: this one holds %d of %d "
-                 "weights", torch.distributed.get_world_size(), sum(sharding.local_shard(p).numel() for p in params),
-                 sum(p.numel() for p in params))
+        log.info("train.fsdp_reference: the frozen %s is sharded over %d processes: this one holds %d of %d weights",
+                 self.reference_name, torch.distributed.get_world_size(),
+                 sum(sharding.local_shard(p).numel() for p in params), sum(p.numel() for p in params))
 
-    def partition_reference(self, config: dict) -> None:
+    def partition_reference(self) -> None:
         """Under DeepSpeed ZeRO-3: partition the frozen-copy reference over the processes as the policy
         is (`zero.start_frozen`, an engine without optimizer; every process must then run its forwards
-        in step, as it does the policy's). config: the policy's engine config."""
-        self._reference_module = zero.start_frozen(self._reference_module, config, self.reference_name,
+        in step, as it does the policy's)."""
+        self._reference_module = zero.start_frozen(self._reference_module, self.reference_name,
                                                    reads_head=isinstance(self._reference_module, TokenLogprobModel))
         self.reference_sharded = True
 

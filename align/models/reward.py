@@ -10,6 +10,8 @@ from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
 from align.data.preference import prompt_completion_ids
+from align.errors import AlignError
+from align.models import sharding, zero
 from align.models.loading import load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
@@ -94,8 +96,8 @@ class RewardScorer:
                                              "position_ids": torch.tensor([positions], device=device),
                                              "last_index": torch.tensor(last, device=device)})
         finally:
-            if self.sharded:  # FSDP keeps a root's weights gathered after its forward, for a backward
-                module.reshard()  # a frozen root never has
+            if self.sharded:
+                sharding.reshard_frozen(module)
 
     def most_forwards(self, mine: int) -> int:
         """The most forwards any process runs in this call (a collective)."""
@@ -119,15 +121,19 @@ def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, devi
                       shard: bool = False) -> RewardScorer:
     """A reward model saved by Align (full weights or an adapter) as a callable scorer, on `device`
     (e.g. cpu, cuda:1; default: the GPU when there is one, the process's own in a multi-GPU launch).
-    shard: under several processes, shard it over them like an fsdp policy (`sharding.shard`: each
-    holds 1/N of its weights; every process must then score in step, see RewardScorer)."""
-    from align.models import sharding
-
+    shard: under several processes, shard it over them like the policy (each holds 1/N of its weights;
+    every process must then score in step, see RewardScorer): with FSDP2 (`sharding.shard`), or under
+    a DeepSpeed ZeRO-3 launch partitioned by an engine without optimizer (`zero.start_frozen`)."""
     config = ModelConfig(name_or_path=path, dtype=dtype)
     model = RewardModel.from_config(config, AdapterConfig(kind="none"))
     model.module.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sharded = shard and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    if sharded:
+    if sharded and zero.launched():
+        if not zero.partitions_weights(zero.frozen_engine_config()):
+            raise AlignError(f"reward model {path}: kwargs shard: true under DeepSpeed ZeRO-2, which does not "
+                             "partition weights; launch ZeRO-3 (recipes/accelerate/zero3.yaml) or drop shard")
+        model.module = zero.start_frozen(model.module, f"reward model {path}", reads_head=False)
+    elif sharded:
         sharding.shard(model.module)
         params = list(model.module.parameters())
         log.info("reward model %s is sharded over %d processes: this one holds %d of %d weights", path,

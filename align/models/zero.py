@@ -133,24 +133,37 @@ def start(module: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     return engine
 
 
-def start_frozen(module: nn.Module, config: dict, name: str, reads_head: bool):
-    """A DeepSpeed engine without optimizer over a frozen root (a reference or teacher), partitioned
-    as stage 3 partitions the policy (TRL's `prepare_deepspeed` does the same), so that no process holds
-    it whole: each of its forwards gathers the weights it uses, so every process must run as many.
-    config: `engine_config`'s for the trained root, stage 3; its optimizer offload does not apply.
-    name: the model's name in the log; reads_head: whether the root's forward reads the lm-head
-    weight directly (the chunked log-probs: then gathered with the root's weights)."""
+def start_frozen(module: nn.Module, name: str, reads_head: bool, config: dict | None = None):
+    """A DeepSpeed engine without optimizer over a frozen root (a reference, teacher or reward model),
+    partitioned as stage 3 partitions the policy (TRL's `prepare_deepspeed` does the same), so that no
+    process holds it whole: each of its forwards gathers the weights it uses, so every process must run
+    as many. config: default the launch's (`frozen_engine_config`). name: the model's name in the log;
+    reads_head: whether the root's forward reads the lm-head weight directly (the chunked log-probs:
+    then gathered with the root's weights)."""
     import deepspeed
 
-    frozen = {**config, "zero_optimization": {key: value for key, value in config["zero_optimization"].items()
-                                              if key != "offload_optimizer"}}
-    frozen.pop("zero_force_ds_cpu_optimizer", None)
-    engine, *_ = deepspeed.initialize(model=module, config=frozen)
+    engine, *_ = deepspeed.initialize(model=module, config=config or frozen_engine_config())
     if reads_head:
         _register_head(engine)
     _log_partitioned(engine, f" of the frozen {name}")
     engine.eval()
     return engine
+
+
+def frozen_engine_config() -> dict:
+    """The launch's DeepSpeed config (accelerate's plugin, as `engine_config` checks it) for an engine
+    without optimizer: its ZeRO settings without the optimizer's offload, one row per micro-batch."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    one_row = SimpleNamespace(batch_size=1, grad_accum=1, max_grad_norm=None)
+    config = engine_config(AcceleratorState().deepspeed_plugin.deepspeed_config, one_row,
+                           torch.distributed.get_world_size())
+    config["zero_optimization"] = {key: value for key, value in config["zero_optimization"].items()
+                                   if key != "offload_optimizer"}
+    config.pop("zero_force_ds_cpu_optimizer", None)
+    return config
 
 
 def is_engine(module) -> bool:
@@ -386,9 +399,6 @@ def check(algorithm: str, recipe) -> None:
     if getattr(getattr(recipe.section, "sampling", None), "engine", None) == "vllm":
         reasons.append(f"{algorithm}.sampling.engine vllm (an engine inside each training process; under ZeRO "
                        "sample in process with prefix_shared or hf, or from a rollout server: engine server)")
-    if any(entry.kwargs.get("shard") is True for entry in getattr(recipe.section, "rewards", [])):
-        reasons.append(f"{algorithm}.rewards kwargs shard: true (a reward model is sharded under fsdp; under ZeRO "
-                       "it is whole on each process)")
     if recipe.train.sharding == "fsdp":
         reasons.append("train.sharding: fsdp (one sharding at a time: launch without the DeepSpeed config, "
                        "or set sharding: none)")

@@ -194,7 +194,7 @@ def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | No
 
     For a reward-model directory the kwargs go to `load_reward_model` (`dtype`, `batch_size`,
     `device`: where it is placed, e.g. cpu or cuda:1, default this process's accelerator; `shard`:
-    sharded over the processes under train.sharding: fsdp).
+    sharded over the processes under train.sharding: fsdp or a DeepSpeed ZeRO-3 launch).
     key: where the spec came from (e.g. `grpo.rewards[0]`), for error messages.
     """
     where_fn, where_kwargs = (f"{key}.fn", f"{key}.kwargs") if key else (f"reward {spec!r}", f"reward {spec!r} kwargs")

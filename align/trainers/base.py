@@ -176,7 +176,7 @@ class Trainer(Resumable):
                 self.sampling_copy = self.copy_for_sampling(policy)  # whole weights: it samples from them)
             self.zero_engine = policy.module = zero.start(policy.module, self.optimizer, config)
             if zero.partitions_weights(config) and policy.reference == "frozen_copy":  # a reference or teacher
-                policy.partition_reference(config)  # partitioned as the policy is (as TRL does under ZeRO-3)
+                policy.partition_reference()  # partitioned as the policy is (as TRL does under ZeRO-3)
         elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
             self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
         self.lockstep = self.sharded or self.zero_engine is not None
