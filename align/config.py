@@ -267,6 +267,11 @@ class VLLMConfig(Section):
     """Longest prompt + completion vLLM must hold; default max_prompt_length + max_new_tokens."""
     enforce_eager: bool = False
     """Skip CUDA-graph capture (faster start, slower decoding)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM's tensor parallelism: the model split over this many GPUs, in worker processes of vLLM's
+    own. Only in a rollout server (`align serve-rollouts`, whose GPUs are its own; model.name_or_path
+    then a local directory with safetensors weights, vLLM's starting point); an engine inside a
+    training process (sampling.engine: vllm) has that process's GPU alone."""
 
 
 class ServerConfig(Section):
@@ -316,6 +321,14 @@ class SamplingConfig(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     max_prompt_length: int | None = Field(None, gt=0)
     """Prompts longer than this (in tokens) are an error naming the row; default data.max_length."""
+
+    @model_validator(mode="after")
+    def _tensor_parallel_in_a_server(self) -> "SamplingConfig":
+        if self.engine == "vllm" and self.vllm.tensor_parallel_size > 1:
+            raise ValueError(f"vllm.tensor_parallel_size {self.vllm.tensor_parallel_size} splits the model over "
+                             "GPUs of vLLM's own: run it in a rollout server (align serve-rollouts on those GPUs, "
+                             "engine: server in training), or set it to 1")
+        return self
 
 
 class GRPOConfig(Section):

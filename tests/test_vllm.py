@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -205,6 +206,43 @@ def test_a_vllm_rollout_server_samples_what_our_sampler_samples_after_every_sync
     engine = RemoteEngine(policy.model, policy.tokenizer, ServerConfig(url=vllm_server, transport=transport))
     assert engine.request("GET", "/health")["engine"] == "VLLMEngine"
     _check_every_sync(engine, policy, prompts)
+
+
+def test_a_tensor_parallel_vllm_rollout_server_samples_what_our_sampler_samples(tmp_path, prompts):
+    """sampling.vllm.tensor_parallel_size 2: the served model split over two vLLM worker processes
+    (one core each here), starting from the model directory's weights; each sync reaches them as a
+    file each worker reads its part of. Stopped, the server stops its workers."""
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(4, seed=1)))
+    recipe = {"algorithm": "grpo", "output_dir": str(tmp_path / "unused"),
+              "model": {"name_or_path": "builtin:small-llama", "dtype": "float32"},
+              "data": {"train": {"path": str(tmp_path / "prompts.jsonl")}, "max_length": 104},
+              "grpo": {"sampling": {"max_new_tokens": 24, "vllm": {**OPTIONS.model_dump(), "tensor_parallel_size": 2}},
+                       "rewards": [{"fn": "exact_answer"}]}}
+    # vLLM's CPU workers each bind to cores of their own: one each on a machine of two
+    with rollout_server(recipe, tmp_path / "serve.yaml", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as url:
+        policy = _policy("none")
+        _perturb(policy, seed=1)
+        engine = RemoteEngine(policy.model, policy.tokenizer, ServerConfig(url=url, transport="http"))
+        workers = _vllm_processes()
+        assert sum(w.startswith("VLLM::Worker_TP") for w in workers) == 2, workers
+        _check_every_sync(engine, policy, prompts)
+    deadline = time.monotonic() + 60
+    while _vllm_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _vllm_processes()
+
+
+def _vllm_processes() -> list[str]:
+    """vLLM's engine-core and worker processes on this machine (they name themselves VLLM::...)."""
+    result = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True)
+    return [line for line in result.stdout.splitlines() if line.startswith("VLLM::")]
+
+
+def test_vllm_tensor_parallelism_inside_training_processes_is_refused(make_recipe, tmp_path):
+    recipe = _grpo_recipe(make_recipe, tmp_path)
+    recipe["grpo"]["sampling"].update(engine="vllm", vllm={"tensor_parallel_size": 2})
+    with pytest.raises(Exception, match="vllm.tensor_parallel_size 2 splits the model .* run it in a rollout server"):
+        recipe_from_dict(recipe)
 
 
 def test_grpo_with_a_vllm_rollout_server_learns(vllm_server, make_recipe, tmp_path):

