@@ -5,6 +5,7 @@ logits, the student learns from the teacher, and a teacher with another tokenize
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -225,6 +226,13 @@ def test_gradient_accumulation_equals_one_big_batch(distill_recipe):
     assert one["entropy"] == pytest.approx(two["entropy"], abs=1e-5)
     for a, b in zip(grads_one, grads_two):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_distillation_runs_without_deepspeed_installed(distill_recipe, monkeypatch):
+    """deepspeed is an optional dependency: the teacher's lm-head is gathered only where ZeRO-3
+    partitioned it, and nothing imports deepspeed otherwise (it did, and every run failed)."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises, as when not installed
+    DistillTrainer.from_recipe(distill_recipe(train={"max_steps": 1})).fit()
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(distill_recipe, tmp_path):

@@ -129,10 +129,11 @@ def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, devi
     model.module.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sharded = shard and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     if sharded and zero.launched():
-        if not zero.partitions_weights(zero.frozen_engine_config()):
+        frozen = zero.frozen_engine_config()
+        if not zero.partitions_weights(frozen):
             raise AlignError(f"reward model {path}: kwargs shard: true under DeepSpeed ZeRO-2, which does not "
                              "partition weights; launch ZeRO-3 (recipes/accelerate/zero3.yaml) or drop shard")
-        model.module = zero.start_frozen(model.module, f"reward model {path}", reads_head=False)
+        model.module = zero.start_frozen(model.module, f"reward model {path}", reads_head=False, config=frozen)
     elif sharded:
         sharding.shard(model.module)
         params = list(model.module.parameters())

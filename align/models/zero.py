@@ -29,7 +29,7 @@ GRPO, PPO and distillation sample between steps, each process its own prompts: u
 model (whole on each process), under stage 3 from an unpartitioned copy of the policy's model that
 `copy_weights` syncs from the partitions before each round. Or they sample from a rollout server
 (`sampling.engine: server`): then there is no copy, and before each round every weight is gathered
-(`gathered`) for the main process to send.
+(`gathered_weights`) for the main process to send.
 
 Under stage 3 a frozen reference or distillation teacher is partitioned too (`start_frozen`, as
 TRL's `prepare_deepspeed`); under stage 2 it is whole on each process.
@@ -222,16 +222,19 @@ def held_part(param: nn.Parameter) -> tuple[torch.Tensor, int]:
     return part[:max(0, min(size, param.ds_numel - start))], start
 
 
-@contextlib.contextmanager
 def gathered_weights(module: nn.Module):
-    """Every process calls it (a collective): inside, `module`'s weights partitioned by ZeRO-3 are whole,
-    to be read outside the forward of the engine they belong to (a teacher's lm-head, read in the
-    student's loss). Other weights: nothing to do."""
+    """Every process calls it (under ZeRO-3 a collective): a context inside which `module`'s weights
+    partitioned by ZeRO-3 are whole on every process, to be read (changes are not written back)
+    outside the forward of the engine they belong to: a teacher's lm-head, read in the student's loss;
+    the policy, sent to a rollout server. Costs those weights whole on each process while inside.
+    Without partitioned weights (no DeepSpeed, or stage 2): nothing to do, and deepspeed, an
+    optional dependency, is not imported."""
+    params = [p for p in module.parameters() if partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
     import deepspeed
 
-    params = [p for p in module.parameters() if partitioned(p)]
-    with deepspeed.zero.GatheredParameters(params) if params else contextlib.nullcontext():
-        yield
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def stage(engine) -> int:
@@ -257,16 +260,6 @@ def copy_weights(engine, target: nn.Module) -> None:
             copy = own[name.removeprefix("model.")]
             with deepspeed.zero.GatheredParameters([param]):
                 copy.copy_(param.data.reshape(copy.shape))
-
-
-def gathered(engine):
-    """Every process calls it (under stage 3 a collective): a context inside which every weight of
-    the policy (the engine's module's `model`) is whole on every process, to be read (changes are not written back), e.g.
-    for the main process to send them to a rollout server. Costs the whole model on each process
-    while inside; under stage 2 (weights whole already) it does nothing."""
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.model.parameters()))  # the policy's (not a critic's)
 
 
 def backward(engine, loss: torch.Tensor, last: bool) -> None:

@@ -211,14 +211,14 @@ class OnlineTrainer(Trainer):
 
     def whole_policy(self):
         """Under fsdp or ZeRO-3 with a rollout server: a context in which every process holds the
-        policy's whole weights (`sharding.gathered`, `zero.gathered`: collectives), for the main
+        policy's whole weights (`sharding.gathered`, `zero.gathered_weights`: collectives), for the main
         process to send. Else nothing."""
         if self.samples_in_process():
             return contextlib.nullcontext()
         if self.sharded:
             return sharding.gathered(self.policy.module)
         if self.zero_engine is not None:
-            return zero.gathered(self.zero_engine)
+            return zero.gathered_weights(self.zero_engine.module.model)  # the policy's (not PPO's critic)
         return contextlib.nullcontext()
 
     def score(self, rows: list[dict], rollout: Rollout) -> torch.Tensor:
