@@ -74,12 +74,20 @@ class ModelConfig(Section):
     """With gradient_checkpointing: the fraction of decoder layers whose activations are recomputed
     in the backward, spread evenly (0.5: every other layer); each saves its layer's activations for
     about a third of its compute. 1.0: every layer."""
+    checkpoint_mode: Literal["full", "selective"] = "full"
+    """With gradient_checkpointing: what a checkpointed layer keeps for the backward. full: its input
+    only (the whole layer runs again). selective: also the outputs of its matmuls and attention,
+    so only the elementwise ops between them run again: about half the activation memory of no
+    checkpointing, without recomputing any matmul (align/models/recompute.py)."""
 
     @model_validator(mode="after")
     def _check_checkpointed_layers(self) -> "ModelConfig":
         if self.checkpointed_layers < 1 and not self.gradient_checkpointing:
             raise ValueError("checkpointed_layers < 1 needs gradient_checkpointing: true (it picks the layers "
                              "that gradient checkpointing recomputes)")
+        if self.checkpoint_mode != "full" and not self.gradient_checkpointing:
+            raise ValueError(f"checkpoint_mode: {self.checkpoint_mode} needs gradient_checkpointing: true (it says "
+                             "what a checkpointed layer keeps)")
         return self
 
 

@@ -42,6 +42,7 @@ class Spec:
     max_new_tokens: int = 64  # GRPO / PPO
     pack_length: int | None = None  # SFT: packed rows of up to this many tokens (None: the batch's longest chat)
     checkpointed_layers: float = 0.0  # Align: this fraction of the layers under activation checkpointing (0: none)
+    checkpoint_mode: str = "full"     # Align, with checkpointed_layers: what those layers keep (full | selective)
 
     @property
     def cuda(self) -> bool:
@@ -93,7 +94,10 @@ def align_recipe(spec: Spec, algorithm: str, **sections) -> dict:
                   "progress": False, "plots": False},
     }
     if spec.checkpointed_layers:  # (TRL checkpoints every layer or none: its side stays without)
-        recipe["model"].update(gradient_checkpointing=True, checkpointed_layers=spec.checkpointed_layers)
+        recipe["model"].update(gradient_checkpointing=True, checkpointed_layers=spec.checkpointed_layers,
+                               checkpoint_mode=spec.checkpoint_mode)
+    elif spec.checkpoint_mode != "full":
+        raise ValueError(f"checkpoint_mode={spec.checkpoint_mode!r} needs checkpointed_layers > 0 (the layers it applies to)")
     recipe.update(sections)
     return recipe
 

@@ -8,7 +8,10 @@
    NF4 base, bf16 compute and autocast, gradient checkpointing, paged 8-bit AdamW.
 3. **Varlen attention**: packed rows (up to 4096 tokens) through the varlen kernel against the
    block-diagonal-mask SDPA path: the kernel ran, and log-probs and gradients agree to bf16 noise.
-4. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
+4. **Selective checkpointing** (`model.checkpoint_mode`): peak memory and time of an SFT step of
+   packed rows without checkpointing, with full and with selective; selective runs no matmul or
+   attention kernel twice, and its gradients equal the plain ones to bf16 noise.
+5. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
    log-probs equal the eager loop's on the same fed tokens (fp32), and a GRPO-sized rollout
    (8 prompts x 8 samples x 256 tokens) is timed both ways.
 
@@ -137,6 +140,47 @@ def varlen_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict
     return result
 
 
+def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
+    """One SFT micro-batch step of packed rows (the varlen kernel on CUDA; fp32 weights, bf16
+    autocast) with no, full and selective activation checkpointing (`model.checkpoint_mode`): the
+    peak memory (weights, gradients, activations) and time of each, after a warm-up step that
+    counts the forward ops; selective must run no matmul or attention kernel more often than no
+    checkpointing does, and give its gradients to bf16 noise."""
+    from align.config import recipe_from_dict
+    from align.models.recompute import SAVED_OPS, forward_ops_counter
+    from align.trainers import SFTTrainer
+
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        checkpointing = {} if mode == "none" else {"gradient_checkpointing": True, "checkpoint_mode": mode}
+        raw = recipe("sft", model_dir, train_path, out, cuda, data={"pack_length": 4096},
+                     model={"dtype": "float32", **checkpointing}, train={"batch_size": 16})
+        trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
+        batches = trainer.micro_batches(0)
+        with forward_ops_counter() as ops:
+            trainer.accumulate_gradients(batches)
+        grads = torch.cat([p.grad.flatten().double() for p in trainer.policy.trainable_parameters()])
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        trainer.accumulate_gradients(batches)
+        if cuda:
+            torch.cuda.synchronize()
+        runs[mode] = {"seconds": time.perf_counter() - start, "grads": grads,
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                      "kept_ops": sum(n for name, n in ops.counts.items() if name in SAVED_OPS)}
+        del trainer, batches
+        if cuda:
+            torch.cuda.empty_cache()
+    plain, selective = runs["none"], runs["selective"]
+    cosine = float(torch.nn.functional.cosine_similarity(selective["grads"], plain["grads"], dim=0))
+    result = {"check": "selective checkpointing", "grad_cosine": cosine,
+              **{f"{mode}_{key}": run[key] for mode, run in runs.items() for key in ("seconds", "peak_gib", "kept_ops")}}
+    result["ok"] = cosine > 0.999 and selective["kept_ops"] == plain["kept_ops"] < runs["full"]["kept_ops"]
+    return result
+
+
 def graphs_check(model_dir: str, prompts_path: str, cuda: bool, max_new_tokens: int) -> dict:
     """The static decoder (a CUDA graph per rollout on CUDA) against the eager loop: a teacher-forced
     walk feeding both the eager loop's greedy tokens, log-probs compared at every step, on the fp32
@@ -229,6 +273,7 @@ def run_checks(work: Path, args, cuda: bool, preset: str, qlora_preset: str) -> 
     checks["qlora"] = ("QLoRA SFT memory", lambda: qlora_memory(str(assets.model_dirs(qlora_preset, kinds=("lm",))["lm"]),
                                                                  sft, work, cuda, args.qlora_steps if cuda else 2))
     checks["varlen"] = ("varlen attention", lambda: varlen_check(lm, sft, work, cuda))
+    checks["recompute"] = ("selective checkpointing", lambda: recompute_check(lm, sft, work, cuda))
     checks["graphs"] = ("CUDA-graph decoding", lambda: graphs_check(lm, prompts, cuda, 256 if cuda else 8))
     only = {key.strip() for key in args.only.split(",")}
     results = []
@@ -247,7 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
     parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
     parser.add_argument("--qlora-steps", type=int, default=5)
-    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen,graphs", help="comma-separated checks to run")
+    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen,recompute,graphs", help="comma-separated checks to run")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
     parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
     args = parser.parse_args(argv)

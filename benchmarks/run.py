@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
         old = settings[name].get(field, defaults.get(field))
         old = 0 if old is None else old  # (pack_length: None by default, an int when set)
         settings[name][field] = tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
+    for name in names:
+        if settings[name].get("checkpoint_mode", "full") != "full" and not settings[name].get("checkpointed_layers"):
+            parser.error(f"--set {name}.checkpoint_mode needs --set {name}.checkpointed_layers=F (the fraction "
+                         "of the layers it applies to; 1: every layer)")
     shared = {}
     for name in names:
         settings[name]["n_train"] = max(1, round(settings[name]["n_train"] * args.scale))

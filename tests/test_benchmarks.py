@@ -64,7 +64,8 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     assert "| sft | TRL default |" in text and "| FAILED |" not in text and "| ok |" in text, text
     checks = json.loads((tmp_path / "out" / "gpu_checks.json").read_text())
     assert [c["check"] for c in checks] == ["no host sync: sft", "no host sync: dpo", "no host sync: grpo",
-                                            "QLoRA SFT memory", "varlen attention", "CUDA-graph decoding"]
+                                            "QLoRA SFT memory", "varlen attention", "selective checkpointing",
+                                            "CUDA-graph decoding"]
     assert all(c["ok"] for c in checks), checks
 
 

@@ -36,8 +36,10 @@ def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     rows, pairs = chat_rows(21, seed=5), preference_rows(21, seed=11)
     recipes = {"full": recipe_dict(root, "full", "sft", rows, train={**SHARDED, "save_every": 2}),
-               # with an eval split of 5 chats in batches of 2: 2 batches on one process, 1 + padding on the other
+               # with an eval split of 5 chats in batches of 2: 2 batches on one process, 1 + padding on the other;
+               # selective activation checkpointing (full checkpointing: "checkpointed")
                "lora": recipe_dict(root, "lora", "sft", rows, chat_rows(5, seed=6), adapter=LORA,
+                                   model={"gradient_checkpointing": True, "checkpoint_mode": "selective"},
                                    train={**SHARDED, "eval_every": 2}),
                "checkpointed": recipe_dict(root, "checkpointed", "sft", rows, model={"gradient_checkpointing": True},
                                            train=SHARDED),

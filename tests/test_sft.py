@@ -185,7 +185,7 @@ def test_a_fraction_of_the_layers_is_checkpointed(make_recipe):
 def test_checkpointed_layers_are_spread_evenly(layers, fraction, chosen):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align.models.loading import checkpoint_some_layers, enable_activation_checkpointing
+    from align.models.recompute import checkpoint_some_layers, enable_activation_checkpointing
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=layers,
                                          num_attention_heads=2, num_key_value_heads=2))

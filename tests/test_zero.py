@@ -52,7 +52,9 @@ def launched(tmp_path_factory):
                                        "resume_from": str(root / "z2-sft" / "checkpoints" / "step-000002")}}
     stage3 = {"sft": recipe_dict(root, "z3-sft", "sft", rows, chat_rows(5, seed=6),
                                  train={**STEP, "save_every": 2, "eval_every": 2}),
-              "sft-lora": recipe_dict(root, "z3-sft-lora", "sft", rows, adapter=LORA, train=STEP),
+              # with selective activation checkpointing (the partitions gathered again in the recomputation)
+              "sft-lora": recipe_dict(root, "z3-sft-lora", "sft", rows, adapter=LORA, train=STEP,
+                                      model={"gradient_checkpointing": True, "checkpoint_mode": "selective"}),
               "dpo": recipe_dict(root, "z3-dpo", "dpo", pairs, train={**STEP, "lr": 5e-4}),
               "kto": recipe_dict(root, "z3-kto", "kto", pairs, adapter=LORA, train={**STEP, "lr": 5e-4},
                                  kto={"reference": "frozen_copy"})}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
 from align.models import tiny, varlen
+from align.models.recompute import checkpoint_kwargs, checkpoint_some_layers, enable_activation_checkpointing
 from align.models.reference_cache import files_hash, json_hash
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,10 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
     model.config.use_cache = False
     if model.config.pad_token_id is None:  # sequence classification reads the last non-pad token
         model.config.pad_token_id = load_tokenizer(config).pad_token_id
-    if config.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    model = apply_adapter(model, adapter, config.gradient_checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+    checkpointing = config.checkpoint_mode if config.gradient_checkpointing else None
+    if checkpointing:
+        enable_activation_checkpointing(model, checkpointing)
+    model = apply_adapter(model, adapter, checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
     if config.gradient_checkpointing and config.checkpointed_layers < 1:  # (after QLoRA's preparation, which enables all)
         checkpoint_some_layers(model, config.checkpointed_layers)
     return model
@@ -216,33 +217,6 @@ def _save_atomically(model, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Recompute activations in the backward (non-reentrant), under the name this transformers
-    version has: `activation_checkpointing_enable` (newer), `gradient_checkpointing_enable` (older)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def checkpoint_some_layers(model, fraction: float) -> None:
-    """Keep activation checkpointing on `fraction` of the decoder's layers, spread evenly (layer i of
-    n is checkpointed when floor((i + 1) * fraction) > floor(i * fraction): floor(n * fraction)
-    layers), through each layer's own `gradient_checkpointing` switch (transformers'
-    GradientCheckpointingLayer); other checkpointed modules (a vision tower's) are left as they are."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-    layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
-    count = math.floor(round(len(layers) * fraction, 9))  # (round: 100 x 0.29 is 28.999... in floats)
-    if count == 0:
-        raise AlignError(f"model.checkpointed_layers={fraction} checkpoints none of this model's {len(layers)} "
-                         "layers that can be checkpointed one by one; raise it (1.0: every layer)")
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = math.floor(round((i + 1) * fraction, 9)) > math.floor(round(i * fraction, 9))
-
-
 def keep_4bit_forward_exact(model) -> None:
     """Keep every bitsandbytes 4-bit layer on its dequantize-then-matmul path.
 
@@ -257,7 +231,9 @@ def keep_4bit_forward_exact(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
+def apply_adapter(model, adapter: AdapterConfig, checkpointing: str | None = None, task_type: str = "CAUSAL_LM"):
+    """`model` with `adapter` applied; `checkpointing`: the activation checkpointing mode the model has
+    (None: off), which QLoRA's preparation switches on again."""
     if adapter.kind == "none":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -269,8 +245,8 @@ def apply_adapter(model, adapter: AdapterConfig, gradient_checkpointing: bool = 
     with _peft_quietly():
         if adapter.kind == "qlora":
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                model, use_gradient_checkpointing=checkpointing is not None,
+                gradient_checkpointing_kwargs=checkpoint_kwargs(checkpointing or "full"))
         try:
             model = get_peft_model(model, lora)
         except ValueError as error:
