@@ -143,11 +143,13 @@ def varlen_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict
 def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
     """One SFT micro-batch step of packed rows (the varlen kernel on CUDA; fp32 weights, bf16
     autocast) with no, full and selective activation checkpointing (`model.checkpoint_mode`): the
-    peak memory (weights, gradients, activations) and time of each, after a warm-up step that
-    counts the forward ops; selective must run no matmul or attention kernel more often than no
-    checkpointing does, and give its gradients to bf16 noise."""
+    memory the step adds at its peak and its time, after a warm-up step that counts the ops;
+    selective must run no matmul or attention kernel more often than no checkpointing does (and
+    full more), and give its gradients to bf16 noise."""
+    import gc
+
     from align.config import recipe_from_dict
-    from align.models.recompute import SAVED_OPS, forward_ops_counter
+    from align.models.recompute import OpCounts
     from align.trainers import SFTTrainer
 
     runs = {}
@@ -157,27 +159,33 @@ def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> d
                      model={"dtype": "float32", **checkpointing}, train={"batch_size": 16})
         trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
         batches = trainer.micro_batches(0)
-        with forward_ops_counter() as ops:
+        with OpCounts() as ops:
             trainer.accumulate_gradients(batches)
-        grads = torch.cat([p.grad.flatten().double() for p in trainer.policy.trainable_parameters()])
+        grads = torch.cat([p.grad.flatten().double().cpu() for p in trainer.policy.trainable_parameters()])
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if cuda else 0
         start = time.perf_counter()
         trainer.accumulate_gradients(batches)
         if cuda:
             torch.cuda.synchronize()
         runs[mode] = {"seconds": time.perf_counter() - start, "grads": grads,
-                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                      "kept_ops": sum(n for name, n in ops.counts.items() if name in SAVED_OPS)}
+                      "step_peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None,
+                      "matmuls": ops.matmuls(), "attention_kernels": ops.attention(),
+                      "varlen_kernels": ops.all["torch_attn::_varlen_attn"]}
         del trainer, batches
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    plain, selective = runs["none"], runs["selective"]
+    plain, full, selective = runs["none"], runs["full"], runs["selective"]
     cosine = float(torch.nn.functional.cosine_similarity(selective["grads"], plain["grads"], dim=0))
+    keys = ("seconds", "step_peak_gib", "matmuls", "attention_kernels", "varlen_kernels")
     result = {"check": "selective checkpointing", "grad_cosine": cosine,
-              **{f"{mode}_{key}": run[key] for mode, run in runs.items() for key in ("seconds", "peak_gib", "kept_ops")}}
-    result["ok"] = cosine > 0.999 and selective["kept_ops"] == plain["kept_ops"] < runs["full"]["kept_ops"]
+              **{f"{mode}_{key}": run[key] for mode, run in runs.items() for key in keys}}
+    result["ok"] = (cosine > 0.999 and selective["matmuls"] == plain["matmuls"] < full["matmuls"]
+                    and 0 < selective["attention_kernels"] == plain["attention_kernels"] < full["attention_kernels"]
+                    and (not cuda or plain["varlen_kernels"] > 0))
     return result
 
 
