@@ -9,6 +9,7 @@ prints the table.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per job")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per job (0: all cores); 1 keeps a shared machine's noise down")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --smoke: run this many jobs at once, one torch thread each (a quicker check "
+                             "that the harness works; the timings then mean nothing)")
     parser.add_argument("--profile", action="store_true",
                         help="also run each job under torch's profiler (slower: not for timings) and write "
                              "the top operations to <out>/<stem>-profile.txt")
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     repeats = 1 if args.smoke else args.repeats
+    if args.jobs > 1 and not args.smoke:
+        parser.error("--jobs > 1 needs --smoke: jobs that share the machine time each other's noise")
+    threads = args.threads or (1 if args.jobs > 1 else 0)
     only = [v.strip() for v in args.variants.split(",") if v.strip()]
 
     cache_root().mkdir(parents=True, exist_ok=True)
@@ -205,22 +212,25 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.profile:  # read by each worker (benchmarks.worker.profiled)
         os.environ["ALIGN_BENCH_PROFILE"] = str((out / f"{stem}-profile.txt").resolve())
-    results = []
-    for repeat in range(repeats):
-        for name in names:
-            order = sides(name, only) if repeat % 2 == 0 else sides(name, only)[::-1]
-            for side, variant in order:
-                run_dir = work / f"{name}-{side}-{variant}-r{repeat}"
-                spec = Spec(side=side, variant=variant, run_dir=str(run_dir), threads=args.threads, **shared[name])
-                result = run_job(spec, args.timeout)
-                results.append(result)
-                status = f"{result['seconds']:.2f}s" if result.get("ok") else "FAILED: " + result["error"][:300]
-                print(f"[{repeat + 1}/{repeats}] {name:4s} {side:5s} {variant:12s} {status}", flush=True)
+    jobs = [(repeat, name, side, variant) for repeat in range(repeats) for name in names
+            for side, variant in (sides(name, only) if repeat % 2 == 0 else sides(name, only)[::-1])]
+
+    def run_one(job: tuple) -> dict:
+        repeat, name, side, variant = job
+        run_dir = work / f"{name}-{side}-{variant}-r{repeat}"
+        result = run_job(Spec(side=side, variant=variant, run_dir=str(run_dir), threads=threads, **shared[name]),
+                         args.timeout)
+        status = f"{result['seconds']:.2f}s" if result.get("ok") else "FAILED: " + result["error"][:300]
+        print(f"[{repeat + 1}/{repeats}] {name:4s} {side:5s} {variant:12s} {status}", flush=True)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:  # (each job is a process)
+        results = list(pool.map(run_one, jobs))
 
     rows = [row for name in names for row in report.summarize(name, CASES[name], results, variants(name, only))]
     header = (f"## Align vs TRL: {machine}, {stamp}" + (" (smoke)" if args.smoke else "")
               + f"\n\n{repeats} repeat(s); model {args.model}; cases: {', '.join(names)}; scale {args.scale}; "
-              f"threads per job: {args.threads or 'all'}")
+              f"threads per job: {threads or 'all'}")
     table = report.markdown(rows, header)
     payload = {"machine": machine, "date": stamp, "smoke": args.smoke, "repeats": repeats, "scale": args.scale,
                "model": args.model,

@@ -22,7 +22,7 @@ def test_smoke_run_agrees_with_trl(tmp_path, tmp_path_factory, monkeypatch):
     from benchmarks.cases import CASES
 
     monkeypatch.setenv("ALIGN_BENCH_CACHE", str(tmp_path_factory.mktemp("bench-cache")))
-    payload = run.main(["--smoke", "--out", str(tmp_path / "results")])
+    payload = run.main(["--smoke", "--jobs", "2", "--out", str(tmp_path / "results")])
 
     written = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert len(written) == 2 and written[0].endswith("-smoke.json") and written[1].endswith("-smoke.md")
