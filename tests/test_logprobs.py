@@ -114,19 +114,23 @@ def test_chunks_are_large_on_an_accelerator_and_small_on_a_cpu():
 
 
 class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the input dtypes of every matrix multiply that reaches the kernels."""
+    """Records the input dtypes of every matrix multiply that reaches the kernels, and the shapes of
+    the float32 tensors cast down to a 16-bit dtype."""
 
     MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
                torch.ops.aten.bmm.default}
 
     def __init__(self):
         super().__init__()
-        self.dtypes = []
+        self.dtypes, self.down_casts = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.MATMULS:
             self.dtypes.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and out.dtype == torch.bfloat16:
+            self.down_casts.append(tuple(args[0].shape))
+        return out
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -152,6 +156,8 @@ def test_under_autocast_every_lm_head_matmul_runs_in_its_dtype_forward_and_backw
     # backward recomputes the logits)
     assert len(seen.dtypes) == 3 * (3 if fused else 4)
     assert all(dtype == torch.bfloat16 for dtypes in seen.dtypes for dtype in dtypes), seen.dtypes
+    # each chunk's [n, V] logit gradient is cast down once for both gradient matmuls
+    assert [shape for shape in seen.down_casts if shape in ((5, 300), (300, 5))] == [(5, 300)] * 3
     assert all(g.dtype == torch.float32 for g in grads)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = torch.log_softmax(head(hidden).float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]

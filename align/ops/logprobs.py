@@ -192,14 +192,20 @@ def add_weight_grad(grad_w: torch.Tensor, grad_out: torch.Tensor, inputs: torch.
 
 def _add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: torch.Tensor,
                      weight: torch.Tensor) -> None:
-    """One chunk's share: grad_logits [n, V] -> rows start:start+n of d hidden, += d weight, d bias."""
+    """One chunk's share: grad_logits [n, V] float32 -> rows start:start+n of d hidden, += d weight,
+    d bias. Under autocast grad_logits is cast to its dtype once for both GEMMs (autocast would cast
+    it for each: another pass over [n, V]); the values are the same."""
     grad_h, grad_w, grad_b = grads
-    if grad_h is not None:
-        grad_h[start:start + len(h)] = (grad_logits.to(weight.dtype) @ weight).to(grad_h.dtype)
-    if grad_w is not None:
-        add_weight_grad(grad_w, grad_logits, h)
     if grad_b is not None:
         grad_b += grad_logits.sum(0)
+    autocast = torch.is_autocast_enabled(h.device.type) and h.dtype != torch.float64  # (autocast leaves fp64 be)
+    if autocast:
+        grad_logits = grad_logits.to(torch.get_autocast_dtype(h.device.type))
+    if grad_h is not None:
+        product = grad_logits @ weight if autocast else grad_logits.to(weight.dtype) @ weight
+        grad_h[start:start + len(h)] = product.to(grad_h.dtype)
+    if grad_w is not None:
+        add_weight_grad(grad_w, grad_logits, h)
 
 
 def _finish_grads(grads: tuple, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
