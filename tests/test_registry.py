@@ -35,6 +35,15 @@ def test_lower_floors_import_no_trainer():
     assert out.strip() == "[]"
 
 
+def test_the_trainers_and_the_cli_import_no_adapter_or_quantization_package():
+    """peft and bitsandbytes (with the inductor modules they pull in, ~1 s) load when a recipe asks
+    for an adapter, not at every start of a trainer or `align` command."""
+    code = ("import sys, align.trainers, align.cli; "
+            "print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_unbuilt_trained_builtin_is_not_trained_by_the_loader(tmp_path, monkeypatch):
     from align.models import tiny
 

@@ -40,7 +40,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
-from transformers import get_scheduler
 
 from align.config import Recipe, Section, load_recipe, save_recipe
 from align.data import detect_format, load_rows, pack, pad
@@ -218,6 +217,8 @@ class Trainer(Resumable):
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = self.cfg.lr
         warmup = self.cfg.warmup if self.cfg.warmup >= 1 else self.cfg.warmup * self.total_steps
+        from transformers import get_scheduler  # (imported here: it imports peft and bitsandbytes, ~1 s of every start)
+
         name = "constant_with_warmup" if self.cfg.schedule == "constant" else self.cfg.schedule
         scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(warmup),
                                   num_training_steps=self.total_steps)
