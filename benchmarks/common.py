@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.steps import step_done
+from benchmarks.steps import batch_seen, step_done
 
 
 @dataclasses.dataclass
@@ -115,6 +115,8 @@ def align_job(trainer_class, raw_recipe: dict) -> Prepared:
     work = {"completions": 0, "completion_tokens": 0}
 
     def train_step(self, micro_batches):
+        for batch in micro_batches if isinstance(micro_batches, (list, tuple)) else ():
+            batch_seen(batch)
         record = trainer_class.train_step(self, micro_batches)
         step_done()
         return record
@@ -168,6 +170,8 @@ def trl_job(trainer) -> Prepared:
             step_done()
 
     trainer.add_callback(StepDone())
+    collate = trainer.data_collator  # (read by the train dataloader, which train() builds)
+    trainer.data_collator = lambda features: batch_seen(collate(features))
     return Prepared(train=trainer.train, model=lambda: trainer.model, steps=lambda: trainer.state.global_step)
 
 
@@ -193,6 +197,7 @@ def floor_job(spec: Spec, model: torch.nn.Module, steps: list[list[dict]],
         for micro_batches in steps:
             num_items = sum(items(b) for b in micro_batches)
             for batch in micro_batches:
+                batch_seen(batch)
                 with floor_forward(spec):
                     loss = loss_fn(model, batch, num_items)
                 loss.backward()

@@ -117,6 +117,8 @@ def summarize(case: str, module, results: list[dict], variants: list[str] | None
             "align_held_mb": _mb(_median(align, "held_between_steps_bytes")),
             "trl_held_mb": _mb(_median(trl, "held_between_steps_bytes")),
             "align_peak_step": _median(align, "peak_step"), "trl_peak_step": _median(trl, "peak_step"),
+            "align_largest_batch_tokens": _median(align, "largest_batch_tokens"),
+            "trl_largest_batch_tokens": _median(trl, "largest_batch_tokens"),
             **mfu(module, tokens, a_s, t_s, align + trl),
         })
         rows[-1]["align_steady_mfu"] = steady_mfu(rows[-1], "align")
@@ -201,6 +203,11 @@ def markdown(rows: list[dict], header: str) -> str:
             lines.append(f"- {r['case']} vs {r['baseline']}: memory held between steps Align "
                          f"{_fmt(r['align_held_mb'], '.0f')} MB, B {_fmt(r['trl_held_mb'], '.0f')} MB; peak reached in "
                          f"step {_fmt(r['align_peak_step'], '.0f')} / {_fmt(r['trl_peak_step'], '.0f')}")
+    for r in rows:
+        if r.get("align_largest_batch_tokens") and r.get("trl_largest_batch_tokens"):
+            lines.append(f"- {r['case']} vs {r['baseline']}: largest micro-batch Align "
+                         f"{_fmt(r['align_largest_batch_tokens'], '.0f')} tokens, B "
+                         f"{_fmt(r['trl_largest_batch_tokens'], '.0f')} (padding included; peak memory follows it)")
     for r in rows:
         if r["failed"] or not r["agree"]:
             lines.append(f"- {r['case']} vs {r['baseline']}: " + ("; ".join(r["failed"]) or r["why"]))

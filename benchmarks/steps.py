@@ -29,6 +29,8 @@ class StepClock:
         self.memory: list[tuple[int, int]] = []
         """(bytes allocated, peak bytes allocated so far) at each mark (GPU only)."""
         self.profiler = profiler
+        self.largest_batch = 0
+        """Tokens of the largest training micro-batch, padding included (`batch_seen`)."""
         self.mark()
 
     def mark(self) -> None:
@@ -58,6 +60,15 @@ def step_done() -> None:
         _clock.mark()
         if _clock.profiler is not None:
             _clock.profiler.step()
+
+
+def batch_seen(batch):
+    """Called by the sides with each training micro-batch (a mapping with "input_ids"; anything else
+    is passed through unseen); the clock keeps the largest one's size in tokens, padding included:
+    what its forward computes, and what peak memory follows. Returns the batch."""
+    if _clock is not None and hasattr(batch, "get") and isinstance(batch.get("input_ids"), torch.Tensor):
+        _clock.largest_batch = max(_clock.largest_batch, batch["input_ids"].numel())
+    return batch
 
 
 def memory_summary(memory: list[tuple[int, int]]) -> dict:

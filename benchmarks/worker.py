@@ -57,7 +57,7 @@ def run(spec) -> dict:
     step_seconds = clock.step_seconds()  # the region's exit synchronized the device
     result.update(seconds=region.seconds, cpu_seconds=region.cpu_seconds, peak_bytes=region.peak_bytes, start_bytes=region.start_bytes,
                   step_seconds=step_seconds, **steps.summary(step_seconds), **steps.memory_summary(clock.memory),
-                  growth_bytes=region.peak_bytes - region.start_bytes,
+                  growth_bytes=region.peak_bytes - region.start_bytes, largest_batch_tokens=clock.largest_batch or None,
                   memory_kind=region.memory_kind, steps=prepared.steps(), work=prepared.work(), device=device_kind(),
                   device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                   matmul_params=matmul_parameters(final), peak_flops=peak_flops(),

@@ -42,6 +42,7 @@ def test_smoke_run_agrees_with_trl(tmp_path, tmp_path_factory, monkeypatch):
             assert row["align_steps"] == row["trl_steps"] and row["tokens_gap"] <= 0.02, key
         else:
             assert row["align_loss"] < row["initial_loss"] and row["floor_s"] > 0
+            assert row["align_largest_batch_tokens"] > 0 and row["trl_largest_batch_tokens"] > 0, key
         if key[1] != "packing":  # TRL's packing builds its own rows, so its step count may differ
             assert row["align_steps"] == row["trl_steps"], key
 
