@@ -207,7 +207,7 @@ def markdown(rows: list[dict], header: str) -> str:
         if r.get("align_largest_batch_tokens") and r.get("trl_largest_batch_tokens"):
             lines.append(f"- {r['case']} vs {r['baseline']}: largest micro-batch Align "
                          f"{_fmt(r['align_largest_batch_tokens'], '.0f')} tokens, B "
-                         f"{_fmt(r['trl_largest_batch_tokens'], '.0f')} (padding included; peak memory follows it)")
+                         f"{_fmt(r['trl_largest_batch_tokens'], '.0f')} (padding included; activation memory grows with it)")
     for r in rows:
         if r["failed"] or not r["agree"]:
             lines.append(f"- {r['case']} vs {r['baseline']}: " + ("; ".join(r["failed"]) or r["why"]))

@@ -173,8 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     repeats = 1 if args.smoke else args.repeats
-    if args.jobs > 1 and not args.smoke:
-        parser.error("--jobs > 1 needs --smoke: jobs that share the machine time each other's noise")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.jobs > 1 and (not args.smoke or args.profile):
+        parser.error("--jobs > 1 needs --smoke and no --profile: jobs that share the machine time each other's "
+                     "noise, and their profiles would interleave in one file")
     threads = args.threads or (1 if args.jobs > 1 else 0)
     only = [v.strip() for v in args.variants.split(",") if v.strip()]
 

@@ -38,6 +38,8 @@ def test_lower_floors_import_no_trainer():
 def test_the_trainers_and_the_cli_import_no_adapter_or_quantization_package():
     """peft and bitsandbytes (with the inductor modules they pull in, ~1 s) load when a recipe asks
     for an adapter, not at every start of a trainer or `align` command."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
     code = ("import sys, align.trainers, align.cli; "
             "print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -194,7 +194,8 @@ def _add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: tor
                      weight: torch.Tensor) -> None:
     """One chunk's share: grad_logits [n, V] float32 -> rows start:start+n of d hidden, += d weight,
     d bias. Under autocast grad_logits is cast to its dtype once for both GEMMs (autocast would cast
-    it for each: another pass over [n, V]); the values are the same."""
+    it for each: another pass over [n, V]); the values are the same where the weight is float32 or
+    in the autocast dtype (a 16-bit weight in another dtype is now rounded once, not twice)."""
     grad_h, grad_w, grad_b = grads
     if grad_b is not None:
         grad_b += grad_logits.sum(0)
