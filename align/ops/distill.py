@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from align.losses.distill import divergence_and_grad
-from align.ops.logprobs import LogitTransform, add_weight_grad, default_chunk_size, label_positions
+from align.ops.logprobs import (LogitTransform, add_chunk_grads, chain_derivative, default_chunk_size,
+                                finish_grads, label_positions)
 
 
 @dataclass
@@ -69,17 +70,9 @@ class _ChunkedDivergence(torch.autograd.Function):
             value, grad, chunk_entropy = divergence_and_grad(log_ps, log_pt, beta)
             divergence[start:end], entropy[start:end] = value, chunk_entropy
             if need_h or need_w or need_b:
-                grad = grad.mul_(token_weights[start:end, None].to(grad.dtype))
-                if not (isinstance(derivative, float) and derivative == 1.0):
-                    grad = grad.mul_(derivative)  # d loss / d (lm-head output)
-                if need_h:
-                    grad_h[start:end] = (grad.to(weight.dtype) @ weight).to(grad_h.dtype)
-                if need_w:
-                    add_weight_grad(grad_w, grad, h)
-                if need_b:
-                    grad_b += grad.sum(0)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                     None if grad_b is None else grad_b.to(bias.dtype))
+                grad = chain_derivative(grad.mul_(token_weights[start:end, None].to(grad.dtype)), derivative)
+                add_chunk_grads((grad_h, grad_w, grad_b), start, grad, h, weight)
+        ctx.grads = finish_grads((grad_h, grad_w, grad_b), weight, bias)
         ctx.mark_non_differentiable(divergence, entropy, student_logps, teacher_logps)
         total = (token_weights.to(dtype) * divergence).sum()
         return total, divergence, entropy, student_logps, teacher_logps

@@ -117,8 +117,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 # d logp[target] / d logits = onehot(target) - softmax
                 grad_logits = logits.softmax(-1).mul_(-g)
                 grad_logits.scatter_add_(1, targets[start:start + ctx.chunk_size, None], g)
-                _add_chunk_grads(grads, start, _chain(grad_logits, derivative), h, weight)
-        return *_finish_grads(grads, weight, bias), None, None, None, None
+                add_chunk_grads(grads, start, chain_derivative(grad_logits, derivative), h, weight)
+        return *finish_grads(grads, weight, bias), None, None, None, None
 
 
 class _ChunkedWeightedLogprobSum(torch.autograd.Function):
@@ -154,8 +154,8 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
             if any(g is not None for g in grads):
                 grad_logits = logp.exp_().mul_(-w)  # d(w * logp[target]) / d logits = w * (onehot - softmax)
                 grad_logits.scatter_add_(1, target, w)
-                _add_chunk_grads(grads, start, _chain(grad_logits, derivative), h, weight)
-        ctx.grads = _finish_grads(grads, weight, bias)
+                add_chunk_grads(grads, start, chain_derivative(grad_logits, derivative), h, weight)
+        ctx.grads = finish_grads(grads, weight, bias)
         ctx.mark_non_differentiable(values, entropy)
         return (used * values).sum(), values, entropy
 
@@ -190,12 +190,13 @@ def add_weight_grad(grad_w: torch.Tensor, grad_out: torch.Tensor, inputs: torch.
         grad_w.addmm_(grad_out.T, inputs.to(grad_w.dtype))
 
 
-def _add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: torch.Tensor,
-                     weight: torch.Tensor) -> None:
-    """One chunk's share: grad_logits [n, V] float32 -> rows start:start+n of d hidden, += d weight,
-    d bias. Under autocast grad_logits is cast to its dtype once for both GEMMs (autocast would cast
-    it for each: another pass over [n, V]); the values are the same where the weight is float32 or
-    in the autocast dtype (a 16-bit weight in another dtype is now rounded once, not twice)."""
+def add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: torch.Tensor,
+                    weight: torch.Tensor) -> None:
+    """One chunk's share of (d hidden, d weight, d bias), each None where not needed (the lm-head
+    ops of logprobs and distill share it): grad_logits [n, V] float32 (float64 for float64 inputs)
+    -> rows start:start+n of d hidden, += d weight, d bias. Under autocast grad_logits is cast to
+    its dtype once for both GEMMs, as autocast would cast it for each, so a 16-bit weight in
+    another dtype sees the gradient rounded once, as a plain lm-head's backward does."""
     grad_h, grad_w, grad_b = grads
     if grad_b is not None:
         grad_b += grad_logits.sum(0)
@@ -209,7 +210,8 @@ def _add_chunk_grads(grads: tuple, start: int, grad_logits: torch.Tensor, h: tor
         add_weight_grad(grad_w, grad_logits, h)
 
 
-def _finish_grads(grads: tuple, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def finish_grads(grads: tuple, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """The accumulated (d hidden, d weight, d bias) in the dtypes of the inputs."""
     grad_h, grad_w, grad_b = grads
     return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype))
@@ -220,7 +222,7 @@ def _lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.nn.functional.linear(hidden, weight, bias).float()
 
 
-def _chain(grad_logits: torch.Tensor, derivative: torch.Tensor | float) -> torch.Tensor:
+def chain_derivative(grad_logits: torch.Tensor, derivative: torch.Tensor | float) -> torch.Tensor:
     """d loss / d logits [n, V] -> d loss / d (lm-head output), in place."""
     return grad_logits if isinstance(derivative, float) and derivative == 1.0 else grad_logits.mul_(derivative)
 
