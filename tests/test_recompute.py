@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from align.errors import AlignError
 from align.config import recipe_from_dict
+from align.errors import AlignError
 from align.models.recompute import OpCounts, checkpoint_kwargs, enable_activation_checkpointing, keeps
 from align.trainers.sft import SFTTrainer
+
 
 def step(trainer) -> tuple[dict, OpCounts]:
     """One optimizer step's gradients, and the ops it ran."""
