@@ -21,6 +21,12 @@ def shard(items: Sequence) -> Sequence:
     return items[state.process_index::state.num_processes]
 
 
+def shares(items: Sequence) -> list[Sequence]:
+    """Every process's share of `items` (`shard`'s), in process order."""
+    n = PartialState().num_processes
+    return [items[p::n] for p in range(n)]
+
+
 def most_chunks(num_items: int, chunk_size: int) -> int:
     """The number of chunks of `chunk_size` the busiest process cuts its share of `num_items` items
     into (the first: shares are round-robin, see `shard`)."""

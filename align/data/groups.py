@@ -24,6 +24,14 @@ Group = tuple[list[int], list[list[int]]]
 """(prompt ids, [completion ids, ...])."""
 
 
+def group_tokens(prompt_length: int, completion_lengths: list[int], shared_prompt: bool = True) -> int:
+    """The tokens one group takes in `pack_groups`' rows (padding aside): shared, the prompt once
+    and its last token again before each completion; else the prompt before each completion."""
+    if shared_prompt:
+        return prompt_length - 1 + sum(1 + n for n in completion_lengths)
+    return sum(prompt_length + n for n in completion_lengths)
+
+
 def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int | None = None,
                 pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Groups -> packed rows [R, L]; sequences are numbered 0..S-1 across groups, in order.

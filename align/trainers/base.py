@@ -43,6 +43,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Ini
 
 from align.config import Recipe, Section, load_recipe, save_recipe
 from align.data import detect_format, load_rows, pack, pad
+from align.data.budget import budget_groups
 from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy, sharding, varlen, zero
@@ -51,7 +52,7 @@ from align.ops.logprobs import label_positions
 from align.trainers import run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
 from align.trainers.resume import Resumable
-from align.distributed import most_chunks, shard, sum_over_processes, sum_tensors_over_processes
+from align.distributed import most_chunks, shard, shares, sum_over_processes, sum_tensors_over_processes
 
 log = logging.getLogger(__name__)
 
@@ -332,13 +333,29 @@ class Trainer(Resumable):
 
     def share_micro_batches(self, items: list, per_batch: int) -> list[dict]:
         """This process's share of one optimizer step's items (examples, prompt groups), collated in
-        micro-batches of `per_batch` items. A process left without items (a short last step) gets the
+        micro-batches (`group_items`). A process left without items (a short last step) gets the
         step's first item as a `padding` batch, trained with weight 0: DDP needs every process's backward.
         Under fsdp and ZeRO (`lockstep`) each process gets as many micro-batches as the process with the
-        most (the first: shares are round-robin), padded the same way."""
-        mine = shard(items)
-        batches = [self.collate(mine[i:i + per_batch]) for i in range(0, len(mine), per_batch)]
-        return self.padded(batches, most_chunks(len(items), per_batch) if self.lockstep else 1, items[0])
+        most (every process groups every share to know it), padded the same way."""
+        batches = [self.collate(group) for group in self.group_items(shard(items), per_batch)]
+        most = max(len(self.group_items(share, per_batch)) for share in shares(items)) if self.lockstep else 1
+        return self.padded(batches, most, items[0])
+
+    def group_items(self, items: list, per_batch: int) -> list[list]:
+        """`items` cut into micro-batches: `per_batch` at a time in order, or under
+        `train.micro_batch_tokens` at most `per_batch` items and that many tokens (`item_tokens`)
+        each, the step's tokens spread evenly (`align.data.budget`). The update is the same either
+        way (losses are normalized by the whole step's item count); the budget bounds memory."""
+        budget = self.cfg.micro_batch_tokens
+        if budget is None:
+            return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
+        groups = budget_groups([self.item_tokens(item) for item in items], per_batch, budget)
+        return [[items[i] for i in group] for group in groups]
+
+    def item_tokens(self, item) -> int:
+        """The tokens `item` adds to a micro-batch (padding aside): what `train.micro_batch_tokens`
+        counts. Default: an example's input_ids."""
+        return len(item["input_ids"])
 
     def padded(self, batches: list[dict], count: int, item) -> list[dict]:
         """`batches` and, up to `count` batches, `padding` ones of `item` alone (a process's forwards

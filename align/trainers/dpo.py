@@ -9,6 +9,7 @@ import torch
 
 from align.data.preference import pack_pairs, pair_sums, preference_encoder, warn_identical
 from align.data.formats import tokenize
+from align.data.groups import group_tokens
 from align.config import DPOConfig
 from align.errors import AlignError
 from align.losses.preference import PairLogps, preference_loss
@@ -55,6 +56,10 @@ class PreferenceTrainer(Trainer):
 
     def count_items(self, batch: dict) -> float:
         return float(len(batch["margin"]))
+
+    def item_tokens(self, pair) -> int:
+        return group_tokens(len(pair["prompt_ids"]), [len(pair["chosen_ids"]), len(pair["rejected_ids"])],
+                            self.shared_prompt)
 
 
 @register_trainer("dpo", DPOConfig)

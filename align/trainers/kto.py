@@ -25,7 +25,7 @@ from pydantic import Field
 
 from align.config import Section
 from align.data import tokenize
-from align.data.groups import sequence_sums
+from align.data.groups import group_tokens, sequence_sums
 from align.data.unpaired import (LABEL_COLUMN, check_labels, kl_batch, kl_completions, kl_partners, pack_unpaired,
                                  unpair, unpaired_encoder)
 from align.distributed import sum_tensors_over_processes
@@ -178,6 +178,12 @@ class KTOTrainer(Trainer):
 
     def count_items(self, batch: dict) -> float:
         return float(len(batch[LABEL_COLUMN]))
+
+    def item_tokens(self, row) -> int:
+        """The row [prompt | completion] and, with the KL reference point, its mismatched pair."""
+        kl = [len(row["kl_ids"])] if self.uses_kl and "kl_ids" in row else []
+        return sum(group_tokens(len(row["prompt_ids"]), [n], shared_prompt=False)
+                   for n in [len(row["completion_ids"])] + kl)
 
     # ---- log-probs and the reference point ------------------------------------------------------
     def reference_sums(self, batch: dict, rows: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import time
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from align.data.groups import pack_groups, sequence_tokens
+from align.data.groups import group_tokens, pack_groups, sequence_tokens
 from align.data.prompts import tokenize_prompts
 from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
@@ -275,6 +275,9 @@ class OnlineTrainer(Trainer):
         with self.scoring_mode():
             for group, value in zip(groups, map_in_shares(groups, per_batch, values_of, even=self.lockstep)):
                 group.update(value)
+
+    def item_tokens(self, group) -> int:
+        return group_tokens(len(group["prompt_ids"]), [len(c) for c in group["completions"]], self.shared_prompt)
 
     def collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:
         """Groups -> packed batch (prompt once per group) + mask [S, T] and per-sequence values
