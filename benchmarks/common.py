@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,8 @@ class Spec:
     pack_length: int | None = None  # SFT: packed rows of up to this many tokens (None: the batch's longest chat)
     checkpointed_layers: float = 0.0  # Align: this fraction of the layers under activation checkpointing (0: none)
     checkpoint_mode: str = "full"     # Align, with checkpointed_layers: what those layers keep (full | selective)
+    micro_batch_tokens: str = ""      # Align: train.micro_batch_tokens, a number or (sft cases) "trl_row": TRL
+                                      # packing's row length on this data ("": none)
 
     @property
     def cuda(self) -> bool:
@@ -57,11 +60,16 @@ class Prepared:
     """Optimizer steps actually taken (a check that both sides ran the same schedule)."""
     work: Callable[[], dict] = dict
     """Online RL: {"completions": n, "completion_tokens": n} sampled during the epoch."""
+    log: Callable[[], list[dict]] = list
+    """The trainer's logged steps, [{"step", "loss", "grad_norm"}] (every `log_every` steps;
+    `--set CASE.log_every=1` for every step): where two sides' training first parts."""
+
+
+LOGGED = ("step", "loss", "grad_norm")
+"""What `Prepared.log` keeps of each logged step (the gradient norm before clipping, on both sides)."""
 
 
 def load_rows(path: str) -> list[dict]:
-    import json
-
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -98,6 +106,10 @@ def align_recipe(spec: Spec, algorithm: str, **sections) -> dict:
                                checkpoint_mode=spec.checkpoint_mode)
     elif spec.checkpoint_mode != "full":
         raise ValueError(f"checkpoint_mode={spec.checkpoint_mode!r} needs checkpointed_layers > 0 (the layers it applies to)")
+    if spec.micro_batch_tokens:
+        if not spec.micro_batch_tokens.isdigit():
+            raise ValueError(f"micro_batch_tokens={spec.micro_batch_tokens!r}: a number of tokens here")
+        recipe["train"]["micro_batch_tokens"] = int(spec.micro_batch_tokens)
     recipe.update(sections)
     return recipe
 
@@ -145,8 +157,13 @@ def align_job(trainer_class, raw_recipe: dict) -> Prepared:
         state["trainer"] = trainer = cls(recipe, policy, *datasets)
         trainer.fit()
 
+    def log() -> list[dict]:
+        path = Path(recipe.output_dir) / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [{k: r.get(k) for k in LOGGED} for r in records if "loss" in r and "step" in r]
+
     return Prepared(train=train, model=lambda: state["trainer"].policy.model,
-                    steps=lambda: state["trainer"].step, work=lambda: dict(work))
+                    steps=lambda: state["trainer"].step, work=lambda: dict(work), log=log)
 
 
 # ---- TRL -----------------------------------------------------------------------------------------
@@ -172,7 +189,8 @@ def trl_job(trainer) -> Prepared:
     trainer.add_callback(StepDone())
     collate = trainer.data_collator  # (read by the train dataloader, which train() builds)
     trainer.data_collator = lambda features: batch_seen(collate(features))
-    return Prepared(train=trainer.train, model=lambda: trainer.model, steps=lambda: trainer.state.global_step)
+    return Prepared(train=trainer.train, model=lambda: trainer.model, steps=lambda: trainer.state.global_step,
+                    log=lambda: [{k: r.get(k) for k in LOGGED} for r in trainer.state.log_history if "loss" in r])
 
 
 def hf_dataset(path: str):

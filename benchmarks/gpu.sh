@@ -96,7 +96,7 @@ def ver(name):
         return getattr(importlib.import_module(name), "__version__", "unknown")
 
 missing = []
-for name in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "pydantic", "yaml", "align"):
+for name in ("torch", "transformers", "tokenizers", "accelerate", "peft", "trl", "datasets", "pydantic", "yaml", "align"):
     try:
         importlib.import_module(name)
         print(f"  {name:13s} {ver('pyyaml' if name == 'yaml' else name)}")

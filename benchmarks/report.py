@@ -119,11 +119,21 @@ def summarize(case: str, module, results: list[dict], variants: list[str] | None
             "align_peak_step": _median(align, "peak_step"), "trl_peak_step": _median(trl, "peak_step"),
             "align_largest_batch_tokens": _median(align, "largest_batch_tokens"),
             "trl_largest_batch_tokens": _median(trl, "largest_batch_tokens"),
+            "align_log": _first_log(align), "trl_log": _first_log(trl),
             **mfu(module, tokens, a_s, t_s, align + trl),
         })
         rows[-1]["align_steady_mfu"] = steady_mfu(rows[-1], "align")
         rows[-1]["trl_steady_mfu"] = steady_mfu(rows[-1], "trl")
     return rows
+
+
+def _first_log(runs: list[dict]) -> list[dict]:
+    """The first successful run's logged steps ([{"step", "loss", "grad_norm"}]; empty where none)."""
+    return next((r.get("train_log") or [] for r in runs if r.get("ok")), [])
+
+
+def _log_text(log: list[dict], shown: int = 4) -> str:
+    return ", ".join(f"{e['step']}: {_fmt(e['loss'], '.4f')} / {_fmt(e['grad_norm'], '.3g')}" for e in log[:shown])
 
 
 def mfu(module, tokens: float | None, align_s: float | None, trl_s: float | None, runs: list[dict]) -> dict:
@@ -208,6 +218,10 @@ def markdown(rows: list[dict], header: str) -> str:
             lines.append(f"- {r['case']} vs {r['baseline']}: largest micro-batch Align "
                          f"{_fmt(r['align_largest_batch_tokens'], '.0f')} tokens, B "
                          f"{_fmt(r['trl_largest_batch_tokens'], '.0f')} (padding included; activation memory grows with it)")
+    for r in rows:
+        if len(r.get("align_log") or []) > 1 and len(r.get("trl_log") or []) > 1:
+            lines.append(f"- {r['case']} vs {r['baseline']}: logged steps (step: loss / grad norm before clipping) "
+                         f"Align {_log_text(r['align_log'])}; B {_log_text(r['trl_log'])}")
     for r in rows:
         if r["failed"] or not r["agree"]:
             lines.append(f"- {r['case']} vs {r['baseline']}: " + ("; ".join(r["failed"]) or r["why"]))

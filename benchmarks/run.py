@@ -12,6 +12,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -199,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         old = 0 if old is None else old  # (pack_length: None by default, an int when set)
         settings[name][field] = tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
     for name in names:
+        budget = settings[name].get("micro_batch_tokens", "")
+        if budget and not (budget.isdigit() and int(budget) > 0 or budget == "trl_row" and name.startswith("sft")):
+            parser.error(f"--set {name}.micro_batch_tokens={budget!r}: a positive number of tokens"
+                         + (", or trl_row (TRL packing's row length)" if name.startswith("sft") else ""))
         if settings[name].get("checkpoint_mode", "full") != "full" and not settings[name].get("checkpointed_layers"):
             parser.error(f"--set {name}.checkpoint_mode needs --set {name}.checkpointed_layers=F (the fraction "
                          "of the layers it applies to; 1: every layer)")
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                "model": args.model,
                "settings": settings,
                "tolerance": report.TOLERANCE, "python": sys.version.split()[0], "versions": _versions(),
+               "tokenizers": {name: tokenizer_fingerprint(shared[name]["model_dir"]) for name in names},
                "rows": rows, "jobs": results}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
     (out / f"{stem}.md").write_text(table + "\n")
@@ -249,6 +255,14 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
+def tokenizer_fingerprint(model_dir: str) -> str:
+    """The first 16 hex digits of the sha256 of a model directory's tokenizer.json: the same on two
+    machines, they tokenized alike (the built-in tokenizer is trained when the model is built; a
+    different digest may also be only another `tokenizers` version's serialization)."""
+    path = Path(model_dir) / "tokenizer.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "none"
+
+
 def _versions() -> dict:
     """Installed versions; a package installed without its metadata (`pip install --target`, a
     source checkout on sys.path) falls back to its module's `__version__`, else "unknown"."""
@@ -256,7 +270,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "transformers", "trl", "accelerate", "peft", "align"):
+    for name in ("torch", "transformers", "tokenizers", "trl", "accelerate", "peft", "align"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -49,7 +49,9 @@ def test_smoke_run_agrees_with_trl(tmp_path, tmp_path_factory, monkeypatch):
 
 def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     """benchmarks/gpu.sh --smoke on the CPU: the stack check, the model build, one sft row against
-    TRL's default and every check (the same script a fresh GPU machine runs, minus the wheels)."""
+    TRL's default (Align under a token budget per micro-batch: TRL packing's row, and both sides
+    logging every step, by `--set`) and every check (the same script a fresh GPU machine runs, minus
+    the wheels)."""
     import os
     import subprocess
     import sys
@@ -58,12 +60,22 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     root = Path(__file__).parent.parent
     env = {**os.environ, "PYTHON": sys.executable, "ALIGN_BENCH_CACHE": str(tmp_path_factory.mktemp("gpu-sh-cache"))}
     proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "out"),
-                           "--only-checks", "sft,dpo,grpo,qlora,varlen,recompute,graphs"],
+                           "--only-checks", "sft,dpo,grpo,qlora,varlen,recompute,graphs",
+                           "--set", "sft.micro_batch_tokens=trl_row", "--set", "sft.log_every=1"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (table,) = (tmp_path / "out").glob("*-smoke.md")
     text = table.read_text()
     assert "| sft | TRL default |" in text and "| FAILED |" not in text and "| ok |" in text, text
+    (result,) = (tmp_path / "out").glob("*-smoke.json")
+    align_job = next(j for j in json.loads(result.read_text())["jobs"] if j["spec"]["side"] == "align")
+    assert align_job["spec"]["micro_batch_tokens"] == "trl_row"
+    payload = json.loads(result.read_text())
+    (row,) = payload["rows"]
+    assert [e["step"] for e in row["align_log"]] == [e["step"] for e in row["trl_log"]] == [1, 2, 3]
+    assert row["align_log"][0]["loss"] == pytest.approx(row["trl_log"][0]["loss"], rel=1e-4)  # the same first batch
+    assert "logged steps (step: loss / grad norm before clipping) Align 1: " in text
+    assert len(payload["tokenizers"]["sft"]) == 16 and payload["versions"]["tokenizers"] != "not installed"
     checks = json.loads((tmp_path / "out" / "gpu_checks.json").read_text())
     assert [c["check"] for c in checks] == ["no host sync: sft", "no host sync: dpo", "no host sync: grpo",
                                             "QLoRA SFT memory", "varlen attention", "selective checkpointing",

@@ -16,6 +16,7 @@ TRL variants:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -53,9 +54,21 @@ def initial_model(spec: Spec):
     return AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
 
 
+def packing_row(spec: Spec, tokenizer) -> int:
+    """TRL `packing`'s row length here: batch_size x the mean chat (at least the longest chat), so
+    its steps hold about as many tokens as Align's."""
+    lengths = [len(e["input_ids"]) for e in _examples(spec, tokenizer)]
+    return max(max(lengths), math.ceil(spec.batch_size * sum(lengths) / len(lengths)))
+
+
 def align(spec: Spec) -> Prepared:
+    from transformers import AutoTokenizer
+
     from align import SFTTrainer
 
+    if spec.micro_batch_tokens == "trl_row":  # micro-batches of at most TRL packing's row
+        row = packing_row(spec, AutoTokenizer.from_pretrained(spec.model_dir))
+        spec = dataclasses.replace(spec, micro_batch_tokens=str(row))
     recipe = align_recipe(spec, ALGORITHM)
     recipe["data"]["pack_length"] = spec.pack_length
     return align_job(SFTTrainer, recipe)
@@ -71,9 +84,7 @@ def trl(spec: Spec) -> Prepared:
     if spec.variant == "padding_free":
         kwargs |= dict(padding_free=True, max_length=None)  # TRL asks for pre-truncated data here; ours fits
     elif spec.variant == "packing":
-        lengths = [len(e["input_ids"]) for e in _examples(spec, tokenizer)]
-        row = max(max(lengths), math.ceil(spec.batch_size * sum(lengths) / len(lengths)))
-        kwargs |= dict(packing=True, max_length=row, per_device_train_batch_size=1)
+        kwargs |= dict(packing=True, max_length=packing_row(spec, tokenizer), per_device_train_batch_size=1)
     trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=hf_dataset(spec.train_path),
                          processing_class=tokenizer)
     return trl_job(trainer)
