@@ -47,9 +47,17 @@ class Spec:
     micro_batch_tokens: str = ""      # Align: train.micro_batch_tokens, a number or (sft cases) "trl_row": TRL
                                       # packing's row length on this data ("": none)
 
+    precision: str = "auto"           # auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 | fp32 on any device
+                                      # (--set CASE.precision=bf16 gives a CPU run a GPU run's precision)
+
     @property
     def cuda(self) -> bool:
         return torch.cuda.is_available()
+
+    @property
+    def bf16(self) -> bool:
+        """Both sides' forwards under bf16 autocast (fp32 weights), the floor's too."""
+        return self.precision == "bf16" or (self.precision == "auto" and self.cuda)
 
 
 @dataclasses.dataclass
@@ -80,12 +88,12 @@ def device() -> torch.device:
 
 @contextlib.contextmanager
 def floor_forward(spec: Spec):
-    """The floor's forwards: bf16 autocast on a GPU (weights stay fp32; what both trainers do) and
+    """The floor's forwards: bf16 autocast with `spec.bf16` (weights stay fp32; what both trainers do) and
     the fastest SDPA kernels for changing shapes (`align.models.packed.attention_kernels`: the
     floor is a lower bound); nothing on the CPU."""
     from align.models.packed import attention_kernels
 
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.cuda), attention_kernels(device()):
+    with torch.autocast(device().type, dtype=torch.bfloat16, enabled=spec.bf16), attention_kernels(device()):
         yield
 
 
@@ -98,7 +106,7 @@ def align_recipe(spec: Spec, algorithm: str, **sections) -> dict:
         "data": {"train": {"path": spec.train_path}, "max_length": spec.max_length, "packing": True},
         "train": {"lr": spec.lr, "epochs": 1, "batch_size": spec.batch_size, "grad_accum": spec.grad_accum,
                   "warmup": 0, "schedule": "linear", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": spec.seed,
-                  "mixed_precision": "bf16" if spec.cuda else "no", "log_every": spec.log_every,
+                  "mixed_precision": "bf16" if spec.bf16 else "no", "log_every": spec.log_every,
                   "progress": False, "plots": False},
     }
     if spec.checkpointed_layers:  # (TRL checkpoints every layer or none: its side stays without)
@@ -174,9 +182,9 @@ def trl_args(spec: Spec) -> dict:
         output_dir=str(Path(spec.run_dir) / "trl"), learning_rate=spec.lr, num_train_epochs=1,
         per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.grad_accum,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=spec.seed,
-        bf16=spec.cuda, gradient_checkpointing=False, logging_steps=spec.log_every, save_strategy="no",
+        bf16=spec.bf16, gradient_checkpointing=False, logging_steps=spec.log_every, save_strategy="no",
         eval_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
-    )
+    ) | ({"use_cpu": True} if spec.bf16 and not spec.cuda else {})  # (bf16 off CUDA: transformers asks for it)
 
 
 def trl_job(trainer) -> Prepared:

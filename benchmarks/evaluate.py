@@ -12,6 +12,23 @@ import torch
 import torch.nn.functional as F
 
 
+def plain(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its class's own forward, so every held-out pass runs as this module says (fp32).
+
+    accelerate's mixed precision (TRL's `bf16=True`) replaces a prepared model's forward by one
+    under bf16 autocast, and the replacement stays after `train()`: TRL's final model was then
+    evaluated in bf16, where an update below bf16's resolution (a 1e-5 learning rate on weights of
+    ~0.02) does not show, and Align's in fp32. That made the 0.5b SFT and reward-model rows VOID on
+    the GPU. The instance's replacement is removed here; any other replaced forward is an error."""
+    if "_original_forward" in model.__dict__:  # accelerate's marker of its autocast wrapper
+        del model.__dict__["_original_forward"]
+        model.__dict__.pop("forward", None)
+    if "forward" in model.__dict__:
+        raise ValueError(f"{type(model).__name__}'s forward is replaced on the instance ({model.forward!r}): the "
+                         "held-out passes evaluate the class's own forward")
+    return model
+
+
 def model_device(model) -> torch.device:
     """Where the model's weights are: every batch goes there (the model may sit on the CPU while a
     GPU is present, e.g. the initial model of a floor job, or on the GPU after training)."""

@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         if budget and not (budget.isdigit() and int(budget) > 0 or budget == "trl_row" and name.startswith("sft")):
             parser.error(f"--set {name}.micro_batch_tokens={budget!r}: a positive number of tokens"
                          + (", or trl_row (TRL packing's row length)" if name.startswith("sft") else ""))
+        if settings[name].get("precision", "auto") not in ("auto", "bf16", "fp32"):
+            parser.error(f"--set {name}.precision={settings[name]['precision']!r}: auto, bf16 or fp32")
         if settings[name].get("checkpoint_mode", "full") != "full" and not settings[name].get("checkpointed_layers"):
             parser.error(f"--set {name}.checkpoint_mode needs --set {name}.checkpointed_layers=F (the fraction "
                          "of the layers it applies to; 1: every layer)")

@@ -25,6 +25,7 @@ def run(spec) -> dict:
     from benchmarks.assets import matmul_parameters, peak_flops
     from benchmarks.cases import CASES
     from benchmarks.common import device
+    from benchmarks.evaluate import plain
     from benchmarks.measure import Region, device_kind, quiet
 
     os.environ["ALIGN_CACHE"] = str(Path(spec.run_dir) / "align-cache")  # fresh: the DPO reference cache is built
@@ -53,7 +54,7 @@ def run(spec) -> dict:
             prepared.train()
         finally:
             steps.install(None)
-    final = prepared.model()
+    final = plain(prepared.model())  # (TRL's keeps accelerate's bf16 autocast wrapper)
     step_seconds = clock.step_seconds()  # the region's exit synchronized the device
     result.update(seconds=region.seconds, cpu_seconds=region.cpu_seconds, peak_bytes=region.peak_bytes, start_bytes=region.start_bytes,
                   step_seconds=step_seconds, **steps.summary(step_seconds), **steps.memory_summary(clock.memory),

@@ -49,9 +49,9 @@ def test_smoke_run_agrees_with_trl(tmp_path, tmp_path_factory, monkeypatch):
 
 def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     """benchmarks/gpu.sh --smoke on the CPU: the stack check, the model build, one sft row against
-    TRL's default (Align under a token budget per micro-batch: TRL packing's row, and both sides
-    logging every step, by `--set`) and every check (the same script a fresh GPU machine runs, minus
-    the wheels)."""
+    TRL's default (Align under a token budget per micro-batch: TRL packing's row; both sides logging
+    every step and under bf16 autocast, as on a GPU: `--set`) and every check (the same script a
+    fresh GPU machine runs, minus the wheels)."""
     import os
     import subprocess
     import sys
@@ -61,7 +61,8 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     env = {**os.environ, "PYTHON": sys.executable, "ALIGN_BENCH_CACHE": str(tmp_path_factory.mktemp("gpu-sh-cache"))}
     proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "out"),
                            "--only-checks", "sft,dpo,grpo,qlora,varlen,recompute,graphs",
-                           "--set", "sft.micro_batch_tokens=trl_row", "--set", "sft.log_every=1"],
+                           "--set", "sft.micro_batch_tokens=trl_row", "--set", "sft.log_every=1",
+                           "--set", "sft.precision=bf16"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (table,) = (tmp_path / "out").glob("*-smoke.md")
@@ -81,6 +82,47 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
                                             "QLoRA SFT memory", "varlen attention", "selective checkpointing",
                                             "CUDA-graph decoding"]
     assert all(c["ok"] for c in checks), checks
+
+
+PREPARED_IN_BF16 = r"""
+import torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+from benchmarks.evaluate import plain
+
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+model, fresh = LlamaForCausalLM(config), LlamaForCausalLM(config)
+fresh.load_state_dict(model.state_dict())
+ids = torch.randint(0, 64, (2, 16))
+model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)  # what TRL's bf16=True does
+with torch.no_grad():
+    expected, wrapped = fresh(ids).logits, model(ids).logits
+    assert not torch.equal(wrapped, expected)  # run under bf16 autocast
+    assert torch.equal(plain(model)(ids).logits, expected)
+assert "forward" not in model.__dict__
+model.forward = lambda *args, **kwargs: None
+try:
+    plain(model)
+except ValueError as error:
+    print("refused:", error)
+"""
+
+
+def test_held_out_passes_evaluate_a_trl_model_without_its_bf16_autocast_wrapper(tmp_path):
+    """accelerate's mixed precision leaves a prepared model's forward under bf16 autocast after
+    training: `plain` restores the class's forward (the GPU's 0.5b SFT and reward-model rows were VOID
+    because TRL's final model was evaluated in bf16 and Align's in fp32), and refuses any other
+    replaced forward."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", PREPARED_IN_BF16], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: LlamaForCausalLM's forward is replaced on the instance" in proc.stdout
 
 
 def test_version_lookup_tolerates_a_package_without_metadata(monkeypatch):
