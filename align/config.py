@@ -146,11 +146,14 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0)
     micro_batch_tokens: int | None = Field(None, gt=0)
     """A token budget per micro-batch: each holds at most batch_size examples (pairs, prompt groups)
-    and at most this many tokens, padding aside, the step's tokens spread evenly over as few
-    micro-batches as that allows (`align.data.budget`). A step still holds batch_size x grad_accum
-    examples and its update is the same; only the grouping changes, so peak memory follows the
-    budget instead of the longest micro-batch. An example longer than the budget is a micro-batch
-    of its own. Default (null): batch_size examples per micro-batch, in order."""
+    and at most this many tokens, the step's tokens spread evenly over as few micro-batches as that
+    allows (`align.data.budget`). A step still holds batch_size x grad_accum examples and its update
+    is the same (up to dropout's random masks; grpo.loss_norm: bnpo, which averages per micro-batch,
+    is refused); only the grouping changes, so peak memory follows the budget instead of the longest
+    micro-batch. Padding is not counted: with data.pack_length at least the budget a micro-batch is
+    one packed row, otherwise its rows are padded to the widest. An example longer than the budget
+    is a micro-batch of its own. Training only (evaluation and reference passes keep their batches).
+    Default (null): batch_size examples per micro-batch, in order."""
     warmup: float = Field(0.0, ge=0, allow_inf_nan=False)
     """Warm-up length: a fraction of all steps if < 1, else a number of steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"

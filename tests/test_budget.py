@@ -13,7 +13,9 @@ from align.config import recipe_from_dict
 from align.data.budget import budget_groups
 from align.toy import preference_rows, prompt_rows
 from align.trainers import DPOTrainer, GRPOTrainer, SFTTrainer
+from align.errors import AlignError
 from align.trainers.kto import KTOTrainer
+from align.trainers.reward import RewardTrainer
 from tests.test_kto import labelled_rows
 
 
@@ -50,6 +52,8 @@ def trainers(make_recipe):
     for shared in (True, False):
         yield DPOTrainer.from_recipe(make_recipe(algorithm="dpo", rows=preference_rows(16, seed=1), adapter=lora,
                                                  dpo={"shared_prompt": shared}))
+    yield RewardTrainer.from_recipe(make_recipe(algorithm="reward", rows=preference_rows(16, seed=1),
+                                                reward={"shared_prompt": False}))
     yield KTOTrainer.from_recipe(make_recipe(algorithm="kto", rows=labelled_rows(16, seed=2), adapter=lora))
     for shared in (True, False):
         yield GRPOTrainer.from_recipe(make_recipe(
@@ -71,7 +75,7 @@ def test_item_tokens_count_the_tokens_the_collator_packs(make_recipe):
             batch = trainer.collate([item])
             packed = int(batch["num_tokens"]) + (batch["kl_input_ids"].numel() if "kl_input_ids" in batch else 0)
             assert trainer.item_tokens(item) == packed, type(trainer).__name__
-    assert seen == {"SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer"}
+    assert seen == {"SFTTrainer", "DPOTrainer", "RewardTrainer", "KTOTrainer", "GRPOTrainer"}
 
 
 # ---- the same update, smaller micro-batches ---------------------------------------------------------
@@ -120,6 +124,36 @@ def test_under_lockstep_every_process_runs_as_many_micro_batches(make_recipe, mo
     assert sum(trained) == sum(len(item["input_ids"]) for item in items)
 
 
+def test_a_per_micro_batch_loss_norm_is_refused_under_a_budget(make_recipe):
+    """bnpo averages over each micro-batch's own tokens: regrouping would change the update."""
+    from align.trainers.grpo import GRPOTrainer as Trainer
+
+    recipe = make_recipe(algorithm="grpo", rows=prompt_rows(8, seed=3), train={"batch_size": 8, "micro_batch_tokens": 64},
+                         grpo={"group_size": 4, "loss_norm": "bnpo", "rewards": [{"fn": "exact_answer"}]})
+    with pytest.raises(AlignError, match="grpo.loss_norm: bnpo averages over each micro-batch"):
+        Trainer.check_recipe(recipe)
+    Trainer.check_recipe(recipe.model_copy(update={"grpo": recipe.grpo.model_copy(update={"loss_norm": "dapo"})}))
+
+
+@pytest.mark.parametrize("loss_norm", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_under_a_token_budget_gives_the_same_gradients(make_recipe, arith_builtin, loss_norm):
+    def step(**train):
+        torch.manual_seed(0)
+        trainer = GRPOTrainer.from_recipe(make_recipe(
+            algorithm="grpo", rows=prompt_rows(8, seed=3), model={"name_or_path": arith_builtin, "dtype": "float32"},
+            adapter={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            data={"max_length": 64}, train={"batch_size": 8, "grad_accum": 2, **train},
+            grpo={"group_size": 4, "loss_norm": loss_norm, "sampling": {"max_new_tokens": 32},
+                  "rewards": [{"fn": "exact_answer"}]}))
+        return step_gradients(trainer)
+
+    plain, grads = step()
+    budgeted, budget_grads = step(micro_batch_tokens=max(int(b["num_tokens"]) for b in plain) // 2)
+    assert len(budgeted) > len(plain) and any(g.abs().sum() > 0 for g in grads.values())  # rewards that differ
+    for name in grads:
+        torch.testing.assert_close(budget_grads[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_a_run_resumed_under_a_token_budget_continues_as_the_uninterrupted_run(make_recipe, tmp_path):
     """The budget changes a step's memory, not its numbers: a run may resume with it (e.g. after
     running out of memory)."""
@@ -128,7 +162,9 @@ def test_a_run_resumed_under_a_token_budget_continues_as_the_uninterrupted_run(m
     uninterrupted = losses(tmp_path / "run")
     raw["train"]["resume_from"] = str(tmp_path / "run" / "checkpoints" / "step-000002")
     raw["train"]["micro_batch_tokens"] = 100
-    SFTTrainer.from_recipe(recipe_from_dict(raw)).fit()
+    resumed_trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
+    assert len(resumed_trainer.micro_batches(2)) > 2  # the budget regroups the step's 2 micro-batches
+    resumed_trainer.fit()
     resumed = losses(tmp_path / "run")[-2:]
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(uninterrupted[2:], resumed):

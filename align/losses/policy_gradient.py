@@ -114,16 +114,19 @@ class LossNorm:
     weights: Callable[[torch.Tensor, int | None, float], torch.Tensor]
     """(mask [B, T] float, max_completion_length, num_items) -> token weights [B, T]."""
     unit: str = "sequences"
+    per_micro_batch: bool = False
+    """The weights depend on the micro-batch's own tokens (bnpo), so the update depends on how a step
+    is cut into micro-batches: `train.micro_batch_tokens`, which regroups them, is refused."""
 
 
 LOSS_NORMS.adapt = LossNorm  # a plain weight function named as module:Name
 
 
-def register_loss_norm(name: str, unit: str = "sequences"):
+def register_loss_norm(name: str, unit: str = "sequences", per_micro_batch: bool = False):
     """Decorator: `grpo.loss_norm: name` averages token losses with the decorated weight function."""
 
     def add(fn):
-        LOSS_NORMS.register(name)(LossNorm(fn, unit))
+        LOSS_NORMS.register(name)(LossNorm(fn, unit, per_micro_batch))
         return fn
 
     return add
@@ -135,7 +138,7 @@ def _grpo(mask: torch.Tensor, max_len: int | None, num_items: float) -> torch.Te
     return mask / (num_items * mask.sum(-1, keepdim=True).clamp(min=1))
 
 
-@register_loss_norm("bnpo")
+@register_loss_norm("bnpo", per_micro_batch=True)
 def _bnpo(mask: torch.Tensor, max_len: int | None, num_items: float) -> torch.Tensor:
     # the token mean of each micro-batch, micro-batches weighted by their sequences
     return mask * (mask.shape[0] / num_items) / mask.sum().clamp(min=1)

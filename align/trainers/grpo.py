@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from align.config import GRPOConfig
 from align.data.groups import packed_tokens, sequence_tokens
+from align.errors import AlignError
 from align.losses.advantages import RolloutScores, token_kl
 from align.losses.policy_gradient import grpo_loss, k3_token_weights, masked_mean, on_policy_token_weights
 from align.models import Policy
@@ -53,6 +54,10 @@ class GRPOTrainer(OnlineTrainer):
     @classmethod
     def check_recipe(cls, recipe) -> None:
         check_divisible(recipe.train.batch_size, recipe.grpo.group_size, "grpo.group_size")
+        if recipe.train.micro_batch_tokens is not None and LOSS_NORMS.get(recipe.grpo.loss_norm).per_micro_batch:
+            raise AlignError(f"grpo.loss_norm: {recipe.grpo.loss_norm} averages over each micro-batch's own tokens, so "
+                             "train.micro_batch_tokens, which regroups a step's micro-batches, would change the update: "
+                             "drop train.micro_batch_tokens, or use grpo.loss_norm: dapo (the token mean of the whole step)")
         if recipe.grpo.importance == "sequence" and recipe.grpo.loss_norm != "grpo":  # as TRL 1.16 warns
             _warn_once(f"grpo.importance: sequence (GSPO) with grpo.loss_norm: {recipe.grpo.loss_norm} sums per-token "
                        "terms, which weights each sequence by its completion length instead of optimizing GSPO's "
