@@ -69,8 +69,9 @@ class Prepared:
     work: Callable[[], dict] = dict
     """Online RL: {"completions": n, "completion_tokens": n} sampled during the epoch."""
     log: Callable[[], list[dict]] = list
-    """The trainer's logged steps, [{"step", "loss", "grad_norm"}] (every `log_every` steps;
-    `--set CASE.log_every=1` for every step): where two sides' training first parts."""
+    """The trainer's logged steps, [{"step", "loss", "grad_norm"}]; recorded with `--set
+    CASE.log_every=1` only (Align logs the logged step's loss, TRL the mean since its last log): where
+    two sides' training first parts."""
 
 
 LOGGED = ("step", "loss", "grad_norm")

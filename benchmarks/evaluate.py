@@ -13,19 +13,26 @@ import torch.nn.functional as F
 
 
 def plain(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with its class's own forward, so every held-out pass runs as this module says (fp32).
+    """`model` with its class's own forward, so every held-out pass runs as the module says (fp32).
 
-    accelerate's mixed precision (TRL's `bf16=True`) replaces a prepared model's forward by one
-    under bf16 autocast, and the replacement stays after `train()`: TRL's final model was then
-    evaluated in bf16, where an update below bf16's resolution (a 1e-5 learning rate on weights of
-    ~0.02) does not show, and Align's in fp32. That made the 0.5b SFT and reward-model rows VOID on
-    the GPU. The instance's replacement is removed here; any other replaced forward is an error."""
-    if "_original_forward" in model.__dict__:  # accelerate's marker of its autocast wrapper
-        del model.__dict__["_original_forward"]
-        model.__dict__.pop("forward", None)
-    if "forward" in model.__dict__:
-        raise ValueError(f"{type(model).__name__}'s forward is replaced on the instance ({model.forward!r}): the "
-                         "held-out passes evaluate the class's own forward")
+    A trainer may leave wrappers of that forward on the instance: TRL's SFT trainer its fused
+    lm-head (which calls the plain forward unless asked), accelerate's mixed precision (TRL's
+    `bf16=True`) one under bf16 autocast that stays after `train()`. TRL's final model was then
+    evaluated in bf16, where a 1e-5 learning rate's updates, below bf16's resolution, do not show,
+    and Align's in fp32: that made the GPU's 0.5b SFT and reward-model rows VOID. A replacement
+    whose `__wrapped__` chain leads to the class's forward is removed; any other is an error."""
+    replaced = model.__dict__.get("forward")
+    if replaced is not None:
+        fn = getattr(replaced, "__func__", replaced)
+        for _ in range(32):  # (a chain of wrappers, each naming the one it wraps)
+            if fn is type(model).forward or not hasattr(fn, "__wrapped__"):
+                break
+            fn = getattr(fn.__wrapped__, "__func__", fn.__wrapped__)
+        if fn is not type(model).forward:
+            raise ValueError(f"{type(model).__name__}'s forward is replaced on the instance by {replaced!r}, which "
+                             "does not wrap the class's own: the held-out passes evaluate the class's forward")
+        del model.__dict__["forward"]
+    model.__dict__.pop("_original_forward", None)  # (accelerate's note of what it wrapped)
     return model
 
 

@@ -257,12 +257,20 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
 def tokenizer_fingerprint(model_dir: str) -> str:
-    """The first 16 hex digits of the sha256 of a model directory's tokenizer.json: the same on two
-    machines, they tokenized alike (the built-in tokenizer is trained when the model is built; a
-    different digest may also be only another `tokenizers` version's serialization)."""
-    path = Path(model_dir) / "tokenizer.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "none"
+    """The first 16 hex digits of a sha256 over a model directory's tokenizer files (vocabulary,
+    merges, chat template): the same on two machines, they tokenized alike (the built-in tokenizer
+    is trained when the model is built; a different digest may also be only another `tokenizers`
+    version's serialization)."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.exists():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _versions() -> dict:

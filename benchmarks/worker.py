@@ -61,7 +61,8 @@ def run(spec) -> dict:
                   growth_bytes=region.peak_bytes - region.start_bytes, largest_batch_tokens=clock.largest_batch or None,
                   memory_kind=region.memory_kind, steps=prepared.steps(), work=prepared.work(), device=device_kind(),
                   device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  matmul_params=matmul_parameters(final), peak_flops=peak_flops(), train_log=prepared.log(),
+                  matmul_params=matmul_parameters(final), peak_flops=peak_flops(),
+                  train_log=prepared.log() if spec.log_every == 1 else [],  # (TRL logs the mean since its last log)
                   heldout_loss=case.heldout(spec, final, tokenizer))
     return result
 

@@ -85,6 +85,9 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
 
 
 PREPARED_IN_BF16 = r"""
+import functools
+import types
+
 import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -102,6 +105,17 @@ with torch.no_grad():
     assert not torch.equal(wrapped, expected)  # run under bf16 autocast
     assert torch.equal(plain(model)(ids).logits, expected)
 assert "forward" not in model.__dict__
+wrapped = type(model).forward
+
+
+@functools.wraps(wrapped)
+def fused(self, *args, fused_lm_head=False, **kwargs):  # as TRL's SFT trainer wraps it
+    return wrapped(self, *args, **kwargs)
+
+
+model.forward = types.MethodType(fused, model)
+model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+assert torch.equal(plain(model)(ids).logits, expected) and "forward" not in model.__dict__
 model.forward = lambda *args, **kwargs: None
 try:
     plain(model)
