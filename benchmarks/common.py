@@ -78,6 +78,11 @@ LOGGED = ("step", "loss", "grad_norm")
 """What `Prepared.log` keeps of each logged step (the gradient norm before clipping, on both sides)."""
 
 
+def logged_steps(records) -> list[dict]:
+    """The training records among a trainer's logged ones (those with a loss), cut to `LOGGED`."""
+    return [{k: r.get(k) for k in LOGGED} for r in records if "loss" in r]
+
+
 def load_rows(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -169,7 +174,7 @@ def align_job(trainer_class, raw_recipe: dict) -> Prepared:
     def log() -> list[dict]:
         path = Path(recipe.output_dir) / "metrics.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        return [{k: r.get(k) for k in LOGGED} for r in records if "loss" in r and "step" in r]
+        return logged_steps(r for r in records if "step" in r)
 
     return Prepared(train=train, model=lambda: state["trainer"].policy.model,
                     steps=lambda: state["trainer"].step, work=lambda: dict(work), log=log)
@@ -199,7 +204,7 @@ def trl_job(trainer) -> Prepared:
     collate = trainer.data_collator  # (read by the train dataloader, which train() builds)
     trainer.data_collator = lambda features: batch_seen(collate(features))
     return Prepared(train=trainer.train, model=lambda: trainer.model, steps=lambda: trainer.state.global_step,
-                    log=lambda: [{k: r.get(k) for k in LOGGED} for r in trainer.state.log_history if "loss" in r])
+                    log=lambda: logged_steps(trainer.state.log_history))
 
 
 def hf_dataset(path: str):

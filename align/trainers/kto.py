@@ -182,8 +182,7 @@ class KTOTrainer(Trainer):
     def item_tokens(self, row) -> int:
         """The row [prompt | completion] and, with the KL reference point, its mismatched pair."""
         kl = [len(row["kl_ids"])] if self.uses_kl and "kl_ids" in row else []
-        return sum(group_tokens(len(row["prompt_ids"]), [n], shared_prompt=False)
-                   for n in [len(row["completion_ids"])] + kl)
+        return group_tokens(len(row["prompt_ids"]), [len(row["completion_ids"])] + kl, shared_prompt=False)
 
     # ---- log-probs and the reference point ------------------------------------------------------
     def reference_sums(self, batch: dict, rows: int) -> torch.Tensor:
