@@ -80,6 +80,13 @@ class ModelConfig(Section):
     so only the elementwise ops between them run again: about 0.6x the activation memory of no
     checkpointing (bf16 autocast), without recomputing any matmul (align/models/recompute.py)."""
 
+    compile: bool = False
+    """Compile each decoder layer of the trained model(s) with torch.compile (regional compilation:
+    one graph per layer class, reused by every layer), fusing the elementwise ops between the
+    matmuls (norms, activations, rotary, residual adds). The first steps pay the compilation (tens of
+    seconds) and sequence lengths that vary compile once more; values equal the eager forward's up to
+    floating-point rounding. Sampling runs eagerly (`align.models.compiled`)."""
+
     @model_validator(mode="after")
     def _check_checkpointed_layers(self) -> "ModelConfig":
         if self.checkpointed_layers < 1 and not self.gradient_checkpointing:
@@ -88,6 +95,10 @@ class ModelConfig(Section):
         if self.checkpoint_mode != "full" and not self.gradient_checkpointing:
             raise ValueError(f"checkpoint_mode: {self.checkpoint_mode} needs gradient_checkpointing: true (it says "
                              "what a checkpointed layer keeps)")
+        if self.compile and self.gradient_checkpointing and self.checkpoint_mode == "selective":
+            raise ValueError("compile with checkpoint_mode: selective is not supported (the selective policy picks "
+                             "what to keep among the eager ops, which a compiled layer does not run); use "
+                             "checkpoint_mode: full, or compile: false")
         return self
 
 
@@ -462,7 +473,9 @@ class Recipe(Section):
                     "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
                    (getattr(getattr(self.section, "sampling", None), "engine", None) == "vllm",
                     f"{self.algorithm}.sampling.engine vllm (under fsdp each process samples from an unsharded copy "
-                    "with prefix_shared or hf)")]
+                    "with prefix_shared or hf)"),
+                   (self.model.compile, "model.compile (compiled layers under FSDP2's hooks are untested here; "
+                    "set compile: false)")]
         reasons = [reason for bad, reason in refused if bad]
         if reasons:
             raise ValueError("train.sharding: fsdp cannot run with " + "; ".join(reasons) +

@@ -19,6 +19,7 @@ from torch import nn
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
 from align.models import sharding, tiny, zero
+from align.models.compiled import eager
 from align.models.dropout import disable_dropout
 from align.models.head import check_logprobs_match_forward, logit_transform
 from align.models.loading import load_model, load_tokenizer
@@ -283,5 +284,5 @@ class Policy(Trainable):
         """transformers' generate on the trainable model; returns [B, T_prompt + T_new] ids."""
         lm = unwrap(self.module).model
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with self.eval_mode():
+        with self.eval_mode(), eager():
             return lm.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)

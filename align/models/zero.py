@@ -400,6 +400,8 @@ def check(algorithm: str, recipe) -> None:
     if recipe.adapter.kind == "qlora":
         reasons.append("adapter.kind qlora (a 4-bit weight carries its quantization state, which a ZeRO "
                        "partition loses; use train.sharding: fsdp, which keeps the 4-bit base whole)")
+    if recipe.model.compile:
+        reasons.append("model.compile (compiled layers under DeepSpeed's hooks are untested here; set compile: false)")
     if recipe._reference_through_the_policy():
         reasons.append(f"{algorithm}.reference adapter_disabled (set it to frozen_copy)")
     if reasons:

@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from align.models.compiled import eager
 from align.models.packed import attention_kernels
 
 
@@ -172,11 +173,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
 @contextlib.contextmanager
 def inference(model: torch.nn.Module):
     """Eval mode without gradients, SDPA without cuDNN on CUDA (a new plan per decoding step, see
-    `align.models.packed.SDPA_BACKENDS`); the model's training mode is restored afterwards."""
+    `align.models.packed.SDPA_BACKENDS`), compiled layers run eagerly (`align.models.compiled`); the
+    model's training mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), attention_kernels(model_device(model)):
+        with torch.no_grad(), attention_kernels(model_device(model)), eager():
             yield
     finally:
         model.train(was_training)

@@ -47,6 +47,7 @@ from align.data.budget import budget_groups
 from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy, sharding, varlen, zero
+from align.models.compiled import compile_layers
 from align.models.packed import attention_kernels
 from align.ops.logprobs import label_positions
 from align.trainers import run_dir, samples
@@ -179,6 +180,8 @@ class Trainer(Resumable):
                 policy.partition_reference()  # partitioned as the policy is (as TRL does under ZeRO-3)
         elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
             self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
+        if recipe.model.compile:  # (the recipe refuses it with fsdp, zero.check under ZeRO)
+            compile_layers(self.policy.module)
         self.lockstep = self.sharded or self.zero_engine is not None
         """Whether every process must run as many forwards and backwards as the others (fsdp, ZeRO:
         collectives inside them); their shares of a step or an eval split are then padded to match."""

@@ -1,0 +1,101 @@
+"""model.compile: decoder layers compiled with torch.compile train as the eager ones do, and
+sampling runs them eagerly."""
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from align.errors import AlignError
+from align.models import zero
+from align.models.compiled import compile_layers, decoder_layers
+from align.rollout import PrefixSharedEngine
+from align.rollout.sampling import SamplingParams
+from align.toy import chat_rows, preference_rows
+from align.trainers import DPOTrainer, SFTTrainer
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def fit_both(trainer_class, make_recipe, tmp_path, **sections) -> tuple[dict, dict]:
+    """Eager and compiled runs of the same recipe -> ({step: logged row}, final trainable weights) each,
+    and how many graphs the compiled run compiled."""
+    runs = {}
+    for compiled in (False, True):
+        model = {**sections.pop("model", {}), "compile": compiled}
+        recipe = make_recipe(output_dir=str(tmp_path / f"compiled-{compiled}"), model=model, **sections)
+        sections["model"] = model
+        trainer = trainer_class.from_recipe(recipe)
+        graphs = counters["stats"]["unique_graphs"]
+        trainer.fit()
+        layers = decoder_layers(trainer.policy.module)
+        assert len(layers) == trainer.policy.model.config.num_hidden_layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        weights = {n: p.detach().clone() for n, p in trainer.policy.module.named_parameters() if p.requires_grad}
+        runs[compiled] = ({row["step"]: row for row in metrics(tmp_path / f"compiled-{compiled}")}, weights,
+                          counters["stats"]["unique_graphs"] - graphs)
+    return runs[False], runs[True]
+
+
+def assert_same_run(eager, compiled, keys):
+    (eager_rows, eager_weights, _), (compiled_rows, compiled_weights, graphs) = eager, compiled
+    assert eager_rows.keys() == compiled_rows.keys()
+    for step, row in eager_rows.items():
+        for key in keys:
+            if key in row:
+                assert compiled_rows[step][key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), (step, key)
+    for name, weight in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+    # few graphs, reused by every layer: far from dynamo's recompile limit, past which it runs eagerly
+    assert 0 < graphs <= torch._dynamo.config.recompile_limit // 2
+
+
+def test_compiled_sft_trains_as_the_eager_model(make_recipe, tmp_path):
+    """Full fine-tuning with gradient checkpointing and a held-out split: the same losses, gradient
+    norms, evaluation and weights (to rounding), sequence lengths varying from step to step."""
+    eager, compiled = fit_both(SFTTrainer, make_recipe, tmp_path, eval_rows=chat_rows(8, seed=7),
+                               model={"gradient_checkpointing": True},
+                               train={"max_steps": 4, "log_every": 1, "eval_every": 2})
+    assert_same_run(eager, compiled, ["loss", "grad_norm", "eval/loss"])
+    assert "eval/loss" in eager[0][4]
+
+
+def test_compiled_dpo_with_the_adapter_disabled_reference(make_recipe, tmp_path):
+    """LoRA, whose reference is the same compiled layers with the adapter switched off."""
+    eager, compiled = fit_both(DPOTrainer, make_recipe, tmp_path, algorithm="dpo", rows=preference_rows(16, seed=1),
+                               adapter={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                               dpo={"reference": "adapter_disabled", "precompute_reference": False},
+                               train={"max_steps": 3, "log_every": 1})
+    assert_same_run(eager, compiled, ["loss", "grad_norm", "rewards/margins"])
+
+
+def test_sampling_runs_compiled_layers_eagerly(make_recipe):
+    """Decoding would compile a graph per length: the rollout engines run the layers' eager forward
+    (the same tokens as an uncompiled model, nothing compiled)."""
+    recipe = make_recipe()
+    plain = SFTTrainer.from_recipe(recipe).policy
+    compiled = SFTTrainer.from_recipe(recipe).policy
+    compile_layers(compiled.model)
+    prompts = [compiled.tokenizer("2 + 3 =")["input_ids"], compiled.tokenizer("7 + 1 =")["input_ids"]]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
+    frames = counters["frames"]["total"]
+    sampled = [PrefixSharedEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=2).completion_ids
+               for policy in (plain, compiled)]
+    greedy = [policy.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False)
+              for policy in (plain, compiled)]
+    assert counters["frames"]["total"] == frames  # dynamo saw no frame
+    assert sampled[0] == sampled[1] and torch.equal(*greedy)
+
+
+def test_compile_refusals(make_recipe):
+    with pytest.raises(AlignError, match="compile with checkpoint_mode: selective"):
+        make_recipe(model={"compile": True, "gradient_checkpointing": True, "checkpoint_mode": "selective"})
+    with pytest.raises(AlignError, match="model.compile"):
+        make_recipe(model={"compile": True}, train={"sharding": "fsdp"})
+    with pytest.raises(AlignError, match="model.compile"):
+        zero.check("sft", make_recipe(model={"compile": True}))
+    with pytest.raises(AlignError, match="no decoder layers"):
+        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
