@@ -47,6 +47,7 @@ class Spec:
     micro_batch_tokens: str = ""      # Align: train.micro_batch_tokens, a number or (sft cases) "trl_row": TRL
                                       # packing's row length on this data ("": none)
 
+    compile: bool = False             # Align: model.compile (each decoder layer under torch.compile)
     precision: str = "auto"           # auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 | fp32 on any device
                                       # (--set CASE.precision=bf16 gives a CPU run a GPU run's precision)
 
@@ -120,6 +121,8 @@ def align_recipe(spec: Spec, algorithm: str, **sections) -> dict:
                                checkpoint_mode=spec.checkpoint_mode)
     elif spec.checkpoint_mode != "full":
         raise ValueError(f"checkpoint_mode={spec.checkpoint_mode!r} needs checkpointed_layers > 0 (the layers it applies to)")
+    if spec.compile:  # (TRL's side stays eager: its default, padding_free and packing variants)
+        recipe["model"]["compile"] = True
     if spec.micro_batch_tokens:
         if not spec.micro_batch_tokens.isdigit():
             raise ValueError(f"micro_batch_tokens={spec.micro_batch_tokens!r}: a number of tokens here")

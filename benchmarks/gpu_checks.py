@@ -11,7 +11,9 @@
 4. **Selective checkpointing** (`model.checkpoint_mode`): peak memory and time of an SFT step of
    packed rows without checkpointing, with full and with selective; selective runs no matmul or
    attention kernel twice, and its gradients equal the plain ones to bf16 noise.
-5. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
+5. **Compiled layers** (`model.compile`): an SFT step of packed rows with eager and compiled decoder
+   layers, timed once compiled, and the compiling step; the gradients agree to bf16 noise.
+6. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
    log-probs equal the eager loop's on the same fed tokens (fp32), and a GRPO-sized rollout
    (8 prompts x 8 samples x 256 tokens) is timed both ways.
 
@@ -189,6 +191,42 @@ def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> d
     return result
 
 
+def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
+    """One SFT micro-batch step of packed rows (as `recompute_check`'s) with eager and with compiled
+    decoder layers (`model.compile`): the compiling step's time, then the step's time once compiled
+    (the same batches: no recompilation) and the gradients, which must agree to bf16 noise."""
+    import gc
+
+    from align.config import recipe_from_dict
+    from align.trainers import SFTTrainer
+
+    runs = {}
+    for compiled in (False, True):
+        raw = recipe("sft", model_dir, train_path, out, cuda, data={"pack_length": 4096},
+                     model={"dtype": "float32", "compile": compiled}, train={"batch_size": 16})
+        trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
+        batches = trainer.micro_batches(0)
+        seconds = []
+        for _ in range(2):  # the first compiles (and warms up the eager run's kernels)
+            trainer.policy.module.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            trainer.accumulate_gradients(batches)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        grads = torch.cat([p.grad.flatten().double().cpu() for p in trainer.policy.trainable_parameters()])
+        runs[compiled] = {"first_s": seconds[0], "seconds": seconds[1], "grads": grads}
+        del trainer, batches
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    eager, compiled = runs[False], runs[True]
+    cosine = float(torch.nn.functional.cosine_similarity(compiled["grads"], eager["grads"], dim=0))
+    return {"check": "compiled layers", "grad_cosine": cosine, "eager_s": eager["seconds"],
+            "compiled_s": compiled["seconds"], "speedup": eager["seconds"] / compiled["seconds"],
+            "compiling_step_s": compiled["first_s"], "ok": cosine > 0.999}
+
+
 def graphs_check(model_dir: str, prompts_path: str, cuda: bool, max_new_tokens: int) -> dict:
     """The static decoder (a CUDA graph per rollout on CUDA) against the eager loop: a teacher-forced
     walk feeding both the eager loop's greedy tokens, log-probs compared at every step, on the fp32
@@ -282,6 +320,7 @@ def run_checks(work: Path, args, cuda: bool, preset: str, qlora_preset: str) -> 
                                                                  sft, work, cuda, args.qlora_steps if cuda else 2))
     checks["varlen"] = ("varlen attention", lambda: varlen_check(lm, sft, work, cuda))
     checks["recompute"] = ("selective checkpointing", lambda: recompute_check(lm, sft, work, cuda))
+    checks["compile"] = ("compiled layers", lambda: compile_check(lm, sft, work, cuda))
     checks["graphs"] = ("CUDA-graph decoding", lambda: graphs_check(lm, prompts, cuda, 256 if cuda else 8))
     only = {key.strip() for key in args.only.split(",")}
     results = []
@@ -301,8 +340,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
     parser.add_argument("--qlora-steps", type=int, default=5)
     parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen,graphs",
-                        help="comma-separated checks to run (recompute: only when named, to keep gpu.sh's default "
-                             "subset under 8 minutes)")
+                        help="comma-separated checks to run (recompute, compile: only when named, to keep gpu.sh's "
+                             "default subset under 8 minutes)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")
     parser.add_argument("--out", default="benchmarks/results/gpu_checks.json")
     args = parser.parse_args(argv)

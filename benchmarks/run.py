@@ -198,7 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{sorted(set(PRESETS['sft']) | set(defaults))}")
         old = settings[name].get(field, defaults.get(field))
         old = 0 if old is None else old  # (pack_length: None by default, an int when set)
-        settings[name][field] = tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
+        if isinstance(old, bool):  # (bool("false") is True)
+            if value.lower() not in ("true", "false"):
+                parser.error(f"--set {item!r}: {field} is true or false")
+            settings[name][field] = value.lower() == "true"
+        else:
+            settings[name][field] = tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
     for name in names:
         budget = settings[name].get("micro_batch_tokens", "")
         if budget and not (budget.isdigit() and int(budget) > 0 or budget == "trl_row" and name.startswith("sft")):
