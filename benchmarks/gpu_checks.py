@@ -11,8 +11,9 @@
 4. **Selective checkpointing** (`model.checkpoint_mode`): peak memory and time of an SFT step of
    packed rows without checkpointing, with full and with selective; selective runs no matmul or
    attention kernel twice, and its gradients equal the plain ones to bf16 noise.
-5. **Compiled layers** (`model.compile`): an SFT step of packed rows with eager and compiled decoder
-   layers, timed once compiled, and the compiling step; the gradients agree to bf16 noise.
+5. **Compiled layers** (`model.compile`): SFT steps of packed rows with eager and compiled decoder
+   layers: two compiling steps, then a step of other lengths timed; the gradients agree to bf16
+   noise, and no frame was left eager (dynamo's recompile limit).
 6. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
    log-probs equal the eager loop's on the same fed tokens (fp32), and a GRPO-sized rollout
    (8 prompts x 8 samples x 256 tokens) is timed both ways.
@@ -192,10 +193,14 @@ def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> d
 
 
 def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
-    """One SFT micro-batch step of packed rows (as `recompute_check`'s) with eager and with compiled
-    decoder layers (`model.compile`): the compiling step's time, then the step's time once compiled
-    (the same batches: no recompilation) and the gradients, which must agree to bf16 noise."""
+    """SFT micro-batch steps of packed rows (as `recompute_check`'s) with eager and with compiled
+    decoder layers (`model.compile`): steps 0 and 1 compile (the second for lengths that vary) and warm
+    the eager run's kernels up, step 2's other lengths are timed and their gradients must agree to
+    bf16 noise; the frames dynamo compiled in each step (none in the timed one once lengths are
+    dynamic) and those it left eager (must be 0: past its recompile limit) are reported."""
     import gc
+
+    from torch._dynamo.utils import counters
 
     from align.config import recipe_from_dict
     from align.trainers import SFTTrainer
@@ -205,26 +210,30 @@ def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dic
         raw = recipe("sft", model_dir, train_path, out, cuda, data={"pack_length": 4096},
                      model={"dtype": "float32", "compile": compiled}, train={"batch_size": 16})
         trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
-        batches = trainer.micro_batches(0)
-        seconds = []
-        for _ in range(2):  # the first compiles (and warms up the eager run's kernels)
+        seconds, frames = [], []
+        for step in (0, 1, 2):
+            batches = trainer.micro_batches(step)
             trainer.policy.module.zero_grad(set_to_none=True)
+            before = dict(counters["frames"])
             start = time.perf_counter()
             trainer.accumulate_gradients(batches)
             if cuda:
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
+            frames.append({key: counters["frames"][key] - before.get(key, 0) for key in ("total", "ok")})
         grads = torch.cat([p.grad.flatten().double().cpu() for p in trainer.policy.trainable_parameters()])
-        runs[compiled] = {"first_s": seconds[0], "seconds": seconds[1], "grads": grads}
+        runs[compiled] = {"first_s": seconds[0], "seconds": seconds[2], "grads": grads, "frames": frames}
         del trainer, batches
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     eager, compiled = runs[False], runs[True]
     cosine = float(torch.nn.functional.cosine_similarity(compiled["grads"], eager["grads"], dim=0))
+    left_eager = sum(f["total"] - f["ok"] for f in compiled["frames"])
     return {"check": "compiled layers", "grad_cosine": cosine, "eager_s": eager["seconds"],
             "compiled_s": compiled["seconds"], "speedup": eager["seconds"] / compiled["seconds"],
-            "compiling_step_s": compiled["first_s"], "ok": cosine > 0.999}
+            "compiling_step_s": compiled["first_s"], "frames_compiled": [f["ok"] for f in compiled["frames"]],
+            "frames_left_eager": left_eager, "ok": cosine > 0.999 and left_eager == 0 and compiled["frames"][0]["ok"] > 0}
 
 
 def graphs_check(model_dir: str, prompts_path: str, cuda: bool, max_new_tokens: int) -> dict:
