@@ -143,6 +143,23 @@ def varlen_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict
     return result
 
 
+def packed_sft_trainer(model_dir: str, train_path: str, out: Path, cuda: bool, **model):
+    """An SFT trainer whose step 0 is 16 chats in packed rows of up to 4096 tokens (the varlen kernel
+    on CUDA), fp32 weights under bf16 autocast, with the `model` keys given: what the recompute and
+    compile checks step through."""
+    from align.config import recipe_from_dict
+    from align.trainers import SFTTrainer
+
+    raw = recipe("sft", model_dir, train_path, out, cuda, data={"pack_length": 4096},
+                 model={"dtype": "float32", **model}, train={"batch_size": 16})
+    return SFTTrainer.from_recipe(recipe_from_dict(raw))
+
+
+def flat_grads(trainer) -> torch.Tensor:
+    """The trainable parameters' gradients, one float64 vector on the CPU."""
+    return torch.cat([p.grad.flatten().double().cpu() for p in trainer.policy.trainable_parameters()])
+
+
 def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
     """One SFT micro-batch step of packed rows (the varlen kernel on CUDA; fp32 weights, bf16
     autocast) with no, full and selective activation checkpointing (`model.checkpoint_mode`): the
@@ -151,20 +168,16 @@ def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> d
     full more), and give its gradients to bf16 noise."""
     import gc
 
-    from align.config import recipe_from_dict
     from align.models.recompute import OpCounts
-    from align.trainers import SFTTrainer
 
     runs = {}
     for mode in ("none", "full", "selective"):
         checkpointing = {} if mode == "none" else {"gradient_checkpointing": True, "checkpoint_mode": mode}
-        raw = recipe("sft", model_dir, train_path, out, cuda, data={"pack_length": 4096},
-                     model={"dtype": "float32", **checkpointing}, train={"batch_size": 16})
-        trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
+        trainer = packed_sft_trainer(model_dir, train_path, out, cuda, **checkpointing)
         batches = trainer.micro_batches(0)
         with OpCounts() as ops:
             trainer.accumulate_gradients(batches)
-        grads = torch.cat([p.grad.flatten().double().cpu() for p in trainer.policy.trainable_parameters()])
+        grads = flat_grads(trainer)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -193,7 +206,7 @@ def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> d
 
 
 def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
-    """SFT micro-batch steps of packed rows (as `recompute_check`'s) with eager and with compiled
+    """SFT micro-batch steps of packed rows (`packed_sft_trainer`) with eager and with compiled
     decoder layers (`model.compile`): steps 0 and 1 compile (the second for lengths that vary) and warm
     the eager run's kernels up, step 2's other lengths are timed and their gradients must agree to
     bf16 noise; the frames dynamo compiled in each step (none in the timed one once lengths are
@@ -202,14 +215,9 @@ def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dic
 
     from torch._dynamo.utils import counters
 
-    from align.config import recipe_from_dict
-    from align.trainers import SFTTrainer
-
     runs = {}
     for compiled in (False, True):
-        raw = recipe("sft", model_dir, train_path, out, cuda, data={"pack_length": 4096},
-                     model={"dtype": "float32", "compile": compiled}, train={"batch_size": 16})
-        trainer = SFTTrainer.from_recipe(recipe_from_dict(raw))
+        trainer = packed_sft_trainer(model_dir, train_path, out, cuda, compile=compiled)
         seconds, frames = [], []
         for step in (0, 1, 2):
             batches = trainer.micro_batches(step)
@@ -221,8 +229,7 @@ def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dic
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
             frames.append({key: counters["frames"][key] - before.get(key, 0) for key in ("total", "ok")})
-        grads = torch.cat([p.grad.flatten().double().cpu() for p in trainer.policy.trainable_parameters()])
-        runs[compiled] = {"first_s": seconds[0], "seconds": seconds[2], "grads": grads, "frames": frames}
+        runs[compiled] = {"first_s": seconds[0], "seconds": seconds[2], "grads": flat_grads(trainer), "frames": frames}
         del trainer, batches
         gc.collect()
         if cuda:

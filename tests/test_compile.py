@@ -20,14 +20,13 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def fit_both(trainer_class, make_recipe, tmp_path, **sections) -> tuple[dict, dict]:
-    """Eager and compiled runs of the same recipe -> ({step: logged row}, final trainable weights) each,
-    and how many graphs the compiled run compiled."""
+def fit_both(trainer_class, make_recipe, tmp_path, model: dict | None = None, **sections) -> tuple[tuple, tuple]:
+    """Eager and compiled runs of the same recipe -> ({step: logged row}, final trainable weights, graphs
+    dynamo compiled during the run) each."""
     runs = {}
     for compiled in (False, True):
-        model = {**sections.pop("model", {}), "compile": compiled}
-        recipe = make_recipe(output_dir=str(tmp_path / f"compiled-{compiled}"), model=model, **sections)
-        sections["model"] = model
+        recipe = make_recipe(output_dir=str(tmp_path / f"compiled-{compiled}"),
+                             model={**(model or {}), "compile": compiled}, **sections)
         trainer = trainer_class.from_recipe(recipe)
         graphs, frames, compiled_frames = (counters["stats"]["unique_graphs"], counters["frames"]["total"],
                                            counters["frames"]["ok"])
