@@ -2,6 +2,7 @@
 
 import _thread
 import asyncio
+import signal
 import sys
 import threading
 import time
@@ -104,9 +105,15 @@ def test_a_ctrl_c_outside_the_reward_still_interrupts():
         _thread.interrupt_main()
         return [1.0] * len(completions)
 
-    with pytest.raises(KeyboardInterrupt):
-        call(user_presses_ctrl_c)
-        time.sleep(2)  # the interrupt reaches the main thread asynchronously: it may land just after call returns
+    # Python's own Ctrl-C handler: a process a shell starts in the background without job control
+    # inherits SIGINT ignored, and interrupt_main then does nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call(user_presses_ctrl_c)
+            time.sleep(2)  # the interrupt reaches the main thread asynchronously: it may land just after call returns
+    finally:
+        signal.signal(signal.SIGINT, previous)
     with pytest.raises(AlignError, match="raised KeyboardInterrupt"):
         call(interrupts)
 
