@@ -137,7 +137,8 @@ class DataConfig(Section):
     max_length: int = Field(1024, gt=0)
     packing: bool = True
     """Padding-free packing: examples packed into rows no longer than the batch's longest one (best-fit
-    decreasing), position ids restarting per example."""
+    decreasing), position ids restarting per example. false (sft only): one example per row, padded,
+    for a family that cannot run packed rows (`align.models.layouts`); the other trainers always pack."""
     pack_length: int | None = Field(None, gt=0)
     """Packed rows of up to this many tokens instead (sft, distillation): fewer, longer rows. Worth it
     where the varlen kernel runs (CUDA, `align.models.varlen`: attention linear in each example's
@@ -505,6 +506,14 @@ class Recipe(Section):
                 or getattr(section, "reference_model", None):
             return False
         return self._uses_reference()
+
+    @model_validator(mode="after")
+    def _check_packing(self) -> "Recipe":
+        if not self.data.packing and self.algorithm != "sft":
+            raise ValueError(f"data.packing: false pads one example per row for sft only; {self.algorithm} always "
+                             "packs its sequences (pairs, prompt groups) into rows, exactly for every model it loads "
+                             "(one that cannot run packed rows is refused then): remove data.packing")
+        return self
 
     @model_validator(mode="after")
     def _check_files(self) -> "Recipe":

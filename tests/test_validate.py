@@ -122,6 +122,13 @@ def test_numbers_out_of_range_are_refused_with_the_key(recipe_file, capsys, over
     assert code == 2 and f"  {override.split('=')[0]}: " in err
 
 
+def test_packing_false_is_refused_where_it_would_change_nothing(recipe_file, capsys):
+    """Only sft pads one example per row; the other trainers always pack their pairs and groups."""
+    assert cli(capsys, "validate", recipe_file(), "--set", "data.packing=false")[0] == 0
+    code, err = cli(capsys, "validate", recipe_file(), "--set", "data.packing=false", "--set", "algorithm=dpo")
+    assert code == 2 and "data.packing: false pads one example per row for sft only; dpo always packs" in err, err
+
+
 def test_a_reward_weight_that_is_not_a_number_is_refused(recipe_file, capsys):
     """`weight: .nan` used to turn every reward into 0 (nansum) without a word."""
     for weight in (".nan", ".inf"):

@@ -49,8 +49,8 @@ def layer_windows(config) -> dict[str, int | None]:
     windows = {}
     for layer_type in set(layer_types):
         if layer_type not in ("full_attention", "sliding_attention"):
-            raise AlignError(f"model type {config.model_type!r} has {layer_type!r} layers, which shared-prompt "
-                             "batches cannot mask; set shared_prompt: false in the algorithm's section")
+            raise AlignError(f"model type {config.model_type!r} has {layer_type!r} layers, which no attention mask "
+                             "keeps inside one packed example or one shared-prompt branch")
         windows[layer_type] = window if layer_type == "sliding_attention" else None
     return windows
 

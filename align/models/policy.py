@@ -22,6 +22,7 @@ from align.models import sharding, tiny, zero
 from align.models.compiled import eager
 from align.models.dropout import disable_dropout
 from align.models.head import check_logprobs_match_forward, logit_transform
+from align.models.layouts import inexact_layouts
 from align.models.loading import load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.ops.logprobs import token_logprobs, weighted_logprob_sum
@@ -94,6 +95,8 @@ class Trainable:
 
     module: nn.Module
     tokenizer: object
+    inexact_layouts: dict[str, str]
+    """{layout: why} for the batch layouts its models cannot run exactly (`align.models.layouts`)."""
 
     @property
     def model(self) -> nn.Module:
@@ -176,6 +179,7 @@ class Policy(Trainable):
 
     def __init__(self, model: nn.Module, tokenizer, reference: ReferenceStrategy = "none"):
         check_logprobs_match_forward(causal_lm(model))
+        self.inexact_layouts = inexact_layouts(causal_lm(model))
         self.module = self.wrap(model)
         self.tokenizer = tokenizer
         if reference == "auto":
@@ -204,6 +208,7 @@ class Policy(Trainable):
 
     def use_reference_model(self, model: nn.Module) -> None:
         """Use a separately loaded model (frozen here) as the reference."""
+        self.inexact_layouts = {**inexact_layouts(causal_lm(model)), **self.inexact_layouts}
         self._reference_module = TokenLogprobModel(model).eval().requires_grad_(False)
         self.reference = "frozen_copy"
 

@@ -12,6 +12,7 @@ from align.config import AdapterConfig, ModelConfig
 from align.data.preference import prompt_completion_ids
 from align.errors import AlignError
 from align.models import sharding, zero
+from align.models.layouts import PACKED_ROWS, inexact_layouts
 from align.models.loading import load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
@@ -38,6 +39,7 @@ class ScalarHeadModel(nn.Module):
 
 class RewardModel(Trainable):
     def __init__(self, model: nn.Module, tokenizer):
+        self.inexact_layouts = inexact_layouts(causal_lm(model))
         self.module = ScalarHeadModel(model)
         self.tokenizer = tokenizer
 
@@ -64,6 +66,8 @@ class RewardScorer:
     """
 
     def __init__(self, reward_model: RewardModel, batch_size: int = 16, sharded: bool = False):
+        if PACKED_ROWS in reward_model.inexact_layouts:  # it scores several completions per row
+            raise AlignError(f"{reward_model.inexact_layouts[PACKED_ROWS]}; Align cannot score with this reward model")
         self.reward_model, self.batch_size, self.sharded = reward_model, batch_size, sharded
         self.__name__ = "reward_model"
 

@@ -48,6 +48,7 @@ from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy, sharding, varlen, zero
 from align.models.compiled import compile_layers
+from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS
 from align.models.packed import attention_kernels
 from align.ops.logprobs import label_positions
 from align.trainers import run_dir, samples
@@ -137,11 +138,17 @@ class Trainer(Resumable):
     """Whether dropout is on while training when train.dropout_during_training is not set."""
     run_id: str | None = None
     """The id of the run in output_dir (its run.json), set by `fit`; carried by checkpoints and metrics."""
+    packing_optional: bool = True
+    """Whether data.packing: false gives one example per row (`collate`); False for trainers whose
+    batches always pack their sequences into rows (pairs, prompt groups)."""
+    shares_prompts: bool = False
+    """Whether batches put a prompt once before its completions (`align.data.groups`) where exact."""
 
     def __init__(self, recipe: Recipe, policy: Policy, train_data, eval_data=None,
                  callbacks: list[Callback] | None = None):
         self.recipe, self.cfg = recipe, recipe.train
         self.policy = policy
+        self.check_layouts()
         self.train_data, self.eval_data = train_data, eval_data
         self.output_dir = Path(recipe.output_dir)
         self.callbacks = ([MetricsFile()] + ([ProgressBar()] if self.cfg.progress else [])
@@ -232,6 +239,18 @@ class Trainer(Resumable):
                 group["lr"] = lr
             scheduler.last_epoch, scheduler._last_lr = step, lrs
         return scheduler
+
+    def check_layouts(self) -> None:
+        """Refuse packed rows the model cannot run exactly (`align.models.layouts`), naming the fix;
+        say so where shared-prompt groups fall back to a copy of the prompt per sequence."""
+        inexact = self.policy.inexact_layouts
+        if PACKED_ROWS in inexact and (self.recipe.data.packing or not self.packing_optional):
+            fix = ("set data.packing: false (one example per row, padded)" if self.packing_optional else
+                   f"{self.algorithm} packs its sequences into rows, so it cannot train this model")
+            raise AlignError(f"{inexact[PACKED_ROWS]}; {fix}")
+        if SHARED_PROMPTS in inexact and self.shares_prompts:
+            log.warning("%s; each sequence gets its own copy of its prompt instead (slower, the same log-probs)",
+                        inexact[SHARED_PROMPTS])
 
     # ---- construction from a recipe -------------------------------------------------------------
     @classmethod

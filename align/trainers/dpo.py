@@ -14,6 +14,7 @@ from align.config import DPOConfig
 from align.errors import AlignError
 from align.losses.preference import PairLogps, preference_loss
 from align.models import Policy, reference_cache
+from align.models.layouts import SHARED_PROMPTS
 from align.registry import PREFERENCE_LOSSES
 from align.trainers.base import Trainer, register_trainer
 
@@ -26,6 +27,8 @@ class PreferenceTrainer(Trainer):
     """What DPO and reward modeling share: pair data, packed pairs, pairs as the loss unit."""
 
     formats = ("preference",)
+    packing_optional = False  # pairs are packed into rows (`align.data.groups`)
+    shares_prompts = True
 
     @classmethod
     def build_dataset(cls, recipe, policy, rows, fmt, key):
@@ -46,7 +49,8 @@ class PreferenceTrainer(Trainer):
 
     @property
     def shared_prompt(self) -> bool:
-        return self.recipe.model.attn_implementation != "flash_attention_2"
+        return self.recipe.model.attn_implementation != "flash_attention_2" and \
+            SHARED_PROMPTS not in self.policy.inexact_layouts
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = pack_pairs(examples, shared_prompt=self.shared_prompt)

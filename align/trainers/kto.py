@@ -68,6 +68,7 @@ class KTOTrainer(Trainer):
 
     formats = ("prompt_completion", "preference")
     dropout_by_default = False  # implicit rewards compare the training forward with the reference's
+    packing_optional = False  # rows and their KL pairs are packed into rows (`align.data.unpaired`)
 
     _totals: dict | None = None
     """While a step or an evaluation runs: z0 and the desirable / undesirable row counts of the

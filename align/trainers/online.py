@@ -33,6 +33,7 @@ from align.data.prompts import tokenize_prompts
 from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
 from align.models import sharding, zero
+from align.models.layouts import SHARED_PROMPTS
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers import samples
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 class OnlineTrainer(Trainer):
     formats = ("prompt", "prompt_completion")
     dropout_by_default = False  # old and reference log-probs must see the model the update trains
+    packing_optional = False  # prompt groups are packed into rows (`align.data.groups`)
+    shares_prompts = True
 
     # ---- settings -------------------------------------------------------------------------------
     @classmethod
@@ -83,7 +86,8 @@ class OnlineTrainer(Trainer):
 
     @property
     def shared_prompt(self) -> bool:
-        return self.recipe.model.attn_implementation != "flash_attention_2"
+        return self.recipe.model.attn_implementation != "flash_attention_2" and \
+            SHARED_PROMPTS not in self.policy.inexact_layouts
 
     @property
     def logprob_temperature(self) -> float:
