@@ -137,8 +137,8 @@ class DataConfig(Section):
     max_length: int = Field(1024, gt=0)
     packing: bool = True
     """Padding-free packing: examples packed into rows no longer than the batch's longest one (best-fit
-    decreasing), position ids restarting per example. false (sft only): one example per row, padded,
-    for a family that cannot run packed rows (`align.models.layouts`); the other trainers always pack."""
+    decreasing), position ids restarting per example. false (sft only): one example per row, padded, as
+    every trainer does by itself for a family that cannot run packed rows (`align.models.layouts`)."""
     pack_length: int | None = Field(None, gt=0)
     """Packed rows of up to this many tokens instead (sft, distillation): fewer, longer rows. Worth it
     where the varlen kernel runs (CUDA, `align.models.varlen`: attention linear in each example's
@@ -510,9 +510,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_packing(self) -> "Recipe":
         if not self.data.packing and self.algorithm != "sft":
-            raise ValueError(f"data.packing: false pads one example per row for sft only; {self.algorithm} always "
-                             "packs its sequences (pairs, prompt groups) into rows, exactly for every model it loads "
-                             "(one that cannot run packed rows is refused then): remove data.packing")
+            raise ValueError(f"data.packing: false pads one example per row for sft only; {self.algorithm} packs its "
+                             "sequences (pairs, prompt groups) into rows wherever the model runs them exactly, and "
+                             "else gives each its own row by itself (align.models.layouts): remove data.packing")
         return self
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
 """Prompt groups packed with the prompt once equal the plain layout: log-probs and gradients."""
 
+import pytest
 import torch
 
 from align.config import AdapterConfig, ModelConfig
@@ -40,13 +41,17 @@ def test_sequence_tokens_and_sums_place_each_token_in_its_row():
 
 def test_groups_fill_rows_no_longer_than_the_longest_group_in_any_order():
     """Best-fit decreasing puts the longer second group in row 0; a budget packs both in one row; every
-    layout gives the same per-sequence log-probs and gradients (padding attends only to itself)."""
+    layout gives the same per-sequence log-probs and gradients (padding attends only to itself), a row
+    per sequence with its padding mask too (`packed=False`)."""
     groups = [([2, 7], [[50, 51], [60]]), ([1, 5, 9, 12], [[20, 21, 22], [30], [40, 41]])]
     policy = Policy.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), AdapterConfig())
     results = []
-    for shared, budget, rows in [(True, None, 2), (True, 64, 1), (False, None, 4), (False, 64, 1)]:
-        batch = pack_groups(groups, shared_prompt=shared, max_length=budget)
+    for shared, budget, rows, packed in [(True, None, 2, True), (True, 64, 1, True), (False, None, 4, True),
+                                         (False, 64, 1, True), (False, None, 5, False)]:
+        batch = pack_groups(groups, shared_prompt=shared, max_length=budget, packed=packed)
         assert batch["input_ids"].shape[0] == rows
+        if not packed:
+            assert batch["attention_mask"].sum(-1).tolist() == [4, 3, 7, 5, 6]
         assert batch["num_tokens"] == (6 + 12 if shared else 4 + 3 + 7 + 5 + 6)
         tokens = sequence_tokens(batch["labels"].float(), batch["sequence_ids"], 5, 4)
         assert tokens.tolist() == [[50, 51, 0, 0], [60, 0, 0, 0], [20, 21, 22, 0], [30, 0, 0, 0], [40, 41, 0, 0]]
@@ -58,3 +63,5 @@ def test_groups_fill_rows_no_longer_than_the_longest_group_in_any_order():
     for logps, grads in results[1:]:
         torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=0)
         torch.testing.assert_close(grads, results[0][1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="a shared prompt needs its branches packed"):
+        pack_groups(groups, shared_prompt=True, packed=False)

@@ -1,5 +1,6 @@
-"""Batch layouts a family cannot run exactly are found at load and refused (packed rows) or left
-out (shared prompts), never trained on with wrong numbers (`align.models.layouts`).
+"""Batch layouts a family cannot run exactly are found at load and left out (a row per sequence
+instead of packed rows, a prompt copy per sequence instead of shared prompts), never trained on
+with wrong numbers (`align.models.layouts`).
 
 Stand-ins for the families a scan of transformers 5.24 found: the BART decoder counts positions
 along the row (packed rows and shared prompts both wrong), MPT's ALiBi measures distances along
@@ -14,7 +15,6 @@ import torch
 import transformers as T
 
 from align.config import AdapterConfig, ModelConfig, recipe_from_dict
-from align.data.preference import pack_pairs
 from align.errors import AlignError
 from align.models import Policy
 from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS, inexact_layouts
@@ -22,7 +22,8 @@ from align.models.reward import RewardModel, RewardScorer
 from align.toy import chat_rows, preference_rows
 from align.trainers import TRAINERS
 from tests.conftest import write_jsonl
-from tests.test_families import MATRIX, TEMPERATURE, build, forward_logprobs, saved_models
+from align.models.tiny import resolve
+from tests.test_families import MATRIX, TEMPERATURE, build, forward_logprobs, saved_models, trainer_recipes
 
 VOCAB = 512
 SMALL = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=None, eos_token_id=1, initializer_range=0.2)
@@ -76,7 +77,7 @@ def test_the_probe_finds_what_each_family_gets_wrong(dtype):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """name -> a saved model directory with the built-in tiny tokenizer."""
-    makers = {"bart": bart_decoder, "mpt": mpt, "llama": lambda: build("llama")}
+    makers = {"bart": bart_decoder, "mpt": mpt, "qwen3_next": qwen3_next, "llama": lambda: build("llama")}
     return saved_models(tmp_path_factory, lambda name: seeded(makers[name]))
 
 
@@ -89,15 +90,39 @@ def recipe(algorithm: str, path: str, attn: str, tmp_path, **data) -> dict:
         "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 2, "progress": False, "plots": False}})
 
 
-def test_packed_rows_a_model_cannot_run_are_refused_naming_the_fix(model_dir, tmp_path):
-    path = model_dir("bart")
-    with pytest.raises(AlignError, match=r"model type 'bart': packed rows .*; set data\.packing: false"):
-        TRAINERS["sft"].from_recipe(recipe("sft", path, "sdpa", tmp_path))
-    for algorithm in ("dpo", "reward"):
-        with pytest.raises(AlignError, match=f"model type 'bart': packed rows .*; {algorithm} packs its sequences"):
-            TRAINERS[algorithm].from_recipe(recipe(algorithm, path, "sdpa", tmp_path))
-    with pytest.raises(AlignError, match="model type 'bart': packed rows .*cannot score with this reward model"):
-        RewardScorer(RewardModel(seeded(bart_decoder), tokenizer=None))
+def check_sequences_against_forward(trainer, batch, sequences):
+    """The policy's log-probs on `batch` equal forward() of each (prompt, completion) of `sequences`."""
+    model = trainer.policy.model.eval()
+    with torch.no_grad():
+        ours = trainer.policy.logprobs(batch, temperature=TEMPERATURE)
+    for number, (prompt, completion) in enumerate(sequences):
+        want = forward_logprobs(model, prompt + completion, len(prompt))
+        torch.testing.assert_close(ours[batch["sequence_ids"] == number], want, atol=1e-5, rtol=0)
+    trainer.policy.model.train()
+
+
+def pairs_of(trainer, count: int):
+    pairs = [trainer.train_data[i] for i in range(count)]
+    return pairs, [(p["prompt_ids"], c) for p in pairs for c in (p["chosen_ids"], p["rejected_ids"])]
+
+
+@pytest.mark.parametrize("name", ["bart", "qwen3_next"])
+def test_a_model_that_cannot_run_packed_rows_gets_a_row_per_sequence(name, model_dir, tmp_path, caplog):
+    """SFT pads (as with data.packing: false), DPO's pairs get a row per sequence with a padding
+    mask; both give forward()'s log-probs, and say what they do instead."""
+    path = model_dir(name)
+    with caplog.at_level(logging.WARNING, logger="align.trainers.base"):
+        sft = TRAINERS["sft"].from_recipe(recipe("sft", path, "sdpa", tmp_path))
+        dpo = TRAINERS["dpo"].from_recipe(recipe("dpo", path, "sdpa", tmp_path))
+    assert f"model type '{name}'" in caplog.text and "each sequence gets a row of its own instead" in caplog.text
+    batch = sft.collate([sft.train_data[i] for i in range(3)])
+    assert batch["attention_mask"].shape == batch["input_ids"].shape  # padded, one chat per row
+    assert not dpo.packs_rows and not dpo.shared_prompt
+    pairs, sequences = pairs_of(dpo, 2)
+    batch = dpo.collate(pairs)
+    assert batch["input_ids"].shape[0] == len(sequences)
+    check_sequences_against_forward(dpo, batch, sequences)
+    assert torch.isfinite(torch.tensor(sft.fit()["loss"])) and torch.isfinite(torch.tensor(dpo.fit()["loss"]))
 
 
 def test_sft_without_packing_trains_such_a_model_on_its_own_log_probs(model_dir, tmp_path):
@@ -108,12 +133,9 @@ def test_sft_without_packing_trains_such_a_model_on_its_own_log_probs(model_dir,
         ours = trainer.policy.logprobs(batch, temperature=TEMPERATURE)
     for row in range(3):
         length = int(batch["attention_mask"][row].sum())
-        sequence = batch["input_ids"][row, :length].tolist()
         labelled = batch["labels"][row, :length - 1] != -100
-        want = forward_logprobs(model, sequence, 1)
+        want = forward_logprobs(model, batch["input_ids"][row, :length].tolist(), 1)
         torch.testing.assert_close(ours[row, :length - 1][labelled], want[labelled], atol=1e-5, rtol=0)
-    trainer.policy.model.train()
-    assert torch.isfinite(torch.tensor(trainer.fit()["loss"]))
 
 
 def test_dpo_leaves_out_shared_prompts_a_model_cannot_run_and_says_so(model_dir, tmp_path, caplog):
@@ -121,23 +143,51 @@ def test_dpo_leaves_out_shared_prompts_a_model_cannot_run_and_says_so(model_dir,
         trainer = TRAINERS["dpo"].from_recipe(recipe("dpo", model_dir("mpt"), "eager", tmp_path))
     assert "model type 'mpt': shared-prompt groups give decoder states" in caplog.text
     assert "each sequence gets its own copy of its prompt" in caplog.text
-    assert not trainer.shared_prompt
-    pairs = [trainer.train_data[i] for i in range(2)]
-    batch = pack_pairs(pairs, shared_prompt=trainer.shared_prompt)
-    model = trainer.policy.model.eval()
-    with torch.no_grad():
-        ours = trainer.policy.logprobs(batch, temperature=TEMPERATURE)
-    sequences = [(p["prompt_ids"], c) for p in pairs for c in (p["chosen_ids"], p["rejected_ids"])]
-    for number, (prompt, completion) in enumerate(sequences):
-        want = forward_logprobs(model, prompt + completion, len(prompt))
-        torch.testing.assert_close(ours[batch["sequence_ids"] == number], want, atol=1e-5, rtol=0)
+    assert trainer.packs_rows and not trainer.shared_prompt
+    pairs, sequences = pairs_of(trainer, 3)
+    check_sequences_against_forward(trainer, trainer.collate(pairs), sequences)
 
 
 def test_a_family_that_runs_both_layouts_keeps_them(model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="align.trainers.base"):
         trainer = TRAINERS["dpo"].from_recipe(recipe("dpo", model_dir("llama"), "sdpa", tmp_path))
-    assert trainer.policy.inexact_layouts == {} and trainer.shared_prompt
-    assert "own copy of its prompt" not in caplog.text
+    assert trainer.policy.inexact_layouts == {} and trainer.packs_rows and trainer.shared_prompt
+    assert "instead" not in caplog.text
+
+
+def test_every_trainer_trains_a_model_that_cannot_pack(model_dir, tmp_path):
+    """Two steps of each trainer on the hybrid (a row per sequence); GRPO and PPO sample with
+    transformers' generate: the prefix_shared engine is refused, naming the setting."""
+    raws = trainer_recipes(model_dir("qwen3_next"), "sdpa", tmp_path)
+    raws["kto"] = {**raws["dpo"], "algorithm": "kto", "output_dir": str(tmp_path / "kto")}
+    for raw in raws.values():  # (a LoRA of rank 4 does not fit its 1-output expert gate)
+        raw["adapter"] = {"kind": "none"}
+    with pytest.raises(AlignError, match="prefix_shared engine cannot sample from it: set grpo.sampling.engine: hf"):
+        TRAINERS["grpo"].from_recipe(recipe_from_dict(raws["grpo"]))
+    for algorithm, raw in raws.items():
+        if algorithm in ("grpo", "ppo"):
+            raw[algorithm]["sampling"]["engine"] = "hf"
+        trainer = TRAINERS[algorithm].from_recipe(recipe_from_dict(raw))
+        assert not trainer.packs_rows, algorithm
+        record = trainer.fit()
+        assert torch.isfinite(torch.tensor(record["loss"])), (algorithm, record)
+
+
+def test_a_reward_model_that_cannot_pack_scores_each_completion_alone():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = T.Qwen3NextForSequenceClassification._from_config(qwen3_next().config.__class__(
+            **{**qwen3_next().config.to_dict(), "num_labels": 1})).eval()
+    tokenizer = T.AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
+    scorer = RewardScorer(RewardModel(model, tokenizer))
+    assert scorer.batch_size == 1
+    prompts, completions = ["1 + 1 =", "2 + 3 ="], [" 2", " 5, since 2 + 3 is 5"]
+    scores = scorer(prompts, completions)
+    for prompt, completion, score in zip(prompts, completions, scores):
+        p, c = scorer.input_ids(prompt, completion, None, 0)
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([p + c])).logits[0, 0].item()
+        assert abs(score - want) < 1e-5
 
 
 def test_a_separate_reference_is_probed_too(model_dir):

@@ -123,10 +123,10 @@ def test_numbers_out_of_range_are_refused_with_the_key(recipe_file, capsys, over
 
 
 def test_packing_false_is_refused_where_it_would_change_nothing(recipe_file, capsys):
-    """Only sft pads one example per row; the other trainers always pack their pairs and groups."""
+    """Only sft reads it; the other trainers pack their pairs and groups wherever that is exact."""
     assert cli(capsys, "validate", recipe_file(), "--set", "data.packing=false")[0] == 0
     code, err = cli(capsys, "validate", recipe_file(), "--set", "data.packing=false", "--set", "algorithm=dpo")
-    assert code == 2 and "data.packing: false pads one example per row for sft only; dpo always packs" in err, err
+    assert code == 2 and "data.packing: false pads one example per row for sft only; dpo packs its" in err, err
 
 
 def test_a_reward_weight_that_is_not_a_number_is_refused(recipe_file, capsys):

@@ -33,7 +33,7 @@ def group_tokens(prompt_length: int, completion_lengths: list[int], shared_promp
 
 
 def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int | None = None,
-                pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+                pad_token_id: int = 0, packed: bool = True) -> dict[str, torch.Tensor]:
     """Groups -> packed rows [R, L]; sequences are numbered 0..S-1 across groups, in order.
 
     A segment (a whole group when `shared_prompt`, else one prompt + completion) never straddles
@@ -46,7 +46,13 @@ def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int
     completion token a label is, -1 elsewhere); last_index [S] (the last token of each sequence in
     the flattened [R * L] rows: where a reward or value head reads its score); attention_mask
     [R, 1, L, L] bool when `shared_prompt`, else None; num_tokens (real tokens, padding excluded).
+
+    packed=False (with shared_prompt=False): each sequence in a row of its own, right-padded, and
+    attention_mask the [R, L] padding mask: the layout any causal LM runs exactly, for a family that
+    cannot run packed rows (`align.models.layouts`).
     """
+    if shared_prompt and not packed:
+        raise ValueError("pack_groups: a shared prompt needs its branches packed in its row")
     segments: list[list[tuple[list[int], list[int], int, int]]] = []  # [(tokens, labels, first position, sequence)]
     sequence = 0
     for prompt, completions in groups:
@@ -63,7 +69,7 @@ def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int
                 segments.append([(prompt + completion, labels, 0, sequence)])
                 sequence += 1
     lengths = [sum(len(part[0]) for part in segment) for segment in segments]
-    rows = pack_rows(lengths, max_length)
+    rows = pack_rows(lengths, max_length) if packed else [[j] for j in range(len(segments))]
     width = max(sum(lengths[j] for j in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -91,7 +97,8 @@ def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int
     return {
         "input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids,
         "last_index": last_index, "num_tokens": torch.tensor(sum(lengths)),
-        "attention_mask": torch.cat([shared_prompt_mask(b) for b in blocks]) if shared_prompt else None,
+        "attention_mask": torch.cat([shared_prompt_mask(b) for b in blocks]) if shared_prompt else
+        None if packed else (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long(),
     }
 
 

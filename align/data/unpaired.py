@@ -109,20 +109,23 @@ def rotate_within(examples: list[dict], max_length: int | None = None) -> list[l
     return [examples[i - 1]["completion_ids"][:budget] for i, budget in enumerate(budgets)]
 
 
-def pack_unpaired(examples: list[dict], with_kl: bool = True) -> dict:
+def pack_unpaired(examples: list[dict], with_kl: bool = True, packed: bool = True) -> dict:
     """Examples -> a batch: the rows [prompt | completion] packed (`pack_groups`, plain layout:
     sequence i is row i), `label` [B] bool, `num_desirable` / `num_undesirable` (host numbers), and
     with_kl the mismatched pairs [prompt_i | kl completion_i] packed the same way under `kl_`
     keys (`kl_input_ids`, `kl_labels`, `kl_position_ids`, `kl_sequence_ids`, `kl_label_positions`)
-    from the examples' `kl_ids` (rotated within the batch where they have none)."""
-    batch = pack_groups([(e["prompt_ids"], [e["completion_ids"]]) for e in examples], shared_prompt=False)
+    from the examples' `kl_ids` (rotated within the batch where they have none). packed=False: a row
+    per sequence, with padding masks (`pack_groups`; `kl_attention_mask` too)."""
+    batch = pack_groups([(e["prompt_ids"], [e["completion_ids"]]) for e in examples], shared_prompt=False,
+                        packed=packed)
     labels = [bool(e[LABEL_COLUMN]) for e in examples]
     batch[LABEL_COLUMN] = torch.tensor(labels, dtype=torch.bool)
     batch["num_desirable"], batch["num_undesirable"] = float(sum(labels)), float(len(labels) - sum(labels))
     if with_kl:
         kl = [e["kl_ids"] for e in examples] if "kl_ids" in examples[0] else rotate_within(examples)
-        pairs = pack_groups([(e["prompt_ids"], [ids]) for e, ids in zip(examples, kl)], shared_prompt=False)
-        for name in ("input_ids", "labels", "position_ids", "sequence_ids"):
+        pairs = pack_groups([(e["prompt_ids"], [ids]) for e, ids in zip(examples, kl)], shared_prompt=False,
+                            packed=packed)
+        for name in ("input_ids", "labels", "position_ids", "sequence_ids") + (() if packed else ("attention_mask",)):
             batch[f"kl_{name}"] = pairs[name]
         batch["kl_label_positions"] = label_positions(pairs["labels"])
     return batch
@@ -130,5 +133,8 @@ def pack_unpaired(examples: list[dict], with_kl: bool = True) -> dict:
 
 def kl_batch(batch: dict) -> dict:
     """The mismatched pairs of a batch made by `pack_unpaired`, as a batch of their own."""
-    return {"input_ids": batch["kl_input_ids"], "labels": batch["kl_labels"], "position_ids": batch["kl_position_ids"],
-            "sequence_ids": batch["kl_sequence_ids"], "label_positions": batch["kl_label_positions"]}
+    pairs = {"input_ids": batch["kl_input_ids"], "labels": batch["kl_labels"], "position_ids": batch["kl_position_ids"],
+             "sequence_ids": batch["kl_sequence_ids"], "label_positions": batch["kl_label_positions"]}
+    if "kl_attention_mask" in batch:  # rows of one sequence each (packed=False)
+        pairs["attention_mask"] = batch["kl_attention_mask"]
+    return pairs

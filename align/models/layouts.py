@@ -13,7 +13,8 @@ positions counted along the row (the BART/mBART/Marian/Blenderbot/Pegasus/MVP/Tr
 CPM-Ant), ALiBi biases measured along the row (MPT: shared prompts) and a recurrent model (RWKV);
 layer kinds that no mask keeps inside one example (Mamba and its hybrids, LFM2, Qwen3-Next) are
 refused by `align.models.packed.layer_windows`, and some families fail (GPT-1, BLOOM). `inexact_layouts` runs a short probe of each layout and
-says which ones differ, so a trainer refuses them before it trains on wrong numbers.
+says which ones differ; trainers then give each sequence a row of its own (`Trainer.packs_rows`)
+or its own copy of its prompt (`shared_prompt`), and the prefix_shared sampler is refused.
 """
 
 from __future__ import annotations

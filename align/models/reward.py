@@ -66,9 +66,12 @@ class RewardScorer:
     """
 
     def __init__(self, reward_model: RewardModel, batch_size: int = 16, sharded: bool = False):
-        if PACKED_ROWS in reward_model.inexact_layouts:  # it scores several completions per row
-            raise AlignError(f"{reward_model.inexact_layouts[PACKED_ROWS]}; Align cannot score with this reward model")
-        self.reward_model, self.batch_size, self.sharded = reward_model, batch_size, sharded
+        self.packs_rows = PACKED_ROWS not in reward_model.inexact_layouts
+        if not self.packs_rows:
+            log.warning("%s; the reward model scores each completion in a row of its own (slower)",
+                        reward_model.inexact_layouts[PACKED_ROWS])
+        self.reward_model, self.sharded = reward_model, sharded
+        self.batch_size = batch_size if self.packs_rows else 1
         self.__name__ = "reward_model"
 
     @torch.no_grad()
@@ -95,10 +98,12 @@ class RewardScorer:
         """[len(last)] scores of one packed row: `ids` with their `positions`, scored at `last`."""
         module = self.reward_model.module
         device = next(module.parameters()).device
+        batch = {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([positions], device=device),
+                 "last_index": torch.tensor(last, device=device)}
+        if not self.packs_rows:  # one sequence: the padding mask (no padding) takes the model's own masks
+            batch["attention_mask"] = torch.ones(1, len(ids), dtype=torch.long, device=device)
         try:
-            return self.reward_model.scores({"input_ids": torch.tensor([ids], device=device),
-                                             "position_ids": torch.tensor([positions], device=device),
-                                             "last_index": torch.tensor(last, device=device)})
+            return self.reward_model.scores(batch)
         finally:
             if self.sharded:
                 sharding.reshard_frozen(module)

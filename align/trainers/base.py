@@ -138,9 +138,6 @@ class Trainer(Resumable):
     """Whether dropout is on while training when train.dropout_during_training is not set."""
     run_id: str | None = None
     """The id of the run in output_dir (its run.json), set by `fit`; carried by checkpoints and metrics."""
-    packing_optional: bool = True
-    """Whether data.packing: false gives one example per row (`collate`); False for trainers whose
-    batches always pack their sequences into rows (pairs, prompt groups)."""
     shares_prompts: bool = False
     """Whether batches put a prompt once before its completions (`align.data.groups`) where exact."""
 
@@ -240,16 +237,21 @@ class Trainer(Resumable):
             scheduler.last_epoch, scheduler._last_lr = step, lrs
         return scheduler
 
+    @property
+    def packs_rows(self) -> bool:
+        """Whether batches may hold several sequences in a row: unless the model cannot run packed
+        rows exactly (`align.models.layouts`); then each sequence has a row of its own, padded."""
+        return PACKED_ROWS not in self.policy.inexact_layouts
+
     def check_layouts(self) -> None:
-        """Refuse packed rows the model cannot run exactly (`align.models.layouts`), naming the fix;
-        say so where shared-prompt groups fall back to a copy of the prompt per sequence."""
+        """Say which of Align's batch layouts the model cannot run exactly, and what runs instead
+        (`packs_rows`, and `shared_prompt` where a trainer has it): the same log-probs, slower."""
         inexact = self.policy.inexact_layouts
-        if PACKED_ROWS in inexact and (self.recipe.data.packing or not self.packing_optional):
-            fix = ("set data.packing: false (one example per row, padded)" if self.packing_optional else
-                   f"{self.algorithm} packs its sequences into rows, so it cannot train this model")
-            raise AlignError(f"{inexact[PACKED_ROWS]}; {fix}")
-        if SHARED_PROMPTS in inexact and self.shares_prompts:
-            log.warning("%s; each sequence gets its own copy of its prompt instead (slower, the same log-probs)",
+        if PACKED_ROWS in inexact and (self.recipe.data.packing or self.shares_prompts):
+            log.warning("%s; each sequence gets a row of its own instead (padded: the same log-probs, slower)",
+                        inexact[PACKED_ROWS])
+        elif SHARED_PROMPTS in inexact and self.shares_prompts:
+            log.warning("%s; each sequence gets its own copy of its prompt instead (the same log-probs, slower)",
                         inexact[SHARED_PROMPTS])
 
     # ---- construction from a recipe -------------------------------------------------------------
@@ -306,7 +308,7 @@ class Trainer(Resumable):
         log-probs). Default: nothing."""
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if self.recipe.data.packing:
+        if self.recipe.data.packing and self.packs_rows:
             return pack(examples, self.recipe.data.pack_length)
         return pad(examples, self.policy.tokenizer.pad_token_id)
 

@@ -27,7 +27,6 @@ class PreferenceTrainer(Trainer):
     """What DPO and reward modeling share: pair data, packed pairs, pairs as the loss unit."""
 
     formats = ("preference",)
-    packing_optional = False  # pairs are packed into rows (`align.data.groups`)
     shares_prompts = True
 
     @classmethod
@@ -49,11 +48,11 @@ class PreferenceTrainer(Trainer):
 
     @property
     def shared_prompt(self) -> bool:
-        return self.recipe.model.attn_implementation != "flash_attention_2" and \
+        return self.recipe.model.attn_implementation != "flash_attention_2" and self.packs_rows and \
             SHARED_PROMPTS not in self.policy.inexact_layouts
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pack_pairs(examples, shared_prompt=self.shared_prompt)
+        batch = pack_pairs(examples, shared_prompt=self.shared_prompt, packed=self.packs_rows)
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
         return batch

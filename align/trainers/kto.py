@@ -68,7 +68,6 @@ class KTOTrainer(Trainer):
 
     formats = ("prompt_completion", "preference")
     dropout_by_default = False  # implicit rewards compare the training forward with the reference's
-    packing_optional = False  # rows and their KL pairs are packed into rows (`align.data.unpaired`)
 
     _totals: dict | None = None
     """While a step or an evaluation runs: z0 and the desirable / undesirable row counts of the
@@ -172,7 +171,7 @@ class KTOTrainer(Trainer):
         return self.share_micro_batches([self.train_data[i] for i in rows], self.cfg.batch_size)
 
     def collate(self, examples: list[dict]) -> dict:
-        batch = pack_unpaired(examples, with_kl=self.uses_kl)
+        batch = pack_unpaired(examples, with_kl=self.uses_kl, packed=self.packs_rows)
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
         return batch

@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 class OnlineTrainer(Trainer):
     formats = ("prompt", "prompt_completion")
     dropout_by_default = False  # old and reference log-probs must see the model the update trains
-    packing_optional = False  # prompt groups are packed into rows (`align.data.groups`)
     shares_prompts = True
 
     # ---- settings -------------------------------------------------------------------------------
@@ -86,7 +85,7 @@ class OnlineTrainer(Trainer):
 
     @property
     def shared_prompt(self) -> bool:
-        return self.recipe.model.attn_implementation != "flash_attention_2" and \
+        return self.recipe.model.attn_implementation != "flash_attention_2" and self.packs_rows and \
             SHARED_PROMPTS not in self.policy.inexact_layouts
 
     @property
@@ -123,6 +122,15 @@ class OnlineTrainer(Trainer):
         params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
         rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
         self.rewards.dry_run(*self.reward_inputs(rows, rollout))
+
+    def check_layouts(self) -> None:
+        """Besides the training batches' layouts: the prefix_shared engine samples a prompt's
+        completions over its shared KV, which needs both layouts exact (`align.models.layouts`)."""
+        super().check_layouts()
+        inexact = self.policy.inexact_layouts
+        if inexact and self.rl.sampling.engine == "prefix_shared":
+            raise AlignError(f"{next(iter(inexact.values()))}; so the prefix_shared engine cannot sample from it: set "
+                             f"{self.algorithm}.sampling.engine: hf (transformers' generate)")
 
     def start_engine(self) -> None:
         """The rollout engine, sampling from the policy's model (under fsdp or ZeRO-3 its unsharded copy), and
@@ -286,7 +294,8 @@ class OnlineTrainer(Trainer):
     def collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:
         """Groups -> packed batch (prompt once per group) + mask [S, T] and per-sequence values
         ([S] or padded [S, T])."""
-        batch = pack_groups([(g["prompt_ids"], g["completions"]) for g in groups], self.shared_prompt)
+        batch = pack_groups([(g["prompt_ids"], g["completions"]) for g in groups], self.shared_prompt,
+                            packed=self.packs_rows)
         lengths = torch.tensor([len(c) for g in groups for c in g["completions"]])
         trained = torch.tensor([t for g in groups for t in g["trained"]])
         batch["mask"] = ((torch.arange(int(lengths.max()))[None] < lengths[:, None]) & trained[:, None]).float()
