@@ -16,7 +16,8 @@ from align.data import pack
 from align.models import varlen
 from align.models.policy import TokenLogprobModel
 from align.ops.logprobs import IGNORE_INDEX
-from align.trainers import SFTTrainer
+from align.toy import preference_rows
+from align.trainers import TRAINERS, SFTTrainer
 from tests.test_families import TEMPERATURE, build, forward_logprobs, random_ids
 
 PLAIN = {  # families whose attention the kernel runs (sliding windows turned off where the test turns them on)
@@ -191,3 +192,20 @@ def test_the_trainer_hands_packed_rows_boundaries_to_the_model(make_recipe, monk
     assert abs(got.item() - want.item()) < 1e-5
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_unshared_pairs_get_their_boundaries_too(make_recipe, monkeypatch):
+    """DPO pairs in the plain layout (dpo.shared_prompt: false; KTO's rows always) are packed rows
+    too: where the kernel runs they take their boundaries (a group batch carries attention_mask
+    None), with the loss unchanged."""
+    recipe = make_recipe(rows=preference_rows(8, seed=2), algorithm="dpo", dpo={"shared_prompt": False})
+    plain = TRAINERS["dpo"].from_recipe(recipe)
+    batch = {**plain.collate([plain.train_data[i] for i in range(4)]), "num_items": 4.0}
+    plain.policy.module.train()
+    want = plain.compute_loss(plain._to_device(batch))[0]
+    monkeypatch.setattr(varlen, "KERNEL_DEVICES", {"cpu"})
+    trainer = TRAINERS["dpo"].from_recipe(recipe)
+    moved = trainer._to_device(batch)
+    assert torch.equal(moved["cu_seq_lens"], varlen.segments(batch["position_ids"])[0])
+    trainer.policy.module.train()
+    assert abs(trainer.compute_loss(moved)[0].item() - want.item()) < 1e-5

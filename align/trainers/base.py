@@ -399,7 +399,7 @@ class Trainer(Resumable):
         positions = batch.get("position_ids")
         if device.type in varlen.KERNEL_DEVICES and varlen.uses_varlen(self.policy.model.config) and \
                 isinstance(positions, torch.Tensor) and positions.device.type == "cpu" and \
-                "attention_mask" not in batch and "cu_seq_lens" not in batch:
+                batch.get("attention_mask") is None and "cu_seq_lens" not in batch:  # (groups carry a None mask)
             found = varlen.segments(positions)  # packed rows: their boundaries, for the varlen kernel
             if found is not None:
                 batch = {**batch, "cu_seq_lens": found[0], "max_seq_len": found[1]}
