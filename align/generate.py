@@ -7,7 +7,8 @@ A model is an Align output dir (full weights, or a LoRA/QLoRA adapter, loaded wi
 merged), a local transformers model dir, a hub id, or `builtin:<name>`. Prompts are encoded as in
 training (`align.data.prompts.encode_prompt`): a string with the tokenizer's BOS, a message list
 through the chat template; `chat=True` wraps string prompts as one user message. Sampling runs on
-the rollout engine GRPO and PPO use (`align.rollout.PrefixSharedEngine`).
+the rollout engine GRPO and PPO use (`align.rollout.PrefixSharedEngine`; transformers' generate for a
+model it cannot sample exactly).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class LoadedModel:
 def load(model_path: str, dtype: str = "auto") -> LoadedModel:
     """Load `model_path` (see the module docstring) for generation, on the GPU when there is one."""
     from align.config import ModelConfig
-    from align.rollout import PrefixSharedEngine
+    from align.rollout import in_process_engine
 
     path = os.path.expanduser(model_path)
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
@@ -46,7 +47,7 @@ def load(model_path: str, dtype: str = "auto") -> LoadedModel:
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise AlignError(f"no such model directory: {model_path!r} (relative to {os.getcwd()})")
     model, tokenizer = load_for_sampling(ModelConfig(name_or_path=model_path, dtype=dtype))
-    return LoadedModel(model_path, model, tokenizer, PrefixSharedEngine(model, tokenizer))
+    return LoadedModel(model_path, model, tokenizer, in_process_engine(model, tokenizer))
 
 
 def load_for_sampling(config) -> tuple[torch.nn.Module, object]:

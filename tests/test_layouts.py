@@ -19,6 +19,7 @@ from align.errors import AlignError
 from align.models import Policy
 from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS, inexact_layouts
 from align.models.reward import RewardModel, RewardScorer
+from align.rollout import PrefixSharedEngine
 from align.toy import chat_rows, preference_rows
 from align.trainers import TRAINERS
 from tests.conftest import write_jsonl
@@ -156,16 +157,24 @@ def test_a_family_that_runs_both_layouts_keeps_them(model_dir, tmp_path, caplog)
 
 
 def test_every_trainer_trains_a_model_that_cannot_pack(model_dir, tmp_path):
-    """Two steps of each trainer on the hybrid (a row per sequence); GRPO and PPO sample with
-    transformers' generate: the prefix_shared engine is refused, naming the setting."""
-    raws = trainer_recipes(model_dir("qwen3_next"), "sdpa", tmp_path)
+    """Two steps of each trainer on the hybrid (a row per sequence; the distillation teacher is
+    probed too), an evaluation with greedy samples where a trainer shows them; GRPO, PPO and
+    distillation sample with transformers' generate: the prefix_shared engine is refused, naming
+    the setting (before a step)."""
+    path = model_dir("qwen3_next")
+    raws = trainer_recipes(path, "sdpa", tmp_path)
     raws["kto"] = {**raws["dpo"], "algorithm": "kto", "output_dir": str(tmp_path / "kto")}
-    for raw in raws.values():  # (a LoRA of rank 4 does not fit its 1-output expert gate)
+    raws["distill"] = {**raws["grpo"], "algorithm": "distill", "output_dir": str(tmp_path / "distill"),
+                       "distill": {"teacher_model": path, "sampling": {"max_new_tokens": 8}}}
+    del raws["distill"]["grpo"]
+    for algorithm, raw in raws.items():  # (a LoRA of rank 4 does not fit its 1-output expert gate)
         raw["adapter"] = {"kind": "none"}
-    with pytest.raises(AlignError, match="prefix_shared engine cannot sample from it: set grpo.sampling.engine: hf"):
-        TRAINERS["grpo"].from_recipe(recipe_from_dict(raws["grpo"]))
+        if algorithm in ("sft", "dpo", "kto"):  # their evaluations show greedy samples: by generate here
+            raw["data"]["eval"], raw["train"]["eval_every"] = raw["data"]["train"], 2
+    with pytest.raises(AlignError, match="'qwen3_next': the prefix_shared engine fails on a probe .*set sampling.engine: hf"):
+        TRAINERS["grpo"].from_recipe(recipe_from_dict(raws["grpo"])).fit()
     for algorithm, raw in raws.items():
-        if algorithm in ("grpo", "ppo"):
+        if algorithm in ("grpo", "ppo", "distill"):
             raw[algorithm]["sampling"]["engine"] = "hf"
         trainer = TRAINERS[algorithm].from_recipe(recipe_from_dict(raw))
         assert not trainer.packs_rows, algorithm
@@ -194,3 +203,28 @@ def test_a_separate_reference_is_probed_too(model_dir):
     config = ModelConfig(name_or_path=model_dir("llama"), dtype="float32", attn_implementation="eager")
     policy = Policy.from_config(config, AdapterConfig(kind="none"), reference_model=model_dir("mpt"))
     assert set(policy.inexact_layouts) == {SHARED_PROMPTS}
+
+
+class CacheSkewedLlama(T.LlamaForCausalLM):
+    """A stand-in for a family whose cached decoding gives other logits than its forward()."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if kwargs.get("past_key_values") is not None:
+            out.logits = out.logits * 1.7
+        return out
+
+
+def test_the_prefix_shared_engine_samples_only_what_forward_gives():
+    """Its probe refuses a model it would sample from other numbers than forward()'s, and one it
+    fails on (BART's decoder counts positions along the row), naming the engine to use instead; MPT,
+    whose shared-prompt training batches are inexact, samples exactly."""
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, **SMALL)
+    with pytest.raises(AlignError, match=r"'llama': the prefix_shared engine's log-probs differ from the model's own "
+                                         r"forward\(\) by .* set sampling.engine: hf"):
+        PrefixSharedEngine(seeded(lambda: CacheSkewedLlama(config)), tokenizer=None)
+    with pytest.raises(AlignError, match="'bart': the prefix_shared engine fails on a probe"):
+        PrefixSharedEngine(seeded(bart_decoder), tokenizer=None)
+    PrefixSharedEngine(seeded(mpt), tokenizer=None)
+    PrefixSharedEngine(seeded(lambda: T.LlamaForCausalLM(config)), tokenizer=None)

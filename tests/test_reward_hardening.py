@@ -113,7 +113,7 @@ def test_a_ctrl_c_outside_the_reward_still_interrupts():
             call(user_presses_ctrl_c)
             time.sleep(2)  # the interrupt reaches the main thread asynchronously: it may land just after call returns
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # (None: a C handler)
     with pytest.raises(AlignError, match="raised KeyboardInterrupt"):
         call(interrupts)
 

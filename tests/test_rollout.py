@@ -222,9 +222,10 @@ def _forward_shapes(model) -> tuple[list[tuple[int, int]], object]:
 
 def test_prompts_are_prefilled_once_and_finished_rows_leave_the_batch(policy, prompts):
     params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=0, stop_token_ids=list(range(3, 100)))
+    engine = PrefixSharedEngine(policy.model, policy.tokenizer)  # (its probe's forwards before the hook)
     shapes, hook = _forward_shapes(policy.model)
     try:
-        rollout = PrefixSharedEngine(policy.model, policy.tokenizer).generate(prompts, params, group_size=8)
+        rollout = engine.generate(prompts, params, group_size=8)
     finally:
         hook.remove()
     assert shapes[0] == (3, 20)  # one prefill of the 3 prompts (padded to 20 tokens), not of 24 rows

@@ -11,8 +11,8 @@ Both are exact only for a family whose layers read the position ids and the mask
 causal-LM family transformers 5.24 builds found those where they are not, with no error:
 positions counted along the row (the BART/mBART/Marian/Blenderbot/Pegasus/MVP/TrOCR decoders,
 CPM-Ant), ALiBi biases measured along the row (MPT: shared prompts) and a recurrent model (RWKV);
-layer kinds that no mask keeps inside one example (Mamba and its hybrids, LFM2, Qwen3-Next) are
-refused by `align.models.packed.layer_windows`, and some families fail (GPT-1, BLOOM). `inexact_layouts` runs a short probe of each layout and
+layer kinds that no mask keeps inside one example (Mamba hybrids, LFM2, Qwen3-Next) are refused
+by `align.models.packed.layer_windows`, and some families fail in these layouts (GPT-1, BLOOM, Mamba). `inexact_layouts` runs a short probe of each layout and
 says which ones differ; trainers then give each sequence a row of its own (`Trainer.packs_rows`)
 or its own copy of its prompt (`shared_prompt`), and the prefix_shared sampler is refused.
 """
@@ -24,7 +24,7 @@ from torch import nn
 
 from align.data.groups import pack_groups
 from align.errors import AlignError
-from align.models.packed import decoder_hidden
+from align.models.packed import decoder_hidden, takes_4d_masks
 
 PACKED_ROWS = "packed rows"
 SHARED_PROMPTS = "shared-prompt groups"
@@ -45,10 +45,13 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @torch.no_grad()
 def inexact_layouts(lm: nn.Module) -> dict[str, str]:
     """{layout: why} for Align's layouts (PACKED_ROWS, SHARED_PROMPTS) whose decoder states differ
-    from the decoder's own forward() of each sequence alone; {} when both are exact.
+    from the decoder's own forward() of each sequence alone; {} when both are exact. Shared prompts
+    are not probed under an attention implementation that takes no 4-D mask (flash_attention_2:
+    the trainers never share prompts there).
 
     lm: a transformers model with `get_decoder()` (a causal LM or a sequence-classification model,
-    adapters injected). Runs six forwards of at most 23 tokens in eval mode.
+    adapters injected). Runs four forwards of at most 44 tokens in eval mode: the two sequences
+    [prompt | branch] alone, packed in one row, and as a shared-prompt group.
     """
     was_training = lm.training
     lm.eval()
@@ -57,31 +60,39 @@ def inexact_layouts(lm: nn.Module) -> dict[str, str]:
         embeddings = lm.get_input_embeddings()
         device = embeddings.weight.device
         generator = torch.Generator().manual_seed(0)
-        first, second, prompt, branch_1, branch_2 = [
-            torch.randint(0, embeddings.num_embeddings, (n,), generator=generator).tolist() for n in (13, 9, 11, 5, 7)]
+        vocab = embeddings.num_embeddings
+        pad = getattr(lm.config, "pad_token_id", None)  # (some families treat it apart, e.g. positions)
+        prompt, branch_1, branch_2 = [[(t + 1) % vocab if t == pad else t for t in
+                                       torch.randint(0, vocab, (n,), generator=generator).tolist()] for n in (11, 24, 9)]
+        sequences = [prompt + branch_1, prompt + branch_2]  # the second branch sits 24 positions further along
+        alone_states: list[torch.Tensor] = []
 
-        def alone(sequence: list[int]) -> torch.Tensor:  # [T, H]: the model's own forward, no position ids
-            return decoder(input_ids=torch.tensor([sequence], device=device), use_cache=False).last_hidden_state[0]
+        def alone() -> list[torch.Tensor]:  # [T, H] each: the model's own forward, no position ids
+            if not alone_states:
+                alone_states.extend(decoder(input_ids=torch.tensor([s], device=device), use_cache=False)
+                                    .last_hidden_state[0] for s in sequences)
+            return alone_states
 
         def packed() -> list[tuple[torch.Tensor, torch.Tensor]]:
-            ids = torch.tensor([first + second], device=device)
-            positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+            ids = torch.tensor([sequences[0] + sequences[1]], device=device)
+            positions = torch.tensor([[*range(len(sequences[0])), *range(len(sequences[1]))]], device=device)
             hidden = decoder_hidden(lm, ids, positions, None)[0]
-            return [(hidden[:len(first)], alone(first)), (hidden[len(first):], alone(second))]
+            first, second = alone()
+            return [(hidden[:len(first)], first), (hidden[len(first):], second)]
 
         def shared() -> list[tuple[torch.Tensor, torch.Tensor]]:
             # one row: [prompt[:-1] | prompt[-1] branch_1 | prompt[-1] branch_2]
             batch = pack_groups([(prompt, [branch_1, branch_2])], shared_prompt=True)
             hidden = decoder_hidden(lm, batch["input_ids"].to(device), batch["position_ids"].to(device),
                                     batch["attention_mask"].to(device))[0]
-            start = len(prompt) - 1
-            end_1 = start + 1 + len(branch_1)
-            return [(hidden[:end_1], alone(prompt + branch_1)),
-                    (hidden[end_1:end_1 + 1 + len(branch_2)], alone(prompt + branch_2)[start:])]
+            start, end_1 = len(prompt) - 1, len(sequences[0])
+            first, second = alone()
+            return [(hidden[:end_1], first), (hidden[end_1:], second[start:])]
 
+        probes = [(PACKED_ROWS, packed)] + ([(SHARED_PROMPTS, shared)] if takes_4d_masks(lm.config) else [])
         prefix = f"model type {lm.config.model_type!r}: "
         out = {}
-        for layout, pairs in ((PACKED_ROWS, packed), (SHARED_PROMPTS, shared)):
+        for layout, pairs in probes:
             try:
                 compared = pairs()
             except AlignError as error:  # e.g. layers no mask applies to (`align.models.packed.layer_windows`)

@@ -79,6 +79,12 @@ def attention_implementation(config) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
+def takes_4d_masks(config) -> bool:
+    """Whether the model's attention implementation takes Align's 4-D masks (packed rows' blocks,
+    shared-prompt groups); flash_attention_2 takes position ids alone."""
+    return attention_implementation(config) in _MASKS_BY_IMPLEMENTATION
+
+
 def packed_rows_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """position_ids [R, L] restarting at 0 for each packed example -> [R, 1, L, L] bool: causal
     attention inside each example (computed on the position ids' device, no host read)."""
@@ -120,8 +126,7 @@ def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.T
         if attention_mask is None and cu_seq_lens is not None and varlen.uses_varlen(lm.config):
             return decoder(input_ids=input_ids, attention_mask=varlen.NO_MASK, position_ids=position_ids,
                            cu_seq_lens_q=cu_seq_lens, max_length_q=max_seq_len, use_cache=False).last_hidden_state
-        if attention_mask is None and position_ids is not None and \
-                attention_implementation(lm.config) in _MASKS_BY_IMPLEMENTATION:
+        if attention_mask is None and position_ids is not None and takes_4d_masks(lm.config):
             attention_mask = packed_rows_mask(position_ids)
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
             dtype = lm.get_input_embeddings().weight.dtype

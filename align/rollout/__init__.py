@@ -14,12 +14,16 @@ max_model_len), sampling being the recipe's SamplingConfig (or None: defaults).
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
+from align.errors import AlignError
 from align.registry import ROLLOUT_ENGINES
 from align.rollout.hf import HFGenerateEngine
 from align.rollout.prefix_shared import PrefixSharedEngine
 from align.rollout.sampling import Rollout, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class RolloutEngine(Protocol):
@@ -55,6 +59,17 @@ def server(model, tokenizer, sampling=None, max_model_len: int = 2048) -> Rollou
     return RemoteEngine(model, tokenizer, getattr(sampling, "server", None) or ServerConfig())
 
 
+def in_process_engine(model, tokenizer) -> RolloutEngine:
+    """The prefix_shared engine on `model`, or transformers' generate where that engine's probe finds
+    it cannot sample the model exactly (`PrefixSharedEngine.check_matches_forward`): for eval samples
+    and `align generate`, which have no engine setting."""
+    try:
+        return PrefixSharedEngine(model, tokenizer)
+    except AlignError as refusal:
+        logger.info("sampling with transformers' generate: %s", refusal)
+        return HFGenerateEngine(model, tokenizer)
+
+
 def make_engine(name: str, model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
     """The registered engine `name` (prefix_shared, hf, vllm, server, or a plug-in) for the (peft or
     plain) causal LM `model`; sampling: the recipe's SamplingConfig (vllm's and server's settings), and
@@ -62,4 +77,5 @@ def make_engine(name: str, model, tokenizer, sampling=None, max_model_len: int =
     return ROLLOUT_ENGINES.get(name)(model, tokenizer, sampling, max_model_len)
 
 
-__all__ = ["HFGenerateEngine", "PrefixSharedEngine", "Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
+__all__ = ["HFGenerateEngine", "PrefixSharedEngine", "Rollout", "RolloutEngine", "SamplingParams", "in_process_engine",
+           "make_engine"]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from align.errors import AlignError
+from align.models.head import probe_tolerance
 from align.rollout.static_decoder import StaticDecoder, StaticDecodingError, check_first_step, static_decoding_refusal
 from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
                                     logits_processors, model_device, next_tokens, sampling_generator,
@@ -59,6 +61,47 @@ class PrefixSharedEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, static: bool | None = None):
         self.model, self.tokenizer, self.static = model, tokenizer, static
         self.capture_failed = False  # once a capture failed, later rollouts do not try again
+        self.check_matches_forward()
+
+    @torch.no_grad()
+    def check_matches_forward(self) -> None:
+        """AlignError unless the engine's next-token log-probs on a short probe (prompts of 7 and 4
+        tokens, two samples each, three decoding steps) equal log_softmax of the model's own
+        forward() of each whole sequence. The shared prompt cache, left padding and decoding masks
+        rest on how a family reads position ids and masks: a scan of transformers 5.24's families
+        found some that crash here (recurrent and linear-attention layers) and some that sample from
+        other numbers than their forward's (positions counted along the row, e.g. BART's decoder)."""
+        device = model_device(self.model)
+        generator = torch.Generator().manual_seed(0)
+        config = self.model.config
+        vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+        prompts = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (7, 4)]
+        steps = torch.randint(0, vocab, (3, 4), generator=generator)  # a token per sample and step
+        model_type = getattr(config, "model_type", "?")
+        fix = "set sampling.engine: hf (transformers' generate) to sample from it"
+        error = 0.0
+        try:
+            with inference(self.model):
+                live, logits = self.prefill(prompts, 2, len(steps), device)
+                per_step = [logits.float()]  # [4, V] each: the samples of prompt 0, then of prompt 1
+                for tokens in steps:
+                    live.push(tokens.to(device))
+                    per_step.append(self.decode(live).float())
+                for row in range(4):  # forward() of the whole sequence gives every step's logits at once
+                    prompt = prompts[row // 2]
+                    sequence = torch.tensor([prompt + steps[:, row].tolist()], device=device)
+                    want = self.model(input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                                      use_cache=False).logits[0, len(prompt) - 1:].float()
+                    got = torch.stack([logits[row] for logits in per_step])
+                    error = max(error, (got.log_softmax(-1) - want.log_softmax(-1)).abs().max().item())
+        except Exception as failure:  # noqa: BLE001 - any failure on the probe: the engine cannot run it
+            raise AlignError(f"model type {model_type!r}: the prefix_shared engine fails on a probe "
+                             f"({type(failure).__name__}: {failure}); {fix}") from failure
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())  # (QLoRA: its compute dtype)
+        if not error <= probe_tolerance(dtype):
+            raise AlignError(f"model type {model_type!r}: the prefix_shared engine's log-probs differ from the "
+                             f"model's own forward() by {error:.3g} nats on a probe (tolerance "
+                             f"{probe_tolerance(dtype)} in {dtype}); {fix}")
 
     def sync_weights(self) -> None:
         """The engine runs the trained modules themselves."""

@@ -123,15 +123,6 @@ class OnlineTrainer(Trainer):
         rollout = self.engine.generate([r["prompt_ids"] for r in rows], params, 1)
         self.rewards.dry_run(*self.reward_inputs(rows, rollout))
 
-    def check_layouts(self) -> None:
-        """Besides the training batches' layouts: the prefix_shared engine samples a prompt's
-        completions over its shared KV, which needs both layouts exact (`align.models.layouts`)."""
-        super().check_layouts()
-        inexact = self.policy.inexact_layouts
-        if inexact and self.rl.sampling.engine == "prefix_shared":
-            raise AlignError(f"{next(iter(inexact.values()))}; so the prefix_shared engine cannot sample from it: set "
-                             f"{self.algorithm}.sampling.engine: hf (transformers' generate)")
-
     def start_engine(self) -> None:
         """The rollout engine, sampling from the policy's model (under fsdp or ZeRO-3 its unsharded copy), and
         no experience yet."""

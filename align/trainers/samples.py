@@ -27,12 +27,13 @@ def untrained_prefix(input_ids: list[int], labels: list[int]) -> list[int]:
 
 def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_length: int) -> list[str]:
     """Greedy completions (text, special tokens dropped) of `prompt_ids` on the trained modules
-    themselves, up to the recipe's max_length in all (at most MAX_NEW_TOKENS new tokens)."""
-    from align.rollout import PrefixSharedEngine, SamplingParams
+    themselves, up to the recipe's max_length in all (at most MAX_NEW_TOKENS new tokens): by the
+    prefix_shared engine, or transformers' generate for a model that engine cannot sample exactly."""
+    from align.rollout import SamplingParams, in_process_engine
 
     new_tokens = max(1, min(MAX_NEW_TOKENS, max_length - min(map(len, prompt_ids))))
-    rollout = PrefixSharedEngine(model, tokenizer).generate(
-        prompt_ids, SamplingParams(max_new_tokens=new_tokens, temperature=0.0), 1)
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    rollout = in_process_engine(model, tokenizer).generate(prompt_ids, greedy, 1)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.completion_ids]
 
 
