@@ -17,6 +17,7 @@ import transformers as T
 from align.config import AdapterConfig, ModelConfig, recipe_from_dict
 from align.errors import AlignError
 from align.models import Policy
+from align.models.head import compute_dtype
 from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS, inexact_layouts
 from align.models.reward import RewardModel, RewardScorer
 from align.rollout import PrefixSharedEngine
@@ -228,3 +229,17 @@ def test_the_prefix_shared_engine_samples_only_what_forward_gives():
         PrefixSharedEngine(seeded(bart_decoder), tokenizer=None)
     PrefixSharedEngine(seeded(mpt), tokenizer=None)
     PrefixSharedEngine(seeded(lambda: T.LlamaForCausalLM(config)), tokenizer=None)
+
+
+def test_the_probes_take_the_precision_the_model_computes_in():
+    """A float32 model under bf16 autocast rounds like a bf16 one (its shared-prompt probe is off by
+    ~2e-3 here, above float32's tolerance), and so does a QLoRA model: no false refusal."""
+    config = ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32")
+    policy = Policy.from_config(config, AdapterConfig(kind="none"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(policy.model) == torch.bfloat16
+        assert inexact_layouts(policy.model) == {}
+        PrefixSharedEngine(policy.model, policy.tokenizer)
+    assert compute_dtype(policy.model) == torch.float32
+    qlora = Policy.from_config(config, AdapterConfig(kind="qlora", r=4))
+    assert compute_dtype(qlora.model) == torch.bfloat16 and qlora.inexact_layouts == {}

@@ -44,6 +44,19 @@ def probe_tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype == torch.float32 else 0.25
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The precision a model computes in, for a probe's tolerance: autocast's dtype when autocast is
+    on; bf16 for a quantized model (its 4-bit layers compute in 16 bits while its norms may be
+    float32); else the least precise of its floating-point weights."""
+    device = next(model.parameters()).device
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        return torch.bfloat16
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return min(dtypes, key=lambda dtype: torch.finfo(dtype).bits, default=torch.float32)
+
+
 @torch.no_grad()
 def check_logprobs_match_forward(lm: nn.Module, temperature: float = 0.7, length: int = 12) -> None:
     """Compare Align's chunked log-probs (`LogitTransform` included) with `log_softmax` of the

@@ -24,6 +24,7 @@ from torch import nn
 
 from align.data.groups import pack_groups
 from align.errors import AlignError
+from align.models.head import compute_dtype
 from align.models.packed import decoder_hidden, takes_4d_masks
 
 PACKED_ROWS = "packed rows"
@@ -31,8 +32,10 @@ SHARED_PROMPTS = "shared-prompt groups"
 
 
 def layout_tolerance(dtype: torch.dtype) -> float:
-    """Largest per-token relative difference of decoder states accepted: rounding only. Measured on
-    tiny random models: fp32 ~1e-6, bf16 up to ~1.5e-2; a wrong layout is off by 0.5 or more."""
+    """Largest per-token relative difference of decoder states accepted: rounding only, for a model
+    computing in `dtype` (`align.models.head.compute_dtype`: autocast and quantization count).
+    Measured on tiny random models: fp32 ~1e-6, bf16 up to ~1.5e-2; a wrong layout is off by 0.5
+    or more."""
     return 1e-3 if dtype == torch.float32 else 0.2
 
 
@@ -102,7 +105,7 @@ def inexact_layouts(lm: nn.Module) -> dict[str, str]:
                 out[layout] = f"{prefix}{layout} fail in its forward ({type(error).__name__}: {error})"
                 continue
             error = max(_relative_error(got, want) for got, want in compared)
-            tolerance = layout_tolerance(compared[0][1].dtype)
+            tolerance = layout_tolerance(compute_dtype(lm))
             if not error <= tolerance:
                 out[layout] = (f"{prefix}{layout} give decoder states {error:.2g} (relative) away from the model's own "
                                f"forward() of each sequence alone (tolerance {tolerance}): its layers do not keep "

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from align.errors import AlignError
-from align.models.head import probe_tolerance
+from align.models.head import compute_dtype, probe_tolerance
 from align.rollout.static_decoder import StaticDecoder, StaticDecodingError, check_first_step, static_decoding_refusal
 from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
                                     logits_processors, model_device, next_tokens, sampling_generator,
@@ -97,7 +97,7 @@ class PrefixSharedEngine:
         except Exception as failure:  # noqa: BLE001 - any failure on the probe: the engine cannot run it
             raise AlignError(f"model type {model_type!r}: the prefix_shared engine fails on a probe "
                              f"({type(failure).__name__}: {failure}); {fix}") from failure
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())  # (QLoRA: its compute dtype)
+        dtype = compute_dtype(self.model)
         if not error <= probe_tolerance(dtype):
             raise AlignError(f"model type {model_type!r}: the prefix_shared engine's log-probs differ from the "
                              f"model's own forward() by {error:.3g} nats on a probe (tolerance "
