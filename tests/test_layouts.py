@@ -222,8 +222,8 @@ def test_the_prefix_shared_engine_samples_only_what_forward_gives():
     whose shared-prompt training batches are inexact, samples exactly."""
     config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                            num_key_value_heads=2, **SMALL)
-    with pytest.raises(AlignError, match=r"'llama': the prefix_shared engine's log-probs differ from the model's own "
-                                         r"forward\(\) by .* set sampling.engine: hf"):
+    with pytest.raises(AlignError, match=r"'llama': the prefix_shared engine's next-token distributions are 0.35.* "
+                                         r"\(total variation\) from the model's own forward\(\)'s .* set sampling.engine: hf"):
         PrefixSharedEngine(seeded(lambda: CacheSkewedLlama(config)), tokenizer=None)
     with pytest.raises(AlignError, match="'bart': the prefix_shared engine fails on a probe"):
         PrefixSharedEngine(seeded(bart_decoder), tokenizer=None)
