@@ -50,6 +50,7 @@ from align.models import Policy, sharding, varlen, zero
 from align.models.compiled import compile_layers
 from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS
 from align.models.packed import attention_kernels
+from align.rollout import in_process_engine
 from align.ops.logprobs import label_positions
 from align.trainers import run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
@@ -138,6 +139,8 @@ class Trainer(Resumable):
     """Whether dropout is on while training when train.dropout_during_training is not set."""
     run_id: str | None = None
     """The id of the run in output_dir (its run.json), set by `fit`; carried by checkpoints and metrics."""
+    _samples_engine = None
+    """The engine that writes eval samples (`greedy_samples`), made at the first evaluation."""
     shares_prompts: bool = False
     """Whether batches put a prompt once before its completions (`align.data.groups`) where exact."""
 
@@ -698,7 +701,9 @@ class Trainer(Resumable):
         if not prompts:
             return []
         with sharding.gathered(self.policy.module) if self.sharded else contextlib.nullcontext(), self.autocast():
-            texts = samples.greedy_completions(self.policy.model, self.policy.tokenizer, prompts,
+            if self._samples_engine is None:  # chosen once (its probe runs on the whole weights, as here)
+                self._samples_engine = in_process_engine(self.policy.model, self.policy.tokenizer)
+            texts = samples.greedy_completions(self._samples_engine, self.policy.tokenizer, prompts,
                                                self.recipe.data.max_length)
         if not self.accelerator.is_main_process:
             return []

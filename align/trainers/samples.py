@@ -25,15 +25,14 @@ def untrained_prefix(input_ids: list[int], labels: list[int]) -> list[int]:
     return [] if first is None or first == 0 else list(input_ids[:first + 1])
 
 
-def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_length: int) -> list[str]:
-    """Greedy completions (text, special tokens dropped) of `prompt_ids` on the trained modules
-    themselves, up to the recipe's max_length in all (at most MAX_NEW_TOKENS new tokens): by the
-    prefix_shared engine, or transformers' generate for a model that engine cannot sample exactly."""
-    from align.rollout import SamplingParams, in_process_engine
+def greedy_completions(engine, tokenizer, prompt_ids: list[list[int]], max_length: int) -> list[str]:
+    """Greedy completions (text, special tokens dropped) of `prompt_ids` by a rollout engine on the
+    trained modules themselves (`align.rollout.in_process_engine`), up to the recipe's max_length in
+    all (at most MAX_NEW_TOKENS new tokens)."""
+    from align.rollout import SamplingParams
 
     new_tokens = max(1, min(MAX_NEW_TOKENS, max_length - min(map(len, prompt_ids))))
-    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    rollout = in_process_engine(model, tokenizer).generate(prompt_ids, greedy, 1)
+    rollout = engine.generate(prompt_ids, SamplingParams(max_new_tokens=new_tokens, temperature=0.0), 1)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.completion_ids]
 
 
