@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from align.models.head import logit_transform
-from align.models.layouts import inexact_layouts
 from align.models.packed import decoder_hidden
 from align.models.policy import Policy, ReferenceStrategy, causal_lm, unwrap
 from align.ops.logprobs import token_logprobs
@@ -66,7 +65,7 @@ class ActorCriticPolicy(Policy):
         self._value_model = value_model
         super().__init__(model, tokenizer, reference)
         if value_model is not None:  # the critic runs on the same batches
-            self.inexact_layouts = {**inexact_layouts(causal_lm(value_model)), **self.inexact_layouts}
+            self.probe_layouts(value_model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return ActorCritic(model, self._value_model)

@@ -98,6 +98,11 @@ class Trainable:
     inexact_layouts: dict[str, str]
     """{layout: why} for the batch layouts its models cannot run exactly (`align.models.layouts`)."""
 
+    def probe_layouts(self, model: nn.Module) -> None:
+        """Add to `inexact_layouts` those of `model`, a model that runs on this wrapper's batches (its
+        own, a reference, a teacher, a critic)."""
+        self.inexact_layouts = {**inexact_layouts(causal_lm(model)), **getattr(self, "inexact_layouts", {})}
+
     @property
     def model(self) -> nn.Module:
         """The transformers (or peft) model being trained."""
@@ -179,7 +184,7 @@ class Policy(Trainable):
 
     def __init__(self, model: nn.Module, tokenizer, reference: ReferenceStrategy = "none"):
         check_logprobs_match_forward(causal_lm(model))
-        self.inexact_layouts = inexact_layouts(causal_lm(model))
+        self.probe_layouts(model)
         self.module = self.wrap(model)
         self.tokenizer = tokenizer
         if reference == "auto":
@@ -208,7 +213,7 @@ class Policy(Trainable):
 
     def use_reference_model(self, model: nn.Module) -> None:
         """Use a separately loaded model (frozen here) as the reference."""
-        self.inexact_layouts = {**inexact_layouts(causal_lm(model)), **self.inexact_layouts}
+        self.probe_layouts(model)
         self._reference_module = TokenLogprobModel(model).eval().requires_grad_(False)
         self.reference = "frozen_copy"
 

@@ -12,7 +12,7 @@ from align.config import AdapterConfig, ModelConfig
 from align.data.preference import prompt_completion_ids
 from align.errors import AlignError
 from align.models import sharding, zero
-from align.models.layouts import PACKED_ROWS, inexact_layouts
+from align.models.layouts import PACKED_ROWS
 from align.models.loading import load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
@@ -39,7 +39,7 @@ class ScalarHeadModel(nn.Module):
 
 class RewardModel(Trainable):
     def __init__(self, model: nn.Module, tokenizer):
-        self.inexact_layouts = inexact_layouts(causal_lm(model))
+        self.probe_layouts(model)
         self.module = ScalarHeadModel(model)
         self.tokenizer = tokenizer
 

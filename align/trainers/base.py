@@ -246,9 +246,17 @@ class Trainer(Resumable):
         rows exactly (`align.models.layouts`); then each sequence has a row of its own, padded."""
         return PACKED_ROWS not in self.policy.inexact_layouts
 
+    @property
+    def shared_prompt(self) -> bool:
+        """Whether batches put each prompt once before its completions: for trainers that do
+        (`shares_prompts`, their recipe switch in their override), unless the attention takes no 4-D
+        mask (flash_attention_2) or the model cannot run the layout exactly (`align.models.layouts`)."""
+        return self.shares_prompts and self.recipe.model.attn_implementation != "flash_attention_2" and \
+            self.packs_rows and SHARED_PROMPTS not in self.policy.inexact_layouts
+
     def check_layouts(self) -> None:
         """Say which of Align's batch layouts the model cannot run exactly, and what runs instead
-        (`packs_rows`, and `shared_prompt` where a trainer has it): the same log-probs, slower."""
+        (`packs_rows`, `shared_prompt`): the same log-probs, slower."""
         inexact = self.policy.inexact_layouts
         if PACKED_ROWS in inexact and (self.recipe.data.packing or self.shares_prompts):
             log.warning("%s; each sequence gets a row of its own instead (padded: the same log-probs, slower)",

@@ -36,7 +36,6 @@ from align.errors import AlignError
 from align.losses.distill import check_divergence, distill_loss, distill_token_weights
 from align.losses.policy_gradient import masked_mean
 from align.models.head import check_logprobs_match_forward, logit_transform
-from align.models.layouts import inexact_layouts
 from align.models.packed import decoder_hidden
 from align.models import sharding, zero
 from align.models.policy import Policy, TokenLogprobModel, causal_lm, unwrap
@@ -130,7 +129,7 @@ class DistillPolicy(Policy):
     def use_reference_model(self, model: nn.Module) -> None:
         """The teacher, frozen; its logits must be its own forward()'s (the probe every policy passes)."""
         check_logprobs_match_forward(causal_lm(model))
-        self.inexact_layouts = {**inexact_layouts(causal_lm(model)), **self.inexact_layouts}
+        self.probe_layouts(model)
         self._reference_module = TeacherModel(model).eval().requires_grad_(False)
         self.reference = "frozen_copy"
 

@@ -14,7 +14,6 @@ from align.config import DPOConfig
 from align.errors import AlignError
 from align.losses.preference import PairLogps, preference_loss
 from align.models import Policy, reference_cache
-from align.models.layouts import SHARED_PROMPTS
 from align.registry import PREFERENCE_LOSSES
 from align.trainers.base import Trainer, register_trainer
 
@@ -45,11 +44,6 @@ class PreferenceTrainer(Trainer):
         raise AlignError(f"{key} row {row} has its own label_smoothing (a tie `align label` kept), which the "
                          f"{recipe.algorithm} loss does not take; drop those rows (align label with ties: drop) "
                          "or train them with dpo and loss_type: sigmoid")
-
-    @property
-    def shared_prompt(self) -> bool:
-        return self.recipe.model.attn_implementation != "flash_attention_2" and self.packs_rows and \
-            SHARED_PROMPTS not in self.policy.inexact_layouts
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = pack_pairs(examples, shared_prompt=self.shared_prompt, packed=self.packs_rows)

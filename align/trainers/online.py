@@ -33,7 +33,6 @@ from align.data.prompts import tokenize_prompts
 from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
 from align.models import sharding, zero
-from align.models.layouts import SHARED_PROMPTS
 from align.rewards import RewardFunctions
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers import samples
@@ -82,11 +81,6 @@ class OnlineTrainer(Trainer):
     @property
     def rounds_per_epoch(self) -> int:
         return math.ceil(len(self.train_data) / self.prompts_per_round)
-
-    @property
-    def shared_prompt(self) -> bool:
-        return self.recipe.model.attn_implementation != "flash_attention_2" and self.packs_rows and \
-            SHARED_PROMPTS not in self.policy.inexact_layouts
 
     @property
     def logprob_temperature(self) -> float:
