@@ -118,7 +118,8 @@ def _validate_task(args) -> None:
 def _check_adapter(recipe) -> bool:
     """Check the adapter's module names and rank against the model's skeleton (built on the meta
     device from its config: no weights are read). False if there is no adapter or no config to read."""
-    from align.models.loading import check_adapter, model_skeleton
+    from align.models.loading import model_skeleton
+    from align.models.lora import check_adapter
 
     if recipe.adapter.kind == "none":
         return False
