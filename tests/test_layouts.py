@@ -15,6 +15,7 @@ import torch
 import transformers as T
 
 from align.config import AdapterConfig, ModelConfig, recipe_from_dict
+from align.data.groups import pack_groups
 from align.errors import AlignError
 from align.models import Policy
 from align.models.head import compute_dtype
@@ -49,6 +50,14 @@ def qwen3_next():
                                moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                layer_types=["linear_attention", "full_attention"], **SMALL)
     return T.Qwen3NextForCausalLM._from_config(config, attn_implementation="sdpa")
+
+
+def llama4():
+    """Chunked attention (every 8 positions here): no mask of Align's expresses it."""
+    config = T.Llama4TextConfig(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                attention_chunk_size=8, **SMALL)
+    return T.Llama4ForCausalLM._from_config(config, attn_implementation="sdpa")
 
 
 def seeded(make):
@@ -181,6 +190,23 @@ def test_every_trainer_trains_a_model_that_cannot_pack(model_dir, tmp_path):
         assert not trainer.packs_rows, algorithm
         record = trainer.fit()
         assert torch.isfinite(torch.tensor(record["loss"])), (algorithm, record)
+
+
+def test_llama4_text_gets_a_row_per_sequence_and_its_own_log_probs():
+    """Llama 4's text model, whose `get_decoder()` returns the model itself (transformers looks for
+    its prefix, `language_model`, not its `model`): the policy finds the decoder, the probes refuse
+    both layouts for its chunked attention, and a row per sequence gives forward()'s log-probs."""
+    model = seeded(llama4)
+    policy = Policy(model, tokenizer=None)
+    assert set(policy.inexact_layouts) == {PACKED_ROWS, SHARED_PROMPTS}
+    assert "'chunked_attention' layers" in policy.inexact_layouts[SHARED_PROMPTS]
+    prompt, first, second = [list(range(3 + k, 3 + k + n)) for k, n in ((0, 11), (40, 12), (90, 5))]
+    batch = pack_groups([(prompt, [first, second])], shared_prompt=False, packed=False)
+    with torch.no_grad():
+        ours = policy.logprobs(batch, temperature=TEMPERATURE)
+    for number, completion in enumerate((first, second)):
+        want = forward_logprobs(model, prompt + completion, len(prompt))
+        torch.testing.assert_close(ours[batch["sequence_ids"] == number], want, atol=1e-5, rtol=0)
 
 
 def test_a_reward_model_that_cannot_pack_scores_each_completion_alone():

@@ -57,6 +57,14 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return min(dtypes, key=lambda dtype: torch.finfo(dtype).bits, default=torch.float32)
 
 
+def decoder_of(lm: nn.Module) -> nn.Module:
+    """The decoder of a causal LM or a score model: `get_decoder()`, except where transformers' lookup
+    returns the model itself (Llama 4's text model keeps its decoder in `model` under the prefix
+    `language_model`), then its `model`."""
+    decoder = lm.get_decoder()
+    return getattr(lm, "model", decoder) if decoder is lm else decoder
+
+
 @torch.no_grad()
 def check_logprobs_match_forward(lm: nn.Module, temperature: float = 0.7, length: int = 12) -> None:
     """Compare Align's chunked log-probs (`LogitTransform` included) with `log_softmax` of the
@@ -73,7 +81,7 @@ def check_logprobs_match_forward(lm: nn.Module, temperature: float = 0.7, length
         positions = torch.arange(length, device=device)[None]
         logits = lm(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
         want = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        hidden = lm.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = decoder_of(lm)(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         labels = torch.cat([ids[:, 1:], ids.new_full((1, 1), -100)], 1)
         ours = token_logprobs(hidden, lm.get_output_embeddings(), labels, temperature=temperature,
                               transform=logit_transform(lm.config))[:, :-1]

@@ -24,7 +24,7 @@ from torch import nn
 
 from align.data.groups import pack_groups
 from align.errors import AlignError
-from align.models.head import compute_dtype
+from align.models.head import compute_dtype, decoder_of
 from align.models.packed import decoder_hidden, takes_4d_masks
 
 PACKED_ROWS = "packed rows"
@@ -59,7 +59,7 @@ def inexact_layouts(lm: nn.Module) -> dict[str, str]:
     was_training = lm.training
     lm.eval()
     try:
-        decoder = lm.get_decoder()
+        decoder = decoder_of(lm)
         embeddings = lm.get_input_embeddings()
         device = embeddings.weight.device
         generator = torch.Generator().manual_seed(0)

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from align.errors import AlignError
 from align.models import varlen
+from align.models.head import decoder_of
 
 _MASKS_BY_IMPLEMENTATION = {
     "sdpa": lambda allowed, dtype: allowed,
@@ -122,7 +123,7 @@ def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.T
     padding mask. Packed rows may come with their examples' boundaries (`align.models.varlen.segments`:
     cu_seq_lens [N + 1], max_seq_len), which a model switched to varlen attention uses instead of a mask."""
     with attention_kernels(input_ids.device):
-        decoder = lm.get_decoder()
+        decoder = decoder_of(lm)
         if attention_mask is None and cu_seq_lens is not None and varlen.uses_varlen(lm.config):
             return decoder(input_ids=input_ids, attention_mask=varlen.NO_MASK, position_ids=position_ids,
                            cu_seq_lens_q=cu_seq_lens, max_length_q=max_seq_len, use_cache=False).last_hidden_state

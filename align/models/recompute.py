@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from align.errors import AlignError
+from align.models.head import decoder_of
 
 CHECKPOINT_MODES = ("full", "selective")
 
@@ -165,7 +166,7 @@ def checkpoint_some_layers(model, fraction: float) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    decoder = decoder_of(base) if hasattr(base, "get_decoder") else base
     layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
     count = math.floor(round(len(layers) * fraction, 9))  # (round: 100 x 0.29 is 28.999... in floats)
     if count == 0:
