@@ -116,17 +116,17 @@ def _validate_task(args) -> None:
 
 
 def _check_adapter(recipe) -> bool:
-    """Check the adapter's module names and rank against the model's skeleton (built on the meta
+    """Check the adapter's module names, rank and dropout against the model's skeleton (built on the meta
     device from its config: no weights are read). False if there is no adapter or no config to read."""
     from align.models.loading import model_skeleton
-    from align.models.lora import check_adapter
+    from align.models.lora import lora_config
 
     if recipe.adapter.kind == "none":
         return False
     score = recipe.algorithm == "reward"
     skeleton = model_skeleton(recipe.model, "score" if score else "causal_lm")
     if skeleton is not None:
-        check_adapter(skeleton, recipe.adapter, "SEQ_CLS" if score else "CAUSAL_LM")
+        lora_config(skeleton, recipe.adapter, "SEQ_CLS" if score else "CAUSAL_LM")
     return skeleton is not None
 
 

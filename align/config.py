@@ -107,7 +107,9 @@ class AdapterConfig(Section):
     kind: Literal["none", "lora", "qlora"] = "none"
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0, allow_inf_nan=False)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """LoRA dropout; unset: 0.05, or 0 for a model whose MoE experts peft adapts as parameters
+    (`align.models.lora.lora_dropout`)."""
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
 

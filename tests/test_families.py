@@ -6,7 +6,7 @@ sequences, lm-head bias) to a value that changes the logits, and `test_knob_chan
 checks that it does, so a default config cannot hide a bug. Then, under every attention
 implementation the model supports here: packed rows, shared-prompt groups (a DPO pair, a GRPO
 group) and the sampler's logits against `log_softmax(model(...).logits / T)`, in fp32 and under
-bf16 autocast; full, LoRA and QLoRA wraps; and every trainer runs two steps on each family.
+bf16 autocast; full, LoRA and QLoRA wraps; and every trainer runs two steps on each family. The MoE families' LoRA covers their experts too.
 """
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ FAMILIES = {
     "granite": Family(T.GraniteConfig, T.GraniteForCausalLM, {"logits_scaling": 3.0},
                       {"logits scaling": {"logits_scaling": 1.0}}),
     "olmo2": Family(T.Olmo2Config, T.Olmo2ForCausalLM, {}),
+    # MoE: peft adapts the experts (3-D parameters in transformers 5) as parameters
+    "mixtral": Family(T.MixtralConfig, T.MixtralForCausalLM,
+                      {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW},
+                      {"sliding window": {"sliding_window": None}}),
+    "qwen3_moe": Family(T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM,
+                        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 8}),
     "phi-lm-head-bias": Family(T.PhiConfig, T.PhiForCausalLM, {}, {"lm-head bias": {}}),
 }
 

@@ -170,7 +170,7 @@ def test_validate_refuses_another_runs_output_dir_unless_resumed(recipe_file, tm
      "adapter.target_modules: the model has no module 'typo_proj'; its linear modules are ['down_proj', "
      "'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
     ({"modules_to_save": ["lm_haed"]}, "adapter.modules_to_save: the model has no module 'lm_haed'"),
-    ({"r": 64}, "adapter.r: 64 is larger than the width of model.layers.0.self_attn.k_proj (64 in, 32 out)"),
+    ({"r": 128}, "adapter.r: 128 is larger than every targeted layer's narrower side (the widest is 64)"),
 ])
 def test_adapter_names_and_rank_are_checked_by_validate_and_by_loading(recipe_file, capsys, adapter, message):
     from align.models.loading import load_model

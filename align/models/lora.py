@@ -1,18 +1,34 @@
-"""LoRA through peft: which modules an adapter takes, checked before anything trains, and applying it.
+"""LoRA through peft: which layers an adapter takes, checked before anything trains, and applying it.
 
-QLoRA is LoRA over a 4-bit base (`align.models.loading` loads the base quantized); peft prepares
-it here.
+`target_modules: all-linear` means what it means to peft, every linear layer but the output head,
+less the layers a LoRA cannot sit on (`unadaptable`: they are left out, and naming one is an
+error). transformers 5 stores the experts of most MoE families as 3-D parameters; peft adapts
+those as parameters (its own translation of the v4 targets), which take no LoRA dropout
+(`lora_dropout`). QLoRA is LoRA over a 4-bit base (`align.models.loading` loads it), prepared here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import inspect
+import itertools
+import logging
 import re
 import warnings
+
+import torch
+from torch import nn
 
 from align.config import AdapterConfig
 from align.errors import AlignError
 from align.models.recompute import checkpoint_kwargs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DROPOUT = 0.05
+"""LoRA dropout when `adapter.dropout` is unset and the model allows it (`lora_dropout`)."""
 
 
 @contextlib.contextmanager
@@ -29,12 +45,9 @@ def apply_adapter(model, adapter: AdapterConfig, checkpointing: str | None = Non
     (None: off), which QLoRA's preparation switches on again."""
     if adapter.kind == "none":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                      target_modules=adapter.target_modules, modules_to_save=adapter.modules_to_save,
-                      task_type=task_type)
-    check_adapter(model, adapter, task_type)
+    lora = lora_config(model, adapter, task_type)
     with peft_quietly():
         if adapter.kind == "qlora":
             model = prepare_model_for_kbit_training(
@@ -47,10 +60,114 @@ def apply_adapter(model, adapter: AdapterConfig, checkpointing: str | None = Non
     return model
 
 
+def lora_config(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
+    """peft's LoraConfig for `adapter` on `model` (the loaded model or its `model_skeleton`), after
+    `check_adapter`; AlignError for what cannot be applied as asked."""
+    from peft import LoraConfig
+
+    check_adapter(model, adapter, task_type)
+    skipped = unadaptable(model) if adapter.target_modules == "all-linear" else {}
+    if skipped:
+        log.info("adapter: all-linear leaves out %d layers a LoRA cannot sit on, e.g. %s: %s",
+                 len(skipped), *next(iter(skipped.items())))
+    lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=0.0, target_modules=adapter.target_modules,
+                      exclude_modules=sorted(skipped) or None, modules_to_save=adapter.modules_to_save,
+                      task_type=task_type)
+    lora.lora_dropout = lora_dropout(model, adapter, lora)
+    return lora
+
+
+def lora_dropout(model, adapter: AdapterConfig, lora) -> float:
+    """`adapter.dropout`, by default DEFAULT_DROPOUT, or 0 where peft adapts parameters (fused MoE
+    experts: peft's parameter wrapper takes no dropout); an explicit non-zero dropout there is an error."""
+    experts = parameter_targets(model, lora)
+    if not experts:
+        return DEFAULT_DROPOUT if adapter.dropout is None else adapter.dropout
+    if adapter.dropout:
+        raise AlignError(f"adapter.dropout: {adapter.dropout} cannot apply to model type "
+                         f"{model.config.model_type!r}: peft adapts its experts as parameters "
+                         f"({', '.join(sorted(experts))}), which take no LoRA dropout; set adapter.dropout: 0 "
+                         "(or leave it unset), or name target_modules that leave the experts out")
+    return 0.0
+
+
+def parameter_targets(model, lora) -> set[str]:
+    """The parameter names peft will adapt as parameters rather than as modules: under transformers 5
+    peft translates a config's targets for MoE families whose experts became 3-D parameters (Mixtral,
+    Qwen3-MoE, DeepSeek-V3, ...). Asked of peft's own translation, on a copy of `lora`."""
+    try:
+        from peft.utils.transformers_weight_conversion import (convert_peft_config_for_transformers,
+                                                               get_model_conversion_mapping)
+    except ImportError:  # a peft without the translation adapts modules only
+        return set()
+    probe = copy.deepcopy(lora)
+    convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    return set(probe.target_parameters or ())
+
+
+def unadaptable(model) -> dict[str, str]:
+    """{name: why} of the linear layers a LoRA cannot sit on:
+
+    - a layer whose parent reads its `.weight` in its own code, so that a LoRA on the layer would be
+      skipped there, silently: fused Mamba kernels (`out_proj`; Mamba-1's `x_proj` and `dt_proj`),
+      Gemma 3n's clamped AltUp coefficients, LongCat's router;
+    - a subclass of nn.Linear in a model's code whose forward returns no [..., out_features] tensor
+      (Llama 4's and PhiMoE's routers return a tuple, which peft's wrapper fails on).
+    """
+    out = {}
+    for parent_name, parent in model.named_modules():
+        read = weights_read_directly(type(parent))
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if child_name in read and _width(child):
+                out[name] = f"{type(parent).__name__} reads {child_name}.weight directly, which would skip a LoRA"
+            elif isinstance(child, nn.Linear) and not _computes_a_linear_map(child):
+                out[name] = f"{type(child).__name__}.forward returns no [..., out_features] tensor"
+    return out
+
+
+_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|data|requires_grad)\b)")
+"""`self.<child>.weight` used for its values (not only its dtype, device or shape)."""
+
+
+@functools.cache
+def weights_read_directly(cls: type) -> frozenset[str]:
+    """Names of the children whose `.weight` the code of `cls` (its classes outside torch) reads."""
+    names = set()
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] in ("torch", "builtins"):
+            continue
+        try:
+            names.update(_WEIGHT_READ.findall(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source to read (e.g. a compiled class): nothing known
+            pass
+    return frozenset(names)
+
+
+MODEL_CODE = ("transformers.models.", "transformers_modules.")
+"""Where models' own classes live (transformers' families, remote code); quantized and adapter
+layers (bitsandbytes, transformers.integrations, peft) compute a linear map by design."""
+
+
+def _computes_a_linear_map(module: nn.Linear) -> bool:
+    """Whether `module` maps [2, in_features] to [2, out_features]: nn.Linear's forward, or a model's
+    subclass whose forward, run on the meta device (no compute), returns a tensor of that shape."""
+    if type(module).forward is nn.Linear.forward or not type(module).__module__.startswith(MODEL_CODE):
+        return True
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+    try:
+        out = torch.func.functional_call(module, state, (torch.empty(2, module.in_features, device="meta"),))
+    except Exception:  # noqa: BLE001 - a forward that cannot take a plain input is no linear map
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (2, module.out_features)
+
+
 def check_adapter(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM") -> None:
     """AlignError for what peft would take silently or fail on obscurely: a `target_modules` name the
     model does not have (peft ignores one when another name matches), a `modules_to_save` name a
-    causal LM does not have, a LoRA on the lm-head, or an `r` above the smaller width of a targeted layer.
+    causal LM does not have, a LoRA on the lm-head or on another layer it cannot sit on
+    (`unadaptable`), or an `r` above the width of every targeted layer.
 
     `model` may be the loaded model or its `model_skeleton`."""
     if adapter.kind == "none":
@@ -69,9 +186,10 @@ def check_adapter(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM") -
             raise AlignError(f"adapter.modules_to_save: the model has no module {target!r}; its linear modules "
                              f"are {linear}")
     head = model.get_output_embeddings() if task_type == "CAUSAL_LM" else getattr(model, "score", None)
+    skipped = unadaptable(model)
     targets = adapter.target_modules
-    if targets == "all-linear":  # as peft reads it: every linear layer but the output head
-        targets = [name for name in widths if modules[name] is not head]
+    if targets == "all-linear":  # peft's reading (every linear layer but the output head), less `unadaptable`
+        targets = [name for name in widths if modules[name] is not head and name not in skipped]
     targeted = [name for name in modules if _matches(name, targets)
                 and not any(name.endswith(s) for s in saved)]
     if not targeted:
@@ -81,11 +199,15 @@ def check_adapter(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM") -
         raise AlignError("adapter.target_modules: a LoRA on the lm-head is not supported: Align computes log-probs "
                          "from the head's weight in chunks, which would bypass it; leave the head out of "
                          "target_modules, or train it fully with adapter.modules_to_save: [lm_head]")
-    narrowest = min((name for name in targeted if name in widths), key=lambda n: min(widths[n]), default=None)
-    if narrowest and adapter.r > min(widths[narrowest]):
-        (n_in, n_out), most = widths[narrowest], min(widths[narrowest])
-        raise AlignError(f"adapter.r: {adapter.r} is larger than the width of {narrowest} ({n_in} in, {n_out} out); "
-                         f"a LoRA rank above {most} adds nothing: set adapter.r to at most {most}")
+    refused = [name for name in targeted if name in skipped]
+    if refused:
+        raise AlignError(f"adapter.target_modules: a LoRA cannot sit on {refused[0]} ({len(refused)} such layers "
+                         f"targeted): {skipped[refused[0]]}; leave it out of target_modules (all-linear does)")
+    layer_widths = [min(widths[name]) for name in targeted if name in widths]
+    if layer_widths and adapter.r > max(layer_widths):
+        raise AlignError(f"adapter.r: {adapter.r} is larger than every targeted layer's narrower side (the widest "
+                         f"is {max(layer_widths)}): a LoRA rank above that adds nothing; set adapter.r to at most "
+                         f"{max(layer_widths)}")
 
 
 def _matches(name: str, targets: str | list[str]) -> bool:

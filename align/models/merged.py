@@ -34,14 +34,19 @@ def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _walk(module.modules_to_save[active], prefix)
         return
     if isinstance(module, LoraLayer):
-        base = module.get_base_layer()
-        weight = dense(base.weight)
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A and adapter not in module.merged_adapters:
-                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-        yield prefix + "weight", weight
-        if base.bias is not None:
-            yield prefix + "bias", base.bias
+        deltas = {}  # parameter name -> the sum of the LoRA deltas on it
+        while isinstance(module, LoraLayer):  # a layer, or MoE experts' parameters wrapped one by one
+            target = getattr(module, "parameter_name", None) or "weight"
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A and adapter not in module.merged_adapters:
+                    delta = module.get_delta_weight(adapter)
+                    deltas[target] = deltas[target] + delta if target in deltas else delta
+            module = module.base_layer
+        for name, param in module.named_parameters(recurse=False):
+            tensor = dense(param)
+            yield prefix + name, tensor + deltas[name].to(tensor.dtype) if name in deltas else tensor
+        for name, child in module.named_children():
+            yield from _walk(child, f"{prefix}{name}.")
         return
     for name, param in module.named_parameters(recurse=False):
         yield prefix + name, dense(param)
