@@ -342,8 +342,9 @@ class SamplingConfig(Section):
     repetition_penalty: float = Field(1.0, gt=0.0)
     stop: list[str] = Field(default_factory=list)
     """Stop strings; the completion ends with the token that completes one."""
-    engine: registered("ROLLOUT_ENGINES") = "prefix_shared"
-    """prefix_shared: our sampler (prompt KV computed once per group); hf: transformers' generate;
+    engine: registered("ROLLOUT_ENGINES") = "auto"
+    """auto: prefix_shared where a probe at start finds it samples the model exactly, else hf;
+    prefix_shared: our sampler (prompt KV computed once per group); hf: transformers' generate;
     vllm: vLLM (optional dependency: pip install vllm), settings in `vllm`; server: a rollout
     server's (`align serve-rollouts`), settings in `server`."""
     cuda_graphs: bool = True

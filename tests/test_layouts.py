@@ -21,7 +21,7 @@ from align.models import Policy
 from align.models.head import compute_dtype
 from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS, inexact_layouts
 from align.models.reward import RewardModel, RewardScorer
-from align.rollout import PrefixSharedEngine
+from align.rollout import HFGenerateEngine, PrefixSharedEngine
 from align.toy import chat_rows, preference_rows
 from align.trainers import TRAINERS
 from tests.conftest import write_jsonl
@@ -166,30 +166,35 @@ def test_a_family_that_runs_both_layouts_keeps_them(model_dir, tmp_path, caplog)
     assert "instead" not in caplog.text
 
 
-def test_every_trainer_trains_a_model_that_cannot_pack(model_dir, tmp_path):
-    """Two steps of each trainer on the hybrid (a row per sequence; the distillation teacher is
-    probed too), an evaluation with greedy samples where a trainer shows them; GRPO, PPO and
-    distillation sample with transformers' generate: the prefix_shared engine is refused, naming
-    the setting (before a step)."""
+def test_every_trainer_trains_a_model_that_cannot_pack(model_dir, tmp_path, caplog):
+    """Two steps of each trainer on the hybrid, with a LoRA (its 1-output expert gate narrower than
+    the rank does not stop it): a row per sequence (the distillation teacher is probed too), an
+    evaluation with greedy samples where a trainer shows them. GRPO, PPO and distillation sample
+    with transformers' generate under the default engine (auto), saying why; asked for by name,
+    the prefix_shared engine is refused, naming the setting (before a step)."""
     path = model_dir("qwen3_next")
     raws = trainer_recipes(path, "sdpa", tmp_path)
     raws["kto"] = {**raws["dpo"], "algorithm": "kto", "output_dir": str(tmp_path / "kto")}
     raws["distill"] = {**raws["grpo"], "algorithm": "distill", "output_dir": str(tmp_path / "distill"),
                        "distill": {"teacher_model": path, "sampling": {"max_new_tokens": 8}}}
     del raws["distill"]["grpo"]
-    for algorithm, raw in raws.items():  # (a LoRA of rank 4 does not fit its 1-output expert gate)
-        raw["adapter"] = {"kind": "none"}
+    for algorithm, raw in raws.items():
         if algorithm in ("sft", "dpo", "kto"):  # their evaluations show greedy samples: by generate here
             raw["data"]["eval"], raw["train"]["eval_every"] = raw["data"]["train"], 2
+    named = {**raws["grpo"], "grpo": {**raws["grpo"]["grpo"], "sampling": {"max_new_tokens": 8,
+                                                                           "engine": "prefix_shared"}}}
     with pytest.raises(AlignError, match="'qwen3_next': the prefix_shared engine fails on a probe .*set sampling.engine: hf"):
-        TRAINERS["grpo"].from_recipe(recipe_from_dict(raws["grpo"])).fit()
+        TRAINERS["grpo"].from_recipe(recipe_from_dict(named)).fit()
     for algorithm, raw in raws.items():
-        if algorithm in ("grpo", "ppo", "distill"):
-            raw[algorithm]["sampling"]["engine"] = "hf"
         trainer = TRAINERS[algorithm].from_recipe(recipe_from_dict(raw))
         assert not trainer.packs_rows, algorithm
-        record = trainer.fit()
+        with caplog.at_level(logging.WARNING, logger="align.rollout"):
+            record = trainer.fit()
         assert torch.isfinite(torch.tensor(record["loss"])), (algorithm, record)
+        if algorithm in ("grpo", "ppo", "distill"):
+            assert isinstance(trainer.engine, HFGenerateEngine), algorithm
+    assert "sampling with transformers' generate (engine auto), as prefix_shared cannot: model type 'qwen3_next'" \
+        in caplog.text
 
 
 def test_llama4_text_gets_a_row_per_sequence_and_its_own_log_probs():

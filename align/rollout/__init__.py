@@ -1,8 +1,10 @@
 """Rollout engines: sample G completions per prompt behind one interface.
 
-- `PrefixSharedEngine` (default): each prompt prefilled once for its group, finished rows leave the
-  batch; on CUDA the decoding steps replay a CUDA graph (`align.rollout.static_decoder`).
+- `PrefixSharedEngine`: each prompt prefilled once for its group, finished rows leave the batch; on
+  CUDA the decoding steps replay a CUDA graph (`align.rollout.static_decoder`).
 - `HFGenerateEngine`: transformers' generate, the correctness reference.
+- `auto` (the default): PrefixSharedEngine where its probe at start finds it samples the model
+  exactly, transformers' generate where not (Mamba and linear-attention hybrids, BART-style decoders).
 - `VLLMEngine` (`align.rollout.vllm`, imported only when asked): vLLM on a copy of the policy's
   weights, loaded before every rollout.
 - `RemoteEngine` (`align.rollout.remote`): an `align serve-rollouts` process (`align.rollout.server`),
@@ -44,6 +46,18 @@ def hf(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEng
     return HFGenerateEngine(model, tokenizer)
 
 
+@ROLLOUT_ENGINES.register("auto")
+def auto(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
+    """prefix_shared, or transformers' generate where prefix_shared's probe
+    (`PrefixSharedEngine.check_matches_forward`) finds it cannot sample the model exactly."""
+    try:
+        return prefix_shared(model, tokenizer, sampling, max_model_len)
+    except AlignError as refusal:
+        logger.warning("sampling with transformers' generate (engine auto), as prefix_shared cannot: %s",
+                       str(refusal).split("; set sampling.engine")[0])
+        return hf(model, tokenizer, sampling, max_model_len)
+
+
 @ROLLOUT_ENGINES.register("vllm")
 def vllm(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
     from align.rollout.vllm import make_vllm_engine  # vLLM is imported only when asked for
@@ -60,14 +74,8 @@ def server(model, tokenizer, sampling=None, max_model_len: int = 2048) -> Rollou
 
 
 def in_process_engine(model, tokenizer) -> RolloutEngine:
-    """The prefix_shared engine on `model`, or transformers' generate where that engine's probe finds
-    it cannot sample the model exactly (`PrefixSharedEngine.check_matches_forward`): for eval samples
-    and `align generate`, which have no engine setting."""
-    try:
-        return PrefixSharedEngine(model, tokenizer)
-    except AlignError as refusal:
-        logger.info("sampling with transformers' generate: %s", refusal)
-        return HFGenerateEngine(model, tokenizer)
+    """The `auto` engine on `model`, for eval samples and `align generate`, which have no engine setting."""
+    return auto(model, tokenizer)
 
 
 def make_engine(name: str, model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
