@@ -26,7 +26,7 @@
 #   --no-check      skip the CUDA check (e.g. to run the GPU workloads on a CPU: slow)
 #   --no-checks     skip benchmarks/gpu_checks.py (a step with no host sync under sync-debug "error" for
 #                   SFT/DPO/GRPO; QLoRA SFT peak memory on the 1.5b preset: needs the bitsandbytes wheel)
-#   --only-checks L some of those checks: comma-separated from sft,dpo,grpo,qlora,varlen,recompute,compile,graphs
+#   --only-checks L some of those checks: comma-separated from sft,dpo,grpo,qlora,varlen,recompute,compile,probes,graphs
 #   --profile       also profile every job (benchmarks.run --profile: <out>/<stem>-profile.txt; not for timings)
 #   --set C.K=V     passed on to benchmarks.run (repeatable), e.g. --set grpo.checkpointed_layers=0.5
 set -euo pipefail

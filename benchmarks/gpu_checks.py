@@ -14,7 +14,11 @@
 5. **Compiled layers** (`model.compile`): SFT steps of packed rows with eager and compiled decoder
    layers: two compiling steps, then a step of other lengths timed; the gradients agree to bf16
    noise, and no frame was left eager (dynamo's recompile limit).
-6. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
+6. **Load-time probes on real widths**: the layout probe's and the prefix_shared engine's measured
+   errors (`align.models.layouts.layout_errors`, `PrefixSharedEngine.probe_error`) on the presets
+   in bf16 weights and under bf16 autocast, against the tolerances they are judged by: a margin
+   too thin would refuse a layout or the engine on a model that runs them exactly.
+7. **CUDA-graph decoding** (`align.rollout.static_decoder`): the graph was captured, its steps'
    log-probs equal the eager loop's on the same fed tokens (fp32), and a GRPO-sized rollout
    (8 prompts x 8 samples x 256 tokens) is timed both ways.
 
@@ -27,6 +31,7 @@ Prints one line per check and writes them as JSON to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -243,6 +248,39 @@ def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dic
             "frames_left_eager": left_eager, "ok": cosine > 0.999 and left_eager == 0 and compiled["frames"][0]["ok"] > 0}
 
 
+def probes_check(model_dirs: dict[str, str], cuda: bool) -> dict:
+    """The load-time probes' errors on each preset's model: bf16 weights, and fp32 weights under bf16
+    autocast (how Align computes with `model.dtype: float32` on a GPU); ok when every one is within
+    its tolerance (on the CPU the models compute in fp32 throughout, without autocast)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.models.head import compute_dtype
+    from align.models.layouts import layout_errors, layout_tolerance
+    from align.rollout import PrefixSharedEngine
+    from align.rollout.prefix_shared import sampling_tolerance
+
+    device = torch.device("cuda" if cuda else "cpu")
+    rows, ok = [], True
+    for preset, model_dir in model_dirs.items():
+        for weights, autocast in (("bfloat16", False), ("float32", True)) if cuda else (("float32", False),):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, weights),
+                                                         attn_implementation="sdpa").to(device).eval()
+            context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with context:
+                dtype = compute_dtype(model)
+                layouts = layout_errors(model)
+                engine = PrefixSharedEngine(model, AutoTokenizer.from_pretrained(model_dir), static=False, check=False)
+                engine_error = engine.probe_error()
+            row = {"preset": preset, "weights": weights, "autocast": autocast, "computes_in": str(dtype),
+                   **{layout: error for layout, error in layouts.items()}, "layout_tolerance": layout_tolerance(dtype),
+                   "engine_total_variation": engine_error, "engine_tolerance": sampling_tolerance(dtype)}
+            ok = ok and all(isinstance(e, float) and e <= row["layout_tolerance"] for e in layouts.values()) \
+                and engine_error <= row["engine_tolerance"]
+            rows.append(row)
+            del model, engine
+    return {"check": "load-time probes", "ok": bool(ok), "models": rows}
+
+
 def graphs_check(model_dir: str, prompts_path: str, cuda: bool, max_new_tokens: int) -> dict:
     """The static decoder (a CUDA graph per rollout on CUDA) against the eager loop: a teacher-forced
     walk feeding both the eager loop's greedy tokens, log-probs compared at every step, on the fp32
@@ -337,6 +375,9 @@ def run_checks(work: Path, args, cuda: bool, preset: str, qlora_preset: str) -> 
     checks["varlen"] = ("varlen attention", lambda: varlen_check(lm, sft, work, cuda))
     checks["recompute"] = ("selective checkpointing", lambda: recompute_check(lm, sft, work, cuda))
     checks["compile"] = ("compiled layers", lambda: compile_check(lm, sft, work, cuda))
+    probe_presets = [preset] + ([qlora_preset] if qlora_preset != preset else [])
+    checks["probes"] = ("load-time probes", lambda: probes_check(
+        {p: str(assets.model_dirs(p, kinds=("lm",))["lm"]) for p in probe_presets}, cuda))
     checks["graphs"] = ("CUDA-graph decoding", lambda: graphs_check(lm, prompts, cuda, 256 if cuda else 8))
     only = {key.strip() for key in args.only.split(",")}
     results = []
@@ -355,7 +396,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="0.5b", help="preset for the sync checks")
     parser.add_argument("--qlora-model", default="1.5b", help="preset for the QLoRA memory check")
     parser.add_argument("--qlora-steps", type=int, default=5)
-    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen,graphs",
+    parser.add_argument("--only", default="sft,dpo,grpo,qlora,varlen,probes,graphs",
                         help="comma-separated checks to run (recompute, compile: only when named, to keep gpu.sh's "
                              "default subset under 8 minutes)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny data")

@@ -60,7 +60,7 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     root = Path(__file__).parent.parent
     env = {**os.environ, "PYTHON": sys.executable, "ALIGN_BENCH_CACHE": str(tmp_path_factory.mktemp("gpu-sh-cache"))}
     proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "out"),
-                           "--only-checks", "sft,dpo,grpo,qlora,varlen,recompute,compile,graphs",
+                           "--only-checks", "sft,dpo,grpo,qlora,varlen,recompute,compile,probes,graphs",
                            "--set", "sft.micro_batch_tokens=trl_row", "--set", "sft.log_every=1",
                            "--set", "sft.precision=bf16"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -80,7 +80,7 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     checks = json.loads((tmp_path / "out" / "gpu_checks.json").read_text())
     assert [c["check"] for c in checks] == ["no host sync: sft", "no host sync: dpo", "no host sync: grpo",
                                             "QLoRA SFT memory", "varlen attention", "selective checkpointing",
-                                            "compiled layers", "CUDA-graph decoding"]
+                                            "compiled layers", "load-time probes", "CUDA-graph decoding"]
     assert all(c["ok"] for c in checks), checks
 
 

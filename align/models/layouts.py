@@ -45,12 +45,29 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)).max().item()
 
 
-@torch.no_grad()
 def inexact_layouts(lm: nn.Module) -> dict[str, str]:
     """{layout: why} for Align's layouts (PACKED_ROWS, SHARED_PROMPTS) whose decoder states differ
-    from the decoder's own forward() of each sequence alone; {} when both are exact. Shared prompts
-    are not probed under an attention implementation that takes no 4-D mask (flash_attention_2:
-    the trainers never share prompts there).
+    from the decoder's own forward() of each sequence alone (`layout_errors`) by more than rounding
+    (`layout_tolerance`); {} when both are exact."""
+    prefix = f"model type {lm.config.model_type!r}: "
+    tolerance = layout_tolerance(compute_dtype(lm))
+    out = {}
+    for layout, error in layout_errors(lm).items():
+        if isinstance(error, str):
+            out[layout] = error
+        elif not error <= tolerance:
+            out[layout] = (f"{prefix}{layout} give decoder states {error:.2g} (relative) away from the model's own "
+                           f"forward() of each sequence alone (tolerance {tolerance}): its layers do not keep "
+                           "each example apart by position ids and a mask")
+    return out
+
+
+@torch.no_grad()
+def layout_errors(lm: nn.Module) -> dict[str, float | str]:
+    """{layout: the largest per-token relative difference of its decoder states from the decoder's
+    own forward() of each sequence alone, or why it fails}. Shared prompts are not probed under an
+    attention implementation that takes no 4-D mask (flash_attention_2: the trainers never share
+    prompts there).
 
     lm: a transformers model with `get_decoder()` (a causal LM or a sequence-classification model,
     adapters injected). Runs four forwards of at most 44 tokens in eval mode: the two sequences
@@ -104,12 +121,7 @@ def inexact_layouts(lm: nn.Module) -> dict[str, str]:
             except Exception as error:  # noqa: BLE001 - any failure of the layout is a reason to refuse it
                 out[layout] = f"{prefix}{layout} fail in its forward ({type(error).__name__}: {error})"
                 continue
-            error = max(_relative_error(got, want) for got, want in compared)
-            tolerance = layout_tolerance(compute_dtype(lm))
-            if not error <= tolerance:
-                out[layout] = (f"{prefix}{layout} give decoder states {error:.2g} (relative) away from the model's own "
-                               f"forward() of each sequence alone (tolerance {tolerance}): its layers do not keep "
-                               "each example apart by position ids and a mask")
+            out[layout] = max(_relative_error(got, want) for got, want in compared)
         return out
     finally:
         lm.train(was_training)

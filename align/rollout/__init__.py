@@ -22,7 +22,7 @@ from typing import Protocol
 from align.errors import AlignError
 from align.registry import ROLLOUT_ENGINES
 from align.rollout.hf import HFGenerateEngine
-from align.rollout.prefix_shared import PrefixSharedEngine
+from align.rollout.prefix_shared import ENGINE_FIX, PrefixSharedEngine
 from align.rollout.sampling import Rollout, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def auto(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutE
         return prefix_shared(model, tokenizer, sampling, max_model_len)
     except AlignError as refusal:
         logger.warning("sampling with transformers' generate (engine auto), as prefix_shared cannot: %s",
-                       str(refusal).split("; set sampling.engine")[0])
+                       str(refusal).removesuffix(f"; {ENGINE_FIX}"))
         return hf(model, tokenizer, sampling, max_model_len)
 
 

@@ -67,18 +67,21 @@ def sampling_tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 0.15
 
 
+ENGINE_FIX = "set sampling.engine: hf (transformers' generate) to sample from it"
+
+
 class PrefixSharedEngine:
     """Sampling on the policy's own modules (LoRA and QLoRA included); no weight sync needed.
 
     static: decode through a `StaticDecoder` (None: on CUDA only, with CUDA graphs; True: also
     elsewhere, without graphs, as the tests do; False: never). Models it refuses decode the usual way."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, static: bool | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, static: bool | None = None, check: bool = True):
         self.model, self.tokenizer, self.static = model, tokenizer, static
         self.capture_failed = False  # once a capture failed, later rollouts do not try again
-        self.check_matches_forward()
+        if check:  # (off only to measure the probe itself: benchmarks/gpu_checks.py)
+            self.check_matches_forward()
 
-    @torch.no_grad()
     def check_matches_forward(self) -> None:
         """AlignError unless the engine's next-token distributions on a short probe (prompts of 7 and
         4 tokens, two samples each, three decoding steps) equal those of the model's own forward()
@@ -87,10 +90,18 @@ class PrefixSharedEngine:
         5.24's families found some that crash here (recurrent and linear-attention layers) and some
         that sample from other numbers than their forward's (positions counted along the row, e.g.
         BART's decoder)."""
+        error = self.probe_error()
+        dtype = compute_dtype(self.model)
+        if not error <= sampling_tolerance(dtype):
+            raise AlignError(f"model type {self.model_type!r}: the prefix_shared engine's next-token distributions are "
+                             f"{error:.3g} (total variation) from the model's own forward()'s on a probe (tolerance "
+                             f"{sampling_tolerance(dtype)} in {dtype}); {ENGINE_FIX}")
+
+    @torch.no_grad()
+    def probe_error(self) -> float:
+        """The largest total variation between the engine's next-token distributions and forward()'s
+        on `check_matches_forward`'s probe; AlignError if the engine fails on it."""
         device = model_device(self.model)
-        config = getattr(self.model, "config", None)
-        model_type = getattr(config, "model_type", "?")
-        fix = "set sampling.engine: hf (transformers' generate) to sample from it"
         error = 0.0
         try:
             prompts, steps = self.probe_tokens()
@@ -110,13 +121,13 @@ class PrefixSharedEngine:
         except torch.OutOfMemoryError:
             raise
         except Exception as failure:  # noqa: BLE001 - any other failure on the probe: the engine cannot run it
-            raise AlignError(f"model type {model_type!r}: the prefix_shared engine fails on a probe "
-                             f"({type(failure).__name__}: {failure}); {fix}") from failure
-        dtype = compute_dtype(self.model)
-        if not error <= sampling_tolerance(dtype):
-            raise AlignError(f"model type {model_type!r}: the prefix_shared engine's next-token distributions are "
-                             f"{error:.3g} (total variation) from the model's own forward()'s on a probe (tolerance "
-                             f"{sampling_tolerance(dtype)} in {dtype}); {fix}")
+            raise AlignError(f"model type {self.model_type!r}: the prefix_shared engine fails on a probe "
+                             f"({type(failure).__name__}: {failure}); {ENGINE_FIX}") from failure
+        return error
+
+    @property
+    def model_type(self) -> str:
+        return getattr(getattr(self.model, "config", None), "model_type", "?")
 
     def probe_tokens(self) -> tuple[list[list[int]], torch.Tensor]:
         """`check_matches_forward`'s prompts (7 and 4 tokens) and sampled tokens [3 steps, 4 samples]:
