@@ -478,7 +478,7 @@ class Recipe(Section):
                     "reference would run through the sharded policy; set it to frozen_copy, a full copy per process)"),
                    (getattr(getattr(self.section, "sampling", None), "engine", None) == "vllm",
                     f"{self.algorithm}.sampling.engine vllm (under fsdp each process samples from an unsharded copy "
-                    "with prefix_shared or hf)"),
+                    "with auto, prefix_shared or hf)"),
                    (self.model.compile, "model.compile (compiled layers under FSDP2's hooks are untested here; "
                     "set compile: false)")]
         reasons = [reason for bad, reason in refused if bad]
@@ -669,6 +669,18 @@ def saved_recipe_now(saved: dict, algorithm: str) -> dict:
         return recipe_class(algorithm).model_validate(saved).model_dump(mode="json")
     except (ValidationError, AlignError):
         return saved
+
+
+RETIRED_DEFAULTS = {"adapter.dropout": (0.05, None), "sampling.engine": ("prefix_shared", "auto")}
+"""Key (or dotted tail) -> (its default before, its default now): a checkpoint's recipe holds the
+old default where the new one computes the same for every model the old could run (LoRA dropout
+0.05 stays 0.05 where peft allows dropout; auto is prefix_shared where that engine can sample)."""
+
+
+def same_by_default(key: str, old, new) -> bool:
+    """Whether a saved `old` and a current `new` at `key` are one setting: a default that changed name."""
+    return any((key == tail or key.endswith("." + tail)) and (old, new) == pair
+               for tail, pair in RETIRED_DEFAULTS.items())
 
 
 def drop_default_sections(raw: dict, own: str, source: str) -> dict:

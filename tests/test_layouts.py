@@ -262,6 +262,29 @@ def test_the_prefix_shared_engine_samples_only_what_forward_gives():
     PrefixSharedEngine(seeded(lambda: T.LlamaForCausalLM(config)), tokenizer=None)
 
 
+def test_the_auto_engine_falls_back_for_what_prefix_shared_cannot_run_and_raises_what_looks_like_a_bug(
+        monkeypatch, caplog):
+    """auto samples with generate where the probe refuses (a tolerance refusal, or a failure on a
+    model whose batch layouts are inexact too); a failure on a model whose layouts are exact is raised."""
+    from align.rollout import auto
+
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, **SMALL)
+    with caplog.at_level(logging.WARNING, logger="align.rollout"):
+        assert isinstance(auto(seeded(lambda: CacheSkewedLlama(config)), None), HFGenerateEngine)
+        assert isinstance(auto(seeded(qwen3_next), None), HFGenerateEngine)
+        assert isinstance(auto(seeded(lambda: T.LlamaForCausalLM(config)), None), PrefixSharedEngine)
+    assert "model type 'qwen3_next': the prefix_shared engine fails on a probe" in caplog.text
+    assert "set sampling.engine" not in caplog.text
+
+    def broken(*args):
+        raise IndexError("a bug in the decoding loop")
+
+    monkeypatch.setattr(PrefixSharedEngine, "prefill", broken)
+    with pytest.raises(AlignError, match="'llama': the prefix_shared engine fails on a probe .*a bug in the decoding"):
+        auto(seeded(lambda: T.LlamaForCausalLM(config)), None)
+
+
 def test_the_probes_take_the_precision_the_model_computes_in():
     """A float32 model under bf16 autocast rounds like a bf16 one (its shared-prompt probe is off by
     ~2e-3 here, above float32's tolerance), and so does a QLoRA model: no false refusal."""

@@ -4,6 +4,7 @@ against the widest targeted layer; and what such adapters merge into."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -52,8 +53,10 @@ def test_moe_experts_are_adapted_as_parameters_without_dropout(name):
     config = model.peft_config["default"]
     assert config.target_parameters and config.lora_dropout == 0.0
     assert any(".experts." in n and "lora_A" in n for n in trainable(model))
+    fused = [m for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj"]
+    assert fused and all(m.r["default"] == 8 for m in fused)  # peft's doubled rank for the fused pair: 2 x r
     with pytest.raises(AlignError, match=f"adapter.dropout: 0.05 cannot apply to model type '{name}': peft adapts "
-                                         "its experts as parameters .*set adapter.dropout: 0"):
+                                         "its MoE layers as parameters .*set adapter.dropout: 0"):
         apply_adapter(build(name), AdapterConfig(kind="lora", r=4, dropout=0.05))
     dense = apply_adapter(build("llama"), AdapterConfig(kind="lora", r=4))
     assert dense.peft_config["default"].lora_dropout == DEFAULT_DROPOUT
@@ -100,13 +103,17 @@ def test_a_weight_read_for_its_values_counts_its_dtype_does_not():
     assert weights_read_directly(ReadsWeight) == {"proj"}
 
 
-def test_a_layer_narrower_than_the_rank_does_not_stop_the_adapter():
+def test_a_layer_narrower_than_the_rank_does_not_stop_the_adapter(caplog):
     """Qwen2-MoE's shared-expert gate has one output: a rank-16 LoRA still goes on (that gate's
-    update has rank 1); a rank wider than every targeted layer is refused."""
+    update has rank 1); a rank wider than every targeted layer is refused. peft adapts none of its
+    3-D experts, and a warning says so."""
     config = T.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                               shared_expert_intermediate_size=32, **SMALL)
-    model = apply_adapter(seeded(T.Qwen2MoeForCausalLM, config), AdapterConfig(kind="lora", r=16))
+    with caplog.at_level(logging.WARNING, logger="align.models.lora"):
+        model = apply_adapter(seeded(T.Qwen2MoeForCausalLM, config), AdapterConfig(kind="lora", r=16))
     assert any("shared_expert_gate.lora_A" in n for n in trainable(model))
+    assert not any(".experts." in n for n in trainable(model))
+    assert "model type 'qwen2_moe' keeps its MoE experts in 3-D parameters" in caplog.text
     with pytest.raises(AlignError, match="adapter.r: 64 is larger than every targeted layer's narrower side"):
         apply_adapter(seeded(T.Qwen2MoeForCausalLM, config), AdapterConfig(kind="lora", r=64))
 

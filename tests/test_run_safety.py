@@ -118,6 +118,31 @@ def test_resume_refuses_changes_to_model_data_or_seed_listing_them(make_recipe, 
     assert "train.max_steps" not in message  # applied, not refused
 
 
+def test_a_checkpoint_saved_under_retired_defaults_resumes(make_recipe):
+    """Checkpoints saved before adapter.dropout's default became unset (0.05 where peft allows it) and
+    sampling.engine's became auto hold the old defaults: resuming with the same recipe is no change;
+    another value still is."""
+    from pathlib import Path
+
+    from align.config import same_by_default
+    from align.trainers.checkpoint import STATE_FILE
+
+    raw = make_recipe(raw=True, adapter={"kind": "lora", "r": 4}, train={"max_steps": 2, "save_every": 2})
+    SFTTrainer.from_recipe(recipe_from_dict(raw)).fit()
+    state_file = next(Path(raw["output_dir"]).glob(f"checkpoints/*/{STATE_FILE}"))
+    state = json.loads(state_file.read_text())
+    assert state["recipe"]["adapter"]["dropout"] is None
+    state["recipe"]["adapter"]["dropout"] = 0.05
+    state_file.write_text(json.dumps(state))
+    resumed = recipe_from_dict({**raw, "train": {**raw["train"], "max_steps": 3, "resume_from": "auto"}})
+    trainer = SFTTrainer.from_recipe(resumed)
+    trainer.fit()
+    assert trainer.step == 3
+    assert same_by_default("grpo.sampling.engine", "prefix_shared", "auto")
+    assert not same_by_default("grpo.sampling.engine", "hf", "auto")
+    assert not same_by_default("adapter.dropout", 0.1, None)
+
+
 # ---- preemption ---------------------------------------------------------------------------------
 class SignalAt(Callback):
     def __init__(self, step: int, signum=signal.SIGTERM):

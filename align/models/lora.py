@@ -37,6 +37,10 @@ def peft_quietly():
     adapter a user can do nothing about; it is silenced around peft's calls only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        # peft's own translation of MoE targets sets a doubled rank for fused gate_up_proj experts (which
+        # applies: tests/test_lora.py) and then warns that the pattern matched no module, on every MoE LoRA
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match any "
+                                r"targeted module and were ignored: \[.*gate_up_proj'\]", category=RuntimeWarning)
         yield
 
 
@@ -68,12 +72,17 @@ def lora_config(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     check_adapter(model, adapter, task_type)
     skipped = unadaptable(model) if adapter.target_modules == "all-linear" else {}
     if skipped:
-        log.info("adapter: all-linear leaves out %d layers a LoRA cannot sit on, e.g. %s: %s",
-                 len(skipped), *next(iter(skipped.items())))
+        log.warning("adapter: all-linear leaves out %d layers a LoRA cannot sit on, e.g. %s: %s",
+                    len(skipped), *next(iter(skipped.items())))
     lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=0.0, target_modules=adapter.target_modules,
                       exclude_modules=sorted(skipped) or None, modules_to_save=adapter.modules_to_save,
                       task_type=task_type)
     lora.lora_dropout = lora_dropout(model, adapter, lora)
+    experts = [name for name, p in model.named_parameters() if p.dim() == 3 and ".experts." in name]
+    if experts and not parameter_targets(model, lora):
+        log.warning("adapter: model type %r keeps its MoE experts in 3-D parameters (e.g. %s) that peft adapts for "
+                    "no target here: the LoRA covers the other layers only, the experts stay as they are",
+                    model.config.model_type, experts[0])
     return lora
 
 
@@ -85,7 +94,7 @@ def lora_dropout(model, adapter: AdapterConfig, lora) -> float:
         return DEFAULT_DROPOUT if adapter.dropout is None else adapter.dropout
     if adapter.dropout:
         raise AlignError(f"adapter.dropout: {adapter.dropout} cannot apply to model type "
-                         f"{model.config.model_type!r}: peft adapts its experts as parameters "
+                         f"{model.config.model_type!r}: peft adapts its MoE layers as parameters "
                          f"({', '.join(sorted(experts))}), which take no LoRA dropout; set adapter.dropout: 0 "
                          "(or leave it unset), or name target_modules that leave the experts out")
     return 0.0
@@ -101,7 +110,10 @@ def parameter_targets(model, lora) -> set[str]:
     except ImportError:  # a peft without the translation adapts modules only
         return set()
     probe = copy.deepcopy(lora)
-    convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    try:
+        convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    except ValueError as error:  # e.g. half of a fused pair named: "Cannot convert PEFT target(s) gate_proj ..."
+        raise AlignError(f"adapter.target_modules: {error}") from None
     return set(probe.target_parameters or ())
 
 

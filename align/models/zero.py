@@ -391,7 +391,7 @@ def check(algorithm: str, recipe) -> None:
                        "use train.sharding: fsdp under torchrun)")
     if getattr(getattr(recipe.section, "sampling", None), "engine", None) == "vllm":
         reasons.append(f"{algorithm}.sampling.engine vllm (an engine inside each training process; under ZeRO "
-                       "sample in process with prefix_shared or hf, or from a rollout server: engine server)")
+                       "sample in process with auto, prefix_shared or hf, or from a rollout server: engine server)")
     if recipe.train.sharding == "fsdp":
         reasons.append("train.sharding: fsdp (one sharding at a time: launch without the DeepSpeed config, "
                        "or set sharding: none)")

@@ -20,6 +20,7 @@ import logging
 from typing import Protocol
 
 from align.errors import AlignError
+from align.models.layouts import inexact_layouts
 from align.registry import ROLLOUT_ENGINES
 from align.rollout.hf import HFGenerateEngine
 from align.rollout.prefix_shared import ENGINE_FIX, PrefixSharedEngine
@@ -49,10 +50,14 @@ def hf(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEng
 @ROLLOUT_ENGINES.register("auto")
 def auto(model, tokenizer, sampling=None, max_model_len: int = 2048) -> RolloutEngine:
     """prefix_shared, or transformers' generate where prefix_shared's probe
-    (`PrefixSharedEngine.check_matches_forward`) finds it cannot sample the model exactly."""
+    (`PrefixSharedEngine.check_matches_forward`) finds it cannot sample the model exactly. A probe
+    that fails with an error on a model whose batch layouts are exact (`inexact_layouts`: the
+    families prefix_shared cannot run fail those too) is raised, not sampled around: a bug to see."""
     try:
         return prefix_shared(model, tokenizer, sampling, max_model_len)
     except AlignError as refusal:
+        if refusal.__cause__ is not None and not inexact_layouts(getattr(model, "get_base_model", lambda: model)()):
+            raise
         logger.warning("sampling with transformers' generate (engine auto), as prefix_shared cannot: %s",
                        str(refusal).removesuffix(f"; {ENGINE_FIX}"))
         return hf(model, tokenizer, sampling, max_model_len)

@@ -64,7 +64,7 @@ class ServedModel:
 
         if engine_name == "server":
             raise AlignError("serve-rollouts --engine: a server cannot sample through another server; "
-                             "use vllm, prefix_shared or hf")
+                             "use vllm, auto, prefix_shared or hf")
         if engine_name == "vllm":
             from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from align.config import flat_keys, saved_recipe_now
+from align.config import flat_keys, same_by_default, saved_recipe_now
 from align.distributed import from_main_process, gather_shares, sum_tensors_over_processes
 from align.errors import AlignError
 from align.models import sharding, zero
@@ -163,7 +163,8 @@ class Resumable:
             return []
         old = flat_keys(saved_recipe_now(state["recipe"], self.recipe.algorithm))
         new = flat_keys(self.recipe.model_dump(mode="json"))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if old.get(k) != new.get(k) and not same_by_default(k, old.get(k), new.get(k)))
         same_global_batch = state.get("global_batch_size") == self.global_batch_size
         batch_keys = ("train.batch_size", "train.grad_accum") if same_global_batch else ()
         lines = {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed}
