@@ -77,25 +77,26 @@ def lora_config(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     lora = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=0.0, target_modules=adapter.target_modules,
                       exclude_modules=sorted(skipped) or None, modules_to_save=adapter.modules_to_save,
                       task_type=task_type)
-    lora.lora_dropout = lora_dropout(model, adapter, lora)
+    adapted_parameters = parameter_targets(model, lora)
+    lora.lora_dropout = lora_dropout(model, adapter, adapted_parameters)
     experts = [name for name, p in model.named_parameters() if p.dim() == 3 and ".experts." in name]
-    if experts and not parameter_targets(model, lora):
+    if experts and not adapted_parameters:
         log.warning("adapter: model type %r keeps its MoE experts in 3-D parameters (e.g. %s) that peft adapts for "
                     "no target here: the LoRA covers the other layers only, the experts stay as they are",
                     model.config.model_type, experts[0])
     return lora
 
 
-def lora_dropout(model, adapter: AdapterConfig, lora) -> float:
-    """`adapter.dropout`, by default DEFAULT_DROPOUT, or 0 where peft adapts parameters (fused MoE
-    experts: peft's parameter wrapper takes no dropout); an explicit non-zero dropout there is an error."""
-    experts = parameter_targets(model, lora)
-    if not experts:
+def lora_dropout(model, adapter: AdapterConfig, adapted_parameters: set[str]) -> float:
+    """`adapter.dropout`, by default DEFAULT_DROPOUT, or 0 where peft adapts parameters
+    (`parameter_targets`: fused MoE experts, whose wrapper takes no dropout); an explicit non-zero
+    dropout there is an error."""
+    if not adapted_parameters:
         return DEFAULT_DROPOUT if adapter.dropout is None else adapter.dropout
     if adapter.dropout:
         raise AlignError(f"adapter.dropout: {adapter.dropout} cannot apply to model type "
                          f"{model.config.model_type!r}: peft adapts its MoE layers as parameters "
-                         f"({', '.join(sorted(experts))}), which take no LoRA dropout; set adapter.dropout: 0 "
+                         f"({', '.join(sorted(adapted_parameters))}), which take no LoRA dropout; set adapter.dropout: 0 "
                          "(or leave it unset), or name target_modules that leave the experts out")
     return 0.0
 
