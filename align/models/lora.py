@@ -69,8 +69,8 @@ def lora_config(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     `check_adapter`; AlignError for what cannot be applied as asked."""
     from peft import LoraConfig
 
-    check_adapter(model, adapter, task_type)
-    skipped = unadaptable(model) if adapter.target_modules == "all-linear" else {}
+    unfit = check_adapter(model, adapter, task_type)
+    skipped = unfit if adapter.target_modules == "all-linear" else {}
     if skipped:
         log.warning("adapter: all-linear leaves out %d layers a LoRA cannot sit on, e.g. %s: %s",
                     len(skipped), *next(iter(skipped.items())))
@@ -176,15 +176,15 @@ def _computes_a_linear_map(module: nn.Linear) -> bool:
     return isinstance(out, torch.Tensor) and tuple(out.shape) == (2, module.out_features)
 
 
-def check_adapter(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM") -> None:
+def check_adapter(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM") -> dict[str, str]:
     """AlignError for what peft would take silently or fail on obscurely: a `target_modules` name the
     model does not have (peft ignores one when another name matches), a `modules_to_save` name a
     causal LM does not have, a LoRA on the lm-head or on another layer it cannot sit on
-    (`unadaptable`), or an `r` above the width of every targeted layer.
+    (`unadaptable`), or an `r` above the width of every targeted layer. Returns `unadaptable(model)`.
 
     `model` may be the loaded model or its `model_skeleton`."""
     if adapter.kind == "none":
-        return
+        return {}
     modules = dict(model.named_modules())
     widths = {name: _width(module) for name, module in modules.items() if _width(module)}
     linear = sorted({name.rsplit(".", 1)[-1] for name in widths})
@@ -221,6 +221,7 @@ def check_adapter(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM") -
         raise AlignError(f"adapter.r: {adapter.r} is larger than every targeted layer's narrower side (the widest "
                          f"is {max(layer_widths)}): a LoRA rank above that adds nothing; set adapter.r to at most "
                          f"{max(layer_widths)}")
+    return skipped
 
 
 def _matches(name: str, targets: str | list[str]) -> bool:
