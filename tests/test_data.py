@@ -123,3 +123,22 @@ def test_pack_bounds_rows_by_the_longest_example_best_fit_decreasing():
     assert pack_rows(lengths, 64) == [[2, 1, 3], [5, 4, 7], [0, 8, 6, 9]]
     assert pack(examples, max_length=64)["input_ids"].shape == (3, 44)
     assert pack(examples[:1])["input_ids"].shape == (1, lengths[0])
+
+
+def test_a_prompt_whose_tokens_merge_into_the_completion_is_refused():
+    """Conversational prompt + completion: the prompt's own tokens must begin the conversation's, else
+    the boundary between untrained and trained tokens would sit one token off."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(c): c for c in range(32, 127)} | {"\n": 127, " I": 128}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[(" ", "I")])),
+                                  eos_token="~")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '~' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    encode = sft_encoder(tok, "prompt_completion", 64, "data.train")
+    prompt = [{"role": "user", "content": "Hi"}]
+    ids = encode({"prompt": prompt, "completion": [{"role": "assistant", "content": "Hello"}]}, 0)["input_ids"]
+    assert "".join(tok.convert_ids_to_tokens(ids)) == "user: Hi~assistant: Hello~"
+    with pytest.raises(AlignError, match="row 3: the chat template's tokens for the prompt differ inside the conversation"):
+        encode({"prompt": prompt, "completion": [{"role": "assistant", "content": "It is."}]}, 3)  # ": I" merges
