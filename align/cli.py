@@ -46,9 +46,14 @@ def _validate(args) -> None:
     run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)
     print(f"output_dir: {recipe.output_dir} ok")
     if all(s is None or s.is_local for s in (recipe.data.train, recipe.data.eval)):
-        for key, (rows, fmt) in TRAINERS[recipe.algorithm].load_splits(recipe).items():
+        trainer, tokenizer = TRAINERS[recipe.algorithm], _offline_tokenizer(recipe.model)
+        for key, (rows, fmt) in trainer.load_splits(recipe).items():
             if rows is not None:
-                print(f"{key}: {len(rows)} rows, format {fmt}")
+                examples = "" if tokenizer is None else \
+                    f", {len(trainer.build_dataset(recipe, tokenizer, rows, fmt, key))} examples tokenized"
+                print(f"{key}: {len(rows)} rows, format {fmt}{examples}")
+        if tokenizer is None:
+            print("tokenizing: checked when `align train` loads the tokenizer (not on this machine)")
     else:
         print("data from the hub: checked when `align train` downloads it")
     _check_rewards(recipe)
@@ -57,6 +62,18 @@ def _validate(args) -> None:
         print(f"adapter: {recipe.adapter.kind} " + ("ok" if _check_adapter(recipe) else
                                                     "checked when `align train` loads the model (not on this machine)"))
     print(f"{args.recipe}: valid {recipe.algorithm} recipe")
+
+
+def _offline_tokenizer(model):
+    """The recipe's tokenizer where it is on this machine (a built-in or a local directory; nothing is
+    downloaded and no weights load), else None."""
+    from align.models import tiny
+    from align.models.loading import load_tokenizer
+
+    name = model.tokenizer or model.name_or_path
+    if not (name.startswith(tiny.PREFIX) or os.path.isdir(os.path.expanduser(name))):
+        return None
+    return load_tokenizer(model.model_copy(update={"tokenizer": tiny.resolve(name, for_config=True)}))
 
 
 def _serve_rollouts(args) -> None:

@@ -166,7 +166,7 @@ def align_job(trainer_class, raw_recipe: dict) -> Prepared:
     splits = cls.load_splits(recipe)
     policy = cls.build_policy(recipe)
     policy.module.to(device())  # on the device before the timed region, as TRL's model is (its trainer moves it)
-    datasets = [cls.build_dataset(recipe, policy, rows, fmt, key) if rows is not None else None
+    datasets = [cls.build_dataset(recipe, policy.tokenizer, rows, fmt, key) if rows is not None else None
                 for key, (rows, fmt) in splits.items()]
     state = {}
 

@@ -81,6 +81,22 @@ def test_a_column_of_mixed_types_names_the_column_and_row(recipe_file, tmp_path,
     assert code == 2 and "data.train row 2: column 'completion' must be a string" in err and "got int 7" in err
 
 
+def test_validate_tokenizes_the_data_and_names_a_reply_the_chat_template_hides(recipe_file, capsys, monkeypatch):
+    """With the tokenizer on the machine, `align validate` tokenizes every split as training would:
+    a chat template whose generation prompt prefills `<think>` (DeepSeek-R1's way) is refused there,
+    naming the row and the turn, and no model loads."""
+    import align.models.loading as loading
+
+    prefill = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>' }}{% endif %}")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("validate loaded a model"))
+    assert main(["validate", recipe_file()]) == 0
+    assert "data.train: 8 rows, format messages, 8 examples tokenized" in capsys.readouterr().out
+    code, err = cli(capsys, "validate", recipe_file(model={"chat_template": prefill}))
+    assert code == 2 and "data.train row 0: assistant turn 2: the chat template's generation prompt" in err
+    assert "'<|im_start|>assistant\\n<think>' is not how it begins the turn" in err
+
+
 def test_wrong_row_types_are_named_for_every_format(tmp_path):
     from align.data import load_rows
 

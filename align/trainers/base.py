@@ -1,7 +1,7 @@
 """The one training loop. Trainers subclass `Trainer` and override a few named hooks:
 
 - `build_policy(recipe)`           the Policy (and its reference strategy)
-- `build_dataset(source, key)`     rows -> tokenized examples
+- `build_dataset(recipe, tokenizer, ...)` rows -> tokenized examples (no model needed)
 - `collate(examples)`              examples -> a batch of tensors
 - `count_items(batch)`             how many units (tokens, pairs, rows) the loss averages over, read
                                    from the host batch (the collator's CPU tensors, before `.to(device)`)
@@ -278,7 +278,7 @@ class Trainer(Resumable):
         set_seed(recipe.train.seed)
         splits = cls.load_splits(recipe)
         policy = cls.build_policy(recipe)
-        datasets = [cls.build_dataset(recipe, policy, rows, fmt, key) if rows is not None else None
+        datasets = [cls.build_dataset(recipe, policy.tokenizer, rows, fmt, key) if rows is not None else None
                     for key, (rows, fmt) in splits.items()]
         return cls(recipe, policy, *datasets, **kwargs)
 
@@ -309,8 +309,9 @@ class Trainer(Resumable):
         return Policy.from_config(recipe.model, recipe.adapter, reference="none")
 
     @classmethod
-    def build_dataset(cls, recipe: Recipe, policy: Policy, rows, fmt: str, key: str):
-        """Rows of format `fmt` -> tokenized examples (a datasets.Dataset or a list)."""
+    def build_dataset(cls, recipe: Recipe, tokenizer, rows, fmt: str, key: str):
+        """Rows of format `fmt` -> tokenized examples (a datasets.Dataset or a list). Needs no model:
+        `align validate` runs it where the tokenizer is on the machine."""
         raise NotImplementedError
 
     # ---- hooks ----------------------------------------------------------------------------------

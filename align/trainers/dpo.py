@@ -29,8 +29,8 @@ class PreferenceTrainer(Trainer):
     shares_prompts = True
 
     @classmethod
-    def build_dataset(cls, recipe, policy, rows, fmt, key):
-        data = tokenize(rows, preference_encoder(policy.tokenizer, recipe.data.max_length, key), key)
+    def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
+        data = tokenize(rows, preference_encoder(tokenizer, recipe.data.max_length, key), key)
         warn_identical(data, key)
         own = [i for i, eps in enumerate(data["label_smoothing"]) if not math.isnan(eps)]
         if own:

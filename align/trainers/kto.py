@@ -89,10 +89,10 @@ class KTOTrainer(Trainer):
                                   key="kto.reference_model")
 
     @classmethod
-    def build_dataset(cls, recipe, policy, rows, fmt, key):
+    def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
         if fmt == "preference":
             rows = unpair(rows)
-        data = tokenize(rows, unpaired_encoder(policy.tokenizer, recipe.data.max_length, key), key)
+        data = tokenize(rows, unpaired_encoder(tokenizer, recipe.data.max_length, key), key)
         if key == "data.train":
             desirable = sum(data[LABEL_COLUMN])
             advice = desirable_weight_advice(desirable, len(data) - desirable, recipe.kto.desirable_weight,

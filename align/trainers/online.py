@@ -98,11 +98,11 @@ class OnlineTrainer(Trainer):
         return super().load_splits(recipe)
 
     @classmethod
-    def build_dataset(cls, recipe, policy, rows, fmt, key):
+    def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
         sampling = cls.settings(recipe).sampling
         limit = sampling.max_prompt_length or recipe.data.max_length
         setting = f"{cls.algorithm}.sampling.max_prompt_length" if sampling.max_prompt_length else "data.max_length"
-        return tokenize_prompts(rows, policy.tokenizer, limit, key, setting)
+        return tokenize_prompts(rows, tokenizer, limit, key, setting)
 
     def count_steps_per_epoch(self) -> int:
         self.check_recipe(self.recipe)

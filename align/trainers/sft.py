@@ -17,8 +17,8 @@ class SFTTrainer(Trainer):
     formats = ("text", "messages", "prompt_completion")
 
     @classmethod
-    def build_dataset(cls, recipe, policy, rows, fmt, key):
-        return tokenize(rows, sft_encoder(policy.tokenizer, fmt, recipe.data.max_length, key), key)
+    def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
+        return tokenize(rows, sft_encoder(tokenizer, fmt, recipe.data.max_length, key), key)
 
     def count_items(self, batch: dict) -> float:
         """SFT averages over trained tokens of the whole optimizer step."""
