@@ -231,7 +231,10 @@ class TrainConfig(Section):
 
 
 class SFTConfig(Section):
-    """Masked-loss SFT has no knobs of its own yet; the section exists so recipes can name it."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """`messages` data: the loss on every assistant turn, or on the last one only, the earlier turns
+    being context as the chat template renders history (reasoning models whose templates drop
+    earlier turns' reasoning, e.g. Qwen3, where `all` is refused)."""
 
 
 class DPOConfig(Section):

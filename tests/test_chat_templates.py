@@ -35,9 +35,9 @@ def tokenizer(template: str) -> PreTrainedTokenizerFast:
     return tok
 
 
-def trained_text(tok, messages) -> tuple[str, list[bool]]:
+def trained_text(tok, messages, turns: str = "all") -> tuple[str, list[bool]]:
     """(the conversation's text, per character whether a trained token covers it)."""
-    ids, mask = render_chat(tok, messages, 0, "data.train")
+    ids, mask = render_chat(tok, messages, 0, "data.train", turns)
     text = tok.apply_chat_template(messages, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     assert list(enc["input_ids"]) == ids
@@ -115,3 +115,14 @@ def test_a_template_with_no_end_of_turn_token_warns_once(caplog):
         assert pieces(*trained_text(tok, MULTI)) == ["\n<think></think>\nHello!", "\n<think></think>\n6."]
         render_chat(tok, SINGLE, 1, "data.train")
     assert caplog.text.count("closes assistant replies with no end-of-turn token, so SFT never trains") == 1
+
+
+def test_the_last_turn_alone_is_trained_where_history_is_rendered_otherwise():
+    """`sft.assistant_turns: last`: Qwen3's multi-turn data, refused under `all`, trains its last reply
+    as the template renders it at inference (history replies lose their reasoning, and are context)."""
+    qwen3 = tokenizer((TEMPLATES / "qwen3.jinja").read_text())
+    reasoned = MULTI[:3] + [{"role": "assistant", "content": "<think>3 and 3</think>6."}]
+    text, flags = trained_text(qwen3, reasoned, turns="last")
+    assert pieces(text, flags) == ["<think>\n3 and 3\n</think>\n\n6.<|im_end|>"] and "Hello!" in text
+    marked = tokenizer((TEMPLATES / "qwen2_5_training.jinja").read_text())  # markers: the last of their turns
+    assert pieces(*trained_text(marked, MULTI, turns="last")) == ["6.<|im_end|>"]

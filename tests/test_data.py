@@ -142,3 +142,18 @@ def test_a_prompt_whose_tokens_merge_into_the_completion_is_refused():
     assert "".join(tok.convert_ids_to_tokens(ids)) == "user: Hi~assistant: Hello~"
     with pytest.raises(AlignError, match="row 3: the chat template's tokens for the prompt differ inside the conversation"):
         encode({"prompt": prompt, "completion": [{"role": "assistant", "content": "It is."}]}, 3)  # ": I" merges
+
+
+def test_sft_assistant_turns_last_trains_the_last_reply_only(make_recipe, tokenizer):
+    from align.trainers import SFTTrainer
+
+    recipe = make_recipe(rows=[{"messages": MULTI_TURN}], sft={"assistant_turns": "last"})
+    rows, fmt = SFTTrainer.load_splits(recipe)["data.train"]
+    (example,) = SFTTrainer.build_dataset(recipe, tokenizer, rows, fmt, "data.train")
+    trained = [token for token in example["labels"] if token != -100]
+    assert tokenizer.decode(trained) == "3 - 1 = 2. The answer is 2.<|im_end|>"
+    recipe = make_recipe(rows=[{"prompt": "1 + 1?", "completion": " 2"}], sft={"assistant_turns": "last"})
+    rows, fmt = SFTTrainer.load_splits(recipe)["data.train"]
+    with pytest.raises(AlignError, match="sft.assistant_turns: last picks turns of `messages` data; data.train "
+                                         "is prompt_completion data"):
+        SFTTrainer.build_dataset(recipe, tokenizer, rows, fmt, "data.train")

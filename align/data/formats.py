@@ -81,8 +81,10 @@ def has_generation_markers(template: str) -> bool:
     return "generation %}" in template
 
 
-def render_chat(tokenizer, messages: list[dict], row: int, key: str) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, per token, whether it belongs to an assistant turn.
+def render_chat(tokenizer, messages: list[dict], row: int, key: str,
+                turns: str = "all") -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it belongs to a trained assistant turn:
+    every one, or with `turns="last"` the last one only (`sft.assistant_turns`).
 
     Templates with `{% generation %}` markers give the mask directly. For others each assistant
     reply is located by rendering the conversation up to it (`assistant_span`). A reply the
@@ -93,15 +95,16 @@ def render_chat(tokenizer, messages: list[dict], row: int, key: str) -> tuple[li
         raise AlignError(f"{key}: the data is conversational (`messages`) but the tokenizer has no chat "
                          f"template; set model.chat_template to a Jinja template or a file holding one")
     _check_messages(messages, row, key)
-    if has_generation_markers(tokenizer.chat_template):
-        for i in assistant_turns(messages):
+    trained = assistant_turns(messages)[-1:] if turns == "last" else assistant_turns(messages)
+    if has_generation_markers(tokenizer.chat_template) and turns == "all":
+        for i in trained:
             reply_end(tokenizer, messages, i, row, key)  # the reply is in the text
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [assistant_span(tokenizer, messages, i, text, row, key) for i in assistant_turns(messages)]
+    spans = [assistant_span(tokenizer, messages, i, text, row, key) for i in trained]
     mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
 
@@ -165,7 +168,8 @@ def assistant_span(tokenizer, messages: list[dict], i: int, text: str, row: int,
             shown = max(0, min(parted, len(before)) - 20)
             raise AlignError(f"{where}: the chat template renders this turn differently once later turns follow "
                              f"(alone: {through[shown:shown + 70]!r}; in the conversation: {text[shown:shown + 70]!r}; "
-                             f"e.g. reasoning dropped from earlier turns), so the reply cannot be located; {UNLOCATABLE}")
+                             "e.g. reasoning dropped from earlier turns), so the reply cannot be located; train the "
+                             f"last turn only (sft.assistant_turns: last), or {UNLOCATABLE}")
     turn = through[:end].rstrip()  # without the template's newline
     if end == len(through) and reply is not None and len(turn) <= reply:
         warn_no_end_of_turn(tokenizer.chat_template, key)
@@ -194,11 +198,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def sft_tokens(tokenizer, row: dict, fmt: str, index: int, key: str) -> tuple[list[int], list[bool]]:
+def sft_tokens(tokenizer, row: dict, fmt: str, index: int, key: str,
+               turns: str = "all") -> tuple[list[int], list[bool]]:
     """(input_ids, trained mask) of one SFT row before truncation."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt == "messages":
-        return render_chat(tokenizer, row["messages"], index, key)
+        return render_chat(tokenizer, row["messages"], index, key, turns)
     if fmt == "text":
         ids = encode_text(tokenizer, row["text"]) + eos
         return ids, [True] * len(ids)
@@ -232,11 +237,11 @@ def tokenize(data: datasets.Dataset, encode: Callable[[dict, int], dict], key: s
     return mapped.filter(lambda r: not r["dropped"]).remove_columns("dropped")
 
 
-def sft_encoder(tokenizer, fmt: str, max_length: int, key: str) -> Callable[[dict, int], dict]:
+def sft_encoder(tokenizer, fmt: str, max_length: int, key: str, turns: str = "all") -> Callable[[dict, int], dict]:
     """Row -> {"input_ids", "labels"} truncated to max_length, or a drop reason if nothing is trained."""
 
     def encode(row: dict, index: int) -> dict:
-        ids, trained = sft_tokens(tokenizer, row, fmt, index, key)
+        ids, trained = sft_tokens(tokenizer, row, fmt, index, key, turns)
         if not any(trained[1:max_length]):
             first = trained.index(True) if True in trained else len(ids)
             return {"dropped": f"no trained token within max_length={max_length} (the prompt has {first} "

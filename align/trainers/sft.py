@@ -9,6 +9,7 @@ import torch
 from align.data import sft_encoder, tokenize
 from align.losses.sft import masked_nll, masked_nll_token_weights
 from align.config import SFTConfig
+from align.errors import AlignError
 from align.trainers.base import Trainer, register_trainer
 
 
@@ -18,7 +19,11 @@ class SFTTrainer(Trainer):
 
     @classmethod
     def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
-        return tokenize(rows, sft_encoder(tokenizer, fmt, recipe.data.max_length, key), key)
+        turns = recipe.sft.assistant_turns
+        if turns != "all" and fmt != "messages":
+            raise AlignError(f"sft.assistant_turns: {turns} picks turns of `messages` data; {key} is {fmt} data "
+                             "(a completion is trained whole): remove it")
+        return tokenize(rows, sft_encoder(tokenizer, fmt, recipe.data.max_length, key, turns), key)
 
     def count_items(self, batch: dict) -> float:
         """SFT averages over trained tokens of the whole optimizer step."""
