@@ -48,10 +48,12 @@ def _validate(args) -> None:
     if all(s is None or s.is_local for s in (recipe.data.train, recipe.data.eval)):
         trainer, tokenizer = TRAINERS[recipe.algorithm], _offline_tokenizer(recipe.model)
         for key, (rows, fmt) in trainer.load_splits(recipe).items():
-            if rows is not None:
-                examples = "" if tokenizer is None else \
-                    f", {len(trainer.build_dataset(recipe, tokenizer, rows, fmt, key))} examples tokenized"
-                print(f"{key}: {len(rows)} rows, format {fmt}{examples}")
+            if rows is None:
+                continue
+            line = f"{key}: {len(rows)} rows, format {fmt}"
+            if tokenizer is not None:
+                line += f", {len(trainer.build_dataset(recipe, tokenizer, rows, fmt, key))} examples tokenized"
+            print(line)
         if tokenizer is None:
             print("tokenizing: checked when `align train` loads the tokenizer (not on this machine)")
     else:
@@ -66,7 +68,8 @@ def _validate(args) -> None:
 
 def _offline_tokenizer(model):
     """The recipe's tokenizer where it is on this machine (a built-in or a local directory; nothing is
-    downloaded and no weights load), else None."""
+    downloaded, no weights load, a random-weight built-in is built once), else None. A built-in Align
+    trains itself has its base's tokenizer, read from the base where it is not built yet."""
     from align.models import tiny
     from align.models.loading import load_tokenizer
 

@@ -259,3 +259,12 @@ def test_a_reward_models_settings_are_checked_before_it_loads(make_recipe, tmp_p
     code, err = cli(capsys, "validate", str(recipe), *sharding,
                     "--set", f"grpo.rewards=[{{fn: {tmp_path / 'rm'}, kwargs: {kwargs}}}]")
     assert code == 2 and message in err, err
+
+
+def test_validate_reads_a_trained_builtin_s_tokenizer_from_its_untrained_base(monkeypatch, tmp_path):
+    """builtin:tiny-judge-arith is trained from tiny-llama-arith, itself trained from tiny-llama: on a
+    fresh cache validate reads the tokenizer at the end of that chain (train would build them)."""
+    from align.models import tiny
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    assert tiny.resolve("builtin:tiny-judge-arith", for_config=True) == str(tiny.builtin_dir("tiny-llama"))

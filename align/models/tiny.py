@@ -124,7 +124,7 @@ def resolve(name_or_path: str, for_config: bool = False) -> str:
         return name_or_path
     if name in TRAINED and not is_built(name):
         if for_config:
-            return resolve(PREFIX + TRAINED[name])
+            return resolve(PREFIX + TRAINED[name], for_config=True)  # (it may be trained itself)
         raise AlignError(f"model.name_or_path: {name_or_path} is a model Align trains itself, and this cache "
                          f"({cache_dir()}) does not hold it yet; build it once with `align build {name_or_path}` "
                          f"(align train, quickstart and the examples do so themselves; from Python: "
