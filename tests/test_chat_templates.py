@@ -126,3 +126,25 @@ def test_the_last_turn_alone_is_trained_where_history_is_rendered_otherwise():
     assert pieces(text, flags) == ["<think>\n3 and 3\n</think>\n\n6.<|im_end|>"] and "Hello!" in text
     marked = tokenizer((TEMPLATES / "qwen2_5_training.jinja").read_text())  # markers: the last of their turns
     assert pieces(*trained_text(marked, MULTI, turns="last")) == ["6.<|im_end|>"]
+
+
+TOOL_CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+
+
+def test_tool_calls_content_blocks_and_template_errors():
+    """A reply of tool calls alone (empty content) trains the calls; a reply the template drops (content
+    blocks Qwen3 does not read) is refused; a template's own error (Gemma's alternating roles) names the row."""
+    calls = [{"role": "user", "content": "Add 2 and 2"}, {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+             {"role": "tool", "content": "4"}, {"role": "assistant", "content": "It is 4."}]
+    llama = tokenizer((TEMPLATES / "llama3_1.jinja").read_text())
+    assert pieces(*trained_text(llama, calls)) == ['{"name": "add", "parameters": {"a": 2, "b": 2}}<|eot_id|>',
+                                                   "It is 4.<|eot_id|>"]
+    gptoss = tokenizer((TEMPLATES / "gptoss_training.jinja").read_text())  # thinking beside the tool call
+    thinking = [calls[0], {**calls[1], "thinking": "Use the tool."}, *calls[2:]]
+    assert render_chat(gptoss, thinking, 0, "data.train")[1].count(True) > 0
+    blocks = SINGLE[:2] + [{"role": "assistant", "content": [{"type": "text", "text": "It is 4."}]}]
+    with pytest.raises(AlignError, match=r"row 3: the chat template leaves assistant turn 2's content out"):
+        render_chat(tokenizer((TEMPLATES / "qwen3.jinja").read_text()), blocks, 3, "data.train")
+    with pytest.raises(AlignError, match=r"data.train row 5: the chat template failed on this conversation: "
+                                         r"Conversation roles must alternate"):
+        render_chat(tokenizer((TEMPLATES / "gemma3.jinja").read_text()), MULTI[:2] + MULTI[1:], 5, "data.train")

@@ -125,9 +125,10 @@ def test_pack_bounds_rows_by_the_longest_example_best_fit_decreasing():
     assert pack(examples[:1])["input_ids"].shape == (1, lengths[0])
 
 
-def test_a_prompt_whose_tokens_merge_into_the_completion_is_refused():
-    """Conversational prompt + completion: the prompt's own tokens must begin the conversation's, else
-    the boundary between untrained and trained tokens would sit one token off."""
+def test_a_token_merging_across_the_prompt_s_end_is_split_there_as_generation_would():
+    """Conversational prompt + completion: the prompt (with its generation prompt) is tokenized alone,
+    as a sampler feeds it, and the completion's text after it: the whole completion is trained even
+    where the conversation's own tokens merge across the boundary (here ` I`)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -137,11 +138,12 @@ def test_a_prompt_whose_tokens_merge_into_the_completion_is_refused():
     tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '~' }}{% endfor %}"
                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     encode = sft_encoder(tok, "prompt_completion", 64, "data.train")
-    prompt = [{"role": "user", "content": "Hi"}]
-    ids = encode({"prompt": prompt, "completion": [{"role": "assistant", "content": "Hello"}]}, 0)["input_ids"]
-    assert "".join(tok.convert_ids_to_tokens(ids)) == "user: Hi~assistant: Hello~"
-    with pytest.raises(AlignError, match="row 3: the chat template's tokens for the prompt differ inside the conversation"):
-        encode({"prompt": prompt, "completion": [{"role": "assistant", "content": "It is."}]}, 3)  # ": I" merges
+    example = encode({"prompt": [{"role": "user", "content": "Hi"}],
+                      "completion": [{"role": "assistant", "content": "It is."}]}, 0)
+    tokens = tok.convert_ids_to_tokens(example["input_ids"])
+    assert "".join(tokens) == "user: Hi~assistant: It is.~" and " I" not in tokens
+    trained = tok.convert_ids_to_tokens([t for t in example["labels"] if t != -100])
+    assert "".join(trained) == "It is.~"
 
 
 def test_sft_assistant_turns_last_trains_the_last_reply_only(make_recipe, tokenizer):

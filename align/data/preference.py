@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from align.data.formats import _check_messages
+from align.data import chat
 from align.data.groups import pack_groups, sequence_sums
 from align.errors import AlignError
 
@@ -51,17 +51,7 @@ def prompt_problem(prompt_ids: list[int], max_length: int) -> str | None:
 def prompt_completion_ids(tokenizer, prompt, completion, row: int, key: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) for string or conversational data; completions end with EOS."""
     if isinstance(prompt, list):
-        _check_messages(prompt + completion, row, key)
-        if not tokenizer.chat_template:
-            raise AlignError(f"{key}: conversational preference data needs a chat template; "
-                             "set model.chat_template")
-        prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
-                                                        add_generation_prompt=True)["input_ids"])
-        full = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
-        if full[:len(prompt_ids)] != prompt_ids:
-            raise AlignError(f"{key} row {row}: the chat template renders the prompt differently inside the "
-                             "conversation; cannot separate prompt and completion tokens")
-        return prompt_ids, full[len(prompt_ids):]
+        return chat.prompt_completion_ids(tokenizer, prompt, completion, row, key)
     prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return prompt_ids, list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos

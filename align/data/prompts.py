@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datasets
 
-from align.data.formats import _check_messages
+from align.data.chat import check_messages
 from align.errors import AlignError
 
 
@@ -13,7 +13,7 @@ def encode_prompt(tokenizer, prompt, row: int, key: str) -> list[int]:
     """A string prompt (with the tokenizer's BOS) or a message list rendered by the chat template
     up to the assistant's turn."""
     if isinstance(prompt, list):
-        _check_messages(prompt, row, key)
+        check_messages(prompt, row, key)
         if not tokenizer.chat_template:
             raise AlignError(f"{key}: conversational prompts need a chat template; set model.chat_template")
         return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,

@@ -19,7 +19,7 @@ class SFTTrainer(Trainer):
 
     @classmethod
     def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
-        turns = recipe.sft.assistant_turns
+        turns = getattr(recipe.section, "assistant_turns", "all")  # (a plug-in's own section may lack it)
         if turns != "all" and fmt != "messages":
             raise AlignError(f"sft.assistant_turns: {turns} picks turns of `messages` data; {key} is {fmt} data "
                              "(a completion is trained whole): remove it")
