@@ -268,3 +268,14 @@ def test_validate_reads_a_trained_builtin_s_tokenizer_from_its_untrained_base(mo
 
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
     assert tiny.resolve("builtin:tiny-judge-arith", for_config=True) == str(tiny.builtin_dir("tiny-llama"))
+
+
+def test_a_model_dir_under_home_is_read_with_its_tilde(monkeypatch, tmp_path, capsys, recipe_file):
+    import shutil
+
+    from align.models import tiny
+
+    shutil.copytree(tiny.resolve("builtin:tiny-llama"), tmp_path / "home" / "tiny")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["validate", recipe_file(model={"name_or_path": "~/tiny"})]) == 0
+    assert "data.train: 8 rows, format messages, 8 examples tokenized" in capsys.readouterr().out

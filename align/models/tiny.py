@@ -116,12 +116,12 @@ def install(name: str, build: Callable[[Path], None]) -> None:
 
 def resolve(name_or_path: str, for_config: bool = False) -> str:
     """Map `builtin:<name>` to a local directory, building a random-weight one once; other values
-    pass through. A trained built-in must be built first (AlignError saying how); with for_config
-    (only its config is read) an unbuilt one resolves to the built-in it is trained from, which
-    has the same architecture."""
+    pass through (`~` expanded). A trained built-in must be built first (AlignError saying how);
+    with for_config (only its config is read) an unbuilt one resolves to the built-in it is trained
+    from, which has the same architecture."""
     name = builtin_name(name_or_path)
     if name is None:
-        return name_or_path
+        return os.path.expanduser(name_or_path)  # `~/models/x` as a shell would read it
     if name in TRAINED and not is_built(name):
         if for_config:
             return resolve(PREFIX + TRAINED[name], for_config=True)  # (it may be trained itself)
