@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from align.data import render_chat
+from align.data.prompts import encode_prompt
 from align.errors import AlignError
 
 trl = pytest.importorskip("trl")
@@ -148,3 +149,5 @@ def test_tool_calls_content_blocks_and_template_errors():
     with pytest.raises(AlignError, match=r"data.train row 5: the chat template failed on this conversation: "
                                          r"Conversation roles must alternate"):
         render_chat(tokenizer((TEMPLATES / "gemma3.jinja").read_text()), MULTI[:2] + MULTI[1:], 5, "data.train")
+    with pytest.raises(AlignError, match=r"data.train row 2: the chat template failed .*roles must alternate"):
+        encode_prompt(tokenizer((TEMPLATES / "gemma3.jinja").read_text()), MULTI[:1] * 2, 2, "data.train")  # GRPO

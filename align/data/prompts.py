@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datasets
 
-from align.data.chat import check_messages
+from align.data.chat import check_messages, render
 from align.errors import AlignError
 
 
@@ -16,8 +16,8 @@ def encode_prompt(tokenizer, prompt, row: int, key: str) -> list[int]:
         check_messages(prompt, row, key)
         if not tokenizer.chat_template:
             raise AlignError(f"{key}: conversational prompts need a chat template; set model.chat_template")
-        return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
-                                                  add_generation_prompt=True)["input_ids"])
+        return list(render(tokenizer, prompt, row, key, tokenize=True, return_dict=True,
+                           add_generation_prompt=True)["input_ids"])
     if not isinstance(prompt, str) or not prompt:
         raise AlignError(f"{key} row {row}: `prompt` must be a non-empty string or a list of messages, "
                          f"got {prompt!r}")
