@@ -38,6 +38,7 @@ def _train(args) -> int:
 
 def _validate(args) -> None:
     from align.config import load_recipe
+    from align.models.loading import local_tokenizer
     from align.trainers import TRAINERS, run_dir
 
     if _is_task_file(args.recipe):
@@ -46,7 +47,7 @@ def _validate(args) -> None:
     run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)
     print(f"output_dir: {recipe.output_dir} ok")
     if all(s is None or s.is_local for s in (recipe.data.train, recipe.data.eval)):
-        trainer, tokenizer = TRAINERS[recipe.algorithm], _offline_tokenizer(recipe.model)
+        trainer, tokenizer = TRAINERS[recipe.algorithm], local_tokenizer(recipe.model)
         for key, (rows, fmt) in trainer.load_splits(recipe).items():
             if rows is None:
                 continue
@@ -64,19 +65,6 @@ def _validate(args) -> None:
         print(f"adapter: {recipe.adapter.kind} " + ("ok" if _check_adapter(recipe) else
                                                     "checked when `align train` loads the model (not on this machine)"))
     print(f"{args.recipe}: valid {recipe.algorithm} recipe")
-
-
-def _offline_tokenizer(model):
-    """The recipe's tokenizer where it is on this machine (a built-in or a local directory; nothing is
-    downloaded, no weights load, a random-weight built-in is built once), else None. A built-in Align
-    trains itself has its base's tokenizer, read from the base where it is not built yet."""
-    from align.models import tiny
-    from align.models.loading import load_tokenizer
-
-    name = model.tokenizer or model.name_or_path
-    if not (name.startswith(tiny.PREFIX) or os.path.isdir(os.path.expanduser(name))):
-        return None
-    return load_tokenizer(model.model_copy(update={"tokenizer": tiny.resolve(name, for_config=True)}))
 
 
 def _serve_rollouts(args) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import datasets
 import pyarrow as pa
 
-from align.data.chat import check_messages, prompt_completion_ids, render_chat
+from align.data import chat
+from align.data.chat import check_messages, render_chat
 from align.errors import AlignError
 from align.ops.logprobs import IGNORE_INDEX
 
@@ -81,22 +82,25 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def prompt_completion_ids(tokenizer, prompt, completion, row: int, key: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) for string or conversational data (`chat.prompt_completion_ids`);
+    string completions end with EOS."""
+    if isinstance(prompt, list):
+        return chat.prompt_completion_ids(tokenizer, prompt, completion, row, key)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return encode_text(tokenizer, prompt), list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos
+
+
 def sft_tokens(tokenizer, row: dict, fmt: str, index: int, key: str,
                turns: str = "all") -> tuple[list[int], list[bool]]:
     """(input_ids, trained mask) of one SFT row before truncation."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt == "messages":
         return render_chat(tokenizer, row["messages"], index, key, turns)
     if fmt == "text":
-        ids = encode_text(tokenizer, row["text"]) + eos
+        ids = encode_text(tokenizer, row["text"]) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         return ids, [True] * len(ids)
     if fmt == "prompt_completion":
-        prompt, completion = row["prompt"], row["completion"]
-        if isinstance(prompt, list):  # conversational prompt + completion messages
-            prompt_ids, completion_ids = prompt_completion_ids(tokenizer, prompt, completion, index, key)
-        else:
-            prompt_ids = encode_text(tokenizer, prompt)
-            completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos
+        prompt_ids, completion_ids = prompt_completion_ids(tokenizer, row["prompt"], row["completion"], index, key)
         return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
     raise AlignError(f"{key}: SFT cannot train on {fmt!r} data; use text, messages or prompt+completion rows")
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from align.data import chat
+from align.data.formats import prompt_completion_ids
 from align.data.groups import pack_groups, sequence_sums
 from align.errors import AlignError
 
@@ -46,15 +46,6 @@ def prompt_problem(prompt_ids: list[int], max_length: int) -> str | None:
         return (f"the prompt has {len(prompt_ids)} tokens, max_length={max_length}; raise data.max_length or "
                 "shorten the prompt")
     return None
-
-
-def prompt_completion_ids(tokenizer, prompt, completion, row: int, key: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) for string or conversational data; completions end with EOS."""
-    if isinstance(prompt, list):
-        return chat.prompt_completion_ids(tokenizer, prompt, completion, row, key)
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return prompt_ids, list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos
 
 
 def preference_encoder(tokenizer, max_length: int, key: str):

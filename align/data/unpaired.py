@@ -16,7 +16,8 @@ import datasets
 import torch
 
 from align.data.groups import pack_groups
-from align.data.preference import prompt_completion_ids, prompt_problem, split_implicit_prompt
+from align.data.formats import prompt_completion_ids
+from align.data.preference import prompt_problem, split_implicit_prompt
 from align.errors import AlignError
 from align.ops.logprobs import label_positions
 

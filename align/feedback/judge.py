@@ -342,16 +342,13 @@ def check_labels_offline(config) -> bool:
     """Check a JudgeConfig's labels are single tokens after its cue, if the judge's tokenizer can be
     read offline (a built-in or a local directory; no weights are loaded): True if checked, False
     if the tokenizer is not on this machine. AlignError if a label is not one token."""
-    import os
-
     from align.config import ModelConfig
     from align.feedback.constitution import load_constitution
-    from align.models import tiny
-    from align.models.loading import load_tokenizer
+    from align.models.loading import local_tokenizer
 
-    if not (config.model.startswith(tiny.PREFIX) or os.path.isdir(os.path.expanduser(config.model))):
+    tokenizer = local_tokenizer(ModelConfig(name_or_path=config.model))
+    if tokenizer is None:
         return False
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=tiny.resolve(config.model, for_config=True)))
     constitution = load_constitution(config.constitution)
     if config.form == "pairwise":
         query = compare_query(constitution, 0, "x", "y", "z", config.templates.compare)

@@ -69,6 +69,17 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def local_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase | None:
+    """`load_tokenizer(config)` where the tokenizer is on this machine (a built-in or a local
+    directory: nothing is downloaded, no weights load, a random-weight built-in is built once), else
+    None. A built-in Align trains itself has its base's tokenizer, read from the base where it is
+    not built yet."""
+    name = config.tokenizer or config.name_or_path
+    if not (name.startswith(tiny.PREFIX) or os.path.isdir(os.path.expanduser(name))):
+        return None
+    return load_tokenizer(config.model_copy(update={"tokenizer": tiny.resolve(name, for_config=True)}))
+
+
 def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_lm"):
     """The trainable model: plain, LoRA or QLoRA as `adapter.kind` says.
 

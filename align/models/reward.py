@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
-from align.data.preference import prompt_completion_ids
+from align.data.formats import prompt_completion_ids
 from align.errors import AlignError
 from align.models import sharding, zero
 from align.models.layouts import PACKED_ROWS
