@@ -267,9 +267,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def tokenizer_fingerprint(model_dir: str) -> str:
     """The first 16 hex digits of a sha256 over a model directory's tokenizer files (vocabulary,
-    merges, chat template): the same on two machines, they tokenized alike (the built-in tokenizer
-    is trained when the model is built; a different digest may also be only another `tokenizers`
-    version's serialization)."""
+    merges, chat template; the built-in tokenizer is trained when the model is built, and a different
+    digest may also be only another `tokenizers` version's serialization). Equal files tokenize alike
+    only under the same tokenizer class, which transformers picks from the model's type: each job
+    records the class it loaded (`tokenizer_class`)."""
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
         path = Path(model_dir) / name

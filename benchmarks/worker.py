@@ -36,6 +36,7 @@ def run(spec) -> dict:
     result: dict = {}
     with quiet():
         tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        result["tokenizer_class"] = type(tokenizer).__name__  # picked from the model's type: see assets.py
         if spec.side == "floor":
             model = case.initial_model(spec).to(device())  # the held-out pass runs where the batches go
             result["initial_loss"] = case.heldout(spec, model, tokenizer)

@@ -71,6 +71,7 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path, tmp_path_factory):
     (result,) = (tmp_path / "out").glob("*-smoke.json")
     align_job = next(j for j in json.loads(result.read_text())["jobs"] if j["spec"]["side"] == "align")
     assert align_job["spec"]["micro_batch_tokens"] == "trl_row"
+    assert align_job["tokenizer_class"] == "TokenizersBackend"  # the tiny (Llama) model keeps the built tokenizer
     payload = json.loads(result.read_text())
     (row,) = payload["rows"]
     assert [e["step"] for e in row["align_log"]] == [e["step"] for e in row["trl_log"]] == [1, 2, 3]

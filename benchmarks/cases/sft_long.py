@@ -1,12 +1,13 @@
 """SFT on long chats packed into long rows: the MFU case (issue 13: MFU >= 35% on the 1.5b preset
 with packed 8k-token rows).
 
-Chats of 1..60 question/answer turns (~30 to ~1.8k tokens, ~0.9k on average; the preset's
+Chats of 1..60 question/answer turns (~30 to ~1.7k tokens, ~0.8k on average, under the tiny model's
+tokenizer; ~1k on average and up to max_length under the Qwen2 presets', see assets.py; the preset's
 `context_lines` bounds the turns), `batch_size` of them per micro-batch, packed by Align into rows
 of up to `pack_length` tokens (8192 on a GPU; 9 chats fill about one such row). On CUDA
 the varlen kernel keeps the chats apart (`align.models.varlen`): attention costs what each chat
 needs, not what an 8k-token row with a block-diagonal mask would. TRL variants as in `sft` (its
-`packing` rows hold batch_size x the mean chat: ~8.1k tokens; transformers derives their per-chat
+`packing` rows hold batch_size x the mean chat: ~9.2k tokens on `1.5b`; transformers derives their per-chat
 mask from the position ids). Everything but the data is the `sft` case's.
 """
 
