@@ -7,8 +7,9 @@ every function here is the identity (or a plain sum), so the trainers read the s
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from accelerate import PartialState
@@ -76,6 +77,21 @@ def sum_tensors_over_processes(values: dict[str, torch.Tensor | float],
     if PartialState().num_processes > 1:
         torch.distributed.all_reduce(stacked)
     return dict(zip(keys, stacked.unbind()))
+
+
+@contextlib.contextmanager
+def main_processes_first() -> Iterator[None]:
+    """Runs the block on the main process first, then on each machine's main process, then on the
+    others: work that fills a cache (datasets' downloads and tokenized splits) is done once per cache
+    the processes share (a shared disk: once; a disk per machine: once per machine), and the rest
+    read it. One process: just runs the block. The process state must be set up first (a trainer's
+    `process_accelerator`): on a machine without a GPU a bare PartialState() would see one process,
+    and every later Accelerator would keep that state."""
+    if not PartialState._shared_state:
+        raise RuntimeError("main_processes_first: set up the process state first (process_accelerator())")
+    state = PartialState()
+    with state.main_process_first(), state.local_main_process_first():
+        yield
 
 
 def from_every_process(value) -> list:

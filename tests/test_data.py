@@ -4,7 +4,7 @@ from align.data import pack, pad, render_chat, sft_encoder, tokenize
 from align.errors import AlignError
 from align.models import load_tokenizer
 from align.config import ModelConfig
-from align.toy import chat_rows
+from align.toy import chat_rows, preference_rows, prompt_rows
 
 import datasets
 
@@ -159,3 +159,52 @@ def test_sft_assistant_turns_last_trains_the_last_reply_only(make_recipe, tokeni
     with pytest.raises(AlignError, match="sft.assistant_turns: last picks turns of `messages` data; data.train "
                                          "is prompt_completion data"):
         SFTTrainer.build_dataset(recipe, tokenizer, rows, fmt, "data.train")
+
+
+@pytest.mark.parametrize("algorithm, rows, sections", [
+    ("sft", chat_rows(40, seed=3, max_turns=3), {}),
+    ("dpo", preference_rows(40, seed=3), {}),
+    ("kto", preference_rows(40, seed=3), {}),
+    ("grpo", prompt_rows(40, seed=3), {"grpo": {"rewards": [{"fn": "exact_answer"}]}, "train": {"batch_size": 8}}),
+])
+def test_num_proc_tokenizes_the_same_examples(make_recipe, tokenizer, algorithm, rows, sections):
+    from align.registry import TRAINERS
+
+    trainer = TRAINERS.get(algorithm)
+    datasets.disable_caching()  # each map computes: the second must not read the first's cache
+    try:
+        built = []
+        for num_proc in (None, 2):
+            recipe = make_recipe(rows=rows, algorithm=algorithm, data={"num_proc": num_proc, "max_length": 96},
+                                 **sections)
+            data, fmt = trainer.load_splits(recipe)["data.train"]
+            built.append(trainer.build_dataset(recipe, tokenizer, data, fmt, "data.train"))
+    finally:
+        datasets.enable_caching()
+    one, two = built
+    assert len(one) == len(two) > 0 and one[:] == two[:]
+
+
+@pytest.mark.parametrize("algorithm, row, sections", [
+    ("sft", {"messages": [{"role": "user", "content": None}]}, {}),
+    ("grpo", {"prompt": ""}, {"grpo": {"rewards": [{"fn": "exact_answer"}]}, "train": {"batch_size": 8}}),
+])
+def test_an_error_in_a_tokenizing_process_names_the_row(make_recipe, tokenizer, algorithm, row, sections):
+    from align.registry import TRAINERS
+
+    trainer = TRAINERS.get(algorithm)
+    rows = chat_rows(40, seed=3) if algorithm == "sft" else prompt_rows(40, seed=3)
+    rows[33] = {**rows[33], **row}  # in the second process's half
+    recipe = make_recipe(rows=rows, algorithm=algorithm, data={"num_proc": 2}, **sections)
+    data, fmt = trainer.load_splits(recipe)["data.train"]
+    with pytest.raises(AlignError, match="data.train row 33"):
+        trainer.build_dataset(recipe, tokenizer, data, fmt, "data.train")
+
+
+def test_dropped_rows_leave_the_rest_in_order(tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "1 + 1 " * (i % 3 * 30)},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(9)]
+    examples = tokenize(datasets.Dataset.from_list(rows), sft_encoder(tokenizer, "messages", 40, "data.train"),
+                        "data.train")
+    kept = [tokenizer.decode([t for t in e["labels"] if t != -100]) for e in examples]
+    assert kept == [f"answer {i}<|im_end|>" for i in range(0, 9, 3)]

@@ -263,3 +263,36 @@ def test_two_processes_sampling_from_one_rollout_server_equal_sampling_in_proces
     alone sends the weights, through a gloo group, before each round: the same run as in-process."""
     assert_same_run(launched["grpo-server"]["output_dir"], launched["grpo"]["output_dir"],
                     keys=("loss", "grad_norm", "kl", "reward"))
+
+
+MAIN_FIRST = """
+import json, sys, time
+from pathlib import Path
+from accelerate import PartialState
+from align.trainers import SFTTrainer
+
+here, build = Path(__file__).parent, SFTTrainer.build_dataset.__func__
+
+
+def timed(cls, *args):
+    start = time.time()
+    data = build(cls, *args)
+    times = {"start": start, "end": time.time(), "cache": [f["filename"] for f in data.cache_files]}
+    (here / f"rank{PartialState().process_index}.json").write_text(json.dumps(times))
+    return data
+
+
+SFTTrainer.build_dataset = classmethod(timed)
+SFTTrainer.from_recipe(str(here / "sft.yaml"))
+"""
+
+
+def test_the_main_process_tokenizes_first_and_the_other_reads_its_cache(tmp_path):
+    recipe = {"algorithm": "sft", "output_dir": str(tmp_path / "run"),
+              "model": {"name_or_path": "builtin:tiny-llama"},
+              "data": {"train": {"path": write_jsonl(tmp_path / "train.jsonl", chat_rows(200, seed=8))}}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    run_script_on_processes(tmp_path, MAIN_FIRST)
+    main, other = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert other["start"] >= main["end"]
+    assert other["cache"] == main["cache"] and main["cache"]  # the tokenized split datasets cached

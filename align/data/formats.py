@@ -105,9 +105,11 @@ def sft_tokens(tokenizer, row: dict, fmt: str, index: int, key: str,
     raise AlignError(f"{key}: SFT cannot train on {fmt!r} data; use text, messages or prompt+completion rows")
 
 
-def tokenize(data: datasets.Dataset, encode: Callable[[dict, int], dict], key: str) -> datasets.Dataset:
-    """Map `encode(row, index) -> example | {"dropped": reason}` over the rows; drop and count the rest."""
-    mapped = data.map(lambda row, i: {"dropped": "", **encode(row, i)}, with_indices=True,
+def tokenize(data: datasets.Dataset, encode: Callable[[dict, int], dict], key: str,
+             num_proc: int | None = None) -> datasets.Dataset:
+    """Map `encode(row, index) -> example | {"dropped": reason}` over the rows (in `num_proc`
+    processes, `data.num_proc`); drop and count the rest."""
+    mapped = data.map(lambda row, i: {"dropped": "", **encode(row, i)}, with_indices=True, num_proc=num_proc,
                       remove_columns=data.column_names, desc=f"tokenizing {key}")
     dropped = [i for i, reason in enumerate(mapped["dropped"]) if reason]
     if len(dropped) == len(mapped):
@@ -116,7 +118,9 @@ def tokenize(data: datasets.Dataset, encode: Callable[[dict, int], dict], key: s
     if dropped:
         log.warning("%s: dropped %d of %d rows (first: row %d: %s)", key, len(dropped), len(mapped),
                     dropped[0], mapped[dropped[0]]["dropped"])
-    return mapped.filter(lambda r: not r["dropped"]).remove_columns("dropped")
+        skipped = set(dropped)
+        mapped = mapped.select([i for i in range(len(mapped)) if i not in skipped])
+    return mapped.remove_columns("dropped")
 
 
 def sft_encoder(tokenizer, fmt: str, max_length: int, key: str, turns: str = "all") -> Callable[[dict, int], dict]:

@@ -25,14 +25,14 @@ def encode_prompt(tokenizer, prompt, row: int, key: str) -> list[int]:
 
 
 def tokenize_prompts(rows: datasets.Dataset, tokenizer, max_prompt_length: int, key: str,
-                     setting: str = "sampling.max_prompt_length") -> datasets.Dataset:
-    """Add `prompt_ids` to every row; a prompt longer than `max_prompt_length` is an error naming
-    the row (dropping it silently would change the task)."""
+                     setting: str = "sampling.max_prompt_length", num_proc: int | None = None) -> datasets.Dataset:
+    """Add `prompt_ids` to every row (in `num_proc` processes); a prompt longer than
+    `max_prompt_length` is an error naming the row (dropping it silently would change the task)."""
 
     def encode(row: dict, index: int) -> dict:
         return {"prompt_ids": encode_bounded_prompt(tokenizer, row["prompt"], index, key, max_prompt_length, setting)}
 
-    return rows.map(encode, with_indices=True, desc=f"tokenizing {key}")
+    return rows.map(encode, with_indices=True, num_proc=num_proc, desc=f"tokenizing {key}")
 
 
 def encode_bounded_prompt(tokenizer, prompt, index: int, key: str, max_prompt_length: int | None,

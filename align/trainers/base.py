@@ -55,7 +55,8 @@ from align.ops.logprobs import label_positions
 from align.trainers import run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
 from align.trainers.resume import Resumable
-from align.distributed import most_chunks, shard, shares, sum_over_processes, sum_tensors_over_processes
+from align.distributed import (main_processes_first, most_chunks, shard, shares, sum_over_processes,
+                               sum_tensors_over_processes)
 
 log = logging.getLogger(__name__)
 
@@ -271,15 +272,20 @@ class Trainer(Resumable):
         """Build policy and data as the recipe says. `recipe` may be a path to a YAML file.
 
         The data is read and its format checked before the model loads, so data mistakes fail fast.
+        Under a launch of several processes the main ones read and tokenize first, and the others
+        read what they left in datasets' cache.
         """
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe, overrides)
         sharding.check_accelerate_launch(recipe.train, recipe.model)  # before any model loads
+        process_accelerator()  # the launch's process state, as the trainer sets it up (CPU: gloo)
         set_seed(recipe.train.seed)
-        splits = cls.load_splits(recipe)
+        with main_processes_first():
+            splits = cls.load_splits(recipe)
         policy = cls.build_policy(recipe)
-        datasets = [cls.build_dataset(recipe, policy.tokenizer, rows, fmt, key) if rows is not None else None
-                    for key, (rows, fmt) in splits.items()]
+        with main_processes_first():
+            datasets = [cls.build_dataset(recipe, policy.tokenizer, rows, fmt, key) if rows is not None else None
+                        for key, (rows, fmt) in splits.items()]
         return cls(recipe, policy, *datasets, **kwargs)
 
     @classmethod

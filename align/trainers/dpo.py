@@ -30,7 +30,7 @@ class PreferenceTrainer(Trainer):
 
     @classmethod
     def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
-        data = tokenize(rows, preference_encoder(tokenizer, recipe.data.max_length, key), key)
+        data = tokenize(rows, preference_encoder(tokenizer, recipe.data.max_length, key), key, recipe.data.num_proc)
         warn_identical(data, key)
         own = [i for i, eps in enumerate(data["label_smoothing"]) if not math.isnan(eps)]
         if own:

@@ -92,7 +92,7 @@ class KTOTrainer(Trainer):
     def build_dataset(cls, recipe, tokenizer, rows, fmt, key):
         if fmt == "preference":
             rows = unpair(rows)
-        data = tokenize(rows, unpaired_encoder(tokenizer, recipe.data.max_length, key), key)
+        data = tokenize(rows, unpaired_encoder(tokenizer, recipe.data.max_length, key), key, recipe.data.num_proc)
         if key == "data.train":
             desirable = sum(data[LABEL_COLUMN])
             advice = desirable_weight_advice(desirable, len(data) - desirable, recipe.kto.desirable_weight,

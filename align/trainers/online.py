@@ -102,7 +102,7 @@ class OnlineTrainer(Trainer):
         sampling = cls.settings(recipe).sampling
         limit = sampling.max_prompt_length or recipe.data.max_length
         setting = f"{cls.algorithm}.sampling.max_prompt_length" if sampling.max_prompt_length else "data.max_length"
-        return tokenize_prompts(rows, tokenizer, limit, key, setting)
+        return tokenize_prompts(rows, tokenizer, limit, key, setting, recipe.data.num_proc)
 
     def count_steps_per_epoch(self) -> int:
         self.check_recipe(self.recipe)

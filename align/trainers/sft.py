@@ -23,7 +23,8 @@ class SFTTrainer(Trainer):
         if turns != "all" and fmt != "messages":
             raise AlignError(f"sft.assistant_turns: {turns} picks turns of `messages` data; {key} is {fmt} data "
                              "(a completion is trained whole): remove it")
-        return tokenize(rows, sft_encoder(tokenizer, fmt, recipe.data.max_length, key, turns), key)
+        return tokenize(rows, sft_encoder(tokenizer, fmt, recipe.data.max_length, key, turns), key,
+                        recipe.data.num_proc)
 
     def count_items(self, batch: dict) -> float:
         """SFT averages over trained tokens of the whole optimizer step."""
