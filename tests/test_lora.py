@@ -99,6 +99,23 @@ class ReadsWeight(nn.Module):
         return torch.nn.functional.linear(x, self.proj.weight) + self.other(x).to(self.other.weight.dtype)
 
 
+def test_qlora_says_when_moe_experts_stay_unquantized(tmp_path_factory, caplog):
+    """bitsandbytes quantizes linear layers only: a QLoRA Mixtral keeps its 3-D experts (most of its
+    weights) in float32, and a warning says how much of the model that is; a dense model gets none."""
+    make = saved_models(tmp_path_factory, build)
+    with caplog.at_level(logging.WARNING, logger="align.models.lora"):
+        model = load_model(ModelConfig(name_or_path=make("mixtral"), dtype="bfloat16"), AdapterConfig(kind="qlora", r=4))
+    experts = {n: p for n, p in model.named_parameters() if p.dim() == 3 and ".experts.base_layer" in n}
+    assert experts and all(p.dtype == torch.float32 for p in experts.values())
+    share = sum(p.numel() for p in experts.values()) / sum(
+        p.numel() for p in T.MixtralForCausalLM.from_pretrained(make("mixtral")).parameters())
+    assert f"model type 'mixtral' keeps its MoE experts in 3-D parameters ({100 * share:.0f}% of the weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="align.models.lora"):
+        load_model(ModelConfig(name_or_path=make("llama"), dtype="bfloat16"), AdapterConfig(kind="qlora", r=4))
+    assert "qlora quantizes linear layers only" not in caplog.text
+
+
 def test_a_weight_read_for_its_values_counts_its_dtype_does_not():
     assert weights_read_directly(ReadsWeight) == {"proj"}
 

@@ -15,6 +15,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import re
 import warnings
 
@@ -84,7 +85,20 @@ def lora_config(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
         log.warning("adapter: model type %r keeps its MoE experts in 3-D parameters (e.g. %s) that peft adapts for "
                     "no target here: the LoRA covers the other layers only, the experts stay as they are",
                     model.config.model_type, experts[0])
+    if experts and adapter.kind == "qlora":
+        share = sum(dict(model.named_parameters())[name].numel() for name in experts) / weight_count(model)
+        log.warning("adapter: qlora quantizes linear layers only (bitsandbytes), and model type %r keeps its MoE "
+                    "experts in 3-D parameters (%.0f%% of the weights, e.g. %s): they stay unquantized, in float32 "
+                    "after peft's k-bit preparation (4 bytes a weight, where a LoRA over a bfloat16 base holds them "
+                    "in 2: adapter.kind: lora, model.dtype: bfloat16)", model.config.model_type, 100 * share,
+                    experts[0])
     return lora
+
+
+def weight_count(model) -> int:
+    """The model's weights, a 4-bit layer's counted unpacked (bitsandbytes packs two in a byte)."""
+    return sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in model.parameters())
 
 
 def lora_dropout(model, adapter: AdapterConfig, adapted_parameters: set[str]) -> float:
