@@ -3,12 +3,12 @@
 Model: a Llama-shaped model with a realistic 32k vocabulary (hidden 256, 4 layers, 4 heads,
 intermediate 688: ~19.5M parameters, 84% of them in the embedding and lm-head), so lm-head and
 log-softmax costs weigh what they weigh in a real model. The tokenizer is Align's built-in tiny
-byte-level BPE (512 tokens, ChatML template with generation markers); its ids all fall below
+byte-level BPE (483 tokens, trained for at most 512; ChatML template with generation markers); its ids all fall below
 32000, so the model's 32k vocabulary covers them (rows above 512 are simply never looked up as
 inputs, but every log-softmax runs over all 32000 logits, as in a real model). Every side loads it
 with `AutoTokenizer`, which picks the class from the model's type: the Qwen2 presets get a
 `Qwen2Tokenizer` built from the same vocabulary and merges but with Qwen2's pre-tokenizer (one digit
-per token), so their arithmetic data has ~27% more tokens than the tiny model's (sft_long: 146,626
+per token, and the space before a number a token of its own), so their arithmetic data has ~27% more tokens than the tiny model's (sft_long: 146,626
 against 115,092).
 
 Two directories are written under the cache: `lm/` (a causal LM, for SFT and DPO) and `rm/` (the

@@ -50,11 +50,12 @@ PRESETS = {
                     group_size=8, max_new_tokens=64, context_lines=(0, 1)),
 }
 GPU_PRESETS = {
-    # ~14k trained tokens per optimizer step (128 chats of ~110 tokens), 8 steps
+    # ~14k trained tokens per optimizer step (128 chats of ~110 tokens; ~18k under the Qwen2 presets'
+    # tokenizer, see assets.py), 8 steps
     "sft": dict(n_train=128 * 8, n_eval=32, batch_size=32, grad_accum=4, lr=1e-5, max_length=1024),
     "sft_short": dict(n_train=64 * 40, n_eval=64, batch_size=64, grad_accum=1, lr=1e-5, max_length=512),
-    # the MFU case: ~16k tokens per optimizer step (2 micro-batches of 9 chats of ~0.9k tokens, packed
-    # into rows of up to 8192 tokens), 8 steps; run it with --model 1.5b
+    # the MFU case: ~18k tokens per optimizer step under the Qwen2 presets' tokenizer (2 micro-batches of
+    # 9 chats of ~1k tokens, packed into rows of up to 8192 tokens), 8 steps; run it with --model 1.5b
     "sft_long": dict(n_train=18 * 8, n_eval=16, batch_size=9, grad_accum=2, lr=1e-5, max_length=2048,
                      pack_length=8192, context_lines=(1, 60)),
     # pairs with ~1k-token prompts, 8 per step
