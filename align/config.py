@@ -213,6 +213,11 @@ class TrainConfig(Section):
     teacher's embedding, norm and lm-head stay gathered until the student's loss has read the lm-head).
     No effect where no such reference is loaded (an adapter-disabled one, a reference-free loss, beta 0).
     Under DeepSpeed ZeRO-3 references and teachers are partitioned whatever this says."""
+    ddp_timeout: int = Field(1800, gt=0)
+    """Seconds a process of a launch waits for the others at a collective before the launch fails
+    (torch's process-group timeout; Hugging Face's `ddp_timeout`). The others wait while the main
+    process reads and tokenizes the data: raise it for data that takes longer (or fill datasets'
+    cache first: `align validate` tokenizes a local dataset, `data.num_proc` in parallel)."""
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
     eval_at_start: bool = False

@@ -86,12 +86,23 @@ def main_processes_first() -> Iterator[None]:
     the processes share (a shared disk: once; a disk per machine: once per machine), and the rest
     read it. One process: just runs the block. The process state must be set up first (a trainer's
     `process_accelerator`): on a machine without a GPU a bare PartialState() would see one process,
-    and every later Accelerator would keep that state."""
+    and every later Accelerator would keep that state.
+
+    Three stages, two barriers on every process: the main process, then the other machines' main
+    processes, then the rest. A process that raises in the block still reaches its barriers, so the
+    others go on (and meet the same error, where it comes from the data) instead of waiting until the
+    process group's timeout."""
     if not PartialState._shared_state:
         raise RuntimeError("main_processes_first: set up the process state first (process_accelerator())")
     state = PartialState()
-    with state.main_process_first(), state.local_main_process_first():
+    stage = 0 if state.is_main_process else 1 if state.is_local_main_process else 2
+    for _ in range(stage):
+        state.wait_for_everyone()
+    try:
         yield
+    finally:
+        for _ in range(stage, 2):
+            state.wait_for_everyone()
 
 
 def from_every_process(value) -> list:

@@ -167,10 +167,16 @@ def test_sft_assistant_turns_last_trains_the_last_reply_only(make_recipe, tokeni
     ("kto", preference_rows(40, seed=3), {}),
     ("grpo", prompt_rows(40, seed=3), {"grpo": {"rewards": [{"fn": "exact_answer"}]}, "train": {"batch_size": 8}}),
 ])
-def test_num_proc_tokenizes_the_same_examples(make_recipe, tokenizer, algorithm, rows, sections):
+def test_num_proc_tokenizes_the_same_examples(make_recipe, tokenizer, algorithm, rows, sections, monkeypatch):
     from align.registry import TRAINERS
 
-    trainer = TRAINERS.get(algorithm)
+    trainer, mapped, map_rows = TRAINERS.get(algorithm), [], datasets.Dataset.map
+
+    def spied(self, *args, **kwargs):
+        mapped.append(kwargs.get("num_proc"))
+        return map_rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spied)
     datasets.disable_caching()  # each map computes: the second must not read the first's cache
     try:
         built = []
@@ -183,6 +189,7 @@ def test_num_proc_tokenizes_the_same_examples(make_recipe, tokenizer, algorithm,
         datasets.enable_caching()
     one, two = built
     assert len(one) == len(two) > 0 and one[:] == two[:]
+    assert 2 in mapped  # the tokenizing map ran in two processes
 
 
 @pytest.mark.parametrize("algorithm, row, sections", [

@@ -266,7 +266,7 @@ def test_two_processes_sampling_from_one_rollout_server_equal_sampling_in_proces
 
 
 MAIN_FIRST = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from accelerate import PartialState
 from align.trainers import SFTTrainer
@@ -277,8 +277,12 @@ here, build = Path(__file__).parent, SFTTrainer.build_dataset.__func__
 def timed(cls, *args):
     start = time.time()
     data = build(cls, *args)
-    times = {"start": start, "end": time.time(), "cache": [f["filename"] for f in data.cache_files]}
-    (here / f"rank{PartialState().process_index}.json").write_text(json.dumps(times))
+    rank = PartialState().process_index
+    if rank == 0:
+        time.sleep(2)  # the other process, were it not held back, would start tokenizing meanwhile
+    files = [f["filename"] for f in data.cache_files]
+    times = {"start": start, "end": time.time(), "cache": [(f, os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files]}
+    (here / f"rank{rank}.json").write_text(json.dumps(times))
     return data
 
 
@@ -295,4 +299,24 @@ def test_the_main_process_tokenizes_first_and_the_other_reads_its_cache(tmp_path
     run_script_on_processes(tmp_path, MAIN_FIRST)
     main, other = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert other["start"] >= main["end"]
-    assert other["cache"] == main["cache"] and main["cache"]  # the tokenized split datasets cached
+    assert other["cache"] == main["cache"] and main["cache"]  # the very file the main process wrote, read
+
+
+RAISES_FIRST = """
+from align.distributed import main_processes_first
+from align.trainers.base import process_accelerator
+
+state = process_accelerator(timeout_s=60)
+try:
+    with main_processes_first():
+        if state.is_main_process:
+            raise ValueError("bad data")
+        print("the other process ran the block", flush=True)
+except ValueError:
+    print("the main process raised", flush=True)
+"""
+
+
+def test_an_error_on_the_main_process_first_does_not_hold_the_others(tmp_path):
+    output = run_script_on_processes(tmp_path, RAISES_FIRST)
+    assert "the main process raised" in output and "the other process ran the block" in output

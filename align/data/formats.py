@@ -111,15 +111,14 @@ def tokenize(data: datasets.Dataset, encode: Callable[[dict, int], dict], key: s
     processes, `data.num_proc`); drop and count the rest."""
     mapped = data.map(lambda row, i: {"dropped": "", **encode(row, i)}, with_indices=True, num_proc=num_proc,
                       remove_columns=data.column_names, desc=f"tokenizing {key}")
-    dropped = [i for i, reason in enumerate(mapped["dropped"]) if reason]
+    reasons = mapped["dropped"]
+    dropped = [i for i, reason in enumerate(reasons) if reason]
     if len(dropped) == len(mapped):
-        raise AlignError(f"{key}: every row was dropped; first reason: row {dropped[0]}: "
-                         f"{mapped[dropped[0]]['dropped']}")
+        raise AlignError(f"{key}: every row was dropped; first reason: row {dropped[0]}: {reasons[dropped[0]]}")
     if dropped:
         log.warning("%s: dropped %d of %d rows (first: row %d: %s)", key, len(dropped), len(mapped),
-                    dropped[0], mapped[dropped[0]]["dropped"])
-        skipped = set(dropped)
-        mapped = mapped.select([i for i in range(len(mapped)) if i not in skipped])
+                    dropped[0], reasons[dropped[0]])
+        mapped = mapped.select([i for i, reason in enumerate(reasons) if not reason])
     return mapped.remove_columns("dropped")
 
 

@@ -27,6 +27,7 @@ Saving the final model, checkpoints and resuming live in `align.trainers.resume`
 from __future__ import annotations
 
 import copy
+import datetime
 import contextlib
 import logging
 import math
@@ -61,7 +62,7 @@ from align.distributed import (main_processes_first, most_chunks, shard, shares,
 log = logging.getLogger(__name__)
 
 
-def process_accelerator() -> Accelerator:
+def process_accelerator(timeout_s: float = 1800) -> Accelerator:
     """accelerate's process state: one process, or one of several under `accelerate launch` or
     `torchrun` (DDP; over gloo on a machine without a GPU).
 
@@ -71,13 +72,17 @@ def process_accelerator() -> Accelerator:
     the state is reset first. DDP does not broadcast buffers at each forward (a causal LM's buffers
     are constants such as rotary frequencies), so forwards need no other process: only backwards
     synchronize, and processes may run different numbers of forwards (evaluation, rollouts).
+    timeout_s: how long a collective waits for the other processes (`train.ddp_timeout`). The state
+    is set up by the first call; later calls get it as it is.
     """
+    timeout = datetime.timedelta(seconds=timeout_s)
     options = dict(mixed_precision="no", cpu=not torch.accelerator.is_available(),
-                   kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                   kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                                    InitProcessGroupKwargs(timeout=timeout)])
     if zero.launched():  # accelerate launched with a DeepSpeed config (align.models.zero); on a machine
         # without a GPU accelerate would drop DeepSpeed under cpu=True, and find no backend without gloo
-        gloo = [] if torch.accelerator.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-        options = dict(mixed_precision="no", kwargs_handlers=gloo)
+        backend = {} if torch.accelerator.is_available() else {"backend": "gloo"}
+        options = dict(mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **backend)])
     try:
         accelerator = Accelerator(**options)
     except ValueError:  # "AcceleratorState has already been initialized and cannot be changed"
@@ -159,7 +164,7 @@ class Trainer(Resumable):
             else self.cfg.dropout_during_training
         if not self.dropout:
             policy.disable_dropout()
-        self.accelerator = process_accelerator()
+        self.accelerator = process_accelerator(self.cfg.ddp_timeout)
         self.sharded = self.cfg.sharding == "fsdp" and self.accelerator.num_processes > 1  # one process: nothing to shard
         self.sampling_copy: torch.nn.Module | None = None
         """Under fsdp or ZeRO-3, for trainers that sample while training: an unsharded copy of the policy's
@@ -278,7 +283,7 @@ class Trainer(Resumable):
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe, overrides)
         sharding.check_accelerate_launch(recipe.train, recipe.model)  # before any model loads
-        process_accelerator()  # the launch's process state, as the trainer sets it up (CPU: gloo)
+        process_accelerator(recipe.train.ddp_timeout)  # the launch's process state, as the trainer sets it up
         set_seed(recipe.train.seed)
         with main_processes_first():
             splits = cls.load_splits(recipe)

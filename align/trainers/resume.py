@@ -149,10 +149,10 @@ class Resumable:
                       "train.save_every", "train.keep_checkpoints", "train.resume_from", "train.progress",
                       "train.plots", "train.report_to", "train.eval_samples", "output_dir",
                       "model.gradient_checkpointing", "model.checkpointed_layers", "model.checkpoint_mode",
-                      "train.micro_batch_tokens", "model.compile")
+                      "train.micro_batch_tokens", "model.compile", "data.num_proc", "train.ddp_timeout")
     """Recipe keys a resumed run may change (optimizer, schedule, cadence, output, activation
-    checkpointing, the micro-batch token budget and compilation: the memory and time a step takes,
-    not what it computes); any other change
+    checkpointing, the micro-batch token budget, compilation, tokenizing processes and the
+    process-group timeout: the memory and time a step takes, not what it computes); any other change
     (model, adapter, data, algorithm, its section, seed, ...) is refused by `check_resumable`."""
 
     def check_resumable(self, path: Path, state: dict) -> list[str]:
