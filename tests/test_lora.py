@@ -99,21 +99,28 @@ class ReadsWeight(nn.Module):
         return torch.nn.functional.linear(x, self.proj.weight) + self.other(x).to(self.other.weight.dtype)
 
 
-def test_qlora_says_when_moe_experts_stay_unquantized(tmp_path_factory, caplog):
+def test_qlora_keeps_unquantized_moe_experts_in_the_models_dtype_and_says_so(tmp_path_factory, caplog):
     """bitsandbytes quantizes linear layers only: a QLoRA Mixtral keeps its 3-D experts (most of its
-    weights) in float32, and a warning says how much of the model that is; a dense model gets none."""
+    weights) unquantized, in bfloat16 rather than peft's float32, its base frozen in that dtype (the
+    experts and their inputs agree: a forward without autocast works, and only LoRA weights get
+    gradients); a warning says how much of the model that is; a dense model gets none, and its
+    unquantized weights peft's float32."""
     make = saved_models(tmp_path_factory, build)
     with caplog.at_level(logging.WARNING, logger="align.models.lora"):
         model = load_model(ModelConfig(name_or_path=make("mixtral"), dtype="bfloat16"), AdapterConfig(kind="qlora", r=4))
     experts = {n: p for n, p in model.named_parameters() if p.dim() == 3 and ".experts.base_layer" in n}
-    assert experts and all(p.dtype == torch.float32 for p in experts.values())
+    assert experts and all(p.dtype == torch.bfloat16 for p in experts.values())
+    model(input_ids=INPUT).logits.float().logsumexp(-1).sum().backward()
+    trained = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained) and set(trained) == set(trainable(model))
     share = sum(p.numel() for p in experts.values()) / sum(
         p.numel() for p in T.MixtralForCausalLM.from_pretrained(make("mixtral")).parameters())
     assert f"model type 'mixtral' keeps its MoE experts in 3-D parameters ({100 * share:.0f}% of the weights" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="align.models.lora"):
-        load_model(ModelConfig(name_or_path=make("llama"), dtype="bfloat16"), AdapterConfig(kind="qlora", r=4))
+        dense = load_model(ModelConfig(name_or_path=make("llama"), dtype="bfloat16"), AdapterConfig(kind="qlora", r=4))
     assert "qlora quantizes linear layers only" not in caplog.text
+    assert dense.get_input_embeddings().weight.dtype == torch.float32
 
 
 def test_a_weight_read_for_its_values_counts_its_dtype_does_not():

@@ -47,14 +47,22 @@ def peft_quietly():
 
 def apply_adapter(model, adapter: AdapterConfig, checkpointing: str | None = None, task_type: str = "CAUSAL_LM"):
     """`model` with `adapter` applied; `checkpointing`: the activation checkpointing mode the model has
-    (None: off), which QLoRA's preparation switches on again."""
+    (None: off), which QLoRA's preparation switches on again.
+
+    QLoRA's preparation (peft's) freezes the base and holds its unquantized weights in float32:
+    norms, embeddings, the lm-head, small next to the 4-bit layers. Not so a model's MoE experts
+    stored as 3-D parameters, which bitsandbytes does not quantize and which are most of its weights
+    (`unquantized_experts`): such a base is only frozen and stays in its dtype, as under a LoRA (the
+    experts and the activations that reach them must share one dtype)."""
     if adapter.kind == "none":
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     lora = lora_config(model, adapter, task_type)
     with peft_quietly():
-        if adapter.kind == "qlora":
+        if adapter.kind == "qlora" and unquantized_experts(model):
+            model.requires_grad_(False)  # (activation checkpointing is on already: load_model)
+        elif adapter.kind == "qlora":
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=checkpointing is not None,
                 gradient_checkpointing_kwargs=checkpoint_kwargs(checkpointing or "full"))
@@ -80,7 +88,7 @@ def lora_config(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
                       task_type=task_type)
     adapted_parameters = parameter_targets(model, lora)
     lora.lora_dropout = lora_dropout(model, adapter, adapted_parameters)
-    experts = [name for name, p in model.named_parameters() if p.dim() == 3 and ".experts." in name]
+    experts = unquantized_experts(model)
     if experts and not adapted_parameters:
         log.warning("adapter: model type %r keeps its MoE experts in 3-D parameters (e.g. %s) that peft adapts for "
                     "no target here: the LoRA covers the other layers only, the experts stay as they are",
@@ -88,11 +96,16 @@ def lora_config(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     if experts and adapter.kind == "qlora":
         share = sum(dict(model.named_parameters())[name].numel() for name in experts) / weight_count(model)
         log.warning("adapter: qlora quantizes linear layers only (bitsandbytes), and model type %r keeps its MoE "
-                    "experts in 3-D parameters (%.0f%% of the weights, e.g. %s): they stay unquantized, in float32 "
-                    "after peft's k-bit preparation (4 bytes a weight, where a LoRA over a bfloat16 base holds them "
-                    "in 2: adapter.kind: lora, model.dtype: bfloat16)", model.config.model_type, 100 * share,
-                    experts[0])
+                    "experts in 3-D parameters (%.0f%% of the weights, e.g. %s): they stay unquantized, in "
+                    "model.dtype (bfloat16: 2 bytes a weight, where 4-bit layers take ~0.55)",
+                    model.config.model_type, 100 * share, experts[0])
     return lora
+
+
+def unquantized_experts(model) -> list[str]:
+    """The names of the model's MoE experts stored as 3-D parameters (transformers 5), which a 4-bit
+    load leaves unquantized (bitsandbytes quantizes linear layers only)."""
+    return [name for name, p in model.named_parameters() if p.dim() == 3 and ".experts." in name]
 
 
 def weight_count(model) -> int:
