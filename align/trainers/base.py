@@ -56,6 +56,7 @@ from align.ops.logprobs import label_positions
 from align.trainers import run_dir, samples
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
 from align.trainers.resume import Resumable
+from align.trainers.schedule import lr_scheduler
 from align.distributed import (main_processes_first, most_chunks, shard, shares, sum_over_processes,
                                sum_tensors_over_processes)
 
@@ -234,11 +235,7 @@ class Trainer(Resumable):
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = self.cfg.lr
         warmup = self.cfg.warmup if self.cfg.warmup >= 1 else self.cfg.warmup * self.total_steps
-        from transformers import get_scheduler  # (imported here: it imports peft and bitsandbytes, ~1 s of every start)
-
-        name = "constant_with_warmup" if self.cfg.schedule == "constant" else self.cfg.schedule
-        scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=round(warmup),
-                                  num_training_steps=self.total_steps)
+        scheduler = lr_scheduler(self.optimizer, self.cfg.schedule, round(warmup), self.total_steps)
         if step:  # LambdaLR's value at `step` in closed form, as its own step() computes it
             lrs = [fn(step) * base for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
             for group, lr in zip(optimizer.param_groups, lrs):
