@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -108,9 +110,64 @@ def test_chunks_are_large_on_an_accelerator_and_small_on_a_cpu():
     from align.ops.logprobs import CHUNK_SIZE, default_chunk_size
 
     assert default_chunk_size(torch.device("cpu"), 151_936) == CHUNK_SIZE
-    assert default_chunk_size(torch.device("cuda"), 32_000) == 8388  # ~1 GiB of float32 logits a block
-    assert default_chunk_size(torch.device("cuda"), 151_936) == 1766
+    assert default_chunk_size(torch.device("cuda"), 32_000) == 4194  # ~512 MiB of float32 logits a block
+    assert default_chunk_size(torch.device("cuda"), 151_936) == CHUNK_SIZE
     assert default_chunk_size(torch.device("cuda"), 1_000_000) == CHUNK_SIZE
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak bytes of tensor storages that ops create while it is entered and that are still alive
+    (each storage counted once, until it is freed). Sees what reaches the dispatcher from Python: a
+    kernel's own scratch memory is not counted, so this is a lower bound, exact in what it counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages: set[int] = set()
+
+    def _freed(self, key: int, size: int) -> None:
+        self.live -= size
+        self.storages.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.storages:
+                    self.storages.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_chunk_holds_at_most_about_two_logit_blocks(autocast):
+    """A [chunk, V] float32 block of logits is the big transient of the lm-head; on a GPU it comes on
+    top of every layer's activations at the end of the forward. Each chunk releases its blocks before
+    the next one starts, and a chunk's logits go as soon as its (log-)softmax is taken: at most the
+    two blocks of that op live at once (before: ~3.6 blocks under autocast, the previous chunk's
+    log-softmax, the logits and the GEMMs' bf16 copy alive together)."""
+    torch.manual_seed(0)
+    tokens, vocab, chunk = 1024, 50_000, 256
+    block = chunk * vocab * 4
+    head = torch.nn.Linear(16, vocab, bias=False)
+    hidden = torch.randn(1, tokens, 16, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    weights = torch.full((1, tokens), 1.0 / tokens)
+    losses = {"fused": lambda: weighted_logprob_sum(hidden, head, labels, weights, chunk_size=chunk)[0],
+              "plain": lambda: token_logprobs(hidden, head, labels, chunk_size=chunk).sum()}
+    peaks = {}
+    for name, loss_fn in losses.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _LiveBytes() as forward:
+            loss = loss_fn()
+        with _LiveBytes() as backward:
+            loss.backward()
+        peaks[name] = (forward.peak / block, backward.peak / block)
+    assert peaks["fused"][0] < 2.3, peaks  # (the backward only scales the gradients the forward made)
+    assert peaks["plain"][0] < 2.0 and peaks["plain"][1] < 2.3, peaks
 
 
 class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):

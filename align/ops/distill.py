@@ -72,6 +72,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if need_h or need_w or need_b:
                 grad = chain_derivative(grad.mul_(token_weights[start:end, None].to(grad.dtype)), derivative)
                 add_chunk_grads((grad_h, grad_w, grad_b), start, grad, h, weight)
+            del log_ps, log_pt, grad, derivative  # (so the next chunk's blocks do not come on top of these)
         ctx.grads = finish_grads((grad_h, grad_w, grad_b), weight, bias)
         ctx.mark_non_differentiable(divergence, entropy, student_logps, teacher_logps)
         total = (token_weights.to(dtype) * divergence).sum()

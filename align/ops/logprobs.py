@@ -18,9 +18,13 @@ import torch
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024
 """Tokens per lm-head block on a CPU when a caller gives no chunk size."""
-ACCELERATOR_BLOCK_BYTES = 1 << 30
+ACCELERATOR_BLOCK_BYTES = 1 << 29
 """On a GPU, blocks hold about this many bytes of float32 logits: few large chunks, as each chunk
-costs a handful of kernel launches whatever its size."""
+costs a handful of kernel launches whatever its size, yet small beside a long row's activations,
+on top of which the last chunks of the forward run. A chunk holds at most about two blocks at once
+(its log-softmax's input and output; tests/test_logprobs.py): ~1.2 GiB at the 152k vocabulary of
+Qwen2.5 (1024-token chunks), where 1 GiB blocks had held ~3.6 GiB before the blocks were released
+early."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:  # H = -sum(p * log p)
                 logp = logits.sub_(lse)
                 entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
+                del logp  # (logits' block, written in place)
+            del logits  # (so the next chunk's blocks do not come on top of this one's)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.transform, ctx.chunk_size = transform, chunk_size
         ctx.autocast = _autocast_state(hidden.device.type)
@@ -116,8 +122,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 logits, derivative = ctx.transform(_lm_head(h, weight, bias))
                 # d logp[target] / d logits = onehot(target) - softmax
                 grad_logits = logits.softmax(-1).mul_(-g)
+                del logits  # (one [chunk, V] float32 block less while the gradient GEMMs run)
                 grad_logits.scatter_add_(1, targets[start:start + ctx.chunk_size, None], g)
                 add_chunk_grads(grads, start, chain_derivative(grad_logits, derivative), h, weight)
+                del grad_logits, derivative  # (so the next chunk's blocks do not come on top of these)
         return *finish_grads(grads, weight, bias), None, None, None, None
 
 
@@ -144,6 +152,7 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
             target = targets[start:end, None]
             logits, derivative = transform(_lm_head(h, weight, bias))
             logp = logits.log_softmax(-1)
+            del logits  # (one [chunk, V] float32 block less for the rest of the chunk: its peak under autocast)
             values[start:end] = logp.gather(1, target)[:, 0]
             if exp_coefficient is not None:
                 w = w + exp_coefficient[start:end] * torch.exp(reference[start:end] - values[start:end])
@@ -155,6 +164,8 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
                 grad_logits = logp.exp_().mul_(-w)  # d(w * logp[target]) / d logits = w * (onehot - softmax)
                 grad_logits.scatter_add_(1, target, w)
                 add_chunk_grads(grads, start, chain_derivative(grad_logits, derivative), h, weight)
+                del grad_logits  # (logp's block, written in place)
+            del logp, derivative  # (so the next chunk's blocks do not come on top of these)
         ctx.grads = finish_grads(grads, weight, bias)
         ctx.mark_non_differentiable(values, entropy)
         return (used * values).sum(), values, entropy
