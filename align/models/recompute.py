@@ -126,8 +126,13 @@ class _Entered:
 def selective_contexts():
     """torch.utils.checkpoint's `context_fn` for one checkpointed call: the forward under torch's
     caching mode with the policy and a KeptOutputsGuard above it; the recomputation under its
-    cached mode."""
+    cached mode. In a layer that torch.compile traces (`model.compile`) the policy alone: AOTAutograd
+    applies it to the layer's functional graph, where a write into a kept output is a new value the
+    backward tells apart (tests/test_compile.py), and the recomputed elementwise ops are fused into
+    the backward's kernels. (The guard, a dispatch mode, is not traceable.)"""
     caching, cached = create_selective_checkpoint_contexts(keep_matmuls_and_attention)
+    if torch.compiler.is_compiling():
+        return caching, cached
     return _Entered(caching, KeptOutputsGuard()), cached
 
 
