@@ -211,41 +211,58 @@ def recompute_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> d
 
 
 def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict:
-    """SFT micro-batch steps of packed rows (`packed_sft_trainer`) with eager and with compiled
-    decoder layers (`model.compile`): steps 0 and 1 compile (the second for lengths that vary) and warm
-    the eager run's kernels up, step 2's other lengths are timed and their gradients must agree to
-    bf16 noise; the frames dynamo compiled in each step (none in the timed one once lengths are
-    dynamic) and those it left eager (must be 0: past its recompile limit) are reported."""
+    """SFT micro-batch steps of packed rows (`packed_sft_trainer`) with eager decoder layers, compiled
+    ones (`model.compile`), and compiled ones with every layer selectively checkpointed
+    (`checkpoint_mode: selective`, its recomputed elementwise ops fused into the backward): steps 0
+    and 1 compile (the second for lengths that vary) and warm the eager run's kernels up; step 2's
+    other lengths are timed, with the memory the step adds at its peak, and the compiled runs'
+    gradients must agree with the eager ones to bf16 noise. The frames dynamo compiled in each
+    step (none in the timed one once lengths are dynamic) and those it left eager (must be 0: past
+    its recompile limit) are reported."""
     import gc
 
     from torch._dynamo.utils import counters
 
+    variants = {"eager": {}, "compiled": {"compile": True},
+                "compiled_selective": {"compile": True, "gradient_checkpointing": True, "checkpoint_mode": "selective"}}
     runs = {}
-    for compiled in (False, True):
-        trainer = packed_sft_trainer(model_dir, train_path, out, cuda, compile=compiled)
+    for name, model in variants.items():
+        trainer = packed_sft_trainer(model_dir, train_path, out, cuda, **model)
         seconds, frames = [], []
         for step in (0, 1, 2):
             batches = trainer.micro_batches(step)
             trainer.policy.module.zero_grad(set_to_none=True)
             before = dict(counters["frames"])
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            allocated = torch.cuda.memory_allocated() if cuda else 0
             start = time.perf_counter()
             trainer.accumulate_gradients(batches)
             if cuda:
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
             frames.append({key: counters["frames"][key] - before.get(key, 0) for key in ("total", "ok")})
-        runs[compiled] = {"first_s": seconds[0], "seconds": seconds[2], "grads": flat_grads(trainer), "frames": frames}
+        runs[name] = {"first_s": seconds[0], "seconds": seconds[2], "grads": flat_grads(trainer), "frames": frames,
+                      "step_peak_gib": (torch.cuda.max_memory_allocated() - allocated) / 2**30 if cuda else None}
         del trainer, batches
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    eager, compiled = runs[False], runs[True]
-    cosine = float(torch.nn.functional.cosine_similarity(compiled["grads"], eager["grads"], dim=0))
-    left_eager = sum(f["total"] - f["ok"] for f in compiled["frames"])
-    return {"check": "compiled layers", "grad_cosine": cosine, "eager_s": eager["seconds"],
-            "compiled_s": compiled["seconds"], "speedup": eager["seconds"] / compiled["seconds"],
-            "compiling_step_s": compiled["first_s"], "frames_compiled": [f["ok"] for f in compiled["frames"]],
-            "frames_left_eager": left_eager, "ok": cosine > 0.999 and left_eager == 0 and compiled["frames"][0]["ok"] > 0}
+    eager = runs["eager"]
+    result = {"check": "compiled layers", "eager_s": eager["seconds"], "eager_step_peak_gib": eager["step_peak_gib"]}
+    ok = True
+    for name in ("compiled", "compiled_selective"):
+        run = runs[name]
+        cosine = float(torch.nn.functional.cosine_similarity(run["grads"], eager["grads"], dim=0))
+        left_eager = sum(f["total"] - f["ok"] for f in run["frames"])
+        result.update({f"{name}_grad_cosine": cosine, f"{name}_s": run["seconds"],
+                       f"{name}_speedup": eager["seconds"] / run["seconds"], f"{name}_step_peak_gib": run["step_peak_gib"],
+                       f"{name}_compiling_step_s": run["first_s"], f"{name}_frames_compiled": [f["ok"] for f in run["frames"]],
+                       f"{name}_frames_left_eager": left_eager})
+        ok = ok and cosine > 0.999 and left_eager == 0 and run["frames"][0]["ok"] > 0
+    result["ok"] = ok
+    return result
 
 
 def probes_check(model_dirs: dict[str, str], cuda: bool) -> dict:
