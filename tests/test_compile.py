@@ -77,12 +77,15 @@ def test_compiled_dpo_with_the_adapter_disabled_reference(make_recipe, tmp_path)
     assert_same_run(eager, compiled, ["loss", "grad_norm", "rewards/margins"])
 
 
-def test_compiled_qlora_step_gives_the_eager_gradients(make_recipe):
-    """QLoRA: the 4-bit base layers (bitsandbytes) inside the compiled graphs."""
+@pytest.mark.parametrize("checkpointing", [{}, {"gradient_checkpointing": True, "checkpoint_mode": "selective"}],
+                         ids=["plain", "selective"])
+def test_compiled_qlora_step_gives_the_eager_gradients(make_recipe, checkpointing):
+    """QLoRA: the 4-bit base layers (bitsandbytes) inside the compiled graphs, also selectively
+    checkpointed."""
     grads = []
     for compiled in (False, True):
         trainer = SFTTrainer.from_recipe(make_recipe(adapter={"kind": "qlora", "r": 4, "dropout": 0.0},
-                                                     model={"compile": compiled}))
+                                                     model={"compile": compiled, **checkpointing}))
         trainer.accumulate_gradients(trainer.micro_batches(0))
         grads.append({n: p.grad for n, p in trainer.policy.module.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
