@@ -312,7 +312,7 @@ def test_grpo_under_fsdp_equals_one_process_on_the_same_experience(launched, nam
 
 
 COPY_CHECK = """
-import copy, sys
+import copy, os, sys
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
@@ -382,10 +382,14 @@ assert isinstance(distiller.teacher.lm_head.weight, DTensor)  # its root reshard
 for field in ("divergence", "teacher_logps", "student_logps"):
     torch.testing.assert_close(getattr(sharded_teacher, field), getattr(whole_teacher, field), atol=1e-6, rtol=1e-6)
 assert whole_teacher.divergence[0, :4].min() > 0
-print("copied", dist.get_rank(), len(whole))
+print("copied", dist.get_rank(), len(whole), flush=True)
 # a group left to the interpreter's exit sometimes aborted it after both processes had printed
-# ("terminate called without an active exception"): tear it down here
+# ("terminate called without an active exception"), and so did one destroyed here (twice in CI): no
+# collective left in flight on either side, the group destroyed, then no interpreter finalization,
+# where gloo's worker threads releasing their tensors can abort it (pytorch/pytorch#179291)
+dist.barrier()
 dist.destroy_process_group()
+os._exit(0)
 """
 
 
