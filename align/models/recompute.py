@@ -131,9 +131,18 @@ def selective_contexts():
     backward tells apart (tests/test_compile.py), and the recomputed elementwise ops are fused into
     the backward's kernels. (The guard, a dispatch mode, is not traceable.)"""
     caching, cached = create_selective_checkpoint_contexts(keep_matmuls_and_attention)
-    if torch.compiler.is_compiling():
+    if _traced():
         return caching, cached
     return _Entered(caching, KeptOutputsGuard()), cached
+
+
+def _traced() -> bool:
+    """Whether torch.compile is tracing the current call: dynamo's passes (`is_compiling`), and
+    AOTAutograd's, by the test torch.utils.checkpoint itself makes there (a proxy dispatch mode is
+    active) before it requires `context_fn` to return two dispatch modes: `is_compiling()` covers
+    AOTAutograd's tracing only on recent torch versions."""
+    return (torch.compiler.is_compiling()
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
 
 
 def checkpoint_kwargs(mode: str = "full") -> dict:
