@@ -123,15 +123,16 @@ def test_compiled_selective_checkpointing_trains_as_the_eager_one(make_recipe, t
 def _saved_activation_bytes(model, input_ids) -> int:
     """Bytes of the tensors a training forward saves for the backward, the parameters left out."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = set()
+    saved = []  # (held, so no freed storage's address is reused by a later saved tensor)
 
     def pack(tensor):
-        seen.add((tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()))
+        saved.append(tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=input_ids)
-    return sum(size for pointer, size in seen if pointer not in params)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return sum(size for pointer, size in storages.items() if pointer not in params)
 
 
 def test_compiled_layers_apply_the_selective_policy():

@@ -1,8 +1,8 @@
 """Memory-lean token log-probs: lm-head + log-softmax + gather, computed in chunks of tokens.
 
 A plain `log_softmax(hidden @ W.T)` holds a [tokens, vocab] float32 tensor (and another for its
-gradient). Here only one [chunk, vocab] block lives at a time, in the forward and in the backward,
-which recomputes the block's logits instead of storing them.
+gradient). Here only one chunk's [chunk, vocab] blocks live at a time (about two), in the forward and
+in the backward, which recomputes the chunk's logits instead of storing them.
 
 The logits are the model's own: `LogitTransform` applies what a family does after its lm-head
 (Gemma-2/3's tanh soft-cap, Cohere's and Granite's scaling) and the sampling temperature, in the
@@ -22,9 +22,10 @@ ACCELERATOR_BLOCK_BYTES = 1 << 29
 """On a GPU, blocks hold about this many bytes of float32 logits: few large chunks, as each chunk
 costs a handful of kernel launches whatever its size, yet small beside a long row's activations,
 on top of which the last chunks of the forward run. A chunk holds at most about two blocks at once
-(its log-softmax's input and output; tests/test_logprobs.py): ~1.2 GiB at the 152k vocabulary of
-Qwen2.5 (1024-token chunks), where 1 GiB blocks had held ~3.6 GiB before the blocks were released
-early."""
+(its log-softmax's input and output; tests/test_logprobs.py; a soft-capped model's derivative is a
+third): ~1.2 GiB at the 152k vocabulary of Qwen2.5 (1024-token chunks), where 1 GiB blocks had
+held ~3.6 GiB before the blocks were released early. Above a 131k vocabulary the 1024-token floor
+makes blocks larger than this."""
 
 
 @dataclass(frozen=True)
