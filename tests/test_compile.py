@@ -175,6 +175,32 @@ def test_compiled_layers_apply_the_selective_policy():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_selective_layers_reach_the_compile_cache(tmp_path, monkeypatch):
+    """A compiled layer with selective checkpointing is cached by AOTAutograd (its graphs are reused
+    by the next process, or after dynamo forgets them, instead of compiled anew): `selective_contexts`
+    carries the `cache_hash` that cache requires of a checkpoint's context_fn."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.models.recompute import enable_activation_checkpointing
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # (a cold cache of its own)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    input_ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    before = dict(counters["aot_autograd"])
+    for _ in range(2):
+        torch._dynamo.reset()
+        model = LlamaForCausalLM(config).train()
+        enable_activation_checkpointing(model, "selective")
+        compile_layers(model)
+        model(input_ids=input_ids).logits.sum().backward()
+    torch._dynamo.reset()
+    new = {key: counters["aot_autograd"][key] - before.get(key, 0) for key in ("autograd_cache_bypass",
+                                                                             "autograd_cache_hit")}
+    assert new == {"autograd_cache_bypass": 0, "autograd_cache_hit": 1}, new
+
+
 def test_compile_refusals(make_recipe):
     with pytest.raises(AlignError, match="model.compile"):
         make_recipe(model={"compile": True}, train={"sharding": "fsdp"})

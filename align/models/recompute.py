@@ -22,8 +22,10 @@ keyword arguments it passes to torch.utils.checkpoint, so no model code is patch
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -134,6 +136,12 @@ def selective_contexts():
     if _traced():
         return caching, cached
     return _Entered(caching, KeptOutputsGuard()), cached
+
+
+selective_contexts.cache_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+"""What AOTAutograd's cache keys a compiled graph with selective checkpointing by: it cannot hash a
+`context_fn`'s code, so without this attribute it compiles such graphs anew in every process
+(`autograd_cache_bypass`). This module's source holds the whole policy."""
 
 
 def _traced() -> bool:
