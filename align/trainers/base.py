@@ -35,6 +35,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -193,7 +194,10 @@ class Trainer(Resumable):
             if zero.partitions_weights(config) and policy.reference == "frozen_copy":  # a reference or teacher
                 policy.partition_reference()  # partitioned as the policy is (as TRL does under ZeRO-3)
         elif not self.sharded:  # DDP (or nothing, on one process); FSDP2 reduce-scatters by itself
-            self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
+            with warnings.catch_warnings():  # torch >= 2.13 deprecates DDP's broadcast_buffers for an
+                # argument accelerate 1.15 cannot pass: a warning in every process the user cannot act on
+                warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+                self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.module, self.optimizer)
         if recipe.model.compile:  # (the recipe refuses it with fsdp, zero.check under ZeRO)
             compile_layers(self.policy.module)
         self.lockstep = self.sharded or self.zero_engine is not None
