@@ -13,7 +13,7 @@
    attention kernel twice, and its gradients equal the plain ones to bf16 noise.
 5. **Compiled layers** (`model.compile`): SFT steps of packed rows with eager and compiled decoder
    layers: two compiling steps, then a step of other lengths timed; the gradients agree to bf16
-   noise, and no frame was left eager (dynamo's recompile limit).
+   noise, no frame was left eager (dynamo's recompile limit) and none compiled in the timed step.
 6. **Load-time probes on real widths**: the layout probe's and the prefix_shared engine's measured
    errors (`align.models.layouts.layout_errors`, `PrefixSharedEngine.probe_error`) on the presets
    in bf16 weights and under bf16 autocast, against the tolerances they are judged by: a margin
@@ -217,8 +217,8 @@ def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dic
     and 1 compile (the second for lengths that vary) and warm the eager run's kernels up; step 2's
     other lengths are timed, with the memory the step adds at its peak, and the compiled runs'
     gradients must agree with the eager ones to bf16 noise. The frames dynamo compiled in each
-    step (none in the timed one once lengths are dynamic) and those it left eager (must be 0: past
-    its recompile limit) are reported."""
+    step are reported: none may be compiled in the timed step (lengths are dynamic by then; a
+    compilation there would be timed as the step) nor left eager (past its recompile limit)."""
     import gc
 
     from torch._dynamo.utils import counters
@@ -260,7 +260,7 @@ def compile_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dic
                        f"{name}_speedup": eager["seconds"] / run["seconds"], f"{name}_step_peak_gib": run["step_peak_gib"],
                        f"{name}_compiling_step_s": run["first_s"], f"{name}_frames_compiled": [f["ok"] for f in run["frames"]],
                        f"{name}_frames_left_eager": left_eager})
-        ok = ok and cosine > 0.999 and left_eager == 0 and run["frames"][0]["ok"] > 0
+        ok = ok and cosine > 0.999 and left_eager == 0 and run["frames"][0]["ok"] > 0 and run["frames"][2]["total"] == 0
     result["ok"] = ok
     return result
 
