@@ -141,9 +141,10 @@ class DataConfig(Section):
     decreasing), position ids restarting per example. false (sft only): one example per row, padded, as
     every trainer does by itself for a family that cannot run packed rows (`align.models.layouts`)."""
     pack_length: int | None = Field(None, gt=0)
-    """Packed rows of up to this many tokens instead (sft, distillation): fewer, longer rows. Worth it
-    where the varlen kernel runs (CUDA, `align.models.varlen`: attention linear in each example's
-    length); elsewhere a row's mask is quadratic in the row's length, so keep the default there."""
+    """Packed rows of up to this many tokens instead (sft): fewer, longer rows; a row's mask is
+    quadratic in its length. Not used where the varlen kernel takes every attention call (CUDA under
+    bf16, `align.models.varlen.one_row`): a micro-batch is one row there, unpadded, and attention
+    costs what each example needs."""
     num_proc: int | None = Field(None, gt=0)
     """Processes that tokenize each split (datasets' `map(num_proc=...)`; chat templates cost ~0.5 ms
     a row): worth it from tens of thousands of rows. The result is the same and is cached, so a
@@ -168,8 +169,8 @@ class TrainConfig(Section):
     allows (`align.data.budget`). A step still holds batch_size x grad_accum examples and its update
     is the same (up to dropout's random masks; grpo.loss_norm: bnpo, which averages per micro-batch,
     is refused); only the grouping changes, so peak memory follows the budget instead of the longest
-    micro-batch. Padding is not counted: with data.pack_length at least the budget a micro-batch is
-    one packed row, otherwise its rows are padded to the widest. An example longer than the budget
+    micro-batch. Padding is not counted: with data.pack_length at least the budget (or where the
+    varlen kernel runs) a micro-batch is one packed row, otherwise its rows are padded to the widest. An example longer than the budget
     is a micro-batch of its own. Training only (evaluation and reference passes keep their batches).
     Default (null): batch_size examples per micro-batch, in order."""
     warmup: float = Field(0.0, ge=0, allow_inf_nan=False)

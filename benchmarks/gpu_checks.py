@@ -149,9 +149,9 @@ def varlen_check(model_dir: str, train_path: str, out: Path, cuda: bool) -> dict
 
 
 def packed_sft_trainer(model_dir: str, train_path: str, out: Path, cuda: bool, **model):
-    """An SFT trainer whose step 0 is 16 chats in packed rows of up to 4096 tokens (the varlen kernel
-    on CUDA), fp32 weights under bf16 autocast, with the `model` keys given: what the recompute and
-    compile checks step through."""
+    """An SFT trainer whose step 0 is 16 chats in packed rows of up to 4096 tokens (on CUDA one row,
+    through the varlen kernel: `Trainer.one_row`), fp32 weights under bf16 autocast, with the `model`
+    keys given: what the recompute and compile checks step through."""
     from align.config import recipe_from_dict
     from align.trainers import SFTTrainer
 

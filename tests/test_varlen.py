@@ -209,3 +209,46 @@ def test_unshared_pairs_get_their_boundaries_too(make_recipe, monkeypatch):
     assert torch.equal(moved["cu_seq_lens"], varlen.segments(batch["position_ids"])[0])
     trainer.policy.module.train()
     assert abs(trainer.compute_loss(moved)[0].item() - want.item()) < 1e-5
+
+
+def test_where_every_attention_call_takes_the_kernel_a_batch_is_one_unpadded_row(make_recipe, monkeypatch):
+    """`Trainer.one_row`: where the policy's attention all goes through the varlen kernel (here a
+    CPU made to count as such), a packed micro-batch is one row without padding, with the loss and
+    gradients of the same examples in rows of the longest one. Not on a CPU as it is, nor in float32
+    (the kernel runs in 16 bits), nor for a model not switched to the kernel or with heads wider
+    than it takes."""
+    recipe = make_recipe()
+    plain = SFTTrainer.from_recipe(recipe)
+    examples = [plain.train_data[i] for i in range(6)]
+    rows = plain.collate(examples)
+    assert not plain.one_row and rows["input_ids"].shape[0] > 1 and (rows["labels"] == IGNORE_INDEX).any()
+
+    def loss_and_grads(trainer, batch):
+        trainer.policy.module.train()
+        loss = trainer.compute_loss(trainer._to_device({**batch, "num_items": None}))[0]
+        return loss, torch.autograd.grad(loss, trainer.policy.trainable_parameters())
+
+    want, want_grads = loss_and_grads(plain, rows)
+    monkeypatch.setattr(varlen, "KERNEL_DEVICES", {"cpu"})
+    trainer = SFTTrainer.from_recipe(recipe)
+    cpu, model = torch.device("cpu"), trainer.policy.model
+    assert not trainer.one_row  # float32
+    assert SFTTrainer.from_recipe(make_recipe(train={"mixed_precision": "bf16"})).one_row  # bf16 autocast
+    assert varlen.one_row(model, cpu, torch.bfloat16) and not varlen.one_row(model, torch.device("meta"), torch.bfloat16)
+    monkeypatch.setattr(varlen, "_KERNEL_DTYPES", (torch.float32,))  # (exact comparisons, in float32)
+    trainer = SFTTrainer.from_recipe(recipe)
+    assert trainer.one_row
+    batch = trainer.collate(examples)
+    total = sum(len(e["input_ids"]) for e in examples)
+    assert batch["input_ids"].shape == (1, total) and int(batch["num_tokens"]) == total
+    got, got_grads = loss_and_grads(trainer, batch)
+    assert abs(got.item() - want.item()) < 1e-5
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    attention = next(m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim"))
+    width = attention.head_dim
+    monkeypatch.setattr(attention, "head_dim", 512)
+    assert not varlen.one_row(model, cpu, torch.float32)
+    monkeypatch.setattr(attention, "head_dim", width)
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
+    assert not varlen.one_row(model, cpu, torch.float32)

@@ -85,6 +85,24 @@ def uses_varlen(config) -> bool:
     return getattr(config, "_attn_implementation", None) == NAME
 
 
+def one_row(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `model`'s packed examples on `device`, attended in `dtype` (autocast's, else the
+    weights'), all take the varlen kernel (`_kernel_runs`' conditions that the model and dtype
+    decide). The kernel computes inside each example whatever the rows, so there a micro-batch is
+    best one row: more rows would only add padding (and, in compiled layers, a batch dimension that
+    changes). Elsewhere SDPA's block-diagonal mask is quadratic in a row's length."""
+    config = getattr(model, "config", None)
+    if device.type not in KERNEL_DEVICES or dtype not in _KERNEL_DTYPES or config is None or not uses_varlen(config):
+        return False
+    attentions = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim")]  # transformers'
+    for module in attentions:
+        width, scaling = module.head_dim, module.scaling
+        default_scale = scaling is None or abs(scaling - width ** -0.5) <= 1e-6 * width ** -0.5
+        if not (width <= 256 and width % 8 == 0 and ("scale" in _VARLEN_PARAMETERS or default_scale)):
+            return False
+    return bool(attentions)  # (none found: nothing says the kernel runs)
+
+
 def segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """position_ids [R, L] of packed rows (restarting at 0 for each example, and for each row's
     padding) -> (cu_seq_lens [N + 1] int32: where each of the N examples starts in the flattened

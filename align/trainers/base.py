@@ -26,9 +26,10 @@ Saving the final model, checkpoints and resuming live in `align.trainers.resume`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
-import contextlib
+import functools
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy, sharding, varlen, zero
 from align.models.compiled import compile_layers
+from align.models.head import compute_dtype
 from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS
 from align.models.packed import attention_kernels
 from align.rollout import in_process_engine
@@ -332,9 +334,22 @@ class Trainer(Resumable):
         log-probs). Default: nothing."""
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Examples -> packed rows (`align.data.pack`: rows of at most data.pack_length tokens, by
+        default the longest example's; one row holding them all, unpadded, where every attention
+        call takes the varlen kernel: `one_row`), or one padded row each."""
         if self.recipe.data.packing and self.packs_rows:
-            return pack(examples, self.recipe.data.pack_length)
+            whole = sum(len(e["input_ids"]) for e in examples) if self.one_row else None
+            return pack(examples, whole or self.recipe.data.pack_length)
         return pad(examples, self.policy.tokenizer.pad_token_id)
+
+    @functools.cached_property
+    def one_row(self) -> bool:
+        """Whether packed examples go as one row a batch: where the policy's every attention call takes
+        the varlen kernel (`align.models.varlen.one_row`), which computes inside each example whatever
+        the rows, so rows would only add padding; not elsewhere, where a row's mask is quadratic in
+        its length."""
+        dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else compute_dtype(self.policy.model)
+        return varlen.one_row(self.policy.model, self.accelerator.device, dtype)
 
     @property
     def global_batch_size(self) -> int:

@@ -94,9 +94,11 @@ def trl(spec: Spec) -> Prepared:
 
 
 def floor(spec: Spec, model, tokenizer) -> Prepared:
-    """Each micro-batch of `batch_size` chats packed as Align packs it (`align.data.pack`: rows no
-    longer than the longest chat, position ids restarting per chat), laid out before timing; the
-    lm-head run on the trained positions only, cross-entropy summed over the step's trained tokens."""
+    """Each micro-batch of `batch_size` chats packed as Align packs it where the varlen kernel does not
+    run (`align.data.pack`: rows no longer than the longest chat, or `pack_length`, position ids
+    restarting per chat; on CUDA Align puts a micro-batch in one unpadded row, `Trainer.one_row`),
+    laid out before timing; the lm-head run on the trained positions only, cross-entropy summed over
+    the step's trained tokens."""
     from align.data import pack
 
     examples = _examples(spec, tokenizer)

@@ -4,10 +4,10 @@ with packed 8k-token rows).
 Chats of 1..60 question/answer turns (~30 to ~1.7k tokens, ~0.8k on average, under the tiny model's
 tokenizer; ~1k on average and up to max_length under the Qwen2 presets', see assets.py; the preset's
 `context_lines` bounds the turns), `batch_size` of them per micro-batch, packed by Align into rows
-of up to `pack_length` tokens (8192 on a GPU; 9 chats fill about one such row under the tiny
-tokenizer, one and a runt under the Qwen2 presets'). On CUDA
-the varlen kernel keeps the chats apart (`align.models.varlen`): attention costs what each chat
-needs, not what an 8k-token row with a block-diagonal mask would. TRL variants as in `sft` (its
+of up to `pack_length` tokens (9 chats fill about one 8k row under the tiny tokenizer, one and a
+runt under the Qwen2 presets'); on CUDA into one row per micro-batch, where the varlen kernel keeps
+the chats apart (`align.models.varlen`, `Trainer.one_row`): attention costs what each chat needs,
+not what a long row with a block-diagonal mask would. TRL variants as in `sft` (its
 `packing` rows hold batch_size x the mean chat: ~9.2k tokens on `1.5b`; transformers derives their per-chat
 mask from the position ids). Everything but the data is the `sft` case's.
 """
