@@ -214,9 +214,8 @@ def test_unshared_pairs_get_their_boundaries_too(make_recipe, monkeypatch):
 def test_where_every_attention_call_takes_the_kernel_a_batch_is_one_unpadded_row(make_recipe, monkeypatch):
     """`Trainer.one_row`: where the policy's attention all goes through the varlen kernel (here a
     CPU made to count as such), a packed micro-batch is one row without padding, with the loss and
-    gradients of the same examples in rows of the longest one. Not on a CPU as it is, nor in float32
-    (the kernel runs in 16 bits), nor for a model not switched to the kernel or with heads wider
-    than it takes."""
+    gradients of the same examples in rows of the longest one. Not on a CPU as it is, nor in
+    float32 (the kernel runs in 16 bits)."""
     recipe = make_recipe()
     plain = SFTTrainer.from_recipe(recipe)
     examples = [plain.train_data[i] for i in range(6)]
@@ -230,11 +229,8 @@ def test_where_every_attention_call_takes_the_kernel_a_batch_is_one_unpadded_row
 
     want, want_grads = loss_and_grads(plain, rows)
     monkeypatch.setattr(varlen, "KERNEL_DEVICES", {"cpu"})
-    trainer = SFTTrainer.from_recipe(recipe)
-    cpu, model = torch.device("cpu"), trainer.policy.model
-    assert not trainer.one_row  # float32
+    assert not SFTTrainer.from_recipe(recipe).one_row  # float32
     assert SFTTrainer.from_recipe(make_recipe(train={"mixed_precision": "bf16"})).one_row  # bf16 autocast
-    assert varlen.one_row(model, cpu, torch.bfloat16) and not varlen.one_row(model, torch.device("meta"), torch.bfloat16)
     monkeypatch.setattr(varlen, "_KERNEL_DTYPES", (torch.float32,))  # (exact comparisons, in float32)
     trainer = SFTTrainer.from_recipe(recipe)
     assert trainer.one_row
@@ -245,10 +241,21 @@ def test_where_every_attention_call_takes_the_kernel_a_batch_is_one_unpadded_row
     assert abs(got.item() - want.item()) < 1e-5
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_one_row_needs_the_kernel_device_16_bit_queries_and_heads_the_kernel_takes(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(varlen, "KERNEL_DEVICES", {"cpu"})
+    model = build("llama")
+    assert not varlen.one_row(model, cpu, torch.bfloat16)  # not switched to the kernel
+    assert varlen.use_varlen(model)
+    assert varlen.one_row(model, cpu, torch.bfloat16)  # under bf16 autocast
+    assert not varlen.one_row(model, torch.device("meta"), torch.bfloat16)  # not a kernel device
+    assert not varlen.one_row(model, cpu, None)  # float32 weights, no autocast
+    model.to(torch.bfloat16)
+    assert varlen.one_row(model, cpu, None)  # bfloat16 weights
+    model.model.norm.float()
+    assert not varlen.one_row(model, cpu, None)  # weights in two dtypes (say, float32 adapters or norms)
     attention = next(m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim"))
-    width = attention.head_dim
     monkeypatch.setattr(attention, "head_dim", 512)
-    assert not varlen.one_row(model, cpu, torch.float32)
-    monkeypatch.setattr(attention, "head_dim", width)
-    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
-    assert not varlen.one_row(model, cpu, torch.float32)
+    assert not varlen.one_row(model, cpu, torch.bfloat16)  # heads wider than the kernel takes

@@ -85,14 +85,18 @@ def uses_varlen(config) -> bool:
     return getattr(config, "_attn_implementation", None) == NAME
 
 
-def one_row(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `model`'s packed examples on `device`, attended in `dtype` (autocast's, else the
-    weights'), all take the varlen kernel (`_kernel_runs`' conditions that the model and dtype
-    decide). The kernel computes inside each example whatever the rows, so there a micro-batch is
-    best one row: more rows would only add padding (and, in compiled layers, a batch dimension that
-    changes). Elsewhere SDPA's block-diagonal mask is quadratic in a row's length."""
+def one_row(model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether `model`'s packed examples on `device` all take the varlen kernel (`_kernel_runs`'
+    conditions that the model decides), under autocast to `autocast_dtype` (None: no autocast; then
+    every floating-point weight must be in one 16-bit dtype, so that queries are too). The kernel
+    computes inside each example whatever the rows, so there a micro-batch is best one row: more
+    rows would only add padding (and, in compiled layers, a batch dimension that changes).
+    Elsewhere SDPA's block-diagonal mask is quadratic in a row's length."""
     config = getattr(model, "config", None)
-    if device.type not in KERNEL_DEVICES or dtype not in _KERNEL_DTYPES or config is None or not uses_varlen(config):
+    if device.type not in KERNEL_DEVICES or config is None or not uses_varlen(config):
+        return False
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if (autocast_dtype or (dtypes.pop() if len(dtypes) == 1 else None)) not in _KERNEL_DTYPES:
         return False
     attentions = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim")]  # transformers'
     for module in attentions:

@@ -51,7 +51,6 @@ from align.errors import AlignError
 from align.registry import TRAINERS
 from align.models import Policy, sharding, varlen, zero
 from align.models.compiled import compile_layers
-from align.models.head import compute_dtype
 from align.models.layouts import PACKED_ROWS, SHARED_PROMPTS
 from align.models.packed import attention_kernels
 from align.rollout import in_process_engine
@@ -348,8 +347,8 @@ class Trainer(Resumable):
         the varlen kernel (`align.models.varlen.one_row`), which computes inside each example whatever
         the rows, so rows would only add padding; not elsewhere, where a row's mask is quadratic in
         its length."""
-        dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else compute_dtype(self.policy.model)
-        return varlen.one_row(self.policy.model, self.accelerator.device, dtype)
+        autocast = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else None
+        return varlen.one_row(self.policy.model, self.accelerator.device, autocast)
 
     @property
     def global_batch_size(self) -> int:
