@@ -394,15 +394,34 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def release_processes() -> None:
+    """This process's end in a launch (torchrun, accelerate launch) whose command returned: wait for
+    the others, then destroy the process group, as torch asks before exit (NCCL warns otherwise,
+    and a group left to the interpreter's exit may abort there). Nothing without a group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `align` command. Run as the program (argv None), it releases a launch's process group
+    once the command returns (`release_processes`); a caller passing argv, which may run several
+    commands in one process, keeps it."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     try:
-        return args.fn(args) or 0
+        code = args.fn(args) or 0
     except AlignError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if argv is None:
+        release_processes()
+    return code
 
 
 if __name__ == "__main__":

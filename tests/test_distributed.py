@@ -321,3 +321,27 @@ except ValueError:
 def test_an_error_on_the_main_process_first_does_not_hold_the_others(tmp_path):
     output = run_script_on_processes(tmp_path, RAISES_FIRST)
     assert "the main process raised" in output and "the other process ran the block" in output
+
+
+RUN_AS_THE_PROGRAM = """
+import atexit
+import sys
+
+import torch.distributed as dist
+
+from align.cli import main
+
+atexit.register(lambda: print("group at exit:", dist.is_initialized(), flush=True))
+sys.argv = ["align", "train", RECIPE]  # main() then reads its arguments as the installed command does
+sys.exit(main())
+"""
+
+
+def test_align_train_run_as_the_program_releases_the_process_group(tmp_path):
+    """`align train` as the program waits for the other processes and destroys the process group
+    once its command returns, as torch asks before exit (NCCL warns otherwise); `main(argv)`, which
+    a script may call several times in one process (the launch above), keeps it."""
+    recipe = recipe_dict(tmp_path, "cli", "sft", chat_rows(8, seed=5), train={"batch_size": 2, "max_steps": 1})
+    (tmp_path / "cli.yaml").write_text(yaml.safe_dump(recipe))
+    out = run_script_on_processes(tmp_path, RUN_AS_THE_PROGRAM.replace("RECIPE", repr(str(tmp_path / "cli.yaml"))))
+    assert out.count("group at exit: False") == 2 and out.count("done:") == 1, out
