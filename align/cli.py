@@ -396,8 +396,8 @@ def quiet_libraries() -> None:
 
 def release_processes() -> None:
     """This process's end in a launch (torchrun, accelerate launch) whose command returned: wait for
-    the others, then destroy the process group, as torch asks before exit (NCCL warns otherwise,
-    and a group left to the interpreter's exit may abort there). Nothing without a group."""
+    the others, then destroy the process group, as torch asks before exit (NCCL warns otherwise).
+    Nothing without a group."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
