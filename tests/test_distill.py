@@ -311,3 +311,29 @@ def test_student_closes_half_the_gap_to_the_teacher(distill_recipe, tmp_path):
     assert distilled["kl"] >= 0.5 and distilled["nll"] >= 0.5, distilled
     control = run(1e-12, "control")
     assert abs(control["kl"]) < 0.1 and abs(control["nll"]) < 0.1, control
+
+
+@pytest.mark.parametrize("beta, blocks", [(1.0, 5.3), (0.0, 6.3), (0.5, 8.3)])
+def test_a_chunk_holds_the_blocks_its_gpu_size_allows_for(beta, blocks):
+    """The [chunk, V] float32 blocks a distillation chunk holds at once (student and teacher logits,
+    log-softmaxes, the divergence's terms, the gradient): at most `CHUNK_BLOCKS` (the generalized
+    JSD's), which sizes its chunks on a GPU. A soft-capped teacher adds none (it makes no gradient:
+    its soft-cap's derivative is not computed); a soft-capped student's derivative adds one."""
+    from align.ops.distill import CHUNK_BLOCKS
+    from tests.test_logprobs import _LiveBytes
+
+    torch.manual_seed(0)
+    tokens, vocab, chunk = 1024, 50_000, 256
+    block = chunk * vocab * 4
+    head, teacher_head = torch.nn.Linear(16, vocab, bias=False), torch.nn.Linear(16, vocab, bias=False)
+    hidden, teacher_hidden = torch.randn(1, tokens, 16, requires_grad=True), torch.randn(1, tokens, 16)
+    labels = torch.randint(0, vocab, (1, tokens))
+    capped = LogitTransform(softcap=30.0)
+    peaks = {}
+    for name, transforms in {"plain": (None, None), "capped teacher": (None, capped), "capped student": (capped, None)}.items():
+        with _LiveBytes() as live:
+            chunked_divergence(hidden, head, teacher_hidden, teacher_head, labels, beta=beta, chunk_size=chunk,
+                               transform=transforms[0], teacher_transform=transforms[1])
+        peaks[name] = live.peak / block
+    assert peaks["plain"] < blocks <= CHUNK_BLOCKS + 0.3 and peaks["capped teacher"] < blocks, peaks
+    assert peaks["capped student"] < blocks + 1, peaks

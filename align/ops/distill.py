@@ -2,10 +2,10 @@
 
 At every trained position both models' logits over the whole vocabulary enter the divergence
 (`align.losses.distill`). Materialising them for a batch costs 2 x [tokens, vocab] float32 (and
-as much again for the gradient): 2 x 4096 tokens x 152k vocab is 5 GB. Here one [chunk, vocab]
-block of each model lives at a time: for a chunk of labelled positions the student's and the
-teacher's lm-heads (plus the family's logit post-processing and the temperature, `LogitTransform`)
-make the two blocks, the divergence is computed, and, since each token's weight in the loss is
+as much again for the gradient): 2 x 4096 tokens x 152k vocab is 5 GB. Here the blocks of one
+chunk of labelled positions live at a time: the student's and the teacher's lm-heads (plus the
+family's logit post-processing and the temperature, `LogitTransform`) make a block each, their
+log-softmaxes and the divergence's terms more (`CHUNK_BLOCKS` at most), and, since each token's weight in the loss is
 known before the forward (1 / the step's trained tokens), the student's gradient too: the
 backward only scales the gradients made here, so no logits are recomputed. The teacher gets no
 gradient (its hidden states are taken without one).
@@ -36,6 +36,12 @@ class DistillOutput:
     teacher_logps: torch.Tensor
 
 
+CHUNK_BLOCKS = 8
+"""[chunk, vocab] float32 blocks a chunk holds at once at most (the generalized JSD, with a
+soft-capped student; the reverse KL ~5, the forward KL ~6: tests/test_distill.py), which sizes its
+chunks on a GPU (`default_chunk_size`): 256 tokens at a 152k vocabulary, ~1.2 GiB."""
+
+
 def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
@@ -62,7 +68,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             end = min(start + chunk_size, n)
             h, target = hidden[start:end], targets[start:end, None]
             z, derivative = transform(_head(h, weight, bias))
-            zt, _ = teacher_transform(_head(teacher_hidden[start:end], teacher_weight, teacher_bias))
+            zt = teacher_transform.logits(_head(teacher_hidden[start:end], teacher_weight, teacher_bias))
             log_ps, log_pt = z.log_softmax(-1), zt.log_softmax(-1)
             del z, zt
             student_logps[start:end] = log_ps.gather(1, target)[:, 0]
@@ -129,7 +135,7 @@ def chunked_divergence(hidden: torch.Tensor, lm_head: torch.nn.Module, teacher_h
     teacher_selected = teacher_selected.to(teacher_weight.device)
     transform = _with_temperature(transform, temperature)
     teacher_transform = _with_temperature(teacher_transform, temperature)
-    chunk_size = chunk_size or default_chunk_size(selected.device, vocab)
+    chunk_size = chunk_size or default_chunk_size(selected.device, vocab, blocks=CHUNK_BLOCKS)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (selected, weight, bias))
     total, *values = _ChunkedDivergence.apply(selected, weight, bias, teacher_selected, teacher_weight, teacher_bias,

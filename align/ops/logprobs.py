@@ -18,14 +18,15 @@ import torch
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024
 """Tokens per lm-head block on a CPU when a caller gives no chunk size."""
-ACCELERATOR_BLOCK_BYTES = 1 << 29
-"""On a GPU, blocks hold about this many bytes of float32 logits: few large chunks, as each chunk
-costs a handful of kernel launches whatever its size, yet small beside a long row's activations,
-on top of which the last chunks of the forward run. A chunk holds at most about two blocks at once
-(its log-softmax's input and output; tests/test_logprobs.py; a soft-capped model's derivative is a
-third): ~1.2 GiB at the 152k vocabulary of Qwen2.5 (1024-token chunks), where 1 GiB blocks had
-held ~3.6 GiB before the blocks were released early. Above a 131k vocabulary the 1024-token floor
-makes blocks larger than this."""
+ACCELERATOR_CHUNK_BYTES = 1 << 30
+"""On a GPU, the float32 [chunk, vocab] blocks one chunk holds at once come to about this many
+bytes: few large chunks, as each chunk costs a handful of kernel launches whatever its size, yet
+small beside a long row's activations, on top of which the last chunks of the forward run. The
+log-prob ops hold about two blocks at once (a log-softmax's input and output; a soft-capped model's
+derivative a third where a gradient is made; tests/test_logprobs.py), so their blocks are ~512 MiB: ~1.2
+GiB at the 152k vocabulary of Qwen2.5 (1024-token chunks), where 1 GiB blocks had held ~3.6 GiB
+before the blocks were released early. Distillation's divergences hold up to eight
+(`align.ops.distill`). Above a 131k vocabulary the token floor makes chunks larger than this."""
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,13 @@ class TokenWeights:
                                                                        self.reference)))
 
 
-def default_chunk_size(device: torch.device, vocab_size: int) -> int:
-    """Tokens per lm-head block: CHUNK_SIZE on a CPU; on an accelerator as many as fit
-    ACCELERATOR_BLOCK_BYTES of [chunk, vocab] float32 logits, never fewer than CHUNK_SIZE."""
+def default_chunk_size(device: torch.device, vocab_size: int, blocks: int = 2) -> int:
+    """Tokens per lm-head chunk: CHUNK_SIZE on a CPU; on an accelerator as many as keep the `blocks`
+    [chunk, vocab] float32 blocks a chunk holds at once within ACCELERATOR_CHUNK_BYTES, never fewer
+    than CHUNK_SIZE * 2 / blocks (1024 tokens for the log-prob ops' two blocks)."""
     if device.type == "cpu":
         return CHUNK_SIZE
-    return max(CHUNK_SIZE, ACCELERATOR_BLOCK_BYTES // (4 * vocab_size))
+    return max(CHUNK_SIZE * 2 // blocks, ACCELERATOR_CHUNK_BYTES // (blocks * 4 * vocab_size))
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ class LogitTransform:
     def is_identity(self) -> bool:
         return self.scale == 1.0 and self.softcap is None and self.temperature == 1.0
 
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z [n, V] float32 (overwritten) -> logits [n, V], as `__call__` gives them, without the
+        derivative (a soft-cap's is another [n, V] block) for a pass that takes no gradient."""
+        if self.softcap is None:
+            factor = self.scale / self.temperature
+            return z.mul_(factor) if factor != 1.0 else z
+        return z.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap / self.temperature)
+
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """z [n, V] float32 (overwritten) -> (logits [n, V], d logits / d z: a [n, V] tensor or a float)."""
         if self.softcap is None:
@@ -94,7 +104,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
-            logits, _ = transform(_lm_head(hidden[start:start + chunk_size], weight, bias))
+            logits = transform.logits(_lm_head(hidden[start:start + chunk_size], weight, bias))
             target = targets[start:start + chunk_size, None]
             lse = logits.logsumexp(-1, keepdim=True)
             out[start:start + chunk_size] = (logits.gather(1, target) - lse)[:, 0]
