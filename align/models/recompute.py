@@ -138,10 +138,13 @@ def selective_contexts():
     return _Entered(caching, KeptOutputsGuard()), cached
 
 
-selective_contexts.cache_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-"""What AOTAutograd's cache keys a compiled graph with selective checkpointing by: it cannot hash a
-`context_fn`'s code, so without this attribute it compiles such graphs anew in every process
-(`autograd_cache_bypass`). This module's source holds the whole policy."""
+try:
+    selective_contexts.cache_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    """What AOTAutograd's cache keys a compiled graph with selective checkpointing by: it cannot hash
+    a `context_fn`'s code, so without this attribute it compiles such graphs anew in every process
+    (`autograd_cache_bypass`). This module's source holds the whole policy."""
+except OSError:  # no source file to read (a zip or frozen install): the cache is bypassed, as before
+    pass
 
 
 def _traced() -> bool:

@@ -67,8 +67,9 @@ def align(spec: Spec) -> Prepared:
     from align import SFTTrainer
 
     if spec.micro_batch_tokens == "trl_row":
-        # micro-batches of at most TRL packing's row, each one row no longer than TRL's (a shorter
-        # pack_length cut some in two: padding, and in compiled layers a recompilation for the rows)
+        # micro-batches of at most TRL packing's row; where pack_length is set, each one row no longer
+        # than TRL's (a shorter pack_length cut some in two: padding, and in compiled layers a
+        # recompilation for the rows)
         row = packing_row(spec, AutoTokenizer.from_pretrained(spec.model_dir))
         pack_length = spec.pack_length and max(spec.pack_length, row)
         spec = dataclasses.replace(spec, micro_batch_tokens=str(row), pack_length=pack_length)
