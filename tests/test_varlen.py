@@ -101,6 +101,7 @@ def test_the_kernels_layout_keeps_packed_examples_apart(name, monkeypatch):
     monkeypatch.setattr(varlen, "_kernel_runs", lambda *args: True)
     model = build(name, **PLAIN[name])
     assert varlen.use_varlen(model)
+    calls.clear()  # (the switch's probe ran the kernel too)
     batch, sequences = packed_batch(11, 6, 4, 8)
     check_examples(model, batch, sequences)
     assert len(calls) == model.config.num_hidden_layers and calls[0][0] == batch["input_ids"].numel()
@@ -184,6 +185,7 @@ def test_the_trainer_hands_packed_rows_boundaries_to_the_model(make_recipe, monk
     monkeypatch.setattr(varlen, "_segment_mask", lambda *args: masks.append(args) or segment_mask(*args))
     trainer = SFTTrainer.from_recipe(recipe)
     assert trainer.policy.model.config._attn_implementation == varlen.NAME
+    masks.clear()  # (the switch's probe took its own)
     moved = trainer._to_device(batch)
     assert torch.equal(moved["cu_seq_lens"], varlen.segments(batch["position_ids"])[0])
     got, got_grads = loss_and_grads(trainer, moved)
@@ -259,3 +261,24 @@ def test_one_row_needs_the_kernel_device_16_bit_queries_and_heads_the_kernel_tak
     attention = next(m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim"))
     monkeypatch.setattr(attention, "head_dim", 512)
     assert not varlen.one_row(model, cpu, torch.bfloat16)  # heads wider than the kernel takes
+
+
+@pytest.mark.parametrize("model_type", ["stablelm", "nemotron"])
+def test_a_family_whose_layers_drop_the_boundaries_keeps_sdpa(model_type):
+    """StableLM's and Nemotron's decoder layers do not pass their keyword arguments on to attention,
+    so packed rows' boundaries never reach it: `use_varlen`'s probe leaves such a model on SDPA, and a
+    forward that loses them raises instead of attending to all of its row (before: across examples
+    and to later tokens, with no error, on CUDA)."""
+    from align.errors import AlignError
+
+    config = T.AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    assert varlen.varlen_refusal(model.config) is None
+    assert not varlen.use_varlen(model) and model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation(varlen.NAME)  # switched all the same
+    batch, _ = packed_batch(5, 3, 4)
+    inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "cu_seq_lens", "max_seq_len")}
+    with pytest.raises(AlignError, match="without their boundaries"):
+        TokenLogprobModel(model)(**inputs)

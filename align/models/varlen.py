@@ -27,6 +27,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from align.errors import AlignError
+
 NAME = "align_sdpa"
 
 NAMED_SDPA_FAMILIES = frozenset({"falcon", "gemma4", "gemma4_unified", "glm5_next"})
@@ -72,13 +74,45 @@ def varlen_refusal(config) -> str | None:
 
 
 def use_varlen(model: nn.Module) -> bool:
-    """Switch `model` (a transformers model) to `align_sdpa` where `varlen_refusal` allows; -> whether
-    it was switched."""
+    """Switch `model` (a transformers model) to `align_sdpa` where `varlen_refusal` allows and a
+    short probe finds the examples' boundaries reaching its every attention call (the decoder layers
+    of some families, StableLM and Nemotron among them, drop the keyword arguments that carry them);
+    -> whether it was switched."""
     config = getattr(model, "config", None)
     if config is None or varlen_refusal(config) is not None or not model._can_set_attn_implementation():
         return False
+    previous = config._attn_implementation
     model.set_attn_implementation(NAME)
+    if not _boundaries_reach_attention(model):
+        model.set_attn_implementation(previous)
+        return False
     return True
+
+
+_PROBED: list[bool] | None = None
+"""While `_boundaries_reach_attention` runs: whether each attention call got the boundaries."""
+
+
+def _boundaries_reach_attention(model: nn.Module) -> bool:
+    """Two packed 2-token examples through the decoder with their boundaries: whether every attention
+    call received them."""
+    global _PROBED
+    from align.models.head import decoder_of
+
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    _PROBED = []
+    try:
+        with torch.no_grad():
+            decoder_of(model)(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), attention_mask=NO_MASK,
+                              position_ids=torch.tensor([[0, 1, 0, 1]], device=device),
+                              cu_seq_lens_q=torch.tensor([0, 2, 4], dtype=torch.int32, device=device),
+                              max_length_q=2, use_cache=False)
+        return bool(_PROBED) and all(_PROBED)
+    except Exception:  # noqa: BLE001  (a family the probe cannot run keeps SDPA, which needs no probe)
+        return False
+    finally:
+        _PROBED = None
 
 
 def uses_varlen(config) -> bool:
@@ -157,7 +191,13 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     """Transformers' attention-function signature: query [R, Hq, L, D], key/value [R, Hkv, L, D] ->
     ([R, L, Hq, D], None). With cu_seq_lens_q (and max_length_q) the rows are packed examples:
     varlen kernel, or SDPA with their mask; without, transformers' SDPA as it is."""
+    if _PROBED is not None:
+        _PROBED.append(cu_seq_lens_q is not None)
     if cu_seq_lens_q is None:
+        if attention_mask is NO_MASK:  # (what `use_varlen`'s probe rules out: never attend to all of a row)
+            raise AlignError(f"align_sdpa: packed rows reached {type(module).__name__} without their boundaries "
+                             "(its layer dropped them); this model should not have been switched to the varlen "
+                             "kernel (align.models.varlen.use_varlen)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if kwargs.get("sliding_window") is not None:
