@@ -170,8 +170,8 @@ class TrainConfig(Section):
     is the same (up to dropout's random masks; grpo.loss_norm: bnpo, which averages per micro-batch,
     is refused); only the grouping changes, so peak memory follows the budget instead of the longest
     micro-batch. Padding is not counted: with data.pack_length at least the budget (or where the
-    varlen kernel runs) a micro-batch is one packed row, otherwise its rows are padded to the widest. An example longer than the budget
-    is a micro-batch of its own. Training only (evaluation and reference passes keep their batches).
+    varlen kernel runs) a micro-batch is one packed row, otherwise its rows are padded to the
+    widest. An example longer than the budget is a micro-batch of its own. Training only (evaluation and reference passes keep their batches).
     Default (null): batch_size examples per micro-batch, in order."""
     warmup: float = Field(0.0, ge=0, allow_inf_nan=False)
     """Warm-up length: a fraction of all steps if < 1, else a number of steps."""

@@ -162,18 +162,19 @@ def test_every_family_that_branches_on_the_name_sdpa_is_known():
     assert found and found <= varlen.NAMED_SDPA_FAMILIES, sorted(found - varlen.NAMED_SDPA_FAMILIES)
 
 
+def loss_and_grads(trainer, batch):
+    """A training forward's loss on a moved batch, and its gradients in the trainable parameters."""
+    trainer.policy.module.train()
+    loss = trainer.compute_loss(batch)[0]
+    return loss, torch.autograd.grad(loss, trainer.policy.trainable_parameters())
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_trainer_hands_packed_rows_boundaries_to_the_model(make_recipe, monkeypatch, checkpointing):
     """Where the kernel runs (here: a CPU made to count as such), `_to_device` adds the boundaries
     on the host, the forward takes them (its fallback mask, on a CPU; activation checkpointing's
     recomputation too), and the loss and gradients are unchanged."""
     recipe = make_recipe(model={"gradient_checkpointing": checkpointing})
-
-    def loss_and_grads(trainer, batch):
-        trainer.policy.module.train()
-        loss = trainer.compute_loss(batch)[0]
-        params = trainer.policy.trainable_parameters()
-        return loss, torch.autograd.grad(loss, params)
 
     plain = SFTTrainer.from_recipe(recipe)
     batch = {**pack([plain.train_data[i] for i in range(6)]), "num_items": None}
@@ -224,12 +225,7 @@ def test_where_every_attention_call_takes_the_kernel_a_batch_is_one_unpadded_row
     rows = plain.collate(examples)
     assert not plain.one_row and rows["input_ids"].shape[0] > 1 and (rows["labels"] == IGNORE_INDEX).any()
 
-    def loss_and_grads(trainer, batch):
-        trainer.policy.module.train()
-        loss = trainer.compute_loss(trainer._to_device({**batch, "num_items": None}))[0]
-        return loss, torch.autograd.grad(loss, trainer.policy.trainable_parameters())
-
-    want, want_grads = loss_and_grads(plain, rows)
+    want, want_grads = loss_and_grads(plain, plain._to_device({**rows, "num_items": None}))
     monkeypatch.setattr(varlen, "KERNEL_DEVICES", {"cpu"})
     assert not SFTTrainer.from_recipe(recipe).one_row  # float32
     assert SFTTrainer.from_recipe(make_recipe(train={"mixed_precision": "bf16"})).one_row  # bf16 autocast
@@ -239,7 +235,7 @@ def test_where_every_attention_call_takes_the_kernel_a_batch_is_one_unpadded_row
     batch = trainer.collate(examples)
     total = sum(len(e["input_ids"]) for e in examples)
     assert batch["input_ids"].shape == (1, total) and int(batch["num_tokens"]) == total
-    got, got_grads = loss_and_grads(trainer, batch)
+    got, got_grads = loss_and_grads(trainer, trainer._to_device({**batch, "num_items": None}))
     assert abs(got.item() - want.item()) < 1e-5
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

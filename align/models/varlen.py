@@ -132,13 +132,9 @@ def one_row(model: nn.Module, device: torch.device, autocast_dtype: torch.dtype 
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if (autocast_dtype or (dtypes.pop() if len(dtypes) == 1 else None)) not in _KERNEL_DTYPES:
         return False
-    attentions = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim")]  # transformers'
-    for module in attentions:
-        width, scaling = module.head_dim, module.scaling
-        default_scale = scaling is None or abs(scaling - width ** -0.5) <= 1e-6 * width ** -0.5
-        if not (width <= 256 and width % 8 == 0 and ("scale" in _VARLEN_PARAMETERS or default_scale)):
-            return False
-    return bool(attentions)  # (none found: nothing says the kernel runs)
+    # transformers' attention modules; none found: nothing says the kernel runs
+    attentions = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim")]
+    return bool(attentions) and all(_heads_taken(m.head_dim, m.scaling) for m in attentions)
 
 
 def segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -167,11 +163,16 @@ def _kernel_runs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dr
     head width the kernel takes, no dropout, the default scale (unless this torch takes a scale),
     none of the extras SDPA's path handles (soft-capping, sinks, a position bias)."""
     width = query.shape[-1]
-    default_scale = scaling is None or abs(scaling - width ** -0.5) <= 1e-6 * width ** -0.5
-    return (query.is_cuda and query.dtype in _KERNEL_DTYPES and width <= 256 and width % 8 == 0 and not dropout
+    return (query.is_cuda and query.dtype in _KERNEL_DTYPES and _heads_taken(width, scaling) and not dropout
             and key.shape[-1] == value.shape[-1] == width and query.shape[1] % key.shape[1] == 0
-            and ("scale" in _VARLEN_PARAMETERS or default_scale)
             and all(kwargs.get(name) is None for name in ("softcap", "s_aux", "position_bias")))
+
+
+def _heads_taken(width: int, scaling: float | None) -> bool:
+    """Whether the kernel takes heads of this width with this scale: at most 256 wide, a multiple of
+    8, and the default scale unless this torch's kernel takes a scale."""
+    default_scale = scaling is None or abs(scaling - width ** -0.5) <= 1e-6 * width ** -0.5
+    return width <= 256 and width % 8 == 0 and ("scale" in _VARLEN_PARAMETERS or default_scale)
 
 
 def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

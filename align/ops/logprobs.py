@@ -90,8 +90,7 @@ class LogitTransform:
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """z [n, V] float32 (overwritten) -> (logits [n, V], d logits / d z: a [n, V] tensor or a float)."""
         if self.softcap is None:
-            factor = self.scale / self.temperature
-            return (z.mul_(factor) if factor != 1.0 else z), factor
+            return self.logits(z), self.scale / self.temperature
         t = z.mul_(self.scale / self.softcap).tanh_()
         derivative = (1 - t * t).mul_(self.scale / self.temperature)
         return t.mul(self.softcap / self.temperature), derivative
