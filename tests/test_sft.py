@@ -9,7 +9,7 @@ from align.errors import AlignError
 from align.losses.sft import masked_nll
 from align.ops.logprobs import IGNORE_INDEX
 from align.toy import chat_rows, prompt_completion_rows
-from align.trainers import Callback, SFTTrainer
+from align.trainers import Callback, SFTTrainer, Trainer
 
 
 def read_metrics(run_dir):
@@ -243,6 +243,17 @@ def test_packed_rows_give_the_loss_and_gradients_of_padding(make_recipe):
         torch.testing.assert_close(loss, results[0][0], atol=1e-6, rtol=1e-5)
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_the_default_item_count_is_the_examples_whatever_the_layout(make_recipe):
+    """`Trainer.count_items` (what a plug-in that keeps it averages over) counts examples, not rows:
+    rows depend on data.pack_length and on the device (`one_row`), the examples do not."""
+    trainer = SFTTrainer.from_recipe(make_recipe())
+    examples = [trainer.train_data[i] for i in range(6)]
+    total = sum(len(e["input_ids"]) for e in examples)
+    layouts = [pack(examples, total), pack(examples), pad(examples, trainer.policy.tokenizer.pad_token_id)]
+    assert [b["input_ids"].shape[0] for b in layouts[::2]] == [1, 6]
+    assert [Trainer.count_items(trainer, b) for b in layouts] == [6.0] * 3
 
 
 def test_pack_length_packs_longer_rows(make_recipe):

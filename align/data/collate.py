@@ -40,7 +40,7 @@ def pack(examples: list[dict], max_length: int | None = None, pad_token_id: int 
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
     return {"input_ids": input_ids, "labels": row_labels, "position_ids": position_ids,
-            "num_tokens": torch.tensor(sum(len(i) for i in ids))}
+            "num_tokens": torch.tensor(sum(len(i) for i in ids)), "num_examples": torch.tensor(len(ids))}
 
 
 def pack_rows(lengths: list[int], max_length: int | None = None) -> list[list[int]]:
@@ -101,4 +101,5 @@ def pad(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :n] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": attention_mask, "num_tokens": attention_mask.sum()}
+            "attention_mask": attention_mask, "num_tokens": attention_mask.sum(),
+            "num_examples": torch.tensor(len(examples))}

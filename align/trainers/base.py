@@ -3,7 +3,7 @@
 - `build_policy(recipe)`           the Policy (and its reference strategy)
 - `build_dataset(recipe, tokenizer, ...)` rows -> tokenized examples (no model needed)
 - `collate(examples)`              examples -> a batch of tensors
-- `count_items(batch)`             how many units (tokens, pairs, rows) the loss averages over, read
+- `count_items(batch)`             how many units (tokens, pairs, examples) the loss averages over, read
                                    from the host batch (the collator's CPU tensors, before `.to(device)`)
 - `compute_loss(batch)`            -> (loss, metrics as detached 0-dim tensors: the loop reads them
                                    only at log steps); the loss is normalized by `batch["num_items"]`,
@@ -360,7 +360,9 @@ class Trainer(Resumable):
         return math.ceil(len(self.train_data) / self.global_batch_size)
 
     def count_items(self, batch: dict) -> float:
-        return float(batch["input_ids"].shape[0])
+        """Default: the batch's examples (`pack` and `pad` record them: a packed batch's rows depend
+        on the device, `one_row`), else its rows."""
+        return float(batch["num_examples"]) if "num_examples" in batch else float(batch["input_ids"].shape[0])
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
