@@ -155,7 +155,7 @@ from pathlib import Path
 import torch
 from align.errors import AlignError
 from align.trainers import checkpoint
-from align.trainers.base import process_accelerator
+from align.trainers.processes import process_accelerator
 
 process = process_accelerator().process_index  # two processes, as the trainers start them
 root = Path(sys.argv[1])

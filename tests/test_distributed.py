@@ -305,7 +305,7 @@ def test_the_main_process_tokenizes_first_and_the_other_reads_its_cache(tmp_path
 
 RAISES_FIRST = """
 from align.distributed import main_processes_first
-from align.trainers.base import process_accelerator
+from align.trainers.processes import process_accelerator
 
 state = process_accelerator(timeout_s=60)
 try:

@@ -122,7 +122,7 @@ def test_a_model_that_cannot_run_packed_rows_gets_a_row_per_sequence(name, model
     """SFT pads (as with data.packing: false), DPO's pairs get a row per sequence with a padding
     mask; both give forward()'s log-probs, and say what they do instead."""
     path = model_dir(name)
-    with caplog.at_level(logging.WARNING, logger="align.trainers.base"):
+    with caplog.at_level(logging.WARNING, logger="align.trainers.batches"):
         sft = TRAINERS["sft"].from_recipe(recipe("sft", path, "sdpa", tmp_path))
         dpo = TRAINERS["dpo"].from_recipe(recipe("dpo", path, "sdpa", tmp_path))
     assert f"model type '{name}'" in caplog.text and "each sequence gets a row of its own instead" in caplog.text
@@ -150,7 +150,7 @@ def test_sft_without_packing_trains_such_a_model_on_its_own_log_probs(model_dir,
 
 
 def test_dpo_leaves_out_shared_prompts_a_model_cannot_run_and_says_so(model_dir, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="align.trainers.base"):
+    with caplog.at_level(logging.WARNING, logger="align.trainers.batches"):
         trainer = TRAINERS["dpo"].from_recipe(recipe("dpo", model_dir("mpt"), "eager", tmp_path))
     assert "model type 'mpt': shared-prompt groups give decoder states" in caplog.text
     assert "each sequence gets its own copy of its prompt" in caplog.text
@@ -160,7 +160,7 @@ def test_dpo_leaves_out_shared_prompts_a_model_cannot_run_and_says_so(model_dir,
 
 
 def test_a_family_that_runs_both_layouts_keeps_them(model_dir, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="align.trainers.base"):
+    with caplog.at_level(logging.WARNING, logger="align.trainers.batches"):
         trainer = TRAINERS["dpo"].from_recipe(recipe("dpo", model_dir("llama"), "sdpa", tmp_path))
     assert trainer.policy.inexact_layouts == {} and trainer.packs_rows and trainer.shared_prompt
     assert "instead" not in caplog.text
