@@ -1,7 +1,9 @@
 """Typed recipe configs: YAML in, validated pydantic models out.
 
-A recipe is one flat YAML file. Every key is declared here; an unknown key, a wrong type or a
-missing local file fails before any model loads, with the file, the key and the closest valid key.
+A recipe is one flat YAML file. The keys every recipe has are declared here, an algorithm's own
+section next to its trainer (`register_trainer("dpo", DPOConfig)` in align/trainers/dpo.py); an
+unknown key, a wrong type or a missing local file fails before any model loads, with the file, the
+key and the closest valid key.
 """
 
 from __future__ import annotations
@@ -239,51 +241,6 @@ class TrainConfig(Section):
     settings (a fixed seed) and report their mean reward as eval/reward_sampled; 0: greedy only."""
 
 
-class SFTConfig(Section):
-    assistant_turns: Literal["all", "last"] = "all"
-    """`messages` data: the loss on every assistant turn, or on the last one only, the earlier turns
-    being context as the chat template renders history (reasoning models whose templates drop
-    earlier turns' reasoning, e.g. Qwen3, where `all` is refused)."""
-
-
-class DPOConfig(Section):
-    beta: float = Field(0.1, gt=0)
-    loss_type: registered("PREFERENCE_LOSSES") = "sigmoid"
-    """A preference loss (`align.losses.preference`): sigmoid (DPO), robust, ipo, hinge, and the
-    reference-free ones that load no reference model; or a plug-in (`module:Name`)."""
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    """Label-flip rate for `sigmoid` (conservative DPO), `robust` and `simpo`."""
-    rpo_alpha: float = Field(0.0, ge=0.0)
-    """Weight of an SFT term (mean NLL of the chosen completion) added to the loss (RPO); `orpo` has
-    that term already (this adds to it)."""
-    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments of the preference loss (e.g. {gamma: 0.5} for simpo)."""
-    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
-    """auto: the base under a LoRA/QLoRA adapter, else a frozen copy of the starting model."""
-    reference_model: str | None = None
-    """A different reference model (hub id or path); it must share the policy's tokenizer."""
-    precompute_reference: bool = True
-    """Compute reference log-probs once before training, cached on disk and reused across runs."""
-    shared_prompt: bool = True
-    """Run each pair's prompt once ([prompt | chosen | rejected] with a 4D attention mask)."""
-
-    @model_validator(mode="after")
-    def _check_loss_kwargs(self) -> "DPOConfig":
-        """Each loss_kwargs name must be a keyword parameter of the loss (a typo would fail at step 1)."""
-        if self.loss_kwargs:
-            from align.registry import PREFERENCE_LOSSES
-
-            check_keyword_arguments(PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type").fn, self.loss_kwargs,
-                                    ("pairs", "beta", "label_smoothing"), "loss_kwargs")
-        return self
-
-
-class RewardConfig(Section):
-    center_coef: float = Field(0.0, ge=0.0)
-    """Weight of the reward-centering term mean((r_chosen + r_rejected)^2)."""
-    shared_prompt: bool = True
-
-
 class RewardFunctionConfig(Section):
     """One reward for GRPO/PPO: a registry name (`exact_answer`), `module:func`,
     `path/to/file.py:func`, or a reward-model directory trained by Align."""
@@ -375,63 +332,6 @@ class SamplingConfig(Section):
                              "GPUs of vLLM's own: run it in a rollout server (align serve-rollouts on those GPUs, "
                              "engine: server in training), or set it to 1")
         return self
-
-
-class GRPOConfig(Section):
-    group_size: int = Field(8, ge=2)
-    """Completions sampled per prompt (G); train.batch_size counts completions and must be a multiple."""
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    rewards: list[RewardFunctionConfig] = Field(default_factory=list)
-    advantage: registered("ADVANTAGE_ESTIMATORS") = "grpo"
-    """How rewards become advantages: grpo (group-normalized, see scale_rewards), rloo (leave-one-out
-    baseline, TRL's RLOO), reinforce_pp (REINFORCE++: per-token return-to-go, whitened over the
-    round), or a plug-in (`module:Name`)."""
-    normalize_advantages: bool = False
-    """rloo: also (A - mean) / (std + 1e-4) over the round's scored completions (TRL's RLOO option)."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """grpo advantage = (r - group mean) / std of the group / of the batch / not divided (Dr. GRPO)."""
-    beta: float = Field(0.0, ge=0.0)
-    """Weight of the KL to the reference; 0 loads no reference model."""
-    kl_in: Literal["loss", "reward"] = "loss"
-    """Where the KL enters: loss (GRPO's k3 term, per token), or reward (beta x each completion's
-    summed k1 KL subtracted from its reward before the advantage estimator, as RLOO does)."""
-    epsilon: float | tuple[float, float] = 0.2
-    """Clip range: one value, or [epsilon_low, epsilon_high] (DAPO's clip-higher)."""
-    loss_norm: registered("LOSS_NORMS") = "dapo"
-    """How token losses are averaged (`align.losses.policy_gradient`): grpo, bnpo, dr_grpo, dapo."""
-    importance: Literal["token", "sequence"] = "token"
-    """sequence: GSPO's sequence-level importance ratio."""
-    num_iterations: int = Field(1, ge=1)
-    """Optimizer passes over each rollout; old log-probs are kept from the rollout."""
-    mask_truncated: bool = False
-    """Leave completions that hit max_new_tokens out of the loss."""
-    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
-    shared_prompt: bool = True
-    """Training forward runs each prompt once for its G completions (4D attention mask)."""
-
-
-class PPOConfig(Section):
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    rewards: list[RewardFunctionConfig] = Field(default_factory=list)
-    """Reward functions and/or reward-model directories (weighted sum = the score)."""
-    kl_coef: float = Field(0.05, ge=0.0)
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    clip_range: float = Field(0.2, gt=0.0)
-    clip_range_value: float = Field(0.2, gt=0.0)
-    vf_coef: float = Field(0.1, ge=0.0)
-    ppo_epochs: int = Field(4, ge=1)
-    num_mini_batches: int = Field(1, ge=1)
-    """Each rollout (batch_size * grad_accum * num_mini_batches completions) is split into this many
-    optimizer steps per PPO epoch."""
-    whiten_advantages: bool = True
-    missing_eos_penalty: float | None = Field(None, ge=0.0)
-    """Subtract this from the score of completions that did not end with EOS."""
-    critic: Literal["shared", "separate"] = "separate"
-    """shared: a value head on the policy backbone; separate: a value model (same base, own adapter)."""
-    value_model: str | None = None
-    """Start the separate critic from this model (e.g. the reward model dir); default: the policy's model."""
-    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
 
 
 class Recipe(Section):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from align.config import GRPOConfig
+from align.trainers.grpo import GRPOConfig
 from align.losses.advantages import RolloutScores
 from align.losses.reinforce_pp import reinforce_pp
 from align.losses.rloo import leave_one_out_advantages, rloo

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
 import torch
 
 from align.data.preference import pack_pairs, pair_sums, preference_encoder, warn_identical
 from align.data.formats import tokenize
 from align.data.groups import group_tokens
-from align.config import DPOConfig
+from align.config import Section, check_keyword_arguments, registered
 from align.errors import AlignError
 from align.losses.preference import PairLogps, preference_loss
 from align.models import Policy, reference_cache
@@ -20,6 +22,36 @@ from align.trainers.base import Trainer, register_trainer
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    loss_type: registered("PREFERENCE_LOSSES") = "sigmoid"
+    """A preference loss (`align.losses.preference`): sigmoid (DPO), robust, ipo, hinge, and the
+    reference-free ones that load no reference model; or a plug-in (`module:Name`)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Label-flip rate for `sigmoid` (conservative DPO), `robust` and `simpo`."""
+    rpo_alpha: float = Field(0.0, ge=0.0)
+    """Weight of an SFT term (mean NLL of the chosen completion) added to the loss (RPO); `orpo` has
+    that term already (this adds to it)."""
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments of the preference loss (e.g. {gamma: 0.5} for simpo)."""
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
+    """auto: the base under a LoRA/QLoRA adapter, else a frozen copy of the starting model."""
+    reference_model: str | None = None
+    """A different reference model (hub id or path); it must share the policy's tokenizer."""
+    precompute_reference: bool = True
+    """Compute reference log-probs once before training, cached on disk and reused across runs."""
+    shared_prompt: bool = True
+    """Run each pair's prompt once ([prompt | chosen | rejected] with a 4D attention mask)."""
+
+    @model_validator(mode="after")
+    def _check_loss_kwargs(self) -> "DPOConfig":
+        """Each loss_kwargs name must be a keyword parameter of the loss (a typo would fail at step 1)."""
+        if self.loss_kwargs:
+            check_keyword_arguments(PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type").fn, self.loss_kwargs,
+                                    ("pairs", "beta", "label_smoothing"), "loss_kwargs")
+        return self
 
 
 class PreferenceTrainer(Trainer):

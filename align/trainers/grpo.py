@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Literal
 
+from pydantic import Field
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from align.config import GRPOConfig
+from align.config import RewardFunctionConfig, SamplingConfig, Section, registered
 from align.data.groups import packed_tokens, sequence_tokens
 from align.errors import AlignError
 from align.losses.advantages import RolloutScores, token_kl
@@ -29,6 +31,39 @@ log = logging.getLogger(__name__)
 def _warn_once(message: str) -> None:
     """A recipe is checked more than once while a trainer is built: say each thing once per process."""
     log.warning(message)
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(8, ge=2)
+    """Completions sampled per prompt (G); train.batch_size counts completions and must be a multiple."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rewards: list[RewardFunctionConfig] = Field(default_factory=list)
+    advantage: registered("ADVANTAGE_ESTIMATORS") = "grpo"
+    """How rewards become advantages: grpo (group-normalized, see scale_rewards), rloo (leave-one-out
+    baseline, TRL's RLOO), reinforce_pp (REINFORCE++: per-token return-to-go, whitened over the
+    round), or a plug-in (`module:Name`)."""
+    normalize_advantages: bool = False
+    """rloo: also (A - mean) / (std + 1e-4) over the round's scored completions (TRL's RLOO option)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo advantage = (r - group mean) / std of the group / of the batch / not divided (Dr. GRPO)."""
+    beta: float = Field(0.0, ge=0.0)
+    """Weight of the KL to the reference; 0 loads no reference model."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL enters: loss (GRPO's k3 term, per token), or reward (beta x each completion's
+    summed k1 KL subtracted from its reward before the advantage estimator, as RLOO does)."""
+    epsilon: float | tuple[float, float] = 0.2
+    """Clip range: one value, or [epsilon_low, epsilon_high] (DAPO's clip-higher)."""
+    loss_norm: registered("LOSS_NORMS") = "dapo"
+    """How token losses are averaged (`align.losses.policy_gradient`): grpo, bnpo, dr_grpo, dapo."""
+    importance: Literal["token", "sequence"] = "token"
+    """sequence: GSPO's sequence-level importance ratio."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimizer passes over each rollout; old log-probs are kept from the rollout."""
+    mask_truncated: bool = False
+    """Leave completions that hit max_new_tokens out of the loss."""
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
+    shared_prompt: bool = True
+    """Training forward runs each prompt once for its G completions (4D attention mask)."""
 
 
 @register_trainer("grpo", GRPOConfig)

@@ -4,6 +4,9 @@ each rollout."""
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -14,9 +17,33 @@ from align.losses.ppo import gae, missing_eos_penalty, ppo_policy_loss, ppo_valu
 from align.models.critic import ActorCriticPolicy
 from align.models.loading import load_model, load_tokenizer
 from align.rollout import Rollout
-from align.config import PPOConfig
+from align.config import RewardFunctionConfig, SamplingConfig, Section
 from align.trainers.base import register_trainer
 from align.trainers.online import OnlineTrainer
+
+
+class PPOConfig(Section):
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rewards: list[RewardFunctionConfig] = Field(default_factory=list)
+    """Reward functions and/or reward-model directories (weighted sum = the score)."""
+    kl_coef: float = Field(0.05, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_range: float = Field(0.2, gt=0.0)
+    clip_range_value: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    ppo_epochs: int = Field(4, ge=1)
+    num_mini_batches: int = Field(1, ge=1)
+    """Each rollout (batch_size * grad_accum * num_mini_batches completions) is split into this many
+    optimizer steps per PPO epoch."""
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = Field(None, ge=0.0)
+    """Subtract this from the score of completions that did not end with EOS."""
+    critic: Literal["shared", "separate"] = "separate"
+    """shared: a value head on the policy backbone; separate: a value model (same base, own adapter)."""
+    value_model: str | None = None
+    """Start the separate critic from this model (e.g. the reward model dir); default: the policy's model."""
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
 
 
 @register_trainer("ppo", PPOConfig)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 import torch
 
 from align.losses.preference import bradley_terry_loss
 from align.models.reward import RewardModel
-from align.config import RewardConfig
+from align.config import Section
 from align.trainers.base import register_trainer
 from align.trainers.dpo import PreferenceTrainer
+
+
+class RewardConfig(Section):
+    center_coef: float = Field(0.0, ge=0.0)
+    """Weight of the reward-centering term mean((r_chosen + r_rejected)^2)."""
+    shared_prompt: bool = True
 
 
 @register_trainer("reward", RewardConfig)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from align.data import sft_encoder, tokenize
 from align.losses.sft import masked_nll, masked_nll_token_weights
-from align.config import SFTConfig
+from align.config import Section
 from align.errors import AlignError
 from align.trainers.base import Trainer, register_trainer
+
+
+class SFTConfig(Section):
+    assistant_turns: Literal["all", "last"] = "all"
+    """`messages` data: the loss on every assistant turn, or on the last one only, the earlier turns
+    being context as the chat template renders history (reasoning models whose templates drop
+    earlier turns' reasoning, e.g. Qwen3, where `all` is refused)."""
 
 
 @register_trainer("sft", SFTConfig)
