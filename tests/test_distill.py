@@ -318,7 +318,8 @@ def test_a_chunk_holds_the_blocks_its_gpu_size_allows_for(beta, blocks):
     """The [chunk, V] float32 blocks a distillation chunk holds at once (student and teacher logits,
     log-softmaxes, the divergence's terms, the gradient): at most `CHUNK_BLOCKS` (the generalized
     JSD's), which sizes its chunks on a GPU. A soft-capped teacher adds none (it makes no gradient:
-    its soft-cap's derivative is not computed); a soft-capped student's derivative adds one."""
+    its soft-cap's derivative is not computed); a soft-capped student's derivative adds one, except
+    where no gradient is made (evaluation)."""
     from align.ops.distill import CHUNK_BLOCKS
     from tests.test_logprobs import _LiveBytes
 
@@ -335,5 +336,9 @@ def test_a_chunk_holds_the_blocks_its_gpu_size_allows_for(beta, blocks):
             chunked_divergence(hidden, head, teacher_hidden, teacher_head, labels, beta=beta, chunk_size=chunk,
                                transform=transforms[0], teacher_transform=transforms[1])
         peaks[name] = live.peak / block
+    with _LiveBytes() as live, torch.no_grad():
+        chunked_divergence(hidden, head, teacher_hidden, teacher_head, labels, beta=beta, chunk_size=chunk,
+                           transform=capped)
+    peaks["capped student, no gradient"] = live.peak / block
     assert peaks["plain"] < blocks <= CHUNK_BLOCKS + 0.3 and peaks["capped teacher"] < blocks, peaks
-    assert peaks["capped student"] < blocks + 1, peaks
+    assert blocks < peaks["capped student"] < blocks + 1 and peaks["capped student, no gradient"] < blocks, peaks

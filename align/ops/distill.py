@@ -64,10 +64,12 @@ class _ChunkedDivergence(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=dtype) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=dtype) if need_b else None
         divergence, entropy, student_logps, teacher_logps = (hidden.new_zeros(n, dtype=dtype) for _ in range(4))
+        needs_grads = need_h or need_w or need_b
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h, target = hidden[start:end], targets[start:end, None]
-            z, derivative = transform(_head(h, weight, bias))
+            z = _head(h, weight, bias)  # (a soft-cap's derivative, another block, only where a gradient is made)
+            z, derivative = transform(z) if needs_grads else (transform.logits(z), None)
             zt = teacher_transform.logits(_head(teacher_hidden[start:end], teacher_weight, teacher_bias))
             log_ps, log_pt = z.log_softmax(-1), zt.log_softmax(-1)
             del z, zt
@@ -75,7 +77,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             teacher_logps[start:end] = log_pt.gather(1, target)[:, 0]
             value, grad, chunk_entropy = divergence_and_grad(log_ps, log_pt, beta)
             divergence[start:end], entropy[start:end] = value, chunk_entropy
-            if need_h or need_w or need_b:
+            if needs_grads:
                 grad = chain_derivative(grad.mul_(token_weights[start:end, None].to(grad.dtype)), derivative)
                 add_chunk_grads((grad_h, grad_w, grad_b), start, grad, h, weight)
             del log_ps, log_pt, grad, derivative  # (so the next chunk's blocks do not come on top of these)
