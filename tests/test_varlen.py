@@ -259,6 +259,37 @@ def test_one_row_needs_the_kernel_device_16_bit_queries_and_heads_the_kernel_tak
     assert not varlen.one_row(model, cpu, torch.bfloat16)  # heads wider than the kernel takes
 
 
+def test_one_row_takes_lora_adapters_and_refuses_attention_dropout_and_gpus_before_ampere(monkeypatch):
+    """LoRA's float32 adapters leave queries in their base layer's 16 bits (peft casts the output
+    back): one row. An attention module's own dropout (GPT-2's attn_pdrop) sends every training call
+    to SDPA's mask, quadratic in the one row: not one row until dropout is off. A GPU older than
+    Ampere has no FlashAttention kernel: the model is not switched."""
+    from peft import LoraConfig, get_peft_model
+
+    from align.models.dropout import disable_dropout
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(varlen, "KERNEL_DEVICES", {"cpu"})
+    model = build("llama").to(torch.bfloat16)
+    assert varlen.use_varlen(model)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    assert {p.dtype for n, p in lora.named_parameters() if "lora_" in n} == {torch.float32}
+    assert varlen.one_row(lora, cpu, None)
+
+    config = T.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1)
+    gpt2 = T.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    assert varlen.use_varlen(gpt2)
+    assert not varlen.one_row(gpt2, cpu, torch.bfloat16)  # dropout on
+    disable_dropout(gpt2)
+    assert varlen.one_row(gpt2, cpu, torch.bfloat16)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not varlen.use_varlen(build("llama"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert varlen.use_varlen(build("llama"))
+
+
 @pytest.mark.parametrize("model_type", ["stablelm", "nemotron"])
 def test_a_family_whose_layers_drop_the_boundaries_keeps_sdpa(model_type):
     """StableLM's and Nemotron's decoder layers do not pass their keyword arguments on to attention,

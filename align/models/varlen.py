@@ -79,7 +79,8 @@ def use_varlen(model: nn.Module) -> bool:
     of some families, StableLM and Nemotron among them, drop the keyword arguments that carry them);
     -> whether it was switched."""
     config = getattr(model, "config", None)
-    if config is None or varlen_refusal(config) is not None or not model._can_set_attn_implementation():
+    if config is None or varlen_refusal(config) is not None or not model._can_set_attn_implementation() \
+            or not _gpu_takes_kernel():
         return False
     previous = config._attn_implementation
     model.set_attn_implementation(NAME)
@@ -87,6 +88,12 @@ def use_varlen(model: nn.Module) -> bool:
         model.set_attn_implementation(previous)
         return False
     return True
+
+
+def _gpu_takes_kernel() -> bool:
+    """Whether this process's CUDA device, if any, runs FlashAttention's kernel (compute capability 8.0,
+    Ampere, or newer); without CUDA, a device a test makes count as a kernel device."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 0)
 
 
 _PROBED: list[bool] | None = None
@@ -120,21 +127,33 @@ def uses_varlen(config) -> bool:
 
 
 def one_row(model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
-    """Whether `model`'s packed examples on `device` all take the varlen kernel (`_kernel_runs`'
-    conditions that the model decides), under autocast to `autocast_dtype` (None: no autocast; then
-    every floating-point weight must be in one 16-bit dtype, so that queries are too). The kernel
-    computes inside each example whatever the rows, so there a micro-batch is best one row: more
-    rows would only add padding (and, in compiled layers, a batch dimension that changes).
-    Elsewhere SDPA's block-diagonal mask is quadratic in a row's length."""
+    """Whether `model`'s packed examples on `device` all take the varlen kernel in training
+    (`_kernel_runs`' conditions that the model decides), under autocast to `autocast_dtype` (None: no
+    autocast; then every floating-point weight but LoRA's must be in one 16-bit dtype, so that
+    queries are too: peft casts an adapter's output to its base layer's dtype). The kernel computes
+    inside each example whatever the rows, so there a micro-batch is best one row: more rows would
+    only add padding (and, in compiled layers, a batch dimension that changes). Elsewhere, and in a
+    call the kernel does not take (attention dropout: GPT-2's attn_pdrop), SDPA's block-diagonal
+    mask is quadratic in a row's length."""
     config = getattr(model, "config", None)
     if device.type not in KERNEL_DEVICES or config is None or not uses_varlen(config):
         return False
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    dtypes = {p.dtype for name, p in model.named_parameters()
+              if p.is_floating_point() and not any(part.startswith("lora_") for part in name.split("."))}
     if (autocast_dtype or (dtypes.pop() if len(dtypes) == 1 else None)) not in _KERNEL_DTYPES:
         return False
     # transformers' attention modules; none found: nothing says the kernel runs
     attentions = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim")]
-    return bool(attentions) and all(_heads_taken(m.head_dim, m.scaling) for m in attentions)
+    return bool(attentions) and all(_heads_taken(m.head_dim, m.scaling) and not _drops_out(m) for m in attentions)
+
+
+def _drops_out(attention: nn.Module) -> bool:
+    """Whether a transformers attention module has dropout of its own in training mode (its
+    `attention_dropout` rate, or a dropout layer of its own, e.g. GPT-2's attn_dropout: not the
+    dropout of a LoRA adapter inside its projections)."""
+    rate = getattr(attention, "attention_dropout", None)
+    return (isinstance(rate, float) and rate > 0) or any(isinstance(child, nn.Dropout) and child.p > 0
+                                                         for child in attention.children())
 
 
 def segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
