@@ -253,3 +253,23 @@ def test_float64_inputs_under_autocast_keep_float64_as_autocast_does(fused):
     torch.testing.assert_close(autocast[0], plain[0])
     for a, b in zip(autocast[1], plain[1]):
         torch.testing.assert_close(a, b)
+
+
+def test_a_no_grad_pass_of_the_fused_sum_makes_no_gradient():
+    """An evaluation of a fully trained lm-head (no-grad mode, so its hidden states need no gradient
+    but its weight still does) runs one matmul a chunk, the logits, and no gradient's: the same
+    value, at half the lm-head's work and without a [V, H] float32 buffer."""
+    torch.manual_seed(5)
+    hidden = torch.randn(2, 9, 32)
+    head = torch.nn.Linear(32, 300, bias=True)
+    labels = torch.randint(0, 300, (2, 9))
+    weights = torch.randn(2, 9)
+    transform = LogitTransform(softcap=3.0)
+    with _MatmulDtypes() as trained:
+        want = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=5, transform=transform)[0]
+    with _MatmulDtypes() as evaluated, torch.no_grad():
+        got = weighted_logprob_sum(hidden, head, labels, weights, chunk_size=5, transform=transform)[0]
+    chunks = 4  # 18 labelled positions in chunks of 5
+    assert (len(trained.dtypes), len(evaluated.dtypes)) == (2 * chunks, chunks)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)

@@ -149,10 +149,12 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, weights, exp_coefficient, reference, transform, chunk_size,
-                with_entropy):
+                with_entropy, grad_mode):
         # hidden: [N, H], weight: [V, H], bias: [V] | None, targets: [N] (valid ids); weights,
-        # exp_coefficient, reference: [N] float32 (the last two None for weights known beforehand)
-        grads = _new_grads(ctx, hidden, weight, bias)
+        # exp_coefficient, reference: [N] float32 (the last two None for weights known beforehand);
+        # grad_mode: the caller's (a forward runs in no-grad mode, and needs_input_grad ignores it)
+        grads = _new_grads(ctx, hidden, weight, bias) if grad_mode else (None, None, None)
+        makes_grads = any(g is not None for g in grads)
         values = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         used = hidden.new_empty(hidden.shape[0], dtype=torch.float32)  # the weights w_i
         entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=torch.float32)
@@ -160,7 +162,8 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
             end = start + chunk_size
             h, w = hidden[start:end], weights[start:end].float()
             target = targets[start:end, None]
-            logits, derivative = transform(_lm_head(h, weight, bias))
+            logits = _lm_head(h, weight, bias)
+            logits, derivative = transform(logits) if makes_grads else (transform.logits(logits), None)
             logp = logits.log_softmax(-1)
             del logits  # (one [chunk, V] float32 block less for the rest of the chunk: its peak under autocast)
             values[start:end] = logp.gather(1, target)[:, 0]
@@ -170,7 +173,7 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
             w = w[:, None]
             if with_entropy:
                 entropy[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
-            if any(g is not None for g in grads):
+            if makes_grads:
                 grad_logits = logp.exp_().mul_(-w)  # d(w * logp[target]) / d logits = w * (onehot - softmax)
                 grad_logits.scatter_add_(1, target, w)
                 add_chunk_grads(grads, start, chain_derivative(grad_logits, derivative), h, weight)
@@ -184,7 +187,7 @@ class _ChunkedWeightedLogprobSum(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_values, _grad_entropy):
         grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return *grads, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None
 
 
 def _new_grads(ctx, hidden, weight, bias) -> tuple:
@@ -306,7 +309,8 @@ def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels:
     """sum(weights * log-probs of labels), a scalar, for losses whose per-token weights are known
     before the forward (SFT: 1 / trained tokens of the step; on-policy GRPO: advantage x norm).
     Same value and gradient as `(weights * token_logprobs(hidden, lm_head, labels)).sum()`, but
-    the gradient is computed in the forward's chunk loop, so the logits are never recomputed.
+    the gradient is computed in the forward's chunk loop, so the logits are never recomputed (in
+    grad mode only: a no-grad pass, an evaluation, makes none).
 
     hidden: [B, T, H]; labels: [B, T] (IGNORE_INDEX where there is none); weights: [B, T], no grad,
     or `TokenWeights` (weights that depend on each token's log-prob, e.g. GRPO's KL term: the
@@ -322,7 +326,8 @@ def weighted_logprob_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels:
     chunk_size = chunk_size or default_chunk_size(selected.device, lm_head.weight.shape[0])
     total, values, entropy = _ChunkedWeightedLogprobSum.apply(
         selected, lm_head.weight, lm_head.bias, targets, at_labels(weights.constant),
-        at_labels(weights.exp_coefficient), at_labels(weights.reference), transform, chunk_size, return_entropy)
+        at_labels(weights.exp_coefficient), at_labels(weights.reference), transform, chunk_size, return_entropy,
+        torch.is_grad_enabled())
     return (total, _scatter(values, positions, labels),
             _scatter(entropy, positions, labels) if return_entropy else None)
 
