@@ -125,6 +125,13 @@ class DataSource(Section):
     """Rename map {name in the file: name Align expects}, e.g. {conversation: messages}."""
     max_rows: int | None = Field(None, gt=0)
 
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: a local .jsonl/.json/.parquet/.csv file or directory, or a hub dataset id")
+        return value
+
     @property
     def is_local(self) -> bool:
         p = self.path
@@ -157,6 +164,9 @@ SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo", "ppo", "distill")
 """Algorithms train.sharding=fsdp runs (the others are refused by the recipe's validation)."""
 
 
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class TrainConfig(Section):
     lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
     epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -179,7 +189,7 @@ class TrainConfig(Section):
     """Warm-up length: a fraction of all steps if < 1, else a number of steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[_Beta, _Beta] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     """Clip the gradient's global norm to this (null: no clipping; the norm is still logged)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
@@ -364,7 +374,7 @@ class Recipe(Section):
         if not value.strip():
             raise ValueError("empty: name a directory of its own for this run, e.g. runs/my-run "
                              "(an empty one would write into the current directory)")
-        return value
+        return os.path.expanduser(value)  # (as data and model paths are: not a directory named "~")
 
     @model_validator(mode="after")
     def _check_sharding(self) -> "Recipe":
@@ -442,6 +452,10 @@ class Recipe(Section):
             if source.is_local and not os.path.exists(os.path.expanduser(source.path)):
                 raise ValueError(f"{key}.path: file not found: {source.path!r} (paths are relative to the "
                                  f"directory you run from: {os.getcwd()})")
+        resume = self.train.resume_from
+        if resume not in (None, "auto") and not os.path.isdir(os.path.expanduser(resume)):
+            raise ValueError(f"train.resume_from: no directory {resume!r}: give a checkpoint directory "
+                             "(OUTPUT_DIR/checkpoints/step-NNNNNN), or auto for the newest in output_dir")
         return self
 
 

@@ -2,6 +2,7 @@
 `align validate` catches it before any model loads."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -9,7 +10,7 @@ import yaml
 from align.cli import main
 from align.config import AdapterConfig, DataSource, ModelConfig
 from align.errors import AlignError
-from align.toy import chat_rows, prompt_completion_rows, prompt_rows
+from align.toy import chat_rows, preference_rows, prompt_completion_rows, prompt_rows
 from tests.conftest import write_jsonl
 
 
@@ -279,3 +280,49 @@ def test_a_model_dir_under_home_is_read_with_its_tilde(monkeypatch, tmp_path, ca
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert main(["validate", recipe_file(model={"name_or_path": "~/tiny"})]) == 0
     assert "data.train: 8 rows, format messages, 8 examples tokenized" in capsys.readouterr().out
+
+
+# 8. found by feeding the CLI bad input ---------------------------------------------------------
+@pytest.mark.parametrize("overrides, key", [
+    (["train.adam_betas=[1.5, 0.9]"], "train.adam_betas.0"), (["train.adam_betas=[0.9, .nan]"], "train.adam_betas.1"),
+    (["algorithm=grpo", "grpo.epsilon=-0.2"], "grpo.epsilon"), (["algorithm=grpo", "grpo.epsilon=[0.2, 0]"], "grpo.epsilon"),
+    (["data.train.path=''"], "data.train.path"), (["data.eval_fraction=0.99"], "data.eval_fraction"),
+    (["train.resume_from=no/such/dir"], "train.resume_from"),
+])
+def test_bad_settings_exit_2_in_validate_naming_the_key(recipe_file, capsys, overrides, key):
+    """Each was a traceback (betas out of range, an empty data path, an eval split leaving none of 8
+    rows), a silent other run (a negative clip range), or an error only `align train` gave."""
+    code, err = cli(capsys, "validate", recipe_file(), *[a for o in overrides for a in ("--set", o)])
+    assert code == 2 and key in err, err
+
+
+@pytest.mark.parametrize("margin", ["big", True])
+def test_a_pair_margin_that_is_not_a_finite_number_names_its_row(tmp_path, capsys, make_recipe, margin):
+    rows = preference_rows(6, seed=3)
+    rows[4]["margin"] = margin
+    recipe = make_recipe(raw=True, rows=rows, algorithm="reward")
+    path = tmp_path / "rm.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, err = cli(capsys, "validate", str(path))
+    assert code == 2 and "data.train row 4: margin must be a finite number" in err, err
+
+
+def test_a_chat_template_path_to_no_file_is_refused():
+    """It was taken for a template's text: every prompt rendered as the path (GRPO trained on it)."""
+    from align.models.loading import load_tokenizer
+
+    with pytest.raises(AlignError, match="model.chat_template: no file 'templates/chat.jinja'"):
+        load_tokenizer(ModelConfig(name_or_path="builtin:tiny-llama", chat_template="templates/chat.jinja"))
+
+
+def test_output_dir_expands_the_home_directory(make_recipe):
+    assert make_recipe(output_dir="~/runs/x").output_dir == os.path.expanduser("~/runs/x")
+
+
+def test_a_resume_from_that_is_no_checkpoint_leaves_the_new_output_dir_untouched(recipe_file, tmp_path, capsys):
+    not_a_checkpoint = tmp_path / "elsewhere"
+    not_a_checkpoint.mkdir()
+    code, err = cli(capsys, "train", recipe_file(output_dir=str(tmp_path / "new")), "--set",
+                    f"train.resume_from={not_a_checkpoint}")
+    assert code == 2 and "is not a complete checkpoint directory" in err and "OUTPUT_DIR/checkpoints/step-" in err
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())

@@ -39,7 +39,7 @@ def render(tokenizer, messages: list[dict], row: int, key: str, **kwargs):
     kwargs.setdefault("tokenize", False)
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
-    except (jinja2.TemplateError, TypeError) as error:
+    except (jinja2.TemplateError, TypeError, ValueError) as error:  # (ValueError: an empty conversation)
         raise AlignError(f"{key} row {row}: the chat template failed on this conversation: {error}") from None
 
 

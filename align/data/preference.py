@@ -69,9 +69,21 @@ def preference_encoder(tokenizer, max_length: int, key: str):
             return {**empty, "dropped": problem}
         budget = max_length - len(prompt_ids)
         return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:budget], "rejected_ids": rejected_ids[:budget],
-                "margin": float(row.get("margin") or 0.0), "identical": chosen == rejected, "label_smoothing": smoothing}
+                "margin": pair_margin(row.get("margin"), index, key), "identical": chosen == rejected,
+                "label_smoothing": smoothing}
 
     return encode
+
+
+def pair_margin(value, index: int, key: str) -> float:
+    """A row's `margin` (how much more chosen is preferred: the reward model's margin term), 0 where
+    the row has none; AlignError unless a finite number."""
+    if value is None:
+        return 0.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AlignError(f"{key} row {index}: margin must be a finite number (how much more chosen is preferred), "
+                         f"got {value!r}")
+    return float(value)
 
 
 def pair_smoothing(value, index: int, key: str) -> float:

@@ -30,6 +30,9 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
             data = datasets.load_dataset(path, source.name, split=source.split)
     except FileNotFoundError as error:
         raise AlignError(f"{key}.path: {source.path!r}: {error}") from None
+    except ConnectionError as error:  # a hub id, the hub out of reach (and the dataset not in datasets' cache)
+        raise AlignError(f"{key}.path: {source.path!r} is no local file, and as a hub dataset it cannot be "
+                         f"fetched: {error}; give a local .jsonl/.json/.parquet/.csv file or directory") from None
     except UnicodeDecodeError:
         raise AlignError(_not_utf8(path, key)) from None
     except StopIteration:  # what `datasets` raises on a 0-byte file

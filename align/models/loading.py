@@ -56,9 +56,12 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
         raise AlignError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {error}") from None
     if config.chat_template:
         template = config.chat_template
-        if os.path.isfile(template):
-            with open(template) as f:
+        if os.path.isfile(os.path.expanduser(template)):
+            with open(os.path.expanduser(template)) as f:
                 template = f.read()
+        elif "{" not in template:  # a template's text has {{ }} or {% %}: this is a path, to no file
+            raise AlignError(f"model.chat_template: no file {template!r} (a path is relative to the directory "
+                             f"you run from, {os.getcwd()}; a template's own text holds {{% ... %}} tags)")
         tokenizer.chat_template = template
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -213,7 +213,11 @@ class Trainer(Batches, Resumable):
         train = load_rows(data.train, "data.train")
         evaluation = load_rows(data.eval, "data.eval") if data.eval else None
         if evaluation is None and data.eval_fraction > 0:
-            split = train.train_test_split(test_size=data.eval_fraction, seed=recipe.train.seed)
+            try:
+                split = train.train_test_split(test_size=data.eval_fraction, seed=recipe.train.seed)
+            except ValueError as error:  # a split left empty
+                raise AlignError(f"data.eval_fraction: {data.eval_fraction} of {len(train)} rows of data.train "
+                                 f"leaves a split empty ({error}); lower it, or give data.eval a file") from None
             train, evaluation = split["train"], split["test"]
         splits = {"data.train": train, "data.eval": evaluation}
         return {key: (rows, cls.check_format(recipe, rows, key)) if rows is not None else (None, None)
@@ -280,6 +284,8 @@ class Trainer(Batches, Resumable):
         """Train in output_dir, which this run holds until it returns (see `align.trainers.run_dir`):
         a directory holding another run is refused unless train.resume_from resumes it or
         `overwrite` moves it aside. Returns the last logged record."""
+        if self.cfg.resume_from not in (None, "auto"):
+            self.checkpoint_path(self.cfg.resume_from)
         with self.hold_output_dir(overwrite), self.stop_on_signals():
             if self.cfg.resume_from:
                 self.resume(self.cfg.resume_from)

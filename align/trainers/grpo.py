@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 import torch
@@ -33,6 +33,9 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+_ClipRange = Annotated[float, Field(gt=0)]
+
+
 class GRPOConfig(Section):
     group_size: int = Field(8, ge=2)
     """Completions sampled per prompt (G); train.batch_size counts completions and must be a multiple."""
@@ -51,7 +54,7 @@ class GRPOConfig(Section):
     kl_in: Literal["loss", "reward"] = "loss"
     """Where the KL enters: loss (GRPO's k3 term, per token), or reward (beta x each completion's
     summed k1 KL subtracted from its reward before the advantage estimator, as RLOO does)."""
-    epsilon: float | tuple[float, float] = 0.2
+    epsilon: _ClipRange | tuple[_ClipRange, _ClipRange] = 0.2
     """Clip range: one value, or [epsilon_low, epsilon_high] (DAPO's clip-higher)."""
     loss_norm: registered("LOSS_NORMS") = "dapo"
     """How token losses are averaged (`align.losses.policy_gradient`): grpo, bnpo, dr_grpo, dapo."""

@@ -138,10 +138,18 @@ class Resumable:
         for `auto` without one."""
         if where == "auto":
             return checkpoint.load_newest(self.output_dir / "checkpoints", self.run_id, lazy=True)
-        path = Path(where)
-        if not (path / checkpoint.STATE_FILE).is_file():
-            raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory")
+        path = self.checkpoint_path(where)
         return (path, *checkpoint.load_checkpoint(path, lazy=True))
+
+    @staticmethod
+    def checkpoint_path(where: str) -> Path:
+        """train.resume_from's directory; AlignError if it holds no checkpoint (`fit` asks before it
+        takes output_dir, so a wrong path leaves nothing behind)."""
+        path = Path(where).expanduser()
+        if not (path / checkpoint.STATE_FILE).is_file():
+            raise AlignError(f"train.resume_from: {where!r} is not a complete checkpoint directory (no "
+                             f"{checkpoint.STATE_FILE}): give one of OUTPUT_DIR/checkpoints/step-NNNNNN, or auto")
+        return path
 
     RESUME_APPLIES = ("train.lr", "train.warmup", "train.schedule", "train.max_steps", "train.epochs",
                       "train.max_grad_norm", "train.weight_decay", "train.adam_betas", "train.max_nonfinite_steps",
