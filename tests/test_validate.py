@@ -326,3 +326,13 @@ def test_a_resume_from_that_is_no_checkpoint_leaves_the_new_output_dir_untouched
                     f"train.resume_from={not_a_checkpoint}")
     assert code == 2 and "is not a complete checkpoint directory" in err and "OUTPUT_DIR/checkpoints/step-" in err
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
+@pytest.mark.parametrize("bad, message", [("[1, 2]", "line 2 holds a list, not a JSON object"),
+                                          ('{"prompt": "a", "compl', "line 2 is not valid JSON")])
+def test_a_jsonl_line_that_is_not_an_object_is_named_by_its_line(recipe_file, tmp_path, capsys, bad, message):
+    """datasets named no line (or row 0 for the second)."""
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + bad + "\n")
+    code, err = cli(capsys, "validate", recipe_file(), "--set", f"data.train.path={path}")
+    assert code == 2 and message in err, err

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -24,10 +27,11 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
     if problem:
         raise AlignError(f"{key}.path: {problem}")
     try:
-        if Path(path).suffix in DATA_FILE_TYPES:
-            data = datasets.load_dataset(DATA_FILE_TYPES[Path(path).suffix], data_files=path, split="train")
-        else:
-            data = datasets.load_dataset(path, source.name, split=source.split)
+        with _datasets_logs_quiet():  # (its reader logs an error of its own, naming the wrong row, before ours)
+            if Path(path).suffix in DATA_FILE_TYPES:
+                data = datasets.load_dataset(DATA_FILE_TYPES[Path(path).suffix], data_files=path, split="train")
+            else:
+                data = datasets.load_dataset(path, source.name, split=source.split)
     except FileNotFoundError as error:
         raise AlignError(f"{key}.path: {source.path!r}: {error}") from None
     except ConnectionError as error:  # a hub id, the hub out of reach (and the dataset not in datasets' cache)
@@ -40,7 +44,7 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
     except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
         if "corresponds to no data" in str(error):  # `[]`, blank lines only, a csv header only
             raise AlignError(_no_rows(source, key)) from None
-        raise AlignError(f"{key}.path: cannot read {source.path!r}: {error}") from None
+        raise AlignError(f"{key}.path: cannot read {source.path!r}: {_bad_json_line(path) or error}") from None
     if len(data) == 0:
         raise AlignError(_no_rows(source, key))
     try:
@@ -59,9 +63,39 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
     return data
 
 
+@contextlib.contextmanager
+def _datasets_logs_quiet():
+    """Inside, `datasets` logs nothing below CRITICAL (what goes wrong is raised and reported by Align)."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _no_rows(source: DataSource, key: str) -> str:
     return (f"{key}.path: {source.path!r} holds no rows; add some (in a .jsonl file, one JSON object per line, "
             'e.g. {"prompt": "...", "completion": "..."})')
+
+
+def _bad_json_line(path: str) -> str | None:
+    """Where a .jsonl file breaks its format (datasets names no line, or the wrong one): its first
+    line that is not a JSON object, or None."""
+    if Path(path).suffix != ".jsonl" or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.strip())
+            except ValueError as error:
+                return f"line {n} is not valid JSON ({error}); each line holds one JSON object"
+            if not isinstance(value, dict):
+                return f"line {n} holds a {type(value).__name__}, not a JSON object {{\"column\": value, ...}}"
+    return None
 
 
 def _not_utf8(path: str, key: str) -> str:
