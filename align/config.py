@@ -93,6 +93,12 @@ class ModelConfig(Section):
     to rounding (under bf16, ~1e-3 in log-probs, also between a training and a no-grad pass of the
     same weights); dropout draws other masks. Sampling runs eagerly (`align.models.compiled`)."""
 
+    @field_validator("name_or_path", "tokenizer")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        """`~/models/x` is a local directory (not a hub id)."""
+        return os.path.expanduser(value) if value and value.startswith("~") else value
+
     @model_validator(mode="after")
     def _check_checkpointed_layers(self) -> "ModelConfig":
         if self.checkpointed_layers < 1 and not self.gradient_checkpointing:

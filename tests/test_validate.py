@@ -336,3 +336,19 @@ def test_a_jsonl_line_that_is_not_an_object_is_named_by_its_line(recipe_file, tm
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + bad + "\n")
     code, err = cli(capsys, "validate", recipe_file(), "--set", f"data.train.path={path}")
     assert code == 2 and message in err, err
+
+
+def test_a_message_content_that_is_not_text_names_its_row(recipe_file, tmp_path, capsys):
+    """`content: null` got a Jinja message alone ("'dict object' has no attribute 'content'")."""
+    rows = chat_rows(4)
+    rows[2]["messages"][1]["content"] = None
+    path = write_jsonl(tmp_path / "null.jsonl", rows)
+    code, err = cli(capsys, "validate", recipe_file(), "--set", f"data.train.path={path}")
+    assert code == 2 and "data.train row 2: the chat template failed on a message whose `content` is not a string" \
+        in err, err
+
+
+def test_a_model_path_under_home_is_local(make_recipe):
+    recipe = make_recipe(model={"name_or_path": "~/models/x", "tokenizer": "~/tok"})
+    assert (recipe.model.name_or_path, recipe.model.tokenizer) == (os.path.expanduser("~/models/x"),
+                                                                  os.path.expanduser("~/tok"))

@@ -40,6 +40,10 @@ def render(tokenizer, messages: list[dict], row: int, key: str, **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except (jinja2.TemplateError, TypeError, ValueError) as error:  # (ValueError: an empty conversation)
+        odd = next((turn for turn in messages if not isinstance(turn.get("content"), (str, list))), None)
+        if odd is not None:  # (what the template tripped on, most likely: null for a tool call's content is allowed)
+            raise AlignError(f"{key} row {row}: the chat template failed on a message whose `content` is not a "
+                             f"string ({odd!r:.80}): {error}") from None
         raise AlignError(f"{key} row {row}: the chat template failed on this conversation: {error}") from None
 
 
