@@ -20,8 +20,13 @@ def disable_dropout(module: nn.Module) -> None:
             layer.attention_dropout = 0.0
 
 
+def drops_out(layer: nn.Module) -> bool:
+    """Whether `layer` itself drops out in training mode: an `nn.Dropout` of p > 0, or a transformers
+    attention layer's `attention_dropout` rate."""
+    rate = getattr(layer, "attention_dropout", None)
+    return (isinstance(layer, nn.Dropout) and layer.p > 0) or (isinstance(rate, float) and rate > 0)
+
+
 def has_dropout(module: nn.Module) -> bool:
     """Whether any dropout in `module` is active in training mode."""
-    return any((isinstance(layer, nn.Dropout) and layer.p > 0)
-               or (isinstance(getattr(layer, "attention_dropout", None), float) and layer.attention_dropout > 0)
-               for layer in module.modules())
+    return any(drops_out(layer) for layer in module.modules())

@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from align.errors import AlignError
+from align.models.dropout import drops_out
 
 NAME = "align_sdpa"
 
@@ -144,16 +145,10 @@ def one_row(model: nn.Module, device: torch.device, autocast_dtype: torch.dtype 
         return False
     # transformers' attention modules; none found: nothing says the kernel runs
     attentions = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "head_dim")]
-    return bool(attentions) and all(_heads_taken(m.head_dim, m.scaling) and not _drops_out(m) for m in attentions)
-
-
-def _drops_out(attention: nn.Module) -> bool:
-    """Whether a transformers attention module has dropout of its own in training mode (its
-    `attention_dropout` rate, or a dropout layer of its own, e.g. GPT-2's attn_dropout: not the
-    dropout of a LoRA adapter inside its projections)."""
-    rate = getattr(attention, "attention_dropout", None)
-    return (isinstance(rate, float) and rate > 0) or any(isinstance(child, nn.Dropout) and child.p > 0
-                                                         for child in attention.children())
+    # dropout of an attention module's own (its rate, or a layer such as GPT-2's attn_dropout; not that
+    # of a LoRA adapter inside its projections) sends its training calls to SDPA's mask
+    own_dropout = lambda m: drops_out(m) or any(drops_out(child) for child in m.children())  # noqa: E731
+    return bool(attentions) and all(_heads_taken(m.head_dim, m.scaling) and not own_dropout(m) for m in attentions)
 
 
 def segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
