@@ -55,9 +55,9 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as error:
         raise AlignError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {error}") from None
     if config.chat_template:
-        template = config.chat_template
-        if os.path.isfile(os.path.expanduser(template)):
-            with open(os.path.expanduser(template)) as f:
+        template, template_file = config.chat_template, os.path.expanduser(config.chat_template)
+        if os.path.isfile(template_file):
+            with open(template_file) as f:
                 template = f.read()
         elif "{" not in template:  # a template's text has {{ }} or {% %}: this is a path, to no file
             raise AlignError(f"model.chat_template: no file {template!r} (a path is relative to the directory "
