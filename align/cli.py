@@ -46,11 +46,13 @@ def _validate(args) -> None:
     recipe = load_recipe(args.recipe, args.set)
     run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)
     print(f"output_dir: {recipe.output_dir} ok")
+    columns = {}  # split -> its columns, where the data is on this machine
     if all(s is None or s.is_local for s in (recipe.data.train, recipe.data.eval)):
         trainer, tokenizer = TRAINERS[recipe.algorithm], local_tokenizer(recipe.model)
         for key, (rows, fmt) in trainer.load_splits(recipe).items():
             if rows is None:
                 continue
+            columns[key] = rows.column_names
             line = f"{key}: {len(rows)} rows, format {fmt}"
             if tokenizer is not None:
                 line += f", {len(trainer.build_dataset(recipe, tokenizer, rows, fmt, key))} examples tokenized"
@@ -59,7 +61,7 @@ def _validate(args) -> None:
             print("tokenizing: checked when `align train` loads the tokenizer (not on this machine)")
     else:
         print("data from the hub: checked when `align train` downloads it")
-    _check_rewards(recipe)
+    _check_rewards(recipe, columns)
     _check_rollout_server(recipe)
     if recipe.adapter.kind != "none":
         print(f"adapter: {recipe.adapter.kind} " + ("ok" if _check_adapter(recipe) else
@@ -149,19 +151,31 @@ def _check_rollout_server(recipe) -> None:
     print(f"rollout server {sampling.server.url}: {health['engine']}, {health['weights']} weights in {health['dtype']}")
 
 
-def _check_rewards(recipe) -> None:
-    """Resolve every reward of a GRPO/PPO recipe (imports functions; loads no reward model)."""
-    from align.rewards import load_reward_function
-    from align.rewards.loading import check_reward_model_kwargs
+def _check_rewards(recipe, columns: dict[str, list[str]]) -> None:
+    """Resolve every reward of a GRPO/PPO recipe (imports functions; reads a reward-model directory's
+    config, no weights) and check that each function's required parameters are columns of every
+    split in `columns`."""
+    from align.rewards.calling import check_columns, require_rewards
+    from align.rewards.loading import check_reward_model_dir, check_reward_model_kwargs, load_reward_function, spec_name
 
-    for i, entry in enumerate(getattr(recipe.section, "rewards", [])):
+    if not hasattr(recipe.section, "rewards"):
+        return
+    require_rewards(recipe.section.rewards, f"{recipe.section_key}.rewards")
+    for i, entry in enumerate(recipe.section.rewards):
         key = f"{recipe.section_key}.rewards[{i}]"
-        if ":" not in entry.fn and ("/" in entry.fn or os.sep in entry.fn):  # a reward-model directory
+        path = Path(entry.fn).expanduser()
+        if ":" not in entry.fn and ("/" in entry.fn or os.sep in entry.fn) and not (path.is_file() or path.suffix == ".py"):
             check_reward_model_kwargs(entry.kwargs, f"{key}.kwargs")
-            found = (Path(entry.fn) / "config.json").is_file()
-            print(f"{key}: reward model {entry.fn!r} " + ("found" if found else "not there yet (train it first)"))
+            has_weights = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+            if not has_weights and (not path.exists() or (path / "run.json").is_file()):
+                print(f"{key}: reward model {entry.fn!r} not there yet (train it first)")
+                continue
+            check_reward_model_dir(str(path), f"{key}.fn")
+            print(f"{key}: reward model {entry.fn!r} found")
             continue
         fn = load_reward_function(entry.fn, entry.kwargs, key=key)
+        for split, names in columns.items():
+            check_columns(fn, [c for c in names if c != "prompt"], entry.name or spec_name(entry.fn), key, split)
         check = getattr(getattr(fn, "func", fn), "check", None)  # a reward that checks its own kwargs
         note = check(key=f"{key}.kwargs", **entry.kwargs) if callable(check) else None
         print(f"{key}: {entry.fn} ok" + (f" ({note})" if note else ""))

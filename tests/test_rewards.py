@@ -136,6 +136,32 @@ def test_reward_model_directory_is_a_reward(tmp_path):
         load_reward_function(str(tmp_path))
 
 
+def test_only_a_reward_model_directory_loads_as_a_reward(tmp_path):
+    """A LoRA reward-model run (an adapter, no config.json) is a reward; a causal LM, full or an adapter
+    of one (e.g. an SFT run), is refused: loaded as a reward model its score head would be random."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align.models import tiny
+    from align.models.loading import load_model
+    from align.models.reward import RewardModel, load_reward_model
+
+    lora = AdapterConfig(kind="lora", r=4, dropout=0.0)
+    RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), lora).save(tmp_path / "rm")
+    scorer = load_reward_function(str(tmp_path / "rm"), {"device": "cpu"})
+    assert len(scorer(["1 + 1 ="], [" 2"])) == 1
+
+    causal_lm = tiny.resolve("builtin:tiny-llama")
+    load_model(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), lora).save_pretrained(tmp_path / "sft")
+    AutoModelForSequenceClassification.from_pretrained(causal_lm, num_labels=3).save_pretrained(tmp_path / "three")
+    for path, message in [(causal_lm, "holds a LlamaForCausalLM, not a reward model"),
+                          (tmp_path / "sft", "holds a CAUSAL_LM adapter, not a reward model's"),
+                          (tmp_path / "three", "is a classifier of 3 labels")]:
+        with pytest.raises(AlignError, match=message):
+            load_reward_function(str(path))
+        with pytest.raises(AlignError, match=message):
+            load_reward_model(str(path))
+
+
 @pytest.mark.parametrize("spec, message", [
     ("exact_anwser", "Did you mean 'exact_answer'"),
     ("align_rewards.math.exact_answer", "Did you mean 'align_rewards.math:exact_answer'"),

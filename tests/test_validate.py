@@ -352,3 +352,49 @@ def test_a_model_path_under_home_is_local(make_recipe):
     recipe = make_recipe(model={"name_or_path": "~/models/x", "tokenizer": "~/tok"})
     assert (recipe.model.name_or_path, recipe.model.tokenizer) == (os.path.expanduser("~/models/x"),
                                                                   os.path.expanduser("~/tok"))
+
+
+# 9. reward functions checked against the data ----------------------------------------------------
+@pytest.mark.parametrize("rewards, rows, eval_rows, message", [
+    ([], None, None, "grpo.rewards is empty: add at least one reward"),
+    ([{"fn": "exact_answer"}], [{"prompt": "1 + 1 =", "ans": "2"}] * 8, None,
+     "data.train: reward function 'exact_answer' (grpo.rewards[0]) requires a parameter 'answer', which is neither "
+     "one of prompts, completions, completion_ids nor a dataset column (columns: ans)"),
+    ([{"fn": "exact_answer"}], None, [{"prompt": "1 + 1 ="}] * 4, "data.eval: reward function 'exact_answer'"),
+    ([{"fn": "format_regex"}], None, None, "requires a parameter 'pattern'"),
+    ([{"fn": "rewards/math.py"}], None, None, "Name the function too, e.g. rewards/math.py:my_reward"),
+    ([{"fn": "rewards/no_such_file.py"}], None, None, "There is no such file or directory"),
+    ([{"fn": "{causal_lm}"}], None, None, "grpo.rewards[0].fn: '{causal_lm}' holds a LlamaForCausalLM, not a reward model"),
+    ([{"fn": "{tmp}"}], None, None, "is a directory but not a model (no config.json or adapter_config.json)"),
+])
+def test_validate_checks_each_reward_against_the_data_before_a_model_loads(make_recipe, tmp_path, capsys, rewards,
+                                                                           rows, eval_rows, message):
+    """An empty reward list, a reward's required parameter that is no column of a split (or no kwarg),
+    and a reward directory that is no reward model exit 2 in validate; they used to fail in `align train`
+    after the policy loaded, or (a causal LM as a reward model) score with a random head."""
+    from align.models import tiny
+
+    paths = {"{causal_lm}": str(tiny.resolve("builtin:tiny-llama")), "{tmp}": str(tmp_path)}
+    rewards = [{"fn": paths.get(r["fn"], r["fn"])} for r in rewards]
+    for placeholder, path in paths.items():
+        message = message.replace(placeholder, path)
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(raw=True, algorithm="grpo", rows=rows or prompt_rows(8),
+                                                 eval_rows=eval_rows, grpo={"group_size": 4, "rewards": rewards})))
+    code, err = cli(capsys, "validate", str(recipe))
+    assert code == 2 and message in err, err
+    assert "valid grpo recipe" not in capsys.readouterr().out
+
+
+def test_validate_passes_a_reward_model_run_not_trained_yet_or_trained_with_lora(make_recipe, tmp_path, capsys):
+    from align.models.reward import RewardModel
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(raw=True, algorithm="grpo", rows=prompt_rows(8),
+                                                 grpo={"group_size": 4, "rewards": [{"fn": str(tmp_path / "rm")}]})))
+    assert main(["validate", str(recipe)]) == 0
+    assert "not there yet (train it first)" in capsys.readouterr().out
+    RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"),
+                            AdapterConfig(kind="lora", r=4)).save(tmp_path / "rm")
+    assert main(["validate", str(recipe)]) == 0
+    assert f"reward model {str(tmp_path / 'rm')!r} found" in capsys.readouterr().out

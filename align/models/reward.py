@@ -16,6 +16,7 @@ from align.models.layouts import PACKED_ROWS
 from align.models.loading import load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
+from align.rewards.loading import check_reward_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, devi
     shard: under several processes, shard it over them like the policy (each holds 1/N of its weights;
     every process must then score in step, see RewardScorer): with FSDP2 (`sharding.shard`), or under
     a DeepSpeed ZeRO-3 launch partitioned by an engine without optimizer (`zero.start_frozen`)."""
+    check_reward_model_dir(path, f"reward model {path!r}")
     config = ModelConfig(name_or_path=path, dtype=dtype)
     model = RewardModel.from_config(config, AdapterConfig(kind="none"))
     model.module.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

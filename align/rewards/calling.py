@@ -95,6 +95,24 @@ def _in_thread(fn: Callable, arguments: dict) -> concurrent.futures.Future:
     return future
 
 
+def require_rewards(entries: list, key: str) -> None:
+    """AlignError naming `key` if a recipe's reward list is empty."""
+    if not entries:
+        raise AlignError(f"{key} is empty: add at least one reward, e.g.\n  {key}:\n    - {{fn: exact_answer}}\n"
+                         f"A reward is {FORMS}")
+
+
+def describe(name: str, key: str | None) -> str:
+    """How messages name a reward function: its metric name and where the recipe gives it."""
+    return f"reward function {name!r}" + (f" ({key})" if key else "")
+
+
+def check_columns(fn: Callable, columns: list[str], name: str, key: str | None, split: str) -> None:
+    """AlignError, the one a call would raise, if `fn` requires a parameter that is neither a standard
+    argument nor one of `columns` (split's columns less `prompt`): checked before any model loads."""
+    RewardFunctions._arguments(fn, dict.fromkeys([*columns, *STANDARD_ARGS]), f"{split}: {describe(name, key)}")
+
+
 class _Timeout(Exception):
     """A call ran past its function's timeout."""
 
@@ -140,9 +158,7 @@ class RewardFunctions:
     @classmethod
     def from_config(cls, entries: list["RewardFunctionConfig"], key: str = "grpo.rewards") -> "RewardFunctions":
         """Load every `{fn, weight, name, kwargs, timeout_s, max_abs}` entry of a recipe's reward list."""
-        if not entries:
-            raise AlignError(f"{key} is empty: add at least one reward, e.g.\n  {key}:\n    - {{fn: exact_answer}}\n"
-                             f"A reward is {FORMS}")
+        require_rewards(entries, key)
         functions = [load_reward_function(e.fn, e.kwargs, key=f"{key}[{i}]") for i, e in enumerate(entries)]
         return cls(functions, [e.weight for e in entries], [e.name or spec_name(e.fn) for e in entries],
                    [f"{key}[{i}]" for i in range(len(entries))], [e.timeout_s for e in entries],
@@ -239,7 +255,7 @@ class RewardFunctions:
         return f"{self.keys[i]}.{recipe}" if self.keys[i] else f"RewardFunctions({argument}=...)"
 
     def _label(self, i: int) -> str:
-        return f"reward function {self.names[i]!r}" + (f" ({self.keys[i]})" if self.keys[i] else "")
+        return describe(self.names[i], self.keys[i])
 
     @staticmethod
     def _arguments(fn: Callable, batch: dict, label: str) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -63,7 +64,7 @@ def register(name: str) -> Callable[[Callable], Callable]:
 def _unknown(spec: str) -> AlignError:
     """The error for a spec of no known form, with the likeliest fix first."""
     close = difflib.get_close_matches(spec, REGISTRY, n=1)
-    if "/" in spec or os.sep in spec:
+    if ("/" in spec or os.sep in spec) and not os.path.exists(os.path.expanduser(spec)):
         hint = f"There is no such file or directory (paths are relative to {os.getcwd()})"
         hint += f"; name the function too, e.g. {spec}:my_reward. " if spec.endswith(".py") else ". "
     elif spec.endswith(".py"):
@@ -157,6 +158,40 @@ def _bind(fn: Callable, kwargs: dict, key: str) -> Callable:
     return bound
 
 
+def check_reward_model_dir(path: str, key: str) -> None:
+    """AlignError naming `key` unless directory `path` holds a reward model: a sequence-classification
+    model with one label (config.json), or an adapter of one (adapter_config.json, task SEQ_CLS), as an
+    Align reward-model run saves them. Reads no weights. Loaded as a reward model, any other model (a
+    causal LM, e.g. an SFT run) would score with a newly initialized head: random rewards."""
+    def settings(name: str) -> dict:
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as error:
+            raise AlignError(f"{key}: cannot read {os.path.join(path, name)}: {error}") from None
+
+    train_one = "give the output_dir of an Align reward-model run (algorithm: reward)"
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        task = settings("adapter_config.json").get("task_type")
+        if task != "SEQ_CLS":
+            raise AlignError(f"{key}: {path!r} holds a {task or 'untyped'} adapter, not a reward model's (SEQ_CLS): "
+                             f"its score head would be random; {train_one}")
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise AlignError(f"{key}: {path!r} is a directory but not a model (no config.json or adapter_config.json); "
+                         f"{train_one}, or a reward function: {FORMS}")
+    config = settings("config.json")
+    architectures = config.get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise AlignError(f"{key}: {path!r} holds a {'/'.join(architectures) or 'model of no stated architecture'}, "
+                         f"not a reward model (a ...ForSequenceClassification): loaded as one, its score head would "
+                         f"be random; {train_one}")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+    if labels != 1:
+        raise AlignError(f"{key}: {path!r} is a classifier of {labels} labels; a reward model has one score "
+                         f"(num_labels 1); {train_one}")
+
+
 def check_reward_model_kwargs(kwargs: dict, key: str) -> None:
     """AlignError naming `key` (the entry's kwargs) for a setting a reward-model directory does not take."""
     unknown = set(kwargs) - {"dtype", "batch_size", "device", "shard"}
@@ -201,9 +236,7 @@ def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | No
     kwargs = dict(kwargs or {})
     if spec not in REGISTRY and _is_reward_model_dir(spec):
         path = os.path.expanduser(spec)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise AlignError(f"{where_fn}: {spec!r} is a directory but not a model (no config.json); give the "
-                             "output_dir of an Align reward-model run, or a reward function: " + FORMS)
+        check_reward_model_dir(path, where_fn)
         check_reward_model_kwargs(kwargs, where_kwargs)
         from align.models.reward import load_reward_model
 
