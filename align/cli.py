@@ -38,7 +38,7 @@ def _train(args) -> int:
 
 def _validate(args) -> None:
     from align.config import load_recipe
-    from align.models.loading import local_tokenizer
+    from align.models.loading import check_not_a_reward_model, local_tokenizer
     from align.trainers import TRAINERS, run_dir
 
     if _is_task_file(args.recipe):
@@ -46,6 +46,8 @@ def _validate(args) -> None:
     recipe = load_recipe(args.recipe, args.set)
     run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)
     print(f"output_dir: {recipe.output_dir} ok")
+    if recipe.algorithm != "reward":
+        check_not_a_reward_model(recipe.model)
     columns = {}  # split -> its columns, where the data is on this machine
     if all(s is None or s.is_local for s in (recipe.data.train, recipe.data.eval)):
         trainer, tokenizer = TRAINERS[recipe.algorithm], local_tokenizer(recipe.model)

@@ -398,3 +398,36 @@ def test_validate_passes_a_reward_model_run_not_trained_yet_or_trained_with_lora
                             AdapterConfig(kind="lora", r=4)).save(tmp_path / "rm")
     assert main(["validate", str(recipe)]) == 0
     assert f"reward model {str(tmp_path / 'rm')!r} found" in capsys.readouterr().out
+
+
+# 10. a checkpoint of another kind of model ------------------------------------------------------------
+def test_a_reward_model_given_as_the_policy_is_refused_in_validate_and_in_loading(recipe_file, tmp_path, capsys):
+    """A reward model's directory (full, or its LoRA adapter) has no lm-head: transformers loaded it as
+    a causal LM with a random one (full) or peft left no trainable weight (adapter)."""
+    from align.models.loading import load_model
+    from align.models.reward import RewardModel
+
+    for adapter in (AdapterConfig(), AdapterConfig(kind="lora", r=4)):
+        rm = tmp_path / f"rm-{adapter.kind}"
+        RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), adapter).save(rm)
+        code, err = cli(capsys, "validate", recipe_file(), "--set", f"model.name_or_path={rm}")
+        assert code == 2 and f"model.name_or_path: '{rm}' holds a reward model" in err, err
+        with pytest.raises(AlignError, match="holds a reward model"):
+            load_model(ModelConfig(name_or_path=str(rm), dtype="float32"), AdapterConfig())
+        load_model(ModelConfig(name_or_path=str(rm), dtype="float32"), AdapterConfig(), head="score")  # its own kind
+
+
+def test_a_checkpoint_missing_weights_the_model_needs_is_refused(tmp_path):
+    """transformers initializes missing weights at random and only prints a report; Align refuses,
+    except a new score head (a reward model or critic started from a causal LM)."""
+    from align.models.loading import load_model
+    from align.models.reward import RewardModel
+
+    rm = tmp_path / "rm"
+    RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), AdapterConfig()).save(rm)
+    settings = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**settings, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(AlignError, match=r"lacks 1 weight\(s\) a LlamaForCausalLM needs \(lm_head.weight\): they "
+                                         "would start random"):
+        load_model(ModelConfig(name_or_path=str(rm), dtype="float32"), AdapterConfig())
+    load_model(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), AdapterConfig(), head="score")

@@ -38,13 +38,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def _adapter_base(path: str) -> str | None:
-    """The base model of an Align/peft adapter directory, or None if `path` is not one."""
+def _adapter_settings(path: str) -> dict | None:
+    """The adapter_config.json of an Align/peft adapter directory, or None if `path` is not one."""
     config_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_file):
         return None
     with open(config_file) as f:
-        return tiny.resolve(json.load(f)["base_model_name_or_path"])
+        return json.load(f)
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model of an Align/peft adapter directory, or None if `path` is not one."""
+    settings = _adapter_settings(path)
+    return None if settings is None else tiny.resolve(settings["base_model_name_or_path"])
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -100,6 +106,8 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
         check_has_score_head(path, config)
         auto_class = AutoModelForSequenceClassification
         kwargs["num_labels"] = 1
+    else:
+        check_not_a_reward_model(config)
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -109,7 +117,7 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
         if base is not None:
             model = _load_merged(path, base, kwargs, quantize, auto_class)
         else:
-            model = auto_class.from_pretrained(path, **kwargs)
+            model = _pretrained(auto_class, path, **kwargs)
     except (OSError, ValueError) as error:
         raise AlignError(f"model.name_or_path: cannot load {config.name_or_path!r}: {error}") from None
     if quantize:
@@ -125,6 +133,40 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
     model = apply_adapter(model, adapter, checkpointing, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
     if config.gradient_checkpointing and config.checkpointed_layers < 1:  # (after QLoRA's preparation, which enables all)
         checkpoint_some_layers(model, config.checkpointed_layers)
+    return model
+
+
+def check_not_a_reward_model(config: ModelConfig) -> None:
+    """AlignError if a local `config.name_or_path` holds a reward model (its adapter, task SEQ_CLS, or
+    a ...ForSequenceClassification) where a causal LM is wanted: it has no lm-head. Reads only configs."""
+    path = tiny.resolve(config.name_or_path, for_config=True)
+    adapter = _adapter_settings(path) if os.path.isdir(path) else None
+    held = "a reward model's adapter (task SEQ_CLS)" if adapter and adapter.get("task_type") == "SEQ_CLS" else None
+    if adapter is None and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+        if architectures and all(name.endswith("ForSequenceClassification") for name in architectures):
+            held = f"a reward model ({'/'.join(architectures)})"
+    if held:
+        raise AlignError(f"model.name_or_path: {config.name_or_path!r} holds {held}, not a causal LM: it has no "
+                         "lm-head to generate or train with. Give a policy's run (e.g. an SFT run) or a base model")
+
+
+def _pretrained(auto_class, path: str | Path, **kwargs):
+    """`auto_class.from_pretrained(path, **kwargs)`, refusing a checkpoint that lacks weights the model
+    needs (transformers initializes them at random and only prints a report): a causal LM loaded from
+    a reward model's directory (no lm-head), or a model missing layers. Only a new classification head
+    may be missing: a reward model or critic started from a causal LM."""
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    new_head_allowed = auto_class is AutoModelForSequenceClassification
+    backbone = model.base_model_prefix + "."
+    missing = sorted(k for k in info["missing_keys"] if not new_head_allowed or k.startswith(backbone))
+    if missing:
+        held = "/".join(getattr(model.config, "architectures", None) or []) or "a model of no stated architecture"
+        raise AlignError(f"model.name_or_path: {tiny.portable(str(path))!r} holds {held}, which lacks {len(missing)} "
+                         f"weight(s) a {type(model).__name__} needs ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): they would start random. Give a checkpoint of "
+                         "this kind of model (e.g. an SFT run, not a reward model's, for a policy)")
     return model
 
 
@@ -160,14 +202,14 @@ def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool, auto
         _save_atomically(_merge(adapter_dir, base, full_kwargs, auto_class), merged_dir)
         log.info("QLoRA: %s merged into its base %s, saved in full precision for 4-bit loading in %s",
                  adapter_dir, base, merged_dir)
-    return auto_class.from_pretrained(merged_dir, **kwargs)
+    return _pretrained(auto_class, merged_dir, **kwargs)
 
 
 def _merge(adapter_dir: str, base: str, full_kwargs: dict, auto_class):
     from peft import PeftModel
 
     with peft_quietly():
-        model = auto_class.from_pretrained(base, **full_kwargs)
+        model = _pretrained(auto_class, base, **full_kwargs)
         try:
             return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
         except RuntimeError as error:
