@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -27,6 +28,27 @@ class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, values are type-checked."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value, info):
+        """`lr: true` is a mistake, not 1.0 (pydantic's lax mode reads a bool as a number)."""
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is not a number")
+        return value
+
+
+def _is_number(annotation) -> bool:
+    """Whether a field's type takes an int or a float and not a bool (unions and Annotated unpacked)."""
+    types, todo = set(), [annotation]
+    while todo:
+        kind = todo.pop()
+        args = typing.get_args(kind)
+        if args and typing.get_origin(kind) is not Literal:
+            todo.extend(args)
+        else:
+            types.add(kind)
+    return bool(types & {int, float}) and bool not in types and Any not in types
 
 
 def check_keyword_arguments(fn, kwargs: dict, taken: tuple[str, ...], key: str) -> None:
@@ -164,6 +186,13 @@ class DataConfig(Section):
     """Processes that tokenize each split (datasets' `map(num_proc=...)`; chat templates cost ~0.5 ms
     a row): worth it from tens of thousands of rows. The result is the same and is cached, so a
     second run (or `align validate` before `align train`) does not tokenize again. Default: one."""
+
+    @model_validator(mode="after")
+    def _one_eval_split(self) -> "DataConfig":
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError(f"eval_fraction: {self.eval_fraction} holds out part of data.train as the eval split, "
+                             "but data.eval gives one; drop one of them")
+        return self
 
 
 SHARDABLE_ALGORITHMS = ("sft", "reward", "dpo", "kto", "grpo", "ppo", "distill")
@@ -661,6 +690,10 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe") -> dict:
     """A YAML file of keys (a recipe, or another config: `what`), read with `RecipeLoader`; a missing
     file, bad YAML or a non-mapping is an AlignError naming the file."""
     path = str(path)
+    if os.path.isdir(path):
+        yamls = sorted(name for name in os.listdir(path) if name.endswith((".yaml", ".yml")))
+        raise AlignError(f"{path} is a directory; give a {what} file" + (f", e.g. {os.path.join(path, yamls[0])}"
+                                                                        if yamls else ""))
     if not os.path.isfile(path):
         raise AlignError(f"{what} file not found: {path}")
     with open(path, "rb") as f:  # bytes: bad UTF-8 is a YAML error, not a traceback

@@ -169,6 +169,7 @@ def test_only_a_reward_model_directory_loads_as_a_reward(tmp_path):
     ("align_rewards.math:exact", "has no function 'exact'. Did you mean 'exact_answer'"),
     ("missing/file.py:f", "file not found: 'missing/file.py'"),
     ("runs/no-such-rm", "There is no such file or directory"),
+    ("align_rewards.math:NUMBER", "'align_rewards.math': NUMBER is a str, not a function"),
 ])
 def test_unresolvable_specs_name_the_key_and_the_accepted_forms(spec, message):
     entries = [RewardFunctionConfig(fn="exact_answer"), RewardFunctionConfig(fn=spec)]

@@ -139,6 +139,14 @@ def test_numbers_out_of_range_are_refused_with_the_key(recipe_file, capsys, over
     assert code == 2 and f"  {override.split('=')[0]}: " in err
 
 
+@pytest.mark.parametrize("key", ["train.lr", "train.batch_size", "adapter.r", "data.max_length"])
+def test_a_bool_is_not_taken_for_a_number(recipe_file, capsys, key):
+    """pydantic's lax mode read `lr: true` as a learning rate of 1.0, `batch_size: true` as 1."""
+    code, err = cli(capsys, "validate", recipe_file(), "--set", f"{key}=true")
+    assert code == 2 and f"  {key}: true is not a number" in err, err
+    assert main(["validate", recipe_file(), "--set", "model.gradient_checkpointing=true"]) == 0  # a bool's own key
+
+
 def test_packing_false_is_refused_where_it_would_change_nothing(recipe_file, capsys):
     """Only sft reads it; the other trainers pack their pairs and groups wherever that is exact."""
     assert cli(capsys, "validate", recipe_file(), "--set", "data.packing=false")[0] == 0
@@ -294,6 +302,20 @@ def test_bad_settings_exit_2_in_validate_naming_the_key(recipe_file, capsys, ove
     rows), a silent other run (a negative clip range), or an error only `align train` gave."""
     code, err = cli(capsys, "validate", recipe_file(), *[a for o in overrides for a in ("--set", o)])
     assert code == 2 and key in err, err
+
+
+def test_a_directory_given_as_the_recipe_is_named_as_one(tmp_path, capsys):
+    (tmp_path / "sft.yaml").write_text("algorithm: sft\n")
+    for command in ("validate", "train"):
+        code, err = cli(capsys, command, str(tmp_path))
+        assert code == 2 and f"{tmp_path} is a directory; give a recipe file, e.g. {tmp_path / 'sft.yaml'}" in err, err
+
+
+def test_an_eval_file_and_an_eval_fraction_together_are_refused(recipe_file, tmp_path, capsys):
+    """The fraction was ignored silently where data.eval was given."""
+    code, err = cli(capsys, "validate", recipe_file(), "--set", f"data.eval={{path: {tmp_path / 'train.jsonl'}}}",
+                    "--set", "data.eval_fraction=0.1")
+    assert code == 2 and "data: eval_fraction: 0.1 holds out part of data.train" in err, err
 
 
 @pytest.mark.parametrize("margin", ["big", True])

@@ -102,6 +102,8 @@ def _resolve(spec: str) -> Callable:
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
+    if fn is not None and not callable(fn):
+        raise AlignError(f"{where!r}: {attr} is a {type(fn).__name__}, not a function")
     if not callable(fn):
         names = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
         close = difflib.get_close_matches(attr, names, n=1, cutoff=0.5)
