@@ -58,10 +58,13 @@ def test_a_set_value_that_is_not_yaml_names_the_set_text(recipe_file, capsys):
 
 # 3. data files ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["validate", "train"])
-def test_an_empty_data_file_is_named(recipe_file, tmp_path, capsys, command):
-    (tmp_path / "empty.jsonl").write_text("")
-    code, err = cli(capsys, command, recipe_file(data={"train": {"path": str(tmp_path / "empty.jsonl")}}))
-    assert code == 2 and "data.train.path" in err and "empty.jsonl' holds no rows" in err
+@pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("empty.jsonl", "\n\n"), ("empty.csv", ""),
+                                        ("empty.csv", "\n"), ("empty.parquet", "")])
+def test_an_empty_data_file_is_named(recipe_file, tmp_path, capsys, command, name, text):
+    """(0-byte and blank csv files gave datasets' "An error occurred while generating the dataset")"""
+    (tmp_path / name).write_text(text)
+    code, err = cli(capsys, command, recipe_file(data={"train": {"path": str(tmp_path / name)}}))
+    assert code == 2 and "data.train.path" in err and f"{name}' holds no rows" in err, err
 
 
 @pytest.mark.parametrize("command", ["validate", "train"])

@@ -26,6 +26,8 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
     problem = unsupported_data_file(source.path)
     if problem:
         raise AlignError(f"{key}.path: {problem}")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # (datasets' readers fail on it, each another way)
+        raise AlignError(_no_rows(source, key))
     try:
         with _datasets_logs_quiet():  # (its reader logs an error of its own, naming the wrong row, before ours)
             if Path(path).suffix in DATA_FILE_TYPES:
@@ -39,10 +41,9 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
                          f"fetched: {error}; give a local .jsonl/.json/.parquet/.csv file or directory") from None
     except UnicodeDecodeError:
         raise AlignError(_not_utf8(path, key)) from None
-    except StopIteration:  # what `datasets` raises on a 0-byte file
-        raise AlignError(_no_rows(source, key)) from None
     except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
-        if "corresponds to no data" in str(error):  # `[]`, blank lines only, a csv header only
+        # `[]`, blank lines only, a csv header only; a csv of blank lines (pandas' error)
+        if "corresponds to no data" in str(error) or "No columns to parse" in str(error.__cause__):
             raise AlignError(_no_rows(source, key)) from None
         raise AlignError(f"{key}.path: cannot read {source.path!r}: {_bad_json_line(path) or error}") from None
     if len(data) == 0:
