@@ -157,27 +157,29 @@ def _check_rewards(recipe, columns: dict[str, list[str]]) -> None:
     """Resolve every reward of a GRPO/PPO recipe (imports functions; reads a reward-model directory's
     config, no weights) and check that each function's required parameters are columns of every
     split in `columns`."""
+    from align.models.kinds import inspect_checkpoint
     from align.rewards.calling import check_columns, require_rewards
-    from align.rewards.loading import check_reward_model_dir, check_reward_model_kwargs, load_reward_function, spec_name
+    from align.rewards.loading import (check_reward_model_dir, check_reward_model_kwargs, load_reward_function,
+                                       names_a_reward_model, spec_name)
 
     if not hasattr(recipe.section, "rewards"):
         return
     require_rewards(recipe.section.rewards, f"{recipe.section_key}.rewards")
     for i, entry in enumerate(recipe.section.rewards):
         key = f"{recipe.section_key}.rewards[{i}]"
-        path = Path(entry.fn).expanduser()
-        if ":" not in entry.fn and ("/" in entry.fn or os.sep in entry.fn) and not (path.is_file() or path.suffix == ".py"):
+        if names_a_reward_model(entry.fn):
             check_reward_model_kwargs(entry.kwargs, f"{key}.kwargs")
-            has_weights = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-            if not has_weights and (not path.exists() or (path / "run.json").is_file()):
+            path = os.path.expanduser(entry.fn)
+            if inspect_checkpoint(path, f"{key}.fn") is None and (not os.path.exists(path)
+                                                                  or os.path.isfile(os.path.join(path, "run.json"))):
                 print(f"{key}: reward model {entry.fn!r} not there yet (train it first)")
                 continue
-            check_reward_model_dir(str(path), f"{key}.fn")
+            check_reward_model_dir(path, f"{key}.fn")
             print(f"{key}: reward model {entry.fn!r} found")
             continue
         fn = load_reward_function(entry.fn, entry.kwargs, key=key)
         for split, names in columns.items():
-            check_columns(fn, [c for c in names if c != "prompt"], entry.name or spec_name(entry.fn), key, split)
+            check_columns(fn, names, entry.name or spec_name(entry.fn), key, split)
         check = getattr(getattr(fn, "func", fn), "check", None)  # a reward that checks its own kwargs
         note = check(key=f"{key}.kwargs", **entry.kwargs) if callable(check) else None
         print(f"{key}: {entry.fn} ok" + (f" ({note})" if note else ""))

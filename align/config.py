@@ -33,19 +33,24 @@ class Section(BaseModel):
     @classmethod
     def _no_bool_for_a_number(cls, value, info):
         """`lr: true` is a mistake, not 1.0 (pydantic's lax mode reads a bool as a number)."""
-        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
-            raise ValueError(f"{str(value).lower()} is not a number")
+        bools = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, bool)]
+        if bools and _takes_numbers_not_bools(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(bools[0]).lower()} is not a number; write the number you mean (0 for off, "
+                             "or null where the key may be unset)")
         return value
 
 
-def _is_number(annotation) -> bool:
-    """Whether a field's type takes an int or a float and not a bool (unions and Annotated unpacked)."""
+def _takes_numbers_not_bools(annotation) -> bool:
+    """Whether a field's type (or its items' type) takes an int or a float but no bool: unions,
+    Annotated, lists and tuples unpacked, a Literal by the types of its values."""
     types, todo = set(), [annotation]
     while todo:
         kind = todo.pop()
         args = typing.get_args(kind)
-        if args and typing.get_origin(kind) is not Literal:
-            todo.extend(args)
+        if typing.get_origin(kind) is Literal:
+            types.update(type(v) for v in args)
+        elif args:
+            todo.extend(a for a in args if a is not Ellipsis)
         else:
             types.add(kind)
     return bool(types & {int, float}) and bool not in types and Any not in types
@@ -624,8 +629,12 @@ def sections_of_other_algorithms(raw: dict, own: str) -> dict[str, type[Section]
 def saved_recipe_now(saved: dict, algorithm: str) -> dict:
     """A recipe saved by an earlier run (a checkpoint's) as this version reads it: without the other
     algorithms' sections (saved before recipes carried their own only; that run ignored them) and
-    with the keys added since at their defaults, so that neither counts as a change on resume."""
+    with the keys added since at their defaults, so that neither counts as a change on resume; and
+    without a data.eval_fraction beside data.eval (that run ignored it; now the pair is refused)."""
     saved = {k: v for k, v in saved.items() if k not in sections_of_other_algorithms(saved, algorithm)}
+    data = saved.get("data")
+    if isinstance(data, dict) and data.get("eval") and data.get("eval_fraction"):
+        saved["data"] = {**data, "eval_fraction": 0.0}
     try:
         return recipe_class(algorithm).model_validate(saved).model_dump(mode="json")
     except (ValidationError, AlignError):

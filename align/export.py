@@ -6,6 +6,7 @@ import os
 
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
+from align.models.kinds import inspect_checkpoint
 from align.models.loading import load_model, load_tokenizer
 
 
@@ -16,7 +17,8 @@ def export_merged(run_dir: str, out_dir: str, dtype: str = "auto") -> None:
                          "(a full fine-tune output is already a transformers model directory)")
     check_out_dir(out_dir)
     config = ModelConfig(name_or_path=run_dir, dtype=dtype)
-    model = load_model(config, AdapterConfig(kind="none"))  # loads the base with the adapter merged
+    reward_model = inspect_checkpoint(run_dir, "run_dir").is_reward_model  # (a score head, not an lm-head)
+    model = load_model(config, AdapterConfig(kind="none"), head="score" if reward_model else "causal_lm")
     model.save_pretrained(out_dir)
     load_tokenizer(config).save_pretrained(out_dir)
 

@@ -55,12 +55,13 @@ def load_for_sampling(config) -> tuple[torch.nn.Module, object]:
     mode, on the GPU when there is one; a trained built-in (`builtin:tiny-judge-arith`) is built first."""
     from align.builtins import build_builtins
     from align.config import AdapterConfig
-    from align.models.loading import load_model, load_tokenizer
+    from align.models.loading import check_vocabulary, load_model, load_tokenizer
 
     build_builtins(config.name_or_path)
-    model = load_model(config, AdapterConfig(kind="none"))
+    model, tokenizer = load_model(config, AdapterConfig(kind="none")), load_tokenizer(config)
+    check_vocabulary(model, tokenizer, "model")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return model, load_tokenizer(config)
+    return model, tokenizer
 
 
 def _loaded(model: str | LoadedModel, dtype: str) -> LoadedModel:
@@ -182,6 +183,7 @@ def evaluate(model: str | LoadedModel, data: str | list[dict], rewards: list[str
                                 names=[spec_name(spec) for spec in rewards])
     rows = _rows(data, limit)
     loaded = _loaded(model, dtype)
+    functions.check_tokenizer(loaded.tokenizer)
     done = _complete(loaded, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, chat=chat,
                      batch_size=batch_size, key="data")
     completions = [text for text, _ in done]

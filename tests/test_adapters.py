@@ -195,3 +195,45 @@ def test_qlora_from_an_adapter_dir_merges_its_current_adapter_outside_the_dir(tm
         caplog.clear()
     assert sorted(p.name for p in directory.iterdir()) == ["README.md", "adapter_config.json",
                                                            "adapter_model.safetensors"]  # no `merged` inside
+
+
+def test_a_lora_run_started_from_another_lora_run_reloads_with_both_stages(tmp_path):
+    """A later stage's adapter names the earlier stage's directory as its base, so that reloading it (the
+    next stage, `align export`, a reward model) merges both; it named the first stage's own base,
+    silently dropping that stage."""
+    from align.models.policy import Policy
+
+    first, second = tmp_path / "sft", tmp_path / "dpo"
+    save_random_adapter(first, seed=1)
+    config = ModelConfig(name_or_path=str(first), tokenizer="builtin:tiny-llama", dtype="float32")
+    policy = Policy.from_config(config, AdapterConfig(kind="lora", r=4, dropout=0.0))
+    with torch.no_grad():  # the second stage's adapter changes the outputs too
+        for name, weight in policy.model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.1)
+    policy.save(second)
+    assert json.loads((second / "adapter_config.json").read_text())["base_model_name_or_path"] == str(first)
+    reloaded = load_model(ModelConfig(name_or_path=str(second), dtype="float32"), AdapterConfig())
+    first_only = load_model(config, AdapterConfig())
+    policy.model.eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=INPUT).logits
+        torch.testing.assert_close(logits, policy.model(input_ids=INPUT).logits, atol=1e-4, rtol=0)
+        assert (logits - first_only(input_ids=INPUT).logits).abs().max() > 1e-2
+    merged = dict(merged_weights(load_model(ModelConfig(name_or_path=str(second), dtype="float32"),
+                                            AdapterConfig(kind="qlora", r=4))))  # its 4-bit base: both stages too
+    name = "model.layers.0.self_attn.q_proj.weight"
+    exact = dict(reloaded.named_parameters())[name]
+    assert (merged[name] - exact).abs().mean() < (dict(first_only.named_parameters())[name] - exact).abs().mean()
+
+
+def test_export_of_a_lora_reward_model_keeps_its_score_head(tmp_path):
+    """(It loaded the adapter's base as a causal LM: the trained score head was dropped.)"""
+    from align.models.reward import RewardModel, load_reward_model
+
+    lora = AdapterConfig(kind="lora", r=4, dropout=0.0)
+    RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), lora).save(tmp_path / "rm")
+    export_merged(str(tmp_path / "rm"), str(tmp_path / "merged"))
+    prompts, completions = ["1 + 1 =", "2 + 5 ="], [" 2", " 7"]
+    assert load_reward_model(str(tmp_path / "merged"), device="cpu")(prompts, completions) == pytest.approx(
+        load_reward_model(str(tmp_path / "rm"), device="cpu")(prompts, completions), abs=1e-5)

@@ -342,3 +342,21 @@ def test_a_chunk_holds_the_blocks_its_gpu_size_allows_for(beta, blocks):
     peaks["capped student, no gradient"] = live.peak / block
     assert peaks["plain"] < blocks <= CHUNK_BLOCKS + 0.3 and peaks["capped teacher"] < blocks, peaks
     assert blocks < peaks["capped student"] < blocks + 1 and peaks["capped student, no gradient"] < blocks, peaks
+
+
+def test_a_student_with_more_lm_head_rows_than_the_teacher_is_refused(distill_recipe, tmp_path):
+    """It sampled ids from its padded rows that the teacher cannot score: an IndexError traceback."""
+    from transformers import AutoModelForCausalLM
+
+    from align.models.loading import load_tokenizer
+    from align.models.tiny import resolve
+    from align.config import ModelConfig
+
+    student = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama"))
+    student.resize_token_embeddings(640)
+    student.save_pretrained(tmp_path / "student")
+    load_tokenizer(ModelConfig(name_or_path="builtin:tiny-llama")).save_pretrained(tmp_path / "student")
+    recipe = distill_recipe(model={"name_or_path": str(tmp_path / "student")},
+                            distill={"teacher_model": "builtin:tiny-llama"})
+    with pytest.raises(AlignError, match="the student's lm-head has 640 rows, more than the teacher's"):
+        DistillTrainer.build_policy(recipe)

@@ -136,7 +136,7 @@ def test_reward_model_directory_is_a_reward(tmp_path):
         load_reward_function(str(tmp_path))
 
 
-def test_only_a_reward_model_directory_loads_as_a_reward(tmp_path):
+def test_only_a_reward_model_directory_loads_as_a_reward(tmp_path, monkeypatch):
     """A LoRA reward-model run (an adapter, no config.json) is a reward; a causal LM, full or an adapter
     of one (e.g. an SFT run), is refused: loaded as a reward model its score head would be random."""
     from transformers import AutoModelForSequenceClassification
@@ -154,12 +154,14 @@ def test_only_a_reward_model_directory_loads_as_a_reward(tmp_path):
     load_model(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), lora).save_pretrained(tmp_path / "sft")
     AutoModelForSequenceClassification.from_pretrained(causal_lm, num_labels=3).save_pretrained(tmp_path / "three")
     for path, message in [(causal_lm, "holds a LlamaForCausalLM, not a reward model"),
-                          (tmp_path / "sft", "holds a CAUSAL_LM adapter, not a reward model's"),
+                          (tmp_path / "sft", "holds a CAUSAL_LM adapter, not a reward model"),
                           (tmp_path / "three", "is a classifier of 3 labels")]:
         with pytest.raises(AlignError, match=message):
             load_reward_function(str(path))
         with pytest.raises(AlignError, match=message):
             load_reward_model(str(path))
+    monkeypatch.setenv("HOME", str(tmp_path))  # (last: the built-ins' cache may sit under HOME)
+    assert load_reward_model("~/rm", device="cpu")(["1 + 1 ="], [" 2"]) == scorer(["1 + 1 ="], [" 2"])
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -170,6 +172,7 @@ def test_only_a_reward_model_directory_loads_as_a_reward(tmp_path):
     ("missing/file.py:f", "file not found: 'missing/file.py'"),
     ("runs/no-such-rm", "There is no such file or directory"),
     ("align_rewards.math:NUMBER", "'align_rewards.math': NUMBER is a str, not a function"),
+    ("pyproject.toml", "It is a file: give a reward-model run's directory, or a Python file with its function"),
 ])
 def test_unresolvable_specs_name_the_key_and_the_accepted_forms(spec, message):
     entries = [RewardFunctionConfig(fn="exact_answer"), RewardFunctionConfig(fn=spec)]
@@ -349,3 +352,39 @@ def test_train_time_exception_names_the_function_and_the_row():
 
     with pytest.raises(AlignError, match=r"'bad_row' returned inf\b.*\n  at row 1"):
         RewardFunctions([bad_row])(*batch(["a", "b"]))
+
+
+def test_a_reward_model_reading_another_tokenizer_than_the_policy_s_is_refused():
+    """The scorer reads the policy's sampled ids as its own tokens: another vocabulary scored other text
+    (or an IndexError), another EOS took every finished completion for an unfinished one."""
+    from align.models.loading import load_model, load_tokenizer
+    from align.models.reward import RewardModel, RewardScorer
+
+    config = ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32")
+    policy_tokenizer, other = load_tokenizer(config), load_tokenizer(config)
+    other.add_tokens(["<new-token>"])
+    model = load_model(config, AdapterConfig(), head="score")
+    model.resize_token_embeddings(len(other))
+    rewards = RewardFunctions([RewardScorer(RewardModel(model, other))], names=["rm"], keys=["grpo.rewards[0]"])
+    with pytest.raises(AlignError, match=r"reward function 'rm' \(grpo.rewards\[0\]\): the reward model's tokenizer "
+                                         "has another vocabulary than the policy's"):
+        rewards.check_tokenizer(policy_tokenizer)
+    same = RewardScorer(RewardModel.from_config(config, AdapterConfig()))
+    same.check_tokenizer(policy_tokenizer, "rm")
+    policy_tokenizer.eos_token = policy_tokenizer.convert_ids_to_tokens(0)  # (<|pad|>; EOS is <|im_end|>)
+    with pytest.raises(AlignError, match="another end-of-sequence token"):
+        same.check_tokenizer(policy_tokenizer, "rm")
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_s_embedding_is_refused(tmp_path):
+    """(An IndexError traceback in the forward; on a GPU a device-side assert.)"""
+    from align.models.loading import load_tokenizer
+    from align.models.policy import Policy
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-llama"))
+    tokenizer.add_tokens(["<new-token>"])
+    tokenizer.save_pretrained(tmp_path / "tok")
+    config = ModelConfig(name_or_path="builtin:tiny-llama", tokenizer=str(tmp_path / "tok"), dtype="float32")
+    with pytest.raises(AlignError, match=r"model.tokenizer: the tokenizer has \d+ tokens, more than the model's \d+ "
+                                         "embedding rows"):
+        Policy.from_config(config, AdapterConfig())

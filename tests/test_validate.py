@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from align.cli import main
-from align.config import AdapterConfig, DataSource, ModelConfig
+from align.config import AdapterConfig, DataSource, ModelConfig, saved_recipe_now
 from align.errors import AlignError
 from align.toy import chat_rows, preference_rows, prompt_completion_rows, prompt_rows
 from tests.conftest import write_jsonl
@@ -142,11 +142,14 @@ def test_numbers_out_of_range_are_refused_with_the_key(recipe_file, capsys, over
     assert code == 2 and f"  {override.split('=')[0]}: " in err
 
 
-@pytest.mark.parametrize("key", ["train.lr", "train.batch_size", "adapter.r", "data.max_length"])
-def test_a_bool_is_not_taken_for_a_number(recipe_file, capsys, key):
-    """pydantic's lax mode read `lr: true` as a learning rate of 1.0, `batch_size: true` as 1."""
-    code, err = cli(capsys, "validate", recipe_file(), "--set", f"{key}=true")
-    assert code == 2 and f"  {key}: true is not a number" in err, err
+@pytest.mark.parametrize("override", ["train.lr=true", "train.batch_size=true", "adapter.r=true",
+                                      "data.max_length=true", "train.adam_betas=[false, 0.999]"])
+def test_a_bool_is_not_taken_for_a_number(recipe_file, capsys, override):
+    """pydantic's lax mode read `lr: true` as a learning rate of 1.0, `batch_size: true` as 1, a beta
+    of false as 0."""
+    code, err = cli(capsys, "validate", recipe_file(), "--set", override)
+    key, value = override.split("=")
+    assert code == 2 and f"  {key}: {'false' if 'false' in value else 'true'} is not a number" in err, err
     assert main(["validate", recipe_file(), "--set", "model.gradient_checkpointing=true"]) == 0  # a bool's own key
 
 
@@ -319,6 +322,16 @@ def test_an_eval_file_and_an_eval_fraction_together_are_refused(recipe_file, tmp
     code, err = cli(capsys, "validate", recipe_file(), "--set", f"data.eval={{path: {tmp_path / 'train.jsonl'}}}",
                     "--set", "data.eval_fraction=0.1")
     assert code == 2 and "data: eval_fraction: 0.1 holds out part of data.train" in err, err
+    saved = yaml.safe_load(open(recipe_file()))  # a run saved before: resumes with the fraction dropped
+    saved["data"].update(eval={"path": str(tmp_path / "train.jsonl")}, eval_fraction=0.1)
+    assert saved_recipe_now(saved, "sft")["data"]["eval_fraction"] == 0.0
+
+
+def test_a_data_directory_of_empty_files_holds_no_rows(recipe_file, tmp_path, capsys):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "part-0.jsonl").write_text("")
+    code, err = cli(capsys, "validate", recipe_file(data={"train": {"path": str(tmp_path / "shards")}}))
+    assert code == 2 and "shards' holds no rows" in err, err
 
 
 @pytest.mark.parametrize("margin", ["big", True])

@@ -41,6 +41,8 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
                          f"fetched: {error}; give a local .jsonl/.json/.parquet/.csv file or directory") from None
     except UnicodeDecodeError:
         raise AlignError(_not_utf8(path, key)) from None
+    except StopIteration:  # what `datasets` raises on a directory of 0-byte files
+        raise AlignError(_no_rows(source, key)) from None
     except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
         # `[]`, blank lines only, a csv header only; a csv of blank lines (pandas' error)
         if "corresponds to no data" in str(error) or "No columns to parse" in str(error.__cause__):

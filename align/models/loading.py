@@ -7,7 +7,6 @@ merged in, so a later stage (DPO after SFT) starts from the trained weights.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
 from align.models import tiny, varlen
+from align.models.kinds import inspect_checkpoint, read_config
 from align.models.lora import apply_adapter, peft_quietly
 from align.models.recompute import checkpoint_some_layers, enable_activation_checkpointing
 from align.models.reference_cache import files_hash, json_hash
@@ -38,19 +38,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def _adapter_settings(path: str) -> dict | None:
-    """The adapter_config.json of an Align/peft adapter directory, or None if `path` is not one."""
-    config_file = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(config_file):
-        return None
-    with open(config_file) as f:
-        return json.load(f)
-
-
 def _adapter_base(path: str) -> str | None:
     """The base model of an Align/peft adapter directory, or None if `path` is not one."""
-    settings = _adapter_settings(path)
+    settings = read_config(path, "adapter_config.json", "model.name_or_path")
     return None if settings is None else tiny.resolve(settings["base_model_name_or_path"])
+
+
+def _model_root(path: str) -> str:
+    """The full model at the root of a chain of adapter directories (`path` itself if it is none): its
+    config is the architecture's."""
+    while (base := _adapter_base(path)) is not None:
+        path = base
+    return path
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -76,6 +75,17 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
         log.warning("tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_vocabulary(model, tokenizer, key: str = "model.tokenizer") -> None:
+    """AlignError naming `key` if `tokenizer` has ids the model has no embedding for (a tokenizer of
+    another model, or tokens added without resizing the embeddings): on a CPU an IndexError in the
+    forward, on a GPU a device-side assert."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise AlignError(f"{key}: the tokenizer has {len(tokenizer)} tokens, more than the model's {rows} embedding "
+                         f"rows (ids from {rows} on have none); give the model's own tokenizer, or resize the model's "
+                         "embeddings to the tokenizer (model.resize_token_embeddings) and save it")
 
 
 def local_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase | None:
@@ -116,6 +126,7 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
     try:
         if base is not None:
             model = _load_merged(path, base, kwargs, quantize, auto_class)
+            model.name_or_path = os.path.abspath(path)  # what an adapter trained on it names as its base
         else:
             model = _pretrained(auto_class, path, **kwargs)
     except (OSError, ValueError) as error:
@@ -136,20 +147,15 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, head: str = "causal_
     return model
 
 
-def check_not_a_reward_model(config: ModelConfig) -> None:
-    """AlignError if a local `config.name_or_path` holds a reward model (its adapter, task SEQ_CLS, or
-    a ...ForSequenceClassification) where a causal LM is wanted: it has no lm-head. Reads only configs."""
+def check_not_a_reward_model(config: ModelConfig, key: str = "model.name_or_path") -> None:
+    """AlignError if a local `config.name_or_path` holds a reward model (a ...ForSequenceClassification
+    or its SEQ_CLS adapter) where a causal LM is wanted: it has no lm-head. Reads only configs."""
     path = tiny.resolve(config.name_or_path, for_config=True)
-    adapter = _adapter_settings(path) if os.path.isdir(path) else None
-    held = "a reward model's adapter (task SEQ_CLS)" if adapter and adapter.get("task_type") == "SEQ_CLS" else None
-    if adapter is None and os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            architectures = json.load(f).get("architectures") or []
-        if architectures and all(name.endswith("ForSequenceClassification") for name in architectures):
-            held = f"a reward model ({'/'.join(architectures)})"
-    if held:
-        raise AlignError(f"model.name_or_path: {config.name_or_path!r} holds {held}, not a causal LM: it has no "
-                         "lm-head to generate or train with. Give a policy's run (e.g. an SFT run) or a base model")
+    checkpoint = inspect_checkpoint(path, key) if os.path.isdir(path) else None
+    if checkpoint is not None and checkpoint.is_reward_model:
+        raise AlignError(f"{key}: {config.name_or_path!r} holds a reward model ({checkpoint.what}), not a causal LM: "
+                         "it has no lm-head to generate or train with. Give a policy's run (e.g. an SFT run) or a "
+                         "base model")
 
 
 def _pretrained(auto_class, path: str | Path, **kwargs):
@@ -177,7 +183,7 @@ def check_has_score_head(path: str, config: ModelConfig) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     try:
-        model_type = AutoConfig.from_pretrained(_adapter_base(path) or path, revision=config.revision,
+        model_type = AutoConfig.from_pretrained(_model_root(path), revision=config.revision,
                                                 trust_remote_code=config.trust_remote_code).model_type
     except (OSError, ValueError):
         return  # from_pretrained reports it
@@ -205,11 +211,18 @@ def _load_merged(adapter_dir: str, base: str, kwargs: dict, quantize: bool, auto
     return _pretrained(auto_class, merged_dir, **kwargs)
 
 
+def _full_model(auto_class, path: str, full_kwargs: dict):
+    """The model in `path` in full precision: a model's directory or hub id, or an adapter directory merged
+    into its base, which may be an adapter directory itself (a LoRA run started from another's)."""
+    base = _adapter_base(path)
+    return _pretrained(auto_class, path, **full_kwargs) if base is None else _merge(path, base, full_kwargs, auto_class)
+
+
 def _merge(adapter_dir: str, base: str, full_kwargs: dict, auto_class):
     from peft import PeftModel
 
     with peft_quietly():
-        model = _pretrained(auto_class, base, **full_kwargs)
+        model = _full_model(auto_class, base, full_kwargs)
         try:
             return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
         except RuntimeError as error:
@@ -231,12 +244,20 @@ MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.py")  # weights, configs, 
 
 
 def _merged_dir(adapter_dir: str, base: str, full_kwargs: dict, auto_class) -> Path:
-    """`<cache>/merged/<key>`: the key hashes the adapter's files, the base model's files and how
-    the base is loaded (class, dtype, revision...), so any change to them names another directory."""
-    key = json_hash({"adapter": files_hash(adapter_dir, ADAPTER_FILES),
-                     "base": files_hash(_model_files_dir(base, full_kwargs.get("revision")), MODEL_FILES),
+    """`<cache>/merged/<key>`: the key hashes the adapter's files, the base model's files (down a chain
+    of adapters) and how the base is loaded (class, dtype, revision...), so any change to them names
+    another directory."""
+    key = json_hash({"adapter": files_hash(adapter_dir, ADAPTER_FILES), "base": _files_key(base, full_kwargs),
                      "class": auto_class.__name__, "kwargs": full_kwargs})
     return tiny.cache_dir() / "merged" / key
+
+
+def _files_key(path: str, full_kwargs: dict):
+    """A hash of the files a model's weights come from: a model's, or an adapter's and its base's."""
+    base = _adapter_base(path)
+    if base is None:
+        return files_hash(_model_files_dir(path, full_kwargs.get("revision")), MODEL_FILES)
+    return {"adapter": files_hash(path, ADAPTER_FILES), "base": _files_key(base, full_kwargs)}
 
 
 def _model_files_dir(name_or_path: str, revision: str | None) -> str:
@@ -284,7 +305,7 @@ def model_skeleton(config: ModelConfig, head: str = "causal_lm"):
 
     path = tiny.resolve(config.name_or_path, for_config=True)
     try:
-        model_config = AutoConfig.from_pretrained(_adapter_base(path) or path, revision=config.revision,
+        model_config = AutoConfig.from_pretrained(_model_root(path), revision=config.revision,
                                                   trust_remote_code=config.trust_remote_code, local_files_only=True)
     except (OSError, ValueError):
         return None

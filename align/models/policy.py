@@ -23,7 +23,7 @@ from align.models.compiled import eager
 from align.models.dropout import disable_dropout
 from align.models.head import check_logprobs_match_forward, logit_transform
 from align.models.layouts import inexact_layouts
-from align.models.loading import load_model, load_tokenizer
+from align.models.loading import check_vocabulary, load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.ops.logprobs import token_logprobs, weighted_logprob_sum
 
@@ -183,6 +183,7 @@ class Policy(Trainable):
     """What the frozen reference model is called in logs (a distillation policy's: teacher)."""
 
     def __init__(self, model: nn.Module, tokenizer, reference: ReferenceStrategy = "none"):
+        check_vocabulary(model, tokenizer)
         check_logprobs_match_forward(causal_lm(model))
         self.probe_layouts(model)
         self.module = self.wrap(model)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from align.data.formats import prompt_completion_ids
 from align.errors import AlignError
 from align.models import sharding, zero
 from align.models.layouts import PACKED_ROWS
-from align.models.loading import load_model, load_tokenizer
+from align.models.loading import check_vocabulary, load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
 from align.rewards.loading import check_reward_model_dir
@@ -40,6 +41,7 @@ class ScalarHeadModel(nn.Module):
 
 class RewardModel(Trainable):
     def __init__(self, model: nn.Module, tokenizer):
+        check_vocabulary(model, tokenizer)
         self.probe_layouts(model)
         self.module = ScalarHeadModel(model)
         self.tokenizer = tokenizer
@@ -95,6 +97,17 @@ class RewardScorer:
                 self.forward([self.reward_model.tokenizer.eos_token_id or 0], [0], [0])
         return out
 
+    def check_tokenizer(self, tokenizer, label: str) -> None:
+        """AlignError naming `label` unless the policy's `tokenizer` is the reward model's (vocabulary and
+        end-of-sequence token): the scorer reads the policy's sampled ids as its own tokens, and a
+        completion not ending in its EOS as unfinished."""
+        own = self.reward_model.tokenizer
+        if tokenizer.get_vocab() != own.get_vocab() or tokenizer.eos_token_id != own.eos_token_id:
+            differs = "vocabulary" if tokenizer.get_vocab() != own.get_vocab() else (
+                f"end-of-sequence token ({own.eos_token!r}, the policy's {tokenizer.eos_token!r})")
+            raise AlignError(f"{label}: the reward model's tokenizer has another {differs} than the policy's; it "
+                             "reads the policy's sampled tokens, so train it on the policy's tokenizer")
+
     def forward(self, ids: list[int], positions: list[int], last: list[int]) -> torch.Tensor:
         """[len(last)] scores of one packed row: `ids` with their `positions`, scored at `last`."""
         module = self.reward_model.module
@@ -134,6 +147,7 @@ def load_reward_model(path: str, dtype: str = "auto", batch_size: int = 16, devi
     shard: under several processes, shard it over them like the policy (each holds 1/N of its weights;
     every process must then score in step, see RewardScorer): with FSDP2 (`sharding.shard`), or under
     a DeepSpeed ZeRO-3 launch partitioned by an engine without optimizer (`zero.start_frozen`)."""
+    path = os.path.expanduser(path)
     check_reward_model_dir(path, f"reward model {path!r}")
     config = ModelConfig(name_or_path=path, dtype=dtype)
     model = RewardModel.from_config(config, AdapterConfig(kind="none"))

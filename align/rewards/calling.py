@@ -95,6 +95,10 @@ def _in_thread(fn: Callable, arguments: dict) -> concurrent.futures.Future:
     return future
 
 
+PROMPT_COLUMNS = ("prompt", "prompt_ids")
+"""Dataset columns that do not reach a reward function as columns: the prompt comes as `prompts`."""
+
+
 def require_rewards(entries: list, key: str) -> None:
     """AlignError naming `key` if a recipe's reward list is empty."""
     if not entries:
@@ -109,8 +113,33 @@ def describe(name: str, key: str | None) -> str:
 
 def check_columns(fn: Callable, columns: list[str], name: str, key: str | None, split: str) -> None:
     """AlignError, the one a call would raise, if `fn` requires a parameter that is neither a standard
-    argument nor one of `columns` (split's columns less `prompt`): checked before any model loads."""
-    RewardFunctions._arguments(fn, dict.fromkeys([*columns, *STANDARD_ARGS]), f"{split}: {describe(name, key)}")
+    argument nor one of a split's `columns`: checked before any model loads."""
+    reaching = [c for c in columns if c not in PROMPT_COLUMNS]
+    arguments_for(fn, dict.fromkeys([*reaching, *STANDARD_ARGS]), f"{split}: {describe(name, key)}")
+
+
+def arguments_for(fn: Callable, batch: dict, label: str) -> dict:
+    """The keyword arguments `fn` takes: all of `batch` (less kwargs already bound) if it has
+    **kwargs, else the parameters it declares; AlignError if a required parameter is not there."""
+    bound = fn.keywords if isinstance(fn, functools.partial) else {}
+    available = {k: v for k, v in batch.items() if k not in bound}
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return available
+    out = {}
+    for name, p in parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name in available and p.kind is not p.POSITIONAL_ONLY:
+            out[name] = available[name]
+        elif p.default is p.empty:
+            columns = [k for k in batch if k not in STANDARD_ARGS]
+            raise AlignError(
+                f"{label} requires a parameter {name!r}, which is neither one of {', '.join(STANDARD_ARGS)} "
+                f"nor a dataset column (columns: {', '.join(columns) or 'none'}). Rename it to a column, give "
+                f"it a default, or bind it with `kwargs: {{{name}: ...}}` in the recipe")
+    return available if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else out
 
 
 class _Timeout(Exception):
@@ -164,6 +193,12 @@ class RewardFunctions:
                    [f"{key}[{i}]" for i in range(len(entries))], [e.timeout_s for e in entries],
                    [e.max_abs for e in entries])
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """AlignError unless every reward model among the functions reads the policy's `tokenizer`."""
+        for i, fn in enumerate(self.functions):
+            if callable(getattr(fn, "check_tokenizer", None)):
+                fn.check_tokenizer(tokenizer, self._label(i))
+
     @property
     def sharded(self) -> bool:
         """Whether a function is a reward model sharded over the processes (`RewardScorer.sharded`):
@@ -206,7 +241,7 @@ class RewardFunctions:
             if len(column) != size:
                 raise ValueError(f"column {name!r} has {len(column)} values for {size} completions")
         labels = [phase + self._label(i) for i in range(len(self.functions))]
-        plans = [self._arguments(fn, batch, label) for fn, label in zip(self.functions, labels)]
+        plans = [arguments_for(fn, batch, label) for fn, label in zip(self.functions, labels)]
         start = time.monotonic()
         running = {i: self._start(i, plans[i]) for i, fn in enumerate(self.functions) if _is_async(fn)}
         outcomes: list = [None] * len(self.functions)
@@ -256,30 +291,6 @@ class RewardFunctions:
 
     def _label(self, i: int) -> str:
         return describe(self.names[i], self.keys[i])
-
-    @staticmethod
-    def _arguments(fn: Callable, batch: dict, label: str) -> dict:
-        """The keyword arguments `fn` takes: all of `batch` (less kwargs already bound) if it has
-        **kwargs, else the parameters it declares; AlignError if a required parameter is not there."""
-        bound = fn.keywords if isinstance(fn, functools.partial) else {}
-        available = {k: v for k, v in batch.items() if k not in bound}
-        try:
-            parameters = inspect.signature(fn).parameters
-        except (TypeError, ValueError):  # some builtins and C callables have no signature
-            return available
-        out = {}
-        for name, p in parameters.items():
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            if name in available and p.kind is not p.POSITIONAL_ONLY:
-                out[name] = available[name]
-            elif p.default is p.empty:
-                columns = [k for k in batch if k not in STANDARD_ARGS]
-                raise AlignError(
-                    f"{label} requires a parameter {name!r}, which is neither one of {', '.join(STANDARD_ARGS)} "
-                    f"nor a dataset column (columns: {', '.join(columns) or 'none'}). Rename it to a column, give "
-                    f"it a default, or bind it with `kwargs: {{{name}: ...}}` in the recipe")
-        return available if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else out
 
     def _raise_failure(self, i: int, arguments: dict, batch: dict, error: BaseException, label: str):
         """Re-call function i row by row to find the first failing row, then raise an AlignError naming it.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -69,6 +68,8 @@ def _unknown(spec: str) -> AlignError:
         hint += f"; name the function too, e.g. {spec}:my_reward. " if spec.endswith(".py") else ". "
     elif spec.endswith(".py"):
         hint = f"Name the function too, e.g. {spec}:my_reward. "
+    elif os.path.isfile(os.path.expanduser(spec)):
+        hint = "It is a file: give a reward-model run's directory, or a Python file with its function. "
     elif "." in spec:
         hint = f"Did you mean {':'.join(spec.rsplit('.', 1))!r}? "
     else:
@@ -113,8 +114,14 @@ def _resolve(spec: str) -> Callable:
     return fn
 
 
-def _is_reward_model_dir(spec: str) -> bool:
-    return os.path.isdir(os.path.expanduser(spec))
+def names_a_reward_model(spec: str) -> bool:
+    """Whether a reward spec names a reward-model directory, trained or not yet: no registry name or
+    `:func`, and an existing directory, or a path that is neither a file nor a `.py` file's name."""
+    if spec in REGISTRY or ":" in spec:
+        return False
+    path = os.path.expanduser(spec)
+    return os.path.isdir(path) or (("/" in spec or os.sep in spec) and not spec.endswith(".py")
+                                   and not os.path.exists(path))
 
 
 def spec_name(spec: str) -> str:
@@ -123,7 +130,7 @@ def spec_name(spec: str) -> str:
     directory's name for a reward model."""
     if spec in REGISTRY:
         return spec
-    if _is_reward_model_dir(spec):
+    if names_a_reward_model(spec):
         return Path(os.path.abspath(os.path.expanduser(spec))).name
     builtin = {target: name for name, target in REGISTRY.items() if isinstance(target, str)}
     if spec in builtin:
@@ -162,36 +169,22 @@ def _bind(fn: Callable, kwargs: dict, key: str) -> Callable:
 
 def check_reward_model_dir(path: str, key: str) -> None:
     """AlignError naming `key` unless directory `path` holds a reward model: a sequence-classification
-    model with one label (config.json), or an adapter of one (adapter_config.json, task SEQ_CLS), as an
-    Align reward-model run saves them. Reads no weights. Loaded as a reward model, any other model (a
-    causal LM, e.g. an SFT run) would score with a newly initialized head: random rewards."""
-    def settings(name: str) -> dict:
-        try:
-            with open(os.path.join(path, name), encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError) as error:
-            raise AlignError(f"{key}: cannot read {os.path.join(path, name)}: {error}") from None
+    model with one label, or an adapter of one (task SEQ_CLS), as an Align reward-model run saves them.
+    Reads no weights. Loaded as a reward model, any other model (a causal LM, e.g. an SFT run) would
+    score with a newly initialized head: random rewards."""
+    from align.models.kinds import inspect_checkpoint
 
+    checkpoint = inspect_checkpoint(path, key)
     train_one = "give the output_dir of an Align reward-model run (algorithm: reward)"
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        task = settings("adapter_config.json").get("task_type")
-        if task != "SEQ_CLS":
-            raise AlignError(f"{key}: {path!r} holds a {task or 'untyped'} adapter, not a reward model's (SEQ_CLS): "
-                             f"its score head would be random; {train_one}")
-        return
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if checkpoint is None:
         raise AlignError(f"{key}: {path!r} is a directory but not a model (no config.json or adapter_config.json); "
-                         f"{train_one}, or a reward function: {FORMS}")
-    config = settings("config.json")
-    architectures = config.get("architectures") or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise AlignError(f"{key}: {path!r} holds a {'/'.join(architectures) or 'model of no stated architecture'}, "
-                         f"not a reward model (a ...ForSequenceClassification): loaded as one, its score head would "
-                         f"be random; {train_one}")
-    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
-    if labels != 1:
-        raise AlignError(f"{key}: {path!r} is a classifier of {labels} labels; a reward model has one score "
-                         f"(num_labels 1); {train_one}")
+                         f"{train_one}")
+    if not checkpoint.is_reward_model:
+        raise AlignError(f"{key}: {path!r} holds {checkpoint.what}, not a reward model (a ...ForSequenceClassification "
+                         f"or its SEQ_CLS adapter): loaded as one, its score head would be random; {train_one}")
+    if checkpoint.labels not in (None, 1):
+        raise AlignError(f"{key}: {path!r} is a classifier of {checkpoint.labels} labels; a reward model has one "
+                         f"score (num_labels 1); {train_one}")
 
 
 def check_reward_model_kwargs(kwargs: dict, key: str) -> None:
@@ -236,7 +229,7 @@ def load_reward_function(spec: str, kwargs: dict | None = None, *, key: str | No
     """
     where_fn, where_kwargs = (f"{key}.fn", f"{key}.kwargs") if key else (f"reward {spec!r}", f"reward {spec!r} kwargs")
     kwargs = dict(kwargs or {})
-    if spec not in REGISTRY and _is_reward_model_dir(spec):
+    if names_a_reward_model(spec) and os.path.isdir(os.path.expanduser(spec)):
         path = os.path.expanduser(spec)
         check_reward_model_dir(path, where_fn)
         check_reward_model_kwargs(kwargs, where_kwargs)

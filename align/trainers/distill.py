@@ -198,9 +198,13 @@ class DistillTrainer(OnlineTrainer):
             raise AlignError(f"distill.teacher_model: {cfg.teacher_model!r} has an output vocabulary of {teacher} "
                              f"tokens and the student {student}, but the tokenizer has {len(policy.tokenizer)}; "
                              "both models must score every token of the tokenizer")
+        if student > teacher:
+            raise AlignError(f"distill.teacher_model: the student's lm-head has {student} rows, more than the teacher's "
+                             f"{teacher} ({cfg.teacher_model!r}): the student would sample ids the teacher cannot score "
+                             "(padded rows); use a teacher whose lm-head has at least the student's rows")
         if student != teacher:
             log.info("student and teacher lm-heads have %d and %d rows (padded vocabularies): the divergence runs "
-                     "over the first %d", student, teacher, min(student, teacher))
+                     "over the student's %d", student, teacher, student)
         return policy
 
     # ---- experience -----------------------------------------------------------------------------

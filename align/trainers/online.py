@@ -34,6 +34,7 @@ from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
 from align.models import sharding, zero
 from align.rewards import RewardFunctions
+from align.rewards.calling import PROMPT_COLUMNS
 from align.rollout import Rollout, SamplingParams, make_engine
 from align.trainers import samples
 from align.trainers.base import Trainer
@@ -111,6 +112,7 @@ class OnlineTrainer(Trainer):
     def prepare_data(self) -> None:
         """Reward functions and the rollout engine; then every reward is tried once on real samples."""
         self.rewards = RewardFunctions.from_config(self.rl.rewards, key=f"{self.algorithm}.rewards")
+        self.rewards.check_tokenizer(self.policy.tokenizer)
         self.start_engine()
         rows = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
         params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
@@ -234,7 +236,7 @@ class OnlineTrainer(Trainer):
         n, g = len(rollout.completion_ids), rollout.group_size
         completions = self.policy.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         prompts = [rows[i // g]["prompt"] for i in range(n)]
-        columns = {key: [rows[i // g][key] for i in range(n)] for key in rows[0] if key not in ("prompt", "prompt_ids")}
+        columns = {key: [rows[i // g][key] for i in range(n)] for key in rows[0] if key not in PROMPT_COLUMNS}
         return prompts, completions, rollout.completion_ids, columns
 
     def build_groups(self, rows: list[dict], rollout: Rollout, scores: torch.Tensor) -> list[dict]:
