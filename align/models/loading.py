@@ -82,7 +82,7 @@ def check_vocabulary(model, tokenizer, key: str = "model.tokenizer") -> None:
     another model, or tokens added without resizing the embeddings): on a CPU an IndexError in the
     forward, on a GPU a device-side assert."""
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    if tokenizer is not None and len(tokenizer) > rows:  # (None: a policy built without one, in Python)
         raise AlignError(f"{key}: the tokenizer has {len(tokenizer)} tokens, more than the model's {rows} embedding "
                          f"rows (ids from {rows} on have none); give the model's own tokenizer, or resize the model's "
                          "embeddings to the tokenizer (model.resize_token_embeddings) and save it")
