@@ -71,6 +71,13 @@ def check_keyword_arguments(fn, kwargs: dict, taken: tuple[str, ...], key: str) 
                              + f" (its own: {', '.join(own) or 'none'})")
 
 
+def check_one_reference(reference: str, reference_model: str | None) -> None:
+    """ValueError if a section names both a reference strategy and a reference model (the model won)."""
+    if reference_model and reference != "auto":
+        raise ValueError(f"reference: {reference} and reference_model: {reference_model!r} together; a reference_model "
+                         "is the reference, so drop one of them")
+
+
 def registered(registry_name: str):
     """The type of a recipe value that names an entry of `align.registry.<registry_name>` (or a
     `module:Name` plug-in, imported now): a typo fails when the recipe is read, listing the names."""
@@ -626,15 +633,36 @@ def sections_of_other_algorithms(raw: dict, own: str) -> dict[str, type[Section]
     return sections
 
 
+def _reference_free(values: dict) -> bool:
+    from align.registry import PREFERENCE_LOSSES
+
+    try:
+        return not PREFERENCE_LOSSES.get(values.get("loss_type", "sigmoid"), key="dpo.loss_type").needs_reference
+    except AlignError:
+        return False
+
+
+IGNORED = [
+    ("data", "eval_fraction", lambda data: bool(data.get("eval")), 0.0),
+    ("dpo", "reference", lambda dpo: bool(dpo.get("reference_model")), "auto"),
+    ("kto", "reference", lambda kto: bool(kto.get("reference_model")), "auto"),
+    ("dpo", "reference_model", _reference_free, None),
+    ("ppo", "value_model", lambda ppo: ppo.get("critic") == "shared", None),
+]
+"""(section, key, when a saved run ignored the key, the value it had in effect): pairs an earlier
+version accepted and ignored one side of, now refused together."""
+
+
 def saved_recipe_now(saved: dict, algorithm: str) -> dict:
     """A recipe saved by an earlier run (a checkpoint's) as this version reads it: without the other
     algorithms' sections (saved before recipes carried their own only; that run ignored them) and
     with the keys added since at their defaults, so that neither counts as a change on resume; and
-    without a data.eval_fraction beside data.eval (that run ignored it; now the pair is refused)."""
+    without the settings that run ignored which are now refused beside the one it used (`IGNORED`)."""
     saved = {k: v for k, v in saved.items() if k not in sections_of_other_algorithms(saved, algorithm)}
-    data = saved.get("data")
-    if isinstance(data, dict) and data.get("eval") and data.get("eval_fraction"):
-        saved["data"] = {**data, "eval_fraction": 0.0}
+    for section, key, ignored_beside, cleared in IGNORED:
+        values = saved.get(section)
+        if isinstance(values, dict) and values.get(key) not in (None, cleared) and ignored_beside(values):
+            saved[section] = {**values, key: cleared}
     try:
         return recipe_class(algorithm).model_validate(saved).model_dump(mode="json")
     except (ValidationError, AlignError):

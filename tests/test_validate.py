@@ -469,3 +469,29 @@ def test_a_checkpoint_missing_weights_the_model_needs_is_refused(tmp_path):
                                          "would start random"):
         load_model(ModelConfig(name_or_path=str(rm), dtype="float32"), AdapterConfig())
     load_model(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32"), AdapterConfig(), head="score")
+
+
+# 11. settings that contradict each other -------------------------------------------------------------
+@pytest.mark.parametrize("algorithm, overrides, message, key", [
+    ("ppo", {"critic": "shared", "value_model": "runs/rm"}, "starts a separate critic, but critic is shared", "value_model"),
+    ("dpo", {"reference": "frozen_copy", "reference_model": "builtin:tiny-llama"}, "a reference_model is the reference",
+     "reference"),
+    ("kto", {"reference": "adapter_disabled", "reference_model": "builtin:tiny-llama"},
+     "a reference_model is the reference", "reference"),
+    ("dpo", {"loss_type": "simpo", "reference_model": "builtin:tiny-llama"}, "loss_type simpo is reference-free",
+     "reference_model"),
+])
+def test_a_setting_the_run_would_ignore_is_refused_and_an_earlier_run_with_it_resumes(make_recipe, tmp_path, capsys,
+                                                                                      algorithm, overrides, message, key):
+    """Each was accepted and one side silently ignored (the value model, the reference strategy, a reference
+    model of a reference-free loss); a run saved so by an earlier version reads as the setting it ran."""
+    rows = prompt_rows(8) if algorithm == "ppo" else preference_rows(8)
+    sections = {"ppo": {"rewards": [{"fn": "exact_answer"}]}} if algorithm == "ppo" else {}
+    raw = make_recipe(raw=True, algorithm=algorithm, rows=rows, **sections)
+    raw.setdefault(algorithm, {}).update(overrides)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    code, err = cli(capsys, "validate", str(recipe))
+    assert code == 2 and f"  {algorithm}: {key}: " in err and message in err, err
+    ran = saved_recipe_now(raw, algorithm)[algorithm]
+    assert ran[key] == {"value_model": None, "reference_model": None, "reference": "auto"}[key], ran

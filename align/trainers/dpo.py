@@ -12,7 +12,7 @@ import torch
 from align.data.preference import pack_pairs, pair_sums, preference_encoder, warn_identical
 from align.data.formats import tokenize
 from align.data.groups import group_tokens
-from align.config import Section, check_keyword_arguments, registered
+from align.config import Section, check_keyword_arguments, check_one_reference, registered
 from align.errors import AlignError
 from align.losses.preference import PairLogps, preference_loss
 from align.models import Policy, reference_cache
@@ -51,6 +51,14 @@ class DPOConfig(Section):
         if self.loss_kwargs:
             check_keyword_arguments(PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type").fn, self.loss_kwargs,
                                     ("pairs", "beta", "label_smoothing"), "loss_kwargs")
+        return self
+
+    @model_validator(mode="after")
+    def _check_reference(self) -> "DPOConfig":
+        check_one_reference(self.reference, self.reference_model)
+        if self.reference_model and not PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type").needs_reference:
+            raise ValueError(f"reference_model: loss_type {self.loss_type} is reference-free and loads no reference "
+                             "model; drop reference_model")
         return self
 
 

@@ -21,9 +21,9 @@ import logging
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from align.config import Section
+from align.config import Section, check_one_reference
 from align.data import tokenize
 from align.data.groups import group_tokens, sequence_sums
 from align.data.unpaired import (LABEL_COLUMN, check_labels, kl_batch, kl_completions, kl_partners, pack_unpaired,
@@ -56,6 +56,11 @@ class KTOConfig(Section):
     precompute_reference: bool = True
     """Compute reference log-probs (completions and mismatched pairs) once before training, cached on
     disk and reused across runs; the reference model is then freed."""
+
+    @model_validator(mode="after")
+    def _check_reference(self) -> "KTOConfig":
+        check_one_reference(self.reference, self.reference_model)
+        return self
 
 
 def at_least_one(count: float | torch.Tensor) -> float | torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -44,6 +44,13 @@ class PPOConfig(Section):
     value_model: str | None = None
     """Start the separate critic from this model (e.g. the reward model dir); default: the policy's model."""
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_critic(self) -> "PPOConfig":
+        if self.critic == "shared" and self.value_model:
+            raise ValueError(f"value_model: {self.value_model!r} starts a separate critic, but critic is shared (a value "
+                             "head on the policy); drop value_model, or set critic: separate")
+        return self
 
 
 @register_trainer("ppo", PPOConfig)
