@@ -33,6 +33,11 @@ def read_config(path: str, name: str, key: str) -> dict | None:
         raise AlignError(f"{key}: cannot read {file}: {error}") from None
 
 
+def architecture_name(architectures: list[str] | None) -> str:
+    """A config's `architectures` for messages: "a LlamaForCausalLM"."""
+    return f"a {'/'.join(architectures or []) or 'model of no stated architecture'}"
+
+
 def inspect_checkpoint(path: str, key: str) -> Checkpoint | None:
     """What directory `path` holds; None where it holds no model config (a hub id, another directory)."""
     adapter = read_config(path, "adapter_config.json", key)
@@ -45,4 +50,4 @@ def inspect_checkpoint(path: str, key: str) -> Checkpoint | None:
     architectures = config.get("architectures") or []
     is_classifier = bool(architectures) and all(a.endswith("ForSequenceClassification") for a in architectures)
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
-    return Checkpoint(is_classifier, f"a {'/'.join(architectures) or 'model of no stated architecture'}", labels)
+    return Checkpoint(is_classifier, architecture_name(architectures), labels)

@@ -21,7 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
 from align.models import tiny, varlen
-from align.models.kinds import inspect_checkpoint, read_config
+from align.models.kinds import architecture_name, inspect_checkpoint, read_config
 from align.models.lora import apply_adapter, peft_quietly
 from align.models.recompute import checkpoint_some_layers, enable_activation_checkpointing
 from align.models.reference_cache import files_hash, json_hash
@@ -168,7 +168,7 @@ def _pretrained(auto_class, path: str | Path, **kwargs):
     backbone = model.base_model_prefix + "."
     missing = sorted(k for k in info["missing_keys"] if not new_head_allowed or k.startswith(backbone))
     if missing:
-        held = "/".join(getattr(model.config, "architectures", None) or []) or "a model of no stated architecture"
+        held = architecture_name(getattr(model.config, "architectures", None))
         raise AlignError(f"model.name_or_path: {tiny.portable(str(path))!r} holds {held}, which lacks {len(missing)} "
                          f"weight(s) a {type(model).__name__} needs ({', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}): they would start random. Give a checkpoint of "
