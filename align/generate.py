@@ -175,6 +175,7 @@ def evaluate(model: str | LoadedModel, data: str | list[dict], rewards: list[str
     model dir), each with weight 1. limit: evaluate only the first `limit` rows.
     """
     from align.rewards import RewardFunctions, load_reward_function, spec_name
+    from align.rollout.sampling import eos_token_ids
 
     check_sampling(max_new_tokens)
     if not rewards:
@@ -183,7 +184,7 @@ def evaluate(model: str | LoadedModel, data: str | list[dict], rewards: list[str
                                 names=[spec_name(spec) for spec in rewards])
     rows = _rows(data, limit)
     loaded = _loaded(model, dtype)
-    functions.check_tokenizer(loaded.tokenizer)
+    functions.match_policy(loaded.tokenizer, eos_token_ids(loaded.tokenizer, loaded.model))
     done = _complete(loaded, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, chat=chat,
                      batch_size=batch_size, key="data")
     completions = [text for text, _ in done]

@@ -96,7 +96,7 @@ def _rollout(trainer, rows, completions: list[list[int]]):
     from align.rollout import Rollout
     from align.rollout.sampling import SamplingParams, StopRule
 
-    stop = StopRule(trainer.policy.tokenizer, SamplingParams(stop=["."]))
+    stop = StopRule(trainer.policy.tokenizer, SamplingParams(stop=["."]), trainer.eos_ids)
     return Rollout([r["prompt_ids"] for r in rows], completions, [stop(c) for c in completions], 1)
 
 
@@ -109,6 +109,19 @@ def test_missing_eos_penalty_spares_only_completions_that_end_in_eos(ppo_recipe)
     assert rollout.finished == [True, True, False]  # EOS, the stop string ".", max_new_tokens
     groups = trainer.build_groups(rows, rollout, torch.tensor([1.0, 1.0, 1.0]))
     assert [g["scores"].item() for g in groups] == [1.0, -1.0, -1.0]
+
+
+def test_missing_eos_penalty_spares_a_completion_ending_in_the_generation_config_s_eos(ppo_recipe):
+    # an instruct model ends its turn with an EOS id of its generation config (Llama 3's <|eot_id|>):
+    # sampling stops there, and the completion is finished, not missing its EOS
+    trainer = PPOTrainer.from_recipe(ppo_recipe(ppo={"missing_eos_penalty": 2.0}))
+    tokenizer, rows = trainer.policy.tokenizer, trainer.round_rows(0)[:2]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|pad|>")
+    trainer.policy.model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    assert trainer.eos_ids == [tokenizer.eos_token_id, end_of_turn]
+    text = tokenizer(" The answer is 19", add_special_tokens=False)["input_ids"]
+    groups = trainer.build_groups(rows, _rollout(trainer, rows, [text + [end_of_turn], text]), torch.tensor([1.0, 1.0]))
+    assert [g["scores"].item() for g in groups] == [1.0, -1.0]
 
 
 def test_completion_without_any_reward_is_left_out_of_the_loss(ppo_recipe):

@@ -75,3 +75,23 @@ def test_scorer_scores_a_truncated_completion_as_sampled_without_an_eos():
         by_hand = [model.scores({"input_ids": torch.tensor([prompt_ids + c]), "last_index": torch.tensor([-1]),
                                  "position_ids": torch.arange(len(prompt_ids + c))[None]}).item() for c in ids]
     assert truncated == pytest.approx(by_hand, abs=1e-5)
+
+
+def test_scorer_takes_a_completion_ending_in_the_policy_s_end_of_turn_id_as_finished():
+    """The policy's completions end at any EOS id of its generation config (an instruct model's end of
+    turn); `match_policy` hands the scorer those ids, so such a completion is scored as a finished
+    answer (re-tokenized, EOS appended), not on its ids as an unfinished one."""
+    from align.config import AdapterConfig, ModelConfig
+    from align.models.reward import RewardModel, RewardScorer
+
+    torch.manual_seed(0)
+    model = RewardModel.from_config(ModelConfig(name_or_path="builtin:tiny-llama-arith", dtype="float32"),
+                                    AdapterConfig())
+    scorer, tokenizer = RewardScorer(model), model.tokenizer
+    prompts, texts = ["Question: What is 4 + 18?\nAnswer:"], [" 4 + 18 = 22. The answer is 22."]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|pad|>")
+    sampled = [tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [end_of_turn]]
+    as_text = scorer(prompts, texts)
+    assert abs(scorer(prompts, texts, completion_ids=sampled)[0] - as_text[0]) > 1e-4  # unfinished: as sampled
+    scorer.match_policy(tokenizer, [tokenizer.eos_token_id, end_of_turn], "rm")
+    assert scorer(prompts, texts, completion_ids=sampled) == as_text

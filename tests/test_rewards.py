@@ -368,12 +368,12 @@ def test_a_reward_model_reading_another_tokenizer_than_the_policy_s_is_refused()
     rewards = RewardFunctions([RewardScorer(RewardModel(model, other))], names=["rm"], keys=["grpo.rewards[0]"])
     with pytest.raises(AlignError, match=r"reward function 'rm' \(grpo.rewards\[0\]\): the reward model's tokenizer "
                                          "has another vocabulary than the policy's"):
-        rewards.check_tokenizer(policy_tokenizer)
+        rewards.match_policy(policy_tokenizer, [policy_tokenizer.eos_token_id])
     same = RewardScorer(RewardModel.from_config(config, AdapterConfig()))
-    same.check_tokenizer(policy_tokenizer, "rm")
+    same.match_policy(policy_tokenizer, [policy_tokenizer.eos_token_id], "rm")
     policy_tokenizer.eos_token = policy_tokenizer.convert_ids_to_tokens(0)  # (<|pad|>; EOS is <|im_end|>)
     with pytest.raises(AlignError, match="another end-of-sequence token"):
-        same.check_tokenizer(policy_tokenizer, "rm")
+        same.match_policy(policy_tokenizer, [policy_tokenizer.eos_token_id], "rm")
 
 
 def test_a_tokenizer_with_more_tokens_than_the_model_s_embedding_is_refused(tmp_path):

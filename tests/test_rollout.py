@@ -115,6 +115,36 @@ def test_stop_strings_stop_ids_and_the_token_budget(policy, prompts):
     assert stopped.finished[0] and word in text and word not in tokenizer.decode(stopped.completion_ids[0][:-1])
 
 
+def test_completions_end_at_the_generation_config_s_eos_ids_as_in_generate(policy, prompts):
+    """An instruct model ends its turn with an id its generation config lists beside the tokenizer's
+    EOS (Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Qwen's <|im_end|> beside <|endoftext|>).
+    transformers' generate stops there; so must every engine, or the completion runs on past its end."""
+    from transformers import GenerationConfig
+
+    from align.rollout.sampling import eos_token_ids
+
+    model, tokenizer = policy.model, policy.tokenizer
+    ours, hf = _engines(policy)
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    free = ours.generate(prompts, params).completion_ids
+    end_of_turn = free[0][3]
+    assert end_of_turn != tokenizer.eos_token_id
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [end_of_turn, tokenizer.eos_token_id]
+    try:
+        assert eos_token_ids(tokenizer, model) == [tokenizer.eos_token_id, end_of_turn]
+        rollout = ours.generate(prompts, params, group_size=2)
+        assert rollout.completion_ids == hf.generate(prompts, params, group_size=2).completion_ids
+        for row, completion in enumerate(rollout.completion_ids):
+            assert completion == _alone(model, prompts[row // 2], 10)  # generate's own default stop ids
+            assert (completion, rollout.finished[row]) == _expected(free[row // 2], tokenizer, 10, [end_of_turn])
+        assert rollout.finished[0] and rollout.completion_ids[0][-1] == end_of_turn
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert eos_token_ids(tokenizer, GenerationConfig(eos_token_id=7)) == [tokenizer.eos_token_id, 7]
+    assert eos_token_ids(tokenizer, GenerationConfig()) == [tokenizer.eos_token_id]
+
+
 def test_repetition_penalty_matches_unpadded_transformers(policy, prompts):
     ours, _ = _engines(policy)
     params = SamplingParams(temperature=0, max_new_tokens=12, repetition_penalty=1.5)

@@ -89,6 +89,16 @@ def test_stop_strings_stop_ids_and_budget_match_our_sampler(prompts):
         expected = ours.generate(prompts, params, 1)
         assert engine.generate(prompts, params, 1) == expected
     assert expected.finished == [False] * 3 and all(len(c) == 5 for c in expected.completion_ids)
+    # an EOS id of the model's generation config (an instruct model's end of turn) ends a completion too
+    end_of_turn = free[0][3]
+    causal_lm(policy.model).generation_config.eos_token_id = [policy.tokenizer.eos_token_id, end_of_turn]
+    del engine  # (before the next starts: a closing engine tears down vLLM's process-wide state)
+    engine = VLLMEngine(policy.model, policy.tokenizer, OPTIONS, max_model_len=128)
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    expected = ours.generate(prompts, params, 1)
+    ended = expected.completion_ids[0]
+    assert expected.finished[0] and ended[-1] == end_of_turn and len(ended) <= 4
+    assert engine.generate(prompts, params, 1) == expected
 
 
 @pytest.mark.parametrize("knobs", [dict(top_k=4), dict(temperature=0.5, top_p=0.5), dict(min_p=0.3),

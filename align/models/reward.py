@@ -60,8 +60,9 @@ class RewardScorer:
 
     Prompts are strings or message lists, as in the data the model was trained on. completion_ids,
     when given, are the sampled ids (the policy shares the reward model's tokenizer): a completion
-    whose ids do not end in EOS (it hit max_new_tokens, or a stop string ended it) is scored on
-    those ids as sampled, with no EOS appended, so it is not scored as a finished answer.
+    whose ids do not end in an EOS id (it hit max_new_tokens, or a stop string ended it) is scored on
+    those ids as sampled, with no EOS appended, so it is not scored as a finished answer. The EOS
+    ids are the tokenizer's, or the policy's own (`match_policy`: an instruct model's end of turn too).
 
     sharded: the model is sharded over the processes (`load_reward_model(shard=True)`): every process
     calls the scorer at the same points (the trainers do), and each call runs as many forwards on
@@ -74,6 +75,7 @@ class RewardScorer:
             log.warning("%s; the reward model scores each completion in a row of its own (slower)",
                         reward_model.inexact_layouts[PACKED_ROWS])
         self.reward_model, self.sharded = reward_model, sharded
+        self.eos_ids = {reward_model.tokenizer.eos_token_id}
         self.batch_size = batch_size if self.packs_rows else 1
         self.__name__ = "reward_model"
 
@@ -97,16 +99,18 @@ class RewardScorer:
                 self.forward([self.reward_model.tokenizer.eos_token_id or 0], [0], [0])
         return out
 
-    def check_tokenizer(self, tokenizer, label: str) -> None:
+    def match_policy(self, tokenizer, eos_ids: list[int], label: str) -> None:
         """AlignError naming `label` unless the policy's `tokenizer` is the reward model's (vocabulary and
-        end-of-sequence token): the scorer reads the policy's sampled ids as its own tokens, and a
-        completion not ending in its EOS as unfinished."""
+        end-of-sequence token): the scorer reads the policy's sampled ids as its own tokens. Then a
+        sampled completion ending in one of `eos_ids`, the ids that end the policy's completions
+        (`eos_token_ids`), counts as finished."""
         own = self.reward_model.tokenizer
         if tokenizer.get_vocab() != own.get_vocab() or tokenizer.eos_token_id != own.eos_token_id:
             differs = "vocabulary" if tokenizer.get_vocab() != own.get_vocab() else (
                 f"end-of-sequence token ({own.eos_token!r}, the policy's {tokenizer.eos_token!r})")
             raise AlignError(f"{label}: the reward model's tokenizer has another {differs} than the policy's; it "
                              "reads the policy's sampled tokens, so train it on the policy's tokenizer")
+        self.eos_ids = set(eos_ids)
 
     def forward(self, ids: list[int], positions: list[int], last: list[int]) -> torch.Tensor:
         """[len(last)] scores of one packed row: `ids` with their `positions`, scored at `last`."""
@@ -131,12 +135,12 @@ class RewardScorer:
     def input_ids(self, prompt, completion, sampled: list[int] | None, row: int) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) as the reward model reads them: the completion re-tokenized
         with EOS (or the chat template's end of turn) appended, as in training, unless its sampled
-        ids are given and do not end in EOS; then those ids as they are."""
+        ids are given and do not end in an EOS id; then those ids as they are."""
         tokenizer = self.reward_model.tokenizer
         if isinstance(prompt, list) and isinstance(completion, str):  # a chat: the reply as a turn
             completion = [{"role": "assistant", "content": completion}]
         p, c = prompt_completion_ids(tokenizer, prompt, completion, row, "reward model input")
-        unfinished = sampled is not None and sampled[-1:] != [tokenizer.eos_token_id]
+        unfinished = sampled is not None and not (sampled and sampled[-1] in self.eos_ids)
         return p, list(sampled) if unfinished else c
 
 

@@ -193,11 +193,12 @@ class RewardFunctions:
                    [f"{key}[{i}]" for i in range(len(entries))], [e.timeout_s for e in entries],
                    [e.max_abs for e in entries])
 
-    def check_tokenizer(self, tokenizer) -> None:
-        """AlignError unless every reward model among the functions reads the policy's `tokenizer`."""
+    def match_policy(self, tokenizer, eos_ids: list[int]) -> None:
+        """AlignError unless every reward model among the functions reads the policy's `tokenizer`;
+        they take `eos_ids` as the ids that end the policy's completions (`RewardScorer.match_policy`)."""
         for i, fn in enumerate(self.functions):
-            if callable(getattr(fn, "check_tokenizer", None)):
-                fn.check_tokenizer(tokenizer, self._label(i))
+            if callable(getattr(fn, "match_policy", None)):
+                fn.match_policy(tokenizer, eos_ids, self._label(i))
 
     @property
     def sharded(self) -> bool:

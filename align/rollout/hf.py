@@ -6,8 +6,8 @@ import contextlib
 
 import torch
 
-from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
-                                    model_device)
+from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, eos_token_ids, inference,
+                                    left_pad, model_device)
 
 
 class HFGenerateEngine:
@@ -27,7 +27,7 @@ class HFGenerateEngine:
         if not prompt_ids:
             return rollout
         device = model_device(self.model)
-        stop = StopRule(self.tokenizer, params)
+        stop = StopRule(self.tokenizer, params, eos_token_ids(self.tokenizer, self.model))
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0

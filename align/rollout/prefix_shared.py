@@ -14,8 +14,8 @@ from transformers import DynamicCache
 from align.errors import AlignError
 from align.models.head import compute_dtype
 from align.rollout.static_decoder import StaticDecoder, StaticDecodingError, check_first_step, static_decoding_refusal
-from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, inference, left_pad,
-                                    logits_processors, model_device, next_tokens, sampling_generator,
+from align.rollout.sampling import (Rollout, SamplingParams, StopRule, check_prompts, eos_token_ids, inference,
+                                    left_pad, logits_processors, model_device, next_tokens, sampling_generator,
                                     with_cache)
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class PrefixSharedEngine:
         if total == 0:
             return rollout
         device = model_device(self.model)
-        processors, stop = logits_processors(params), StopRule(self.tokenizer, params)
+        processors = logits_processors(params)
+        stop = StopRule(self.tokenizer, params, eos_token_ids(self.tokenizer, self.model))
         generator = sampling_generator(params, device)
         with inference(self.model):
             live, logits = self.prefill(prompt_ids, group_size, params.max_new_tokens, device)

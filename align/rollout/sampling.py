@@ -10,6 +10,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
+from transformers import GenerationConfig
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
@@ -33,7 +34,7 @@ class SamplingParams:
     """Stop strings: a completion ends with the token that completes one (its decoded text then
     contains the string for the first time)."""
     stop_token_ids: list[int] = field(default_factory=list)
-    """Stop ids besides the tokenizer's EOS."""
+    """Stop ids besides the model's EOS ids (`eos_token_ids`)."""
     seed: int | None = None
     """Seeds the sampling generator: the same seed and weights give the same tokens."""
 
@@ -121,16 +122,25 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     return torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
-class StopRule:
-    """Whether a completion has ended: its last token is EOS or a stop id, or its decoded text
-    contains a stop string (checked after every token, so the first time it does, the last token
-    completed it). Only the completion counts, never the prompt."""
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The ids that end a completion, as `generate`, vLLM and TRL stop at them: the tokenizer's EOS,
+    then the EOS ids of the model's generation config (an instruct model's end of turn: Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>, Qwen's <|im_end|> beside <|endoftext|>).
+    model: a transformers model (under a peft or compile wrapper), or its GenerationConfig."""
+    generation_config = model if isinstance(model, GenerationConfig) else getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
 
-    def __init__(self, tokenizer, params: SamplingParams):
+
+class StopRule:
+    """Whether a completion has ended: its last token is an EOS id (`eos_token_ids`) or a stop id, or
+    its decoded text contains a stop string (checked after every token, so the first time it does,
+    the last token completed it). Only the completion counts, never the prompt."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids: list[int]):
         self.tokenizer, self.strings = tokenizer, list(params.stop)
-        self.ids = set(params.stop_token_ids)
-        if tokenizer.eos_token_id is not None:
-            self.ids.add(tokenizer.eos_token_id)
+        self.ids = set(params.stop_token_ids) | set(eos_ids)
         # A stop string of L characters has at most 4L bytes, so it spans at most 4L byte-level tokens,
         # +3 so that a character cut at the window's start cannot hide it.
         self.window = 4 * max((len(s) for s in self.strings), default=0) + 3

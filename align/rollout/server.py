@@ -66,20 +66,24 @@ class ServedModel:
             raise AlignError("serve-rollouts --engine: a server cannot sample through another server; "
                              "use vllm, auto, prefix_shared or hf")
         if engine_name == "vllm":
-            from transformers import AutoConfig, AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
             from align.models import tiny
             from align.rollout.vllm import VLLMEngine
 
-            config = AutoConfig.from_pretrained(tiny.resolve(model_config.name_or_path),
-                                                revision=model_config.revision,
+            path = tiny.resolve(model_config.name_or_path)
+            config = AutoConfig.from_pretrained(path, revision=model_config.revision,
                                                 trust_remote_code=model_config.trust_remote_code)
+            try:  # its EOS ids (an instruct model's end of turn), as from_pretrained reads them
+                generation_config = GenerationConfig.from_pretrained(path, revision=model_config.revision)
+            except OSError:  # no generation_config.json: the model config's
+                generation_config = GenerationConfig.from_model_config(config)
             if model_config.dtype not in (None, "auto"):
                 config.dtype = model_config.dtype
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(config)
             engine = VLLMEngine(None, tokenizer, sampling.vllm, max_model_len, config=config,
-                                weights_dir=tiny.resolve(model_config.name_or_path))
+                                weights_dir=path, generation_config=generation_config)
             return cls(engine, skeleton, engine.dtype, engine.load_weights)
         from align.rollout import make_engine
 

@@ -27,7 +27,7 @@ from align.config import VLLMConfig
 from align.errors import AlignError
 from align.models.merged import merged_weights
 from align.models.policy import causal_lm
-from align.rollout.sampling import Rollout, SamplingParams, StopRule, check_prompts
+from align.rollout.sampling import Rollout, SamplingParams, StopRule, check_prompts, eos_token_ids
 
 
 class VLLMEngine:
@@ -35,9 +35,10 @@ class VLLMEngine:
     blocks shared by its samples), sampling from the weights of the last `sync_weights`."""
 
     def __init__(self, model: torch.nn.Module | None, tokenizer, options: VLLMConfig, max_model_len: int,
-                 config=None, weights_dir: str | None = None):
-        """model: the policy, whose weights `sync_weights` loads; or None and `config`, its transformers
-        config, for an engine that is handed weights (`load_weights`: a rollout server's).
+                 config=None, weights_dir: str | None = None, generation_config=None):
+        """model: the policy, whose weights `sync_weights` loads; or None and `config` and
+        `generation_config`, its transformers configs, for an engine that is handed weights
+        (`load_weights`: a rollout server's).
         weights_dir: under tensor parallelism (a server's), a directory of safetensors files vLLM starts
         from (its workers can only reload from files; it needs weights to start from)."""
         if importlib.util.find_spec("vllm") is None:
@@ -56,6 +57,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = eos_token_ids(tokenizer, causal_lm(model) if model is not None else generation_config)
         config = copy.deepcopy(causal_lm(model).config if model is not None else config)
         dtype = getattr(config, "dtype", None) or torch.float32
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # the policy's compute dtype
@@ -125,7 +127,7 @@ class VLLMEngine:
         rollout = Rollout([list(p) for p in prompt_ids], [], [], group_size)
         if not prompt_ids:
             return rollout
-        stop = StopRule(self.tokenizer, params)
+        stop = StopRule(self.tokenizer, params, self.eos_ids)
         n = 1 if params.greedy else group_size  # greedy samples of a prompt are all the same: one, copied
         common = dict(n=n, max_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
                       stop=list(params.stop) or None, stop_token_ids=sorted(stop.ids), ignore_eos=True,

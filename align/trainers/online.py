@@ -36,6 +36,7 @@ from align.models import sharding, zero
 from align.rewards import RewardFunctions
 from align.rewards.calling import PROMPT_COLUMNS
 from align.rollout import Rollout, SamplingParams, make_engine
+from align.rollout.sampling import eos_token_ids
 from align.trainers import samples
 from align.trainers.base import Trainer
 from align.distributed import gather_shares, map_in_shares, shard
@@ -112,7 +113,7 @@ class OnlineTrainer(Trainer):
     def prepare_data(self) -> None:
         """Reward functions and the rollout engine; then every reward is tried once on real samples."""
         self.rewards = RewardFunctions.from_config(self.rl.rewards, key=f"{self.algorithm}.rewards")
-        self.rewards.check_tokenizer(self.policy.tokenizer)
+        self.rewards.match_policy(self.policy.tokenizer, self.eos_ids)
         self.start_engine()
         rows = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
         params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
@@ -128,6 +129,12 @@ class OnlineTrainer(Trainer):
         with self.whole_policy():  # a server engine is sent the weights at once
             self.engine = make_engine(sampling.engine, model, self.policy.tokenizer, sampling, longest)
         self.experience: dict | None = None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The ids that end the policy's completions (`eos_token_ids`: its tokenizer's EOS, then its
+        generation config's)."""
+        return eos_token_ids(self.policy.tokenizer, self.policy.model)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         s = self.rl.sampling

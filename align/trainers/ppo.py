@@ -83,13 +83,13 @@ class PPOTrainer(OnlineTrainer):
     # ---- experience -----------------------------------------------------------------------------
     def build_groups(self, rows: list[dict], rollout: Rollout, scores: torch.Tensor) -> list[dict]:
         """One group per completion with its score [1]. The missing-EOS penalty goes to every
-        completion whose last token is not EOS (max_new_tokens, a stop string or a stop id ended it),
-        as TRL's PPO penalises completions that do not contain EOS. A completion that no reward
-        function scored (NaN) has no group to take a baseline from: it is left out of the loss
-        (trained False), with a stand-in score 0 that keeps the rollout's maths finite."""
+        completion whose last token is not an EOS id (`eos_ids`: max_new_tokens, a stop string or a
+        stop id ended it), as TRL's PPO penalises completions that do not contain EOS. A completion
+        that no reward function scored (NaN) has no group to take a baseline from: it is left out of
+        the loss (trained False), with a stand-in score 0 that keeps the rollout's maths finite."""
         if self.rl.missing_eos_penalty is not None:
-            eos = self.policy.tokenizer.eos_token_id
-            has_eos = torch.tensor([completion[-1:] == [eos] for completion in rollout.completion_ids])
+            has_eos = torch.tensor([completion[-1:] != [] and completion[-1] in self.eos_ids
+                                    for completion in rollout.completion_ids])
             scores = missing_eos_penalty(scores, has_eos, self.rl.missing_eos_penalty)
         scored = ~scores.isnan()
         return [{"prompt_ids": row["prompt_ids"], "completions": [completion], "trained": [bool(scored[i])],
