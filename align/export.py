@@ -8,6 +8,7 @@ from align.config import AdapterConfig, ModelConfig
 from align.errors import AlignError
 from align.models.kinds import inspect_checkpoint
 from align.models.loading import load_model, load_tokenizer
+from align.rollout.sampling import write_eos_ids
 
 
 def export_merged(run_dir: str, out_dir: str, dtype: str = "auto") -> None:
@@ -19,8 +20,10 @@ def export_merged(run_dir: str, out_dir: str, dtype: str = "auto") -> None:
     config = ModelConfig(name_or_path=run_dir, dtype=dtype)
     reward_model = inspect_checkpoint(run_dir, "run_dir").is_reward_model  # (a score head, not an lm-head)
     model = load_model(config, AdapterConfig(kind="none"), head="score" if reward_model else "causal_lm")
+    tokenizer = load_tokenizer(config)
+    write_eos_ids(model, tokenizer)
     model.save_pretrained(out_dir)
-    load_tokenizer(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def check_out_dir(out_dir: str) -> None:

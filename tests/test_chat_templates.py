@@ -151,3 +151,27 @@ def test_tool_calls_content_blocks_and_template_errors():
         render_chat(tokenizer((TEMPLATES / "gemma3.jinja").read_text()), MULTI[:2] + MULTI[1:], 5, "data.train")
     with pytest.raises(AlignError, match=r"data.train row 2: the chat template failed .*roles must alternate"):
         encode_prompt(tokenizer((TEMPLATES / "gemma3.jinja").read_text()), MULTI[:1] * 2, 2, "data.train")  # GRPO
+
+
+@pytest.mark.parametrize("name,closing", [("llama3_1", ["<|eot_id|>"]), ("qwen2_5", ["<|im_end|>"]),
+                                          ("gemma3", ["<end_of_turn>"]), ("phi3", ["<|end|>", "<eos>"]),
+                                          ("gptoss", ["<|return|>"]), ("glm4moe", [])])
+def test_the_tokens_that_close_a_reply_and_the_eos_ids_sampling_stops_at(name, closing):
+    """A base model given a chat template (or SFT trained on one) writes the template's end of turn when
+    its reply ends; where no EOS id of the tokenizer or the generation config closes a reply, sampling
+    stops there too. GLM-4.5 closes replies with nothing; Phi-3 writes EOS after <|end|>."""
+    from transformers import GenerationConfig
+
+    from align.data.chat import reply_closing_ids
+    from align.rollout.sampling import eos_token_ids
+
+    tok = tokenizer((TEMPLATES / f"{name}.jinja").read_text())
+    assert tok.convert_ids_to_tokens(reply_closing_ids(tok)) == closing
+    eos = tok.eos_token_id
+    added = [] if not closing or closing[-1] == "<eos>" else [tok.convert_tokens_to_ids(closing[0])]
+    assert eos_token_ids(tok, GenerationConfig(eos_token_id=eos)) == [eos, *added]
+    if closing:  # an instruct model's generation config already lists its end of turn: nothing added
+        end = tok.convert_tokens_to_ids(closing[-1])
+        assert eos_token_ids(tok, GenerationConfig(eos_token_id=[end, eos])) == list(dict.fromkeys([eos, end]))
+    tok.chat_template = None
+    assert reply_closing_ids(tok) == [] and eos_token_ids(tok, GenerationConfig(eos_token_id=eos)) == [eos]

@@ -145,6 +145,26 @@ def test_completions_end_at_the_generation_config_s_eos_ids_as_in_generate(polic
     assert eos_token_ids(tokenizer, GenerationConfig()) == [tokenizer.eos_token_id]
 
 
+def test_a_saved_policy_lists_its_chat_template_s_end_of_turn_among_its_eos_ids(tmp_path, caplog):
+    """A base model given a chat template whose replies end with a token that is no EOS id (Qwen's
+    <|im_end|> beside <|endoftext|>): sampling stops there too, and the saved model's generation config
+    lists it, so that `generate` and vLLM stop there as well."""
+    import json
+
+    from align.rollout.sampling import eos_token_ids
+
+    policy = _policy()
+    tokenizer, eos, end = policy.tokenizer, policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == "
+                               "'assistant' %}<|pad|>{% endif %}\n{% endfor %}")
+    assert policy.model.generation_config.eos_token_id == eos
+    with caplog.at_level("INFO", logger="align.rollout.sampling"):
+        assert eos_token_ids(tokenizer, policy.model) == [eos, end]
+    assert "completions also end at '<|pad|>'" in caplog.text
+    policy.save(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [eos, end]
+
+
 def test_repetition_penalty_matches_unpadded_transformers(policy, prompts):
     ours, _ = _engines(policy)
     params = SamplingParams(temperature=0, max_new_tokens=12, repetition_penalty=1.5)

@@ -47,6 +47,30 @@ def render(tokenizer, messages: list[dict], row: int, key: str, **kwargs):
         raise AlignError(f"{key} row {row}: the chat template failed on this conversation: {error}") from None
 
 
+def reply_closing_ids(tokenizer) -> list[int]:
+    """The special tokens the chat template writes right after an assistant reply, in order, up to
+    the first other text: Llama 3's [<|eot_id|>], Qwen's [<|im_end|>], Phi-3's [<|end|>, EOS]; [] for
+    a tokenizer without a template, a template that closes replies with text or nothing (GLM-4.5),
+    or one that fails on a conversation of one user turn and one reply."""
+    if not tokenizer.chat_template:
+        return []
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": REPLY_END}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError):
+        return []
+    if REPLY_END not in text:
+        return []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    closing = []
+    for token in tokenizer(text[text.rindex(REPLY_END) + len(REPLY_END):], add_special_tokens=False)["input_ids"]:
+        if token in special:
+            closing.append(token)
+        elif tokenizer.decode([token]).strip():
+            break
+    return closing
+
+
 def has_generation_markers(template: str) -> bool:
     return "generation %}" in template
 

@@ -26,6 +26,7 @@ from align.models.layouts import inexact_layouts
 from align.models.loading import check_vocabulary, load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.ops.logprobs import token_logprobs, weighted_logprob_sum
+from align.rollout.sampling import write_eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class Trainable:
         os.makedirs(directory, exist_ok=True)
         if state_dict is not None:  # keys of the TokenLogprobModel: "model." + the model's own
             state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        write_eos_ids(causal_lm(self.model), self.tokenizer)
         self.model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         adapter_config = os.path.join(directory, "adapter_config.json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +16,11 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from align.data.chat import reply_closing_ids
 from align.models.compiled import eager
 from align.models.packed import attention_kernels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,14 +127,41 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
-    """The ids that end a completion, as `generate`, vLLM and TRL stop at them: the tokenizer's EOS,
-    then the EOS ids of the model's generation config (an instruct model's end of turn: Llama 3's
-    <|eot_id|>, Gemma's <end_of_turn>, Qwen's <|im_end|> beside <|endoftext|>).
-    model: a transformers model (under a peft or compile wrapper), or its GenerationConfig."""
+    """The ids that end a completion: the tokenizer's EOS, then the EOS ids of the model's generation
+    config (an instruct model's end of turn: Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Qwen's
+    <|im_end|> beside <|endoftext|>), as `generate`, vLLM and TRL stop at them. Where none of these
+    closes a reply in the chat template (a base model given a template, or one SFT trained on it),
+    also the template's end of turn, which is what the model learns to write when its reply ends;
+    logged once. model: a transformers model (under a peft or compile wrapper), or its GenerationConfig."""
     generation_config = model if isinstance(model, GenerationConfig) else getattr(model, "generation_config", None)
     configured = getattr(generation_config, "eos_token_id", None)
     configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
+    ids = list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
+    closing = reply_closing_ids(tokenizer)
+    if closing and not set(closing) & set(ids):
+        if (tokenizer.chat_template, closing[0]) not in _LOGGED:
+            _LOGGED.add((tokenizer.chat_template, closing[0]))
+            log.info("completions also end at %r, which closes a reply in the chat template but is not among the "
+                     "model's EOS ids %s", tokenizer.convert_ids_to_tokens(closing[0]), ids)
+        ids.append(closing[0])
+    return ids
+
+
+_LOGGED: set[tuple[str, int]] = set()
+
+
+def write_eos_ids(model: torch.nn.Module, tokenizer) -> None:
+    """Set the generation config's EOS ids of `model` (a transformers model) to `eos_token_ids` where
+    those add one (the chat template's end of turn), so that the saved model stops where Align's
+    sampling stopped, in `generate` and vLLM too. A model that does not generate (a reward model)
+    is left as it is."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is None or tokenizer is None or not model.can_generate():
+        return
+    ids = eos_token_ids(tokenizer, model)
+    configured = generation_config.eos_token_id
+    if not set(ids) <= set(configured if isinstance(configured, (list, tuple)) else [configured]):
+        generation_config.eos_token_id = ids
 
 
 class StopRule:
