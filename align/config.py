@@ -102,7 +102,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     revision: str | None = None
     tokenizer: str | None = None
-    """Tokenizer hub id or path when it differs from the model's."""
+    """Tokenizer hub id or path when it differs from the model's (the model's own vocabulary, tokens
+    added to it at most: `check_same_vocabulary`)."""
     chat_template: str | None = None
     """A Jinja chat template, or a path to a file holding one, replacing the tokenizer's."""
     gradient_checkpointing: bool = False

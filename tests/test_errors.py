@@ -63,6 +63,32 @@ def test_tokenizer_without_chat_template_on_messages_data(make_recipe, tmp_path,
     assert code == 2 and "the tokenizer has no chat template; set model.chat_template" in err
 
 
+def test_a_tokenizer_of_another_vocabulary_than_the_model_s_own_is_refused(make_recipe, tmp_path, capsys):
+    """One with no more tokens than the model's embeddings loads and trains, reading every text as other
+    tokens than the model learnt; one that only adds tokens (or is the model's own) is fine."""
+    from align.models.tiny import build_tokenizer, resolve
+
+    other = build_tokenizer(["Answers are numbers: 12 + 30 = 42, and 7 * 6 = 42 too."] * 8, 300)
+    other.save_pretrained(tmp_path / "other")
+    recipe = make_recipe(raw=True, model={"name_or_path": "builtin:tiny-llama", "tokenizer": str(tmp_path / "other")})
+    for command in (["validate"], ["train"]):
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        assert main([*command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"model.tokenizer: '{tmp_path / 'other'}' is not the vocabulary of the model's own tokenizer " \
+               "('builtin:tiny-llama')" in err and "Give the model's own tokenizer" in err, err
+    from transformers import AutoTokenizer
+
+    extended = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
+    extended.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    extended.save_pretrained(tmp_path / "extended")
+    recipe["model"]["tokenizer"] = str(tmp_path / "extended")
+    path.write_text(yaml.safe_dump(recipe))
+    main(["validate", str(path)])
+    assert "is not the vocabulary" not in capsys.readouterr().err
+
+
 def test_max_length_smaller_than_every_prompt(make_recipe, tmp_path, capsys):
     rows = prompt_completion_rows(4)
     code, err = run_cli(tmp_path, capsys, make_recipe(raw=True, rows=rows), "--set", "data.max_length=4")

@@ -68,6 +68,8 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
             raise AlignError(f"model.chat_template: no file {template!r} (a path is relative to the directory "
                              f"you run from, {os.getcwd()}; a template's own text holds {{% ... %}} tags)")
         tokenizer.chat_template = template
+    if config.tokenizer:
+        check_same_vocabulary(tokenizer, config)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise AlignError(f"the tokenizer of {path!r} has neither a pad nor an eos token; "
@@ -75,6 +77,36 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
         log.warning("tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_same_vocabulary(tokenizer, config: ModelConfig) -> None:
+    """AlignError if `tokenizer` (model.tokenizer's) reads a token of the model's own tokenizer (the
+    one saved with model.name_or_path) as another id, or lacks it: the model would read other text
+    than it learnt, with no error. Tokens added to either may differ (a tokenizer with tokens added,
+    renamed reserved tokens). Nothing to check where the model has no tokenizer of its own."""
+    own_path = tiny.resolve(config.name_or_path, for_config=True)
+    given_path = tiny.resolve(config.tokenizer, for_config=True)
+    if os.path.realpath(own_path) == os.path.realpath(given_path):
+        return
+    if os.path.isdir(own_path) and not any(os.path.isfile(os.path.join(own_path, f)) for f in TOKENIZER_FILES):
+        return
+    try:
+        own = AutoTokenizer.from_pretrained(own_path, revision=config.revision,
+                                            trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError):  # (a hub model out of reach: nothing to compare with)
+        return
+    given, added = tokenizer.get_vocab(), set(own.get_added_vocab())
+    differ = [(token, i) for token, i in own.get_vocab().items() if token not in added and given.get(token) != i]
+    if differ:
+        token, i = min(differ, key=lambda pair: pair[1])
+        here = "lacks it" if given.get(token) is None else f"reads it as id {given[token]}"
+        raise AlignError(f"model.tokenizer: {config.tokenizer!r} is not the vocabulary of the model's own tokenizer "
+                         f"({config.name_or_path!r}): {len(differ)} of its {len(own)} tokens differ, e.g. {token!r}, "
+                         f"id {i} in the model's, which this tokenizer {here}; the model would read other text than "
+                         "it learnt. Give the model's own tokenizer, or one that only adds tokens to it")
 
 
 def check_vocabulary(model, tokenizer, key: str = "model.tokenizer") -> None:
