@@ -175,3 +175,20 @@ def test_the_tokens_that_close_a_reply_and_the_eos_ids_sampling_stops_at(name, c
         assert eos_token_ids(tok, GenerationConfig(eos_token_id=[end, eos])) == list(dict.fromkeys([eos, end]))
     tok.chat_template = None
     assert reply_closing_ids(tok) == [] and eos_token_ids(tok, GenerationConfig(eos_token_id=eos)) == [eos]
+
+
+def test_named_chat_templates_and_a_tensor_of_eos_ids():
+    """transformers loads a tokenizer with several named templates (default, tool_use) with a dict as
+    its chat_template; a generation config may hold its EOS ids as a tensor."""
+    import torch
+    from transformers import GenerationConfig
+
+    from align.rollout.sampling import eos_token_ids
+
+    tok = tokenizer((TEMPLATES / "qwen2_5.jinja").read_text())
+    tok.chat_template = {"default": tok.chat_template, "tool_use": tok.chat_template}
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eos_token_ids(tok, GenerationConfig(eos_token_id=tok.eos_token_id)) == [tok.eos_token_id, end]
+    config = GenerationConfig()
+    config.eos_token_id = torch.tensor([end, 7])
+    assert eos_token_ids(tok, config) == [tok.eos_token_id, end, 7]

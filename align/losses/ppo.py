@@ -16,7 +16,7 @@ from align.losses.policy_gradient import aggregate_loss, clipped_policy_loss, ma
 def missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
     """Subtract `penalty` from the score of each completion that did not end with EOS.
 
-    scores: [B]; has_eos: [B] bool, whether the completion's last token is the EOS id (a completion
+    scores: [B]; has_eos: [B] bool, whether the completion's last token is an EOS id (a completion
     ended by max_new_tokens, a stop string or another stop id has none). Returns [B].
     """
     return scores - penalty * (~has_eos.bool()).to(scores.dtype)

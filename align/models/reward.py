@@ -18,6 +18,7 @@ from align.models.loading import check_vocabulary, load_model, load_tokenizer
 from align.models.packed import decoder_hidden
 from align.models.policy import Trainable, causal_lm
 from align.rewards.loading import check_reward_model_dir
+from align.rollout.sampling import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class RewardScorer:
     when given, are the sampled ids (the policy shares the reward model's tokenizer): a completion
     whose ids do not end in an EOS id (it hit max_new_tokens, or a stop string ended it) is scored on
     those ids as sampled, with no EOS appended, so it is not scored as a finished answer. The EOS
-    ids are the tokenizer's, or the policy's own (`match_policy`: an instruct model's end of turn too).
+    ids are the policy's (`match_policy`: its generation config's too), else its tokenizer's EOS and
+    the chat template's end of turn (`eos_token_ids`).
 
     sharded: the model is sharded over the processes (`load_reward_model(shard=True)`): every process
     calls the scorer at the same points (the trainers do), and each call runs as many forwards on
@@ -75,7 +77,7 @@ class RewardScorer:
             log.warning("%s; the reward model scores each completion in a row of its own (slower)",
                         reward_model.inexact_layouts[PACKED_ROWS])
         self.reward_model, self.sharded = reward_model, sharded
-        self.eos_ids = {reward_model.tokenizer.eos_token_id}
+        self.eos_ids = set(eos_token_ids(reward_model.tokenizer, None))  # until match_policy gives the policy's
         self.batch_size = batch_size if self.packs_rows else 1
         self.__name__ = "reward_model"
 

@@ -135,12 +135,14 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     logged once. model: a transformers model (under a peft or compile wrapper), or its GenerationConfig."""
     generation_config = model if isinstance(model, GenerationConfig) else getattr(model, "generation_config", None)
     configured = getattr(generation_config, "eos_token_id", None)
+    configured = configured.tolist() if isinstance(configured, torch.Tensor) else configured
     configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
     ids = list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
     closing = reply_closing_ids(tokenizer)
     if closing and not set(closing) & set(ids):
-        if (tokenizer.chat_template, closing[0]) not in _LOGGED:
-            _LOGGED.add((tokenizer.chat_template, closing[0]))
+        seen = (str(tokenizer.chat_template), closing[0])  # (a dict of named templates is no key)
+        if seen not in _LOGGED:
+            _LOGGED.add(seen)
             log.info("completions also end at %r, which closes a reply in the chat template but is not among the "
                      "model's EOS ids %s", tokenizer.convert_ids_to_tokens(closing[0]), ids)
         ids.append(closing[0])
@@ -152,9 +154,10 @@ _LOGGED: set[tuple[str, int]] = set()
 
 def write_eos_ids(model: torch.nn.Module, tokenizer) -> None:
     """Set the generation config's EOS ids of `model` (a transformers model) to `eos_token_ids` where
-    those add one (the chat template's end of turn), so that the saved model stops where Align's
-    sampling stopped, in `generate` and vLLM too. A model that does not generate (a reward model)
-    is left as it is."""
+    it lacks one of them (the chat template's end of turn, or the tokenizer's EOS), so that a saved
+    model stops where Align's sampling stopped, in `generate` and vLLM too (a full model's save and
+    `align export`: a peft adapter's save writes no generation config). A model that does not
+    generate (a reward model) is left as it is."""
     generation_config = getattr(model, "generation_config", None)
     if generation_config is None or tokenizer is None or not model.can_generate():
         return

@@ -132,8 +132,8 @@ class OnlineTrainer(Trainer):
 
     @property
     def eos_ids(self) -> list[int]:
-        """The ids that end the policy's completions (`eos_token_ids`: its tokenizer's EOS, then its
-        generation config's)."""
+        """The ids that end the policy's completions (`eos_token_ids`: its tokenizer's EOS, its
+        generation config's, the chat template's end of turn where none of those closes a reply)."""
         return eos_token_ids(self.policy.tokenizer, self.policy.model)
 
     def sampling_params(self, **overrides) -> SamplingParams:

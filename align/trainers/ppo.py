@@ -88,7 +88,8 @@ class PPOTrainer(OnlineTrainer):
         that no reward function scored (NaN) has no group to take a baseline from: it is left out of
         the loss (trained False), with a stand-in score 0 that keeps the rollout's maths finite."""
         if self.rl.missing_eos_penalty is not None:
-            has_eos = torch.tensor([completion[-1:] != [] and completion[-1] in self.eos_ids
+            eos = set(self.eos_ids)
+            has_eos = torch.tensor([completion[-1:] != [] and completion[-1] in eos
                                     for completion in rollout.completion_ids])
             scores = missing_eos_penalty(scores, has_eos, self.rl.missing_eos_penalty)
         scored = ~scores.isnan()
