@@ -96,6 +96,37 @@ def test_resume_after_a_kill_mid_write_falls_back_to_the_previous_checkpoint(mak
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+def test_a_resume_on_a_model_or_data_changed_since_the_checkpoint_is_refused(make_recipe, tmp_path):
+    """runs/base trained again into the same directory (or the data edited) after a checkpoint: the
+    resumed run would go on from the old weights on the new inputs. Unchanged inputs resume."""
+    from align.models.loading import load_model, load_tokenizer
+    from align.config import AdapterConfig, ModelConfig
+
+    base = ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32")
+    model, tokenizer = load_model(base, AdapterConfig()), load_tokenizer(base)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    settings = dict(model={"name_or_path": str(tmp_path / "base"), "dtype": "float32"},
+                    adapter={"kind": "lora", "r": 4}, train={"max_steps": 4, "save_every": 2})
+    SFTTrainer.from_recipe(make_recipe(**settings)).fit()
+    checkpoint_dir = tmp_path / "run" / "checkpoints" / "step-000002"
+    state = json.loads((checkpoint_dir / checkpoint.STATE_FILE).read_text())
+    assert set(state["inputs"]) == {"model.name_or_path", "data.train.path"}
+    resumed = make_recipe(**settings)
+    resumed.train.resume_from = str(checkpoint_dir)
+    SFTTrainer.from_recipe(resumed).fit()  # the same inputs: resumes
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)  # the base "trained again"
+    model.save_pretrained(tmp_path / "base")
+    with pytest.raises(AlignError, match=r"train.resume_from: .*step-000002 was trained on other inputs than these "
+                                         r"files hold now: model.name_or_path \('.*base'\) changed since"):
+        SFTTrainer.from_recipe(resumed).fit()
+    trainer_data = tmp_path / "train.jsonl"
+    trainer_data.write_text(trainer_data.read_text().replace("4", "5"))
+    with pytest.raises(AlignError, match=r"data.train.path \('.*train.jsonl'\), model.name_or_path"):
+        SFTTrainer.from_recipe(resumed).fit()
+
+
 def test_rows_written_by_each_process_are_read_by_any_share(tmp_path):
     """fsdp checkpoints: each process writes its rows of a sharded tensor (torch.chunk's split, the
     last share empty when there are fewer rows than shares); a process resuming on another number of

@@ -286,6 +286,7 @@ class Trainer(Batches, Resumable):
         `overwrite` moves it aside. Returns the last logged record."""
         if self.cfg.resume_from not in (None, "auto"):
             self.checkpoint_path(self.cfg.resume_from)
+        self.inputs  # (fingerprinted before training: what the run starts from)
         with self.hold_output_dir(overwrite), self.stop_on_signals():
             if self.cfg.resume_from:
                 self.resume(self.cfg.resume_from)

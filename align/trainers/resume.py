@@ -18,6 +18,7 @@ from align.errors import AlignError
 from align.models import sharding, zero
 from align.models.policy import unwrap
 from align.trainers import checkpoint
+from align.trainers.inputs import changed_inputs, input_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,12 @@ class Resumable:
         rng = objects["rng"]
         checkpoint.set_rng_state(rng[min(self.accelerator.process_index, len(rng) - 1)])
 
+    @functools.cached_property
+    def inputs(self) -> dict[str, str]:
+        """Fingerprints of the local files the recipe names (`align.trainers.inputs`), read once: at
+        the start of `fit`, so a checkpoint records the inputs the run started from."""
+        return input_fingerprints(self.recipe.model_dump(mode="json"))
+
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (every process takes part: under fsdp each writes its shards'
         rows, the main process the rest)."""
@@ -97,7 +104,7 @@ class Resumable:
         return checkpoint.save_checkpoint(self.output_dir / "checkpoints", self.step, self.checkpoint_state(),
                                           {"algorithm": self.algorithm, "total_steps": self.total_steps,
                                            "global_batch_size": self.global_batch_size,
-                                           "recipe": self.recipe.model_dump(mode="json")},
+                                           "recipe": self.recipe.model_dump(mode="json"), "inputs": self.inputs},
                                           keep=self.cfg.keep_checkpoints, run_id=self.run_id)
 
     def resume(self, where: str) -> None:
@@ -123,6 +130,7 @@ class Resumable:
             raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
                              f"{self.total_steps} steps; raise train.max_steps or start a new run")
         applied = self.check_resumable(path, state)
+        self.check_same_inputs(path, state)
         self.restore_state(objects)
         self.step = state["step"]
         for group in self.torch_optimizer.param_groups:  # this recipe's settings, not the checkpoint's
@@ -162,6 +170,17 @@ class Resumable:
     checkpointing, the micro-batch token budget, compilation, tokenizing processes and the
     process-group timeout: the memory and time a step takes, not what it computes); any other change
     (model, adapter, data, algorithm, its section, seed, ...) is refused by `check_resumable`."""
+
+    def check_same_inputs(self, path: Path, state: dict) -> None:
+        """AlignError if a local input (the model, data, a reward file, ...) changed since the
+        checkpoint was written (a checkpoint from before fingerprints were kept is not checked)."""
+        changed = changed_inputs(state.get("inputs") or {}, self.inputs, self.recipe.model_dump(mode="json"))
+        if changed:
+            raise AlignError(f"train.resume_from: {path} was trained on other inputs than these files hold now: "
+                             f"{', '.join(changed)} changed since (another model or data under the same name, "
+                             "e.g. a run trained again into that directory); the resumed run would go on from the "
+                             "old one's weights on the new inputs. Restore them, or start a new run (a new "
+                             "output_dir, or --overwrite)")
 
     def check_resumable(self, path: Path, state: dict) -> list[str]:
         """The changes between the checkpoint's recipe and this one, as "key: old -> new" lines, if
