@@ -127,6 +127,34 @@ def test_a_resume_on_a_model_or_data_changed_since_the_checkpoint_is_refused(mak
         SFTTrainer.from_recipe(resumed).fit()
 
 
+def test_what_is_an_input_and_what_a_run_writes_is_not(tmp_path, monkeypatch):
+    """Fingerprints leave out what changes under a run that did nothing wrong: its own output_dir
+    inside the model's directory, a reward package's __pycache__, hidden folders; a chat template's
+    text, a stop string "/" and a split named like a folder are no inputs."""
+    from align.trainers.inputs import input_fingerprints
+
+    monkeypatch.chdir(tmp_path)
+    base, rewards = tmp_path / "base", tmp_path / "myrewards"
+    for folder in (base, rewards, tmp_path / "train"):
+        folder.mkdir()
+    (base / "model.safetensors").write_bytes(os.urandom(1000))
+    (rewards / "__init__.py").write_text("def score(completions, **_): return [0.0] * len(completions)\n")
+    recipe = {"output_dir": str(base / "stage2"),
+              "model": {"name_or_path": "base", "chat_template": "{{ '" + "x" * 300 + "/' }}" + "y" * 300},
+              "data": {"train": {"path": "base/model.safetensors", "split": "train"}},
+              "grpo": {"sampling": {"stop": ["/"]}, "rewards": [{"fn": "myrewards:score", "kwargs": {"sep": "./"}}]}}
+    before = input_fingerprints(recipe)
+    assert set(before) == {"model.name_or_path", "data.train.path", "grpo.rewards[0].fn"}
+    for written in (base / "stage2" / "checkpoints" / "step-000002" / "x", rewards / "__pycache__" / "a.pyc",
+                    base / ".cache" / "y"):
+        written.parent.mkdir(parents=True)
+        written.write_text("written by the run")
+    assert input_fingerprints(recipe) == before
+    (rewards / "__init__.py").write_text("def score(completions, **_): return [1.0] * len(completions)\n")
+    assert input_fingerprints(recipe) == {**before, "grpo.rewards[0].fn": input_fingerprints(recipe)["grpo.rewards[0].fn"]}
+    assert input_fingerprints(recipe)["grpo.rewards[0].fn"] != before["grpo.rewards[0].fn"]
+
+
 def test_rows_written_by_each_process_are_read_by_any_share(tmp_path):
     """fsdp checkpoints: each process writes its rows of a sharded tensor (torch.chunk's split, the
     last share empty when there are fewer rows than shares); a process resuming on another number of

@@ -79,30 +79,32 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
+"""Files that hold a tokenizer's vocabulary (or a sentencepiece `*.model`); a tokenizer_config.json
+alone makes transformers build a default vocabulary, nothing to compare with."""
 
 
 def check_same_vocabulary(tokenizer, config: ModelConfig) -> None:
     """AlignError if `tokenizer` (model.tokenizer's) reads a token of the model's own tokenizer (the
     one saved with model.name_or_path) as another id, or lacks it: the model would read other text
     than it learnt, with no error. Tokens added to either may differ (a tokenizer with tokens added,
-    renamed reserved tokens). Nothing to check where the model has no tokenizer of its own."""
+    renamed reserved tokens). Nothing to check where the model has no vocabulary of its own on this
+    machine (a hub id is not fetched for it), or one that does not load (a reason to give another)."""
     own_path = tiny.resolve(config.name_or_path, for_config=True)
     given_path = tiny.resolve(config.tokenizer, for_config=True)
-    if os.path.realpath(own_path) == os.path.realpath(given_path):
+    if not os.path.isdir(own_path) or os.path.realpath(own_path) == os.path.realpath(given_path):
         return
-    if os.path.isdir(own_path) and not any(os.path.isfile(os.path.join(own_path, f)) for f in TOKENIZER_FILES):
+    if not any(name in VOCABULARY_FILES or name.endswith(".model") for name in os.listdir(own_path)):
         return
     try:
-        own = AutoTokenizer.from_pretrained(own_path, revision=config.revision,
-                                            trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError):  # (a hub model out of reach: nothing to compare with)
+        own = AutoTokenizer.from_pretrained(own_path, trust_remote_code=config.trust_remote_code)
+    except Exception:  # noqa: BLE001 (tokenizers raises bare Exceptions on files it cannot read)
         return
     given, added = tokenizer.get_vocab(), set(own.get_added_vocab())
     differ = [(token, i) for token, i in own.get_vocab().items() if token not in added and given.get(token) != i]
     if differ:
         token, i = min(differ, key=lambda pair: pair[1])
-        here = "lacks it" if given.get(token) is None else f"reads it as id {given[token]}"
+        here = "lacks" if given.get(token) is None else f"reads as id {given[token]}"
         raise AlignError(f"model.tokenizer: {config.tokenizer!r} is not the vocabulary of the model's own tokenizer "
                          f"({config.name_or_path!r}): {len(differ)} of its {len(own)} tokens differ, e.g. {token!r}, "
                          f"id {i} in the model's, which this tokenizer {here}; the model would read other text than "

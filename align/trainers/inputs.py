@@ -21,8 +21,11 @@ CHUNKS, CHUNK_BYTES = 16, 64 << 10
 NOT_INPUTS = ("output_dir", "train.resume_from")
 PATH_KEYS = ("name_or_path", "tokenizer", "chat_template", "reference_model", "teacher_model", "value_model",
              "path", "fn", "model")
-"""Keys whose strings may name a local file or directory; any other string does only with a "/" in
-it (a reward's kwargs: a constitution file), so that `train` (a split) is no input where ./train is."""
+"""Keys whose strings may name a local file or directory. Elsewhere only a reward's kwargs may name
+an input, a file given with a "/" (a constitution): so that `train` (a split) is no input where
+./train is, nor a stop string "/" the root directory."""
+SKIPPED = ("__pycache__",)
+"""Directories written beside the code they cache (a reward package's .pyc files): never inputs."""
 
 
 def recipe_strings(tree, prefix: str = ""):
@@ -39,13 +42,15 @@ def recipe_strings(tree, prefix: str = ""):
 
 def local_path(key: str, value: str) -> Path | None:
     """The existing file or directory the recipe string at `key` names (`path/to/file.py:fn` names
-    the file), else None."""
-    if key in NOT_INPUTS or (re.sub(r"\[\d+\]$", "", key).rsplit(".", 1)[-1] not in PATH_KEYS and "/" not in value):
+    the file), else None. A chat template's own text (not a path) names nothing."""
+    name = re.sub(r"\[\d+\]$", "", key).rsplit(".", 1)[-1]
+    in_kwargs = ".kwargs." in key and "/" in value
+    if key in NOT_INPUTS or (name not in PATH_KEYS and not in_kwargs) or "{" in value or "\n" in value:
         return None
-    for candidate in (value, value.rsplit(":", 1)[0]):
-        path = Path(os.path.expanduser(candidate))
-        if candidate and path.exists():
-            return path
+    for candidate in (value, value.rsplit(":", 1)[0]) if key.endswith("fn") else (value,):
+        path = os.path.expanduser(candidate)
+        if candidate and (os.path.isfile(path) or (os.path.isdir(path) and not in_kwargs)):
+            return Path(path)
     return None
 
 
@@ -62,11 +67,16 @@ def file_fingerprint(path: Path, digest) -> None:
             digest.update(f.read(CHUNK_BYTES))
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over a file, or over a directory's files (names and contents, hidden ones left out)."""
+def fingerprint(path: Path, output_dir: Path | None = None) -> str:
+    """sha256 over a file, or over a directory's files (names and contents), leaving out hidden ones,
+    caches of compiled code, and the run's own `output_dir` where it lies inside."""
+    def kept(file: Path) -> bool:
+        parts = file.relative_to(path).parts
+        return file.is_file() and not any(part.startswith(".") or part in SKIPPED for part in parts) and not (
+            output_dir is not None and file.resolve().is_relative_to(output_dir))
+
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(path).parts))
+    files = [path] if path.is_file() else sorted(filter(kept, path.rglob("*")))
     for file in files:
         digest.update(f"{file.relative_to(path) if file != path else file.name}\0".encode())
         file_fingerprint(file, digest)
@@ -81,7 +91,7 @@ def input_fingerprints(recipe: dict) -> dict[str, str]:
     for key, value in recipe_strings(recipe):
         path = local_path(key, value)
         if path is not None and not (output_dir and path.resolve().is_relative_to(output_dir)):
-            fingerprints[key] = fingerprint(path)
+            fingerprints[key] = fingerprint(path, output_dir)
     return fingerprints
 
 
