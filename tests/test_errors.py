@@ -87,6 +87,21 @@ def test_a_tokenizer_of_another_vocabulary_than_the_model_s_own_is_refused(make_
     path.write_text(yaml.safe_dump(recipe))
     main(["validate", str(path)])
     assert "is not the vocabulary" not in capsys.readouterr().err
+    # a model whose own tokenizer does not load (a format this `tokenizers` cannot read): the reason to
+    # give model.tokenizer; nothing to compare with
+    import json
+    import shutil
+
+    from align.config import ModelConfig
+    from align.models.loading import load_tokenizer
+
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(resolve("builtin:tiny-llama"), unreadable)
+    spec = json.loads((unreadable / "tokenizer.json").read_text())
+    spec["model"]["type"] = "BPE2"
+    (unreadable / "tokenizer.json").write_text(json.dumps(spec))
+    given = load_tokenizer(ModelConfig(name_or_path=str(unreadable), tokenizer=resolve("builtin:tiny-llama")))
+    assert len(given) == len(extended) - 1  # (loaded: the tiny-llama tokenizer, without the added token)
 
 
 def test_max_length_smaller_than_every_prompt(make_recipe, tmp_path, capsys):
