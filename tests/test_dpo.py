@@ -93,6 +93,10 @@ def test_missing_columns_and_foreign_reference_tokenizer(dpo_recipe, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(AlignError, match="dpo.reference_model: .* has a different tokenizer"):
         DPOTrainer.from_recipe(dpo_recipe(dpo={"reference_model": str(tmp_path / "other")}))
+    build_model("tiny-llama", other).save_pretrained(tmp_path / "weights-only")  # (no tokenizer: it was named model.tokenizer)
+    with pytest.raises(AlignError, match=r"dpo.reference_model: '.*weights-only' holds no tokenizer that loads, "
+                                         r"so Align cannot check that it scores the policy's tokens; save"):
+        DPOTrainer.from_recipe(dpo_recipe(dpo={"reference_model": str(tmp_path / "weights-only")}))
 
 
 # ---- a pair's own label smoothing (ties `align label` keeps) ---------------------------------------

@@ -46,14 +46,26 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def separate_model_config(model: ModelConfig, name_or_path: str, tokenizer, key: str, reads: str) -> ModelConfig:
+    """`model`'s settings for a second model (a reference, a teacher, a value model) at `name_or_path`,
+    after checking that its own tokenizer is the policy's `tokenizer`: it `reads` the policy's tokens.
+    AlignError naming `key` if it is another, or if the directory holds none to check."""
+    config = model.model_copy(update={"name_or_path": name_or_path, "tokenizer": None})
+    try:
+        own = load_tokenizer(config)
+    except AlignError:
+        raise AlignError(f"{key}: {name_or_path!r} holds no tokenizer that loads, so Align cannot check that it "
+                         f"{reads}; save the policy's tokenizer there (tokenizer.save_pretrained)") from None
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise AlignError(f"{key}: {name_or_path!r} has a different tokenizer than model.name_or_path "
+                         f"{model.name_or_path!r}; it {reads}, so use one with the policy's tokenizer")
+    return config
+
+
 def load_separate_model(model: ModelConfig, name_or_path: str, tokenizer, key: str) -> nn.Module:
     """A second model (a reference, a teacher) loaded with `model`'s settings and no adapter, after
     checking that it shares the policy's `tokenizer`: its log-probs must score the same tokens."""
-    config = model.model_copy(update={"name_or_path": name_or_path, "tokenizer": None})
-    if load_tokenizer(config).get_vocab() != tokenizer.get_vocab():
-        raise AlignError(f"{key}: {name_or_path!r} has a different tokenizer than model.name_or_path "
-                         f"{model.name_or_path!r}; it must score the same tokens, so use one with the policy's "
-                         "tokenizer")
+    config = separate_model_config(model, name_or_path, tokenizer, key, "scores the policy's tokens")
     return load_model(config, AdapterConfig(kind="none"))
 
 

@@ -11,11 +11,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from align.data.groups import sequence_tokens
-from align.errors import AlignError
 from align.losses.policy_gradient import masked_mean
 from align.losses.ppo import gae, missing_eos_penalty, ppo_policy_loss, ppo_value_loss, token_level_rewards, whiten
 from align.models.critic import ActorCriticPolicy
 from align.models.loading import load_model, load_tokenizer
+from align.models.policy import separate_model_config
 from align.rollout import Rollout
 from align.config import RewardFunctionConfig, SamplingConfig, Section
 from align.trainers.base import register_trainer
@@ -70,12 +70,8 @@ class PPOTrainer(OnlineTrainer):
         tokenizer = load_tokenizer(recipe.model)
         value_model = None
         if cfg.critic == "separate":
-            source = cfg.value_model or recipe.model.name_or_path
-            value_config = recipe.model.model_copy(update={"name_or_path": source, "tokenizer": None})
-            if cfg.value_model and load_tokenizer(value_config).get_vocab() != tokenizer.get_vocab():
-                raise AlignError(f"ppo.value_model: {source!r} has a different tokenizer than model.name_or_path "
-                                 f"{recipe.model.name_or_path!r}; the critic reads the policy's tokens, so start it "
-                                 "from a model with the same tokenizer")
+            value_config = recipe.model if not cfg.value_model else separate_model_config(
+                recipe.model, cfg.value_model, tokenizer, "ppo.value_model", "reads the policy's tokens (the critic)")
             value_model = load_model(value_config, recipe.adapter, head="score")
         reference = cfg.reference if cfg.kl_coef > 0 else "none"
         return ActorCriticPolicy(load_model(recipe.model, recipe.adapter), tokenizer, reference, value_model)
