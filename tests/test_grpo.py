@@ -212,3 +212,15 @@ def test_gspo_norm_warning_only_for_token_summing_norms(grpo_recipe, caplog, imp
     with caplog.at_level("WARNING", logger="align.trainers.grpo"):
         GRPOTrainer.check_recipe(grpo_recipe(grpo={"importance": importance, "loss_norm": norm}))
     assert len(_gspo_warnings(caplog)) == warns
+
+
+@pytest.mark.parametrize("loss_norm", ["dapo", "grpo"])
+def test_a_step_whose_every_completion_is_truncated_and_masked_trains_nothing(grpo_recipe, loss_norm):
+    # mask_truncated with every completion cut at max_new_tokens (early in training, a short budget):
+    # no token is trained, the loss and gradients are 0 (TRL clamps the count), not a ZeroDivisionError
+    trainer = GRPOTrainer.from_recipe(grpo_recipe(train={"batch_size": 8, "max_steps": 1},
+                                                  grpo={"mask_truncated": True, "loss_norm": loss_norm,
+                                                        "sampling": {"max_new_tokens": 2}}))
+    record = trainer.read_record(trainer.accumulate_gradients(trainer.micro_batches(0)))
+    assert record["loss"] == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.policy.trainable_parameters())

@@ -442,11 +442,14 @@ class Trainer(Batches, Resumable):
     def count_step_items(self, batches: list[dict]) -> float | torch.Tensor:
         """`count_items` of the host batches summed over every process (padding batches count 0): a
         float with one process, else a 0-dim float32 tensor on the device, all-reduced (a collective,
-        not a host read), which the losses divide by as they would by a float."""
+        not a host read), which the losses divide by as they would by a float. At least 1: a step
+        whose every item is masked (GRPO's mask_truncated, every completion cut) trains nothing, its
+        loss and gradients 0, as TRL's clamp makes it, rather than dividing by 0."""
         items = sum(self.count_items(b) for b in batches if not b.get("padding"))
         if self.accelerator.num_processes == 1:
-            return float(items)
-        return sum_tensors_over_processes({"items": torch.tensor(float(items), device=self.accelerator.device)})["items"].float()
+            return max(float(items), 1.0)
+        items = torch.tensor(float(items), device=self.accelerator.device)
+        return sum_tensors_over_processes({"items": items})["items"].float().clamp(min=1.0)
 
     def accumulate_gradients(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | float]:
         """Forward and backward this process's micro-batches (host tensors, moved here); the
