@@ -263,3 +263,18 @@ def test_pack_length_packs_longer_rows(make_recipe):
     default = SFTTrainer.from_recipe(make_recipe()).collate(examples)
     longer = SFTTrainer.from_recipe(make_recipe(data={"pack_length": total})).collate(examples)
     assert default["input_ids"].shape[0] > 1 and longer["input_ids"].shape == (1, total)
+
+
+def test_tokens_per_s_leaves_out_evaluations_and_checkpoint_saves(make_recipe, monkeypatch):
+    """An evaluation (here 2 s) is no training: tokens_per_s counts the steps' own time only."""
+    import time
+
+    from align.plot import read_metrics
+
+    trainer = SFTTrainer.from_recipe(make_recipe(train={"max_steps": 2, "eval_every": 1, "save_every": 1}))
+    monkeypatch.setattr(trainer, "evaluate", lambda: time.sleep(2.0) or {"eval/loss": 1.0})
+    trainer.eval_data = trainer.eval_data if trainer.eval_data is not None else trainer.train_data
+    trainer.fit()
+    for record in read_metrics(trainer.output_dir):
+        if "tokens_per_s" in record:
+            assert record["tokens_per_s"] > record["num_tokens"] / 2.0, record

@@ -351,14 +351,16 @@ class Trainer(Batches, Resumable):
             record = self.train_step(self.micro_batches(self.step))
             self.step += 1
             if self.eval_data is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                record.update(self.evaluate())
+                with self.not_training():
+                    record.update(self.evaluate())
             evaluated = any(key.startswith("eval/") for key in record)
             logged = self.step % self.cfg.log_every == 0 or self.step == self.total_steps or evaluated
             saving = bool(self.cfg.save_every and self.step % self.cfg.save_every == 0)
             if logged:
                 self.log(record)
             if saving:
-                self.save_checkpoint()
+                with self.not_training():
+                    self.save_checkpoint()
             if self.stop_requested(at_log_step=logged or saving):
                 if not logged:
                     self.log(record)
@@ -433,6 +435,17 @@ class Trainer(Batches, Resumable):
     """perf_counter() at the last log (or the first step): tokens_per_s is measured since then."""
     _tokens_since_log: float = 0.0
     """This process's tokens trained since the last log."""
+    _paused_since_log: float = 0.0
+    """Seconds since the last log spent evaluating and saving checkpoints: not in tokens_per_s."""
+
+    @contextlib.contextmanager
+    def not_training(self):
+        """Time spent inside (an evaluation, a checkpoint's save) is left out of tokens_per_s."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_since_log += time.perf_counter() - started
 
     PER_STEP_KEYS = ("grad_norm", "lr", "num_items", "skipped_steps", "skipped_in_row")
     """Record entries that are already the whole step's: not summed over the processes."""
@@ -588,9 +601,9 @@ class Trainer(Batches, Resumable):
         if "num_tokens" in record:
             record.update(self.read_record({**record, "tokens_since_log": self._tokens_since_log}))
             now = time.perf_counter()
-            interval = now - (self._log_clock if self._log_clock is not None else now)
+            interval = now - (self._log_clock if self._log_clock is not None else now) - self._paused_since_log
             record["tokens_per_s"] = record.pop("tokens_since_log") / max(interval, 1e-9)
-            self._log_clock, self._tokens_since_log = now, 0.0
+            self._log_clock, self._tokens_since_log, self._paused_since_log = now, 0.0, 0.0
             self.check_nonfinite(record.pop("skipped_in_row", 0.0), record)
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **record}
         for cb in self.callbacks:
