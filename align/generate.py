@@ -146,15 +146,17 @@ class Evaluation:
 
     @property
     def means(self) -> dict[str, float]:
-        """Mean reward per function over the rows it applies to (NaN if none), and `total` (their
-        sum, None counting as 0) when there are several functions."""
+        """Mean reward per function over the rows it applies to (NaN if none), and `total` when there
+        are several functions: the mean of their sum (None counting as 0) over the rows at least one
+        applies to, as training's `reward` leaves out a completion no function scored."""
         out = {}
         for f, name in enumerate(self.names):
             column = self.scores[:, f]
             present = column[~column.isnan()]
             out[name] = present.mean().item() if len(present) else math.nan
         if len(self.names) > 1:
-            out["total"] = torch.nansum(self.scores, 1).mean().item()
+            scored = ~self.scores.isnan().all(1)
+            out["total"] = torch.nansum(self.scores[scored], 1).mean().item() if scored.any() else math.nan
         return out
 
     def save(self, path: str | os.PathLike) -> None:

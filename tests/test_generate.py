@@ -80,6 +80,16 @@ def test_evaluate_scores_greedy_completions(arith, tmp_path):
         evaluate(arith, [{"question": "hi"}], ["exact_answer"])
 
 
+def test_the_total_leaves_out_completions_no_function_scored():
+    """As training's `reward`: a completion every function returned None for has no reward, not 0."""
+    from align.generate import Evaluation
+
+    nan = math.nan
+    result = Evaluation(["a", "b"], torch.tensor([[1.0, nan], [nan, 2.0], [nan, nan]]), [{}] * 3, ["x"] * 3)
+    assert result.means == {"a": 1.0, "b": 2.0, "total": 1.5}
+    assert math.isnan(Evaluation(["a", "b"], torch.full((1, 2), nan), [{}], ["x"]).means["total"])
+
+
 def test_cli_generate_and_eval(tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": QUESTION}) + "\n")

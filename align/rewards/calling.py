@@ -353,11 +353,11 @@ class RewardFunctions:
 
 
 def _column_metrics(prefix: str, column: torch.Tensor) -> dict[str, float]:
-    """`<prefix>/mean`, `/std` (population) over the values that are not NaN, when there are any, and
-    `<prefix>/none`, the fraction of NaN."""
+    """`<prefix>/mean`, `/std` (unbiased, as TRL's and GRPO's reward_std; 0 for one value) over the
+    values that are not NaN, when there are any, and `<prefix>/none`, the fraction of NaN."""
     present = column[~column.isnan()]
-    out = {f"{prefix}/mean": present.mean().item(), f"{prefix}/std": present.std(correction=0).item()} \
-        if len(present) else {}
+    std = present.std().item() if len(present) > 1 else 0.0
+    out = {f"{prefix}/mean": present.mean().item(), f"{prefix}/std": std} if len(present) else {}
     return {**out, f"{prefix}/none": column.isnan().float().mean().item()}
 
 
