@@ -229,3 +229,22 @@ def test_a_step_reads_the_host_only_when_it_logs(kto_recipe, kto):
                 trainer.log(record)
         found.append(reads.count)
     assert found == [0, 1], found
+
+
+def test_metrics_of_a_kind_no_row_measured_are_left_out_of_the_record(kto_recipe):
+    """A step (or an eval split) of desirable rows only has no rejected rewards: TRL leaves them out; a
+    0 (and a margin equal to rewards/chosen) would be drawn as measured."""
+    from align.plot import read_metrics
+
+    rows = labelled_rows(48, seed=21)
+    desirable = [r for r in rows if r["label"]]
+    trainer = KTOTrainer.from_recipe(kto_recipe(rows=desirable[:8], eval_rows=desirable[:6],
+                                                train={"batch_size": 4, "max_steps": 2, "eval_every": 2}))
+    trainer.fit()
+    records = read_metrics(trainer.output_dir)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all("rewards/chosen" in r and "logps/chosen" in r for r in steps), steps
+    assert not any({"rewards/rejected", "logps/rejected", "rewards/margin"} & set(r) for r in steps), steps
+    evaluation = records[-1]
+    assert "eval/rewards/chosen" in evaluation and "eval/logps/chosen" in evaluation
+    assert not {"eval/rewards/rejected", "eval/logps/rejected", "eval/rewards/margin"} & set(evaluation), evaluation

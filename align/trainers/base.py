@@ -435,6 +435,9 @@ class Trainer(Batches, Resumable):
     """perf_counter() at the last log (or the first step): tokens_per_s is measured since then."""
     _tokens_since_log: float = 0.0
     """This process's tokens trained since the last log."""
+    UNMEASURED_IF_NAN: tuple[str, ...] = ()
+    """Metrics that are NaN where a step (or an evaluation) had nothing to measure them on, left out
+    of its record then (KTO's rejected rewards on a step of desirable rows only), as TRL does."""
     _paused_since_log: float = 0.0
     """Seconds since the last log spent evaluating and saving checkpoints: not in tokens_per_s."""
 
@@ -605,6 +608,9 @@ class Trainer(Batches, Resumable):
             record["tokens_per_s"] = record.pop("tokens_since_log") / max(interval, 1e-9)
             self._log_clock, self._tokens_since_log, self._paused_since_log = now, 0.0, 0.0
             self.check_nonfinite(record.pop("skipped_in_row", 0.0), record)
+        unmeasured = [k for k, v in record.items() if k.removeprefix("eval/") in self.UNMEASURED_IF_NAN and math.isnan(v)]
+        for key in unmeasured:
+            del record[key]
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **record}
         for cb in self.callbacks:
             cb.on_log(self, record)

@@ -67,9 +67,18 @@ def at_least_one(count: float | torch.Tensor) -> float | torch.Tensor:
     return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1.0)
 
 
+def measured(value: torch.Tensor, count: float | torch.Tensor) -> torch.Tensor:
+    """`value`, or NaN where `count` rows measured it: none (a device-side choice, no host read)."""
+    if isinstance(count, torch.Tensor):
+        return torch.where(count > 0, value, torch.full_like(value, float("nan")))
+    return value if count > 0 else torch.full_like(value, float("nan"))
+
+
 @register_trainer("kto", KTOConfig)
 class KTOTrainer(Trainer):
     """KTO and unpaired APO-zero (kto.loss_type); rows are the loss unit (`count_items`)."""
+
+    UNMEASURED_IF_NAN = ("rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected", "rewards/margin")
 
     formats = ("prompt_completion", "preference")
     dropout_by_default = False  # implicit rewards compare the training forward with the reference's
@@ -263,9 +272,9 @@ class KTOTrainer(Trainer):
         # batch mean -> this batch's share of the step's mean, times num_items / rows (the loop's weight)
         scale = {kind: batch[f"num_{kind}"] / at_least_one(totals[kind]) * num_items / rows
                  for kind in ("desirable", "undesirable")}
-        for key in ("rewards/chosen", "logps/chosen"):
-            metrics[key] = metrics[key] * scale["desirable"]
-        for key in ("rewards/rejected", "logps/rejected"):
-            metrics[key] = metrics[key] * scale["undesirable"]
+        for kind, keys in (("desirable", ("rewards/chosen", "logps/chosen")),
+                           ("undesirable", ("rewards/rejected", "logps/rejected"))):
+            for key in keys:  # NaN (left out of the record) where the step has no row of this kind, as TRL
+                metrics[key] = measured(metrics[key] * scale[kind], totals[kind])
         metrics["rewards/margin"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         return loss, metrics
