@@ -608,7 +608,8 @@ class Trainer(Batches, Resumable):
             record["tokens_per_s"] = record.pop("tokens_since_log") / max(interval, 1e-9)
             self._log_clock, self._tokens_since_log, self._paused_since_log = now, 0.0, 0.0
             self.check_nonfinite(record.pop("skipped_in_row", 0.0), record)
-        unmeasured = [k for k, v in record.items() if k.removeprefix("eval/") in self.UNMEASURED_IF_NAN and math.isnan(v)]
+        unmeasured = [key for key, value in record.items()
+                      if key.removeprefix("eval/") in self.UNMEASURED_IF_NAN and math.isnan(value)]
         for key in unmeasured:
             del record[key]
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **record}

@@ -255,6 +255,9 @@ class OnlineTrainer(Trainer):
         return {}
 
     def rollout_metrics(self, rollout: Rollout, seconds: float) -> dict[str, float]:
+        """Completion lengths, the share cut at max_new_tokens, and rollout_tokens_per_s: completion
+        tokens per second of the whole rollout, `seconds` (sampling and scoring, reward models and
+        slow reward functions included)."""
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
         return {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
                 "completions/max_length": lengths.max().item(),
