@@ -223,4 +223,6 @@ def test_a_step_whose_every_completion_is_truncated_and_masked_trains_nothing(gr
                                                         "sampling": {"max_new_tokens": 2}}))
     record = trainer.read_record(trainer.accumulate_gradients(trainer.micro_batches(0)))
     assert record["loss"] == 0.0
+    if loss_norm == "dapo":  # (its items are trained tokens: none; the true count is logged, not the clamp)
+        assert record["num_items"] == 0.0
     assert all(p.grad is None or not p.grad.any() for p in trainer.policy.trainable_parameters())

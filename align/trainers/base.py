@@ -458,14 +458,12 @@ class Trainer(Batches, Resumable):
     def count_step_items(self, batches: list[dict]) -> float | torch.Tensor:
         """`count_items` of the host batches summed over every process (padding batches count 0): a
         float with one process, else a 0-dim float32 tensor on the device, all-reduced (a collective,
-        not a host read), which the losses divide by as they would by a float. At least 1: a step
-        whose every item is masked (GRPO's mask_truncated, every completion cut) trains nothing, its
-        loss and gradients 0, as TRL's clamp makes it, rather than dividing by 0."""
+        not a host read)."""
         items = sum(self.count_items(b) for b in batches if not b.get("padding"))
         if self.accelerator.num_processes == 1:
-            return max(float(items), 1.0)
+            return float(items)
         items = torch.tensor(float(items), device=self.accelerator.device)
-        return sum_tensors_over_processes({"items": items})["items"].float().clamp(min=1.0)
+        return sum_tensors_over_processes({"items": items})["items"].float()
 
     def accumulate_gradients(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | float]:
         """Forward and backward this process's micro-batches (host tensors, moved here); the
@@ -476,13 +474,17 @@ class Trainer(Batches, Resumable):
         float64 (float32 where the device has none); "num_tokens" (a host number) and "num_items"
         (the whole step's). Nothing is read from the device (see tests/test_host_syncs.py)."""
         num_items = self.count_step_items(micro_batches)
+        # what the losses divide by, as they would by a float: at least 1, so that a step whose every item
+        # is masked (GRPO's mask_truncated, every completion cut) trains nothing (its loss and gradients
+        # 0, as TRL's clamp makes them) rather than dividing by 0; the record keeps the true count
+        divisor = num_items.clamp(min=1.0) if isinstance(num_items, torch.Tensor) else max(num_items, 1.0)
         dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
         nothing = torch.zeros((), dtype=dtype, device=self.accelerator.device)
         record: dict[str, torch.Tensor | float] = {"loss": nothing, "num_tokens": 0.0}
         for i, host_batch in enumerate(micro_batches):
             padding = bool(host_batch.get("padding"))
-            weight = 0.0 if padding else self.count_items(host_batch) / num_items
-            batch = self._to_device({**host_batch, "num_items": num_items})
+            weight = 0.0 if padding else self.count_items(host_batch) / divisor
+            batch = self._to_device({**host_batch, "num_items": divisor})
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last or self.zero_engine is not None else self.accelerator.no_sync(self.policy.module):
                 with self.autocast():

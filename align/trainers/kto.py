@@ -259,8 +259,9 @@ class KTOTrainer(Trainer):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`kto_loss` of this micro-batch's rows (a share of the step's), with the step's z0; its
         metrics rescaled so that the loop's weighted sum over micro-batches (weight rows / num_items)
-        gives the means over the whole step's desirable / undesirable rows. Called on a batch alone
-        (outside a step or an evaluation), z0 and the means are that batch's."""
+        gives the means over the whole step's desirable / undesirable rows; NaN for a kind the step has
+        no row of (`log` leaves those out). Called on a batch alone (outside a step or an evaluation),
+        z0 and the means are that batch's."""
         cfg = self.recipe.kto
         totals = self._totals or self.totals([batch])
         rows = self.count_items(batch)
