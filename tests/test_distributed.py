@@ -26,11 +26,14 @@ from tests.conftest import deep_update, rollout_server, write_jsonl
 REPO = Path(__file__).resolve().parents[1]
 WORKER = """
 import sys
-from align.cli import main
+from align.cli import main, release_processes
 
 for recipe in sys.argv[1:]:
     if main(["train", recipe]) != 0:
         sys.exit(1)
+# main(argv) keeps the process group for the next recipe; left to the interpreter's exit, its teardown
+# could abort one process after every run was done ("terminate called without an active exception")
+release_processes()
 """
 LORA = {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 TRAIN = {"lr": 3e-3, "schedule": "constant", "log_every": 1, "progress": False, "plots": False, "seed": 0}
