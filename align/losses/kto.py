@@ -60,8 +60,8 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
     Returns (loss, metrics): loss = sum of the weighted per-row losses / num_items, a 0-dim tensor;
     metrics, detached 0-dim tensors over this batch's rows: rewards/chosen and rewards/rejected (the
     mean implicit reward beta * (policy - reference) of its desirable / undesirable rows, 0 if it has
-    none: the trainer logs no such metric for a step without either kind), rewards/margin (their difference), logps/chosen, logps/rejected (mean policy log-probs)
-    and kl (z0).
+    none: the trainer logs no such metric for a step without either kind), rewards/margin (their
+    difference), logps/chosen, logps/rejected (mean policy log-probs) and kl (z0).
     """
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown KTO loss_type {loss_type!r}; valid: {list(KTO_LOSS_TYPES)}")

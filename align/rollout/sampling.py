@@ -134,10 +134,8 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     also the template's end of turn, which is what the model learns to write when its reply ends;
     logged once. model: a transformers model (under a peft or compile wrapper), or its GenerationConfig."""
     generation_config = model if isinstance(model, GenerationConfig) else getattr(model, "generation_config", None)
-    configured = getattr(generation_config, "eos_token_id", None)
-    configured = configured.tolist() if isinstance(configured, torch.Tensor) else configured
-    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    ids = list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
+    ids = list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured_eos_ids(generation_config)]
+                             if i is not None))
     closing = reply_closing_ids(tokenizer)
     if closing and not set(closing) & set(ids):
         seen = (str(tokenizer.chat_template), closing[0])  # (a dict of named templates is no key)
@@ -152,6 +150,13 @@ def eos_token_ids(tokenizer, model) -> list[int]:
 _LOGGED: set[tuple[str, int]] = set()
 
 
+def configured_eos_ids(generation_config) -> list:
+    """A generation config's eos_token_id (an id, a list or tuple, a tensor, or None) as a list."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = configured.tolist() if isinstance(configured, torch.Tensor) else configured
+    return list(configured) if isinstance(configured, (list, tuple)) else [configured]
+
+
 def write_eos_ids(model: torch.nn.Module, tokenizer) -> None:
     """Set the generation config's EOS ids of `model` (a transformers model) to `eos_token_ids` where
     it lacks one of them (the chat template's end of turn, or the tokenizer's EOS), so that a saved
@@ -162,8 +167,7 @@ def write_eos_ids(model: torch.nn.Module, tokenizer) -> None:
     if generation_config is None or tokenizer is None or not model.can_generate():
         return
     ids = eos_token_ids(tokenizer, model)
-    configured = generation_config.eos_token_id
-    if not set(ids) <= set(configured if isinstance(configured, (list, tuple)) else [configured]):
+    if not set(ids) <= set(configured_eos_ids(generation_config)):
         generation_config.eos_token_id = ids
 
 
