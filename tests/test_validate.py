@@ -118,6 +118,24 @@ def test_wrong_row_types_are_named_for_every_format(tmp_path):
         load_rows(renamed)
 
 
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_csv_is_read_as_the_text_it_holds_and_kto_labels_as_bools(tmp_path, where):
+    """(pandas' guess made an answer "007" 7.0, a column of integers with a blank cell floats, and a
+    completion "42" an int that the format check refused)"""
+    from align.data import load_rows
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.csv").write_text('prompt,completion,answer,label\n"What is 6*7?",42,007,true\n'
+                                      "Name zero.,zero,,FALSE\nOne?,1,1,1\nNone?,0,0.50,0\n")
+    rows = load_rows(DataSource(path=str(folder / "train.csv" if where == "file" else folder)))
+    assert rows["completion"] == ["42", "zero", "1", "0"]
+    assert rows["answer"] == ["007", None, "1", "0.50"]
+    assert rows["label"] == [True, False, True, False]
+    (folder / "train.csv").write_text("prompt,completion,label\nA?,a,yes\n")
+    assert load_rows(DataSource(path=str(folder)))["label"] == ["yes"]  # left for kto's check to name
+
+
 @pytest.mark.parametrize("name, hint", [("train.jsnl", "(did you mean '.jsonl'?)"), ("train.txt", "")])
 def test_a_local_file_with_an_unknown_suffix_is_not_taken_for_a_hub_id(recipe_file, tmp_path, monkeypatch, capsys,
                                                                        name, hint):

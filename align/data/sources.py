@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import pyarrow as pa
 
 from align.config import DATA_FILE_TYPES, DataSource, unsupported_data_file
 from align.data.formats import check_columns
+from align.data.unpaired import LABEL_COLUMN
 from align.errors import AlignError
 
 
@@ -28,12 +30,14 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
         raise AlignError(f"{key}.path: {problem}")
     if os.path.isfile(path) and os.path.getsize(path) == 0:  # (datasets' readers fail on it, each another way)
         raise AlignError(_no_rows(source, key))
+    as_text = _csv_as_text(path)
     try:
         with _datasets_logs_quiet():  # (its reader logs an error of its own, naming the wrong row, before ours)
             if Path(path).suffix in DATA_FILE_TYPES:
-                data = datasets.load_dataset(DATA_FILE_TYPES[Path(path).suffix], data_files=path, split="train")
+                data = datasets.load_dataset(DATA_FILE_TYPES[Path(path).suffix], data_files=path, split="train",
+                                             features=as_text)
             else:
-                data = datasets.load_dataset(path, source.name, split=source.split)
+                data = datasets.load_dataset(path, source.name, split=source.split, features=as_text)
     except FileNotFoundError as error:
         raise AlignError(f"{key}.path: {source.path!r}: {error}") from None
     except ConnectionError as error:  # a hub id, the hub out of reach (and the dataset not in datasets' cache)
@@ -60,10 +64,43 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
                          f"its columns are {data.column_names}")
     if source.columns:
         data = data.rename_columns(source.columns)
+    if as_text is not None:
+        data = _csv_labels_as_bools(data)
     if source.max_rows is not None:
         data = data.select(range(min(source.max_rows, len(data))))
     check_columns(data, key, renamed={new: old for old, new in source.columns.items()})
     return data
+
+
+def _csv_as_text(path: str) -> datasets.Features | None:
+    """For a .csv file, or a directory holding only .csv data files: every column read as text, as a
+    .jsonl string would be. (pandas' guess would turn an answer "007" into 7.0, and a column of
+    integers with one blank cell into floats "42.0", before any reward compares them.) None otherwise."""
+    if os.path.isdir(path):
+        files = sorted(f for f in Path(path).rglob("*") if f.suffix in DATA_FILE_TYPES and f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        if not files or any(f.suffix != ".csv" for f in files):
+            return None
+        path = str(files[0])
+    elif Path(path).suffix != ".csv" or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        header = next(csv.reader(f), None)
+    if not header or len(set(header)) != len(header):
+        return None  # no header, or a repeated name: left to datasets (which reports it)
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def _csv_labels_as_bools(data: datasets.Dataset) -> datasets.Dataset:
+    """A csv's `label` column (kto's desirable flag), read as text, made bools when every row reads
+    true/false/1/0 (any case); otherwise left as text, for `check_labels` to name the row."""
+    if LABEL_COLUMN not in data.column_names:
+        return data
+    truth = {"true": True, "1": True, "false": False, "0": False}
+    labels = [truth.get(str(value).strip().lower()) for value in data[LABEL_COLUMN]]
+    if any(label is None for label in labels):
+        return data
+    return data.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, labels)
 
 
 @contextlib.contextmanager
