@@ -118,6 +118,24 @@ def test_wrong_row_types_are_named_for_every_format(tmp_path):
         load_rows(renamed)
 
 
+@pytest.mark.parametrize("role, meant", [("gpt", "assistant"), ("Assistant", "assistant"), ("model", "assistant"),
+                                         ("human", "user"), ("USER", "user")])
+def test_a_reply_or_prompt_under_another_role_name_is_refused_naming_the_role(recipe_file, capsys, tmp_path,
+                                                                            role, meant):
+    """(such a reply was read as context: a ShareGPT-style file trained on no reply, or on some)"""
+    rows = chat_rows(4)
+    rows[2]["messages"] = [{"role": "user" if meant == "assistant" else role, "content": "What is 2+2?"},
+                           {"role": role if meant == "assistant" else "assistant", "content": "4"}]
+    data = write_jsonl(tmp_path / "roles.jsonl", rows)
+    code, err = cli(capsys, "validate", recipe_file(data={"train": {"path": data}}))
+    assert code == 2 and f"data.train row 2: `messages` has a message of role {role!r}" in err
+    assert f"name it {meant!r}" in err
+    tools = [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "sunny"},
+             {"role": "assistant", "content": "Sunny."}]
+    from align.data.chat import check_messages
+    check_messages(tools, 0, "data.train")  # other roles are context, as before
+
+
 @pytest.mark.parametrize("where", ["file", "directory"])
 def test_a_csv_is_read_as_the_text_it_holds_and_kto_labels_as_bools(tmp_path, where):
     """(pandas' guess made an answer "007" 7.0, a column of integers with a blank cell floats, and a

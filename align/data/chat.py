@@ -24,6 +24,12 @@ UNLOCATABLE = ("use a template with {% generation %} markers around each reply a
 REPLY_END = "\u2063align-reply-end\u2063"  # appended to a reply to see where the template puts its end
 
 
+MISNAMED_ROLES = {"gpt": "assistant", "bot": "assistant", "chatbot": "assistant", "model": "assistant",
+                  "human": "user"}
+"""Roles other datasets (ShareGPT, Cohere, Gemma's rendered turns) give replies and prompts: read
+as context by Align, so no reply in them would be trained; refused with the name to use."""
+
+
 def check_messages(messages, row: int, key: str, column: str = "messages") -> None:
     if not isinstance(messages, list) or not messages:
         raise AlignError(f"{key} row {row}: `{column}` must be a non-empty list of {{role, content}}")
@@ -31,6 +37,12 @@ def check_messages(messages, row: int, key: str, column: str = "messages") -> No
         if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
             raise AlignError(f"{key} row {row}: each message in `{column}` needs a `role` string and "
                              f"`content`, got {turn!r:.80}")
+        role = turn["role"]
+        meant = MISNAMED_ROLES.get(role.strip().lower(), role.strip().lower())
+        if role != meant and meant in ("assistant", "user", "system"):
+            raise AlignError(f"{key} row {row}: `{column}` has a message of role {role!r}; Align trains the replies "
+                             f"of role 'assistant' and reads every other role as context: name it {meant!r} "
+                             "(e.g. map ShareGPT's human/gpt to user/assistant when writing the file)")
 
 
 def render(tokenizer, messages: list[dict], row: int, key: str, **kwargs):
