@@ -217,10 +217,10 @@ def _build(args) -> None:
 
 
 def _export(args) -> None:
-    from align.export import export_merged
+    from align.export import export
 
-    export_merged(args.run_dir, args.out_dir)
-    print(f"merged model written to {args.out_dir}")
+    export(args.run_dir, args.out_dir)
+    print(f"model written to {args.out_dir}")
 
 
 def _quickstart(args) -> None:
@@ -349,8 +349,10 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("names", nargs="+", metavar="NAME", help="builtin:<name>")
     cmd.set_defaults(fn=_build)
 
-    cmd = sub.add_parser("export", help="merge a LoRA/QLoRA adapter into a plain transformers model directory")
-    cmd.add_argument("run_dir", help="an output dir (or checkpoint) holding an adapter")
+    cmd = sub.add_parser("export", help="a plain transformers model directory from a run's LoRA/QLoRA output "
+                                        "(merged) or from any checkpoint of a run")
+    cmd.add_argument("run_dir", help="an output dir holding an adapter, or a checkpoint "
+                                     "(OUTPUT_DIR/checkpoints/step-NNNNNN)")
     cmd.add_argument("out_dir", help="a new (or empty) directory for the merged model")
     cmd.set_defaults(fn=_export)
 

@@ -9,7 +9,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from align.config import AdapterConfig, ModelConfig
-from align.export import export_merged
+from align.errors import AlignError
+from align.export import export, export_merged
 from align.models.loading import keep_4bit_forward_exact, load_model
 from align.models.merged import merged_weights
 from align.models.tiny import cache_dir, resolve
@@ -66,6 +67,41 @@ def test_export_merges_a_lora_adapter_into_a_plain_model(make_recipe, tmp_path):
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize("kind", ["lora", "none"])
+def test_export_of_a_checkpoint_gives_that_steps_model(make_recipe, tmp_path, capsys, kind):
+    """(a checkpoint held only Align's state: no model could be had from a run's earlier step)"""
+    import shutil
+
+    from align.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve("builtin:tiny-llama"), base)
+    trainer = SFTTrainer.from_recipe(make_recipe(model={"name_or_path": str(base)}, adapter={"kind": kind, "r": 4},
+                                                 train={"max_steps": 4, "save_every": 2, "lr": 1e-2}))
+    trainer.fit()
+    run = tmp_path / "run"
+    if kind == "lora":
+        export_merged(str(run), str(tmp_path / "final"))
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final" if kind == "lora" else run).eval()
+    for step in (2, 4):
+        assert main(["export", str(run / f"checkpoints/step-{step:06d}"), str(tmp_path / f"step{step}")]) == 0
+    assert f"model written to {tmp_path / 'step2'}" in capsys.readouterr().out
+    with torch.no_grad():
+        want = final(input_ids=INPUT).logits
+        for step in (2, 4):
+            exported = AutoModelForCausalLM.from_pretrained(tmp_path / f"step{step}").eval()
+            assert not (tmp_path / f"step{step}" / "adapter_config.json").exists()
+            same = torch.allclose(exported(input_ids=INPUT).logits, want, atol=1e-5, rtol=0)
+            assert same == (step == 4)  # the last checkpoint is the final model; the earlier one its own step's
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(base)  # the base written again (same weights)
+    with open(base / "config.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(AlignError, match=r"model.name_or_path .* changed since this checkpoint was written"):
+        export(str(run / "checkpoints/step-000002"), str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
+
+
 def test_reference_strategies(make_recipe):
     from align.models import Policy
 
@@ -88,7 +124,6 @@ def test_reference_strategies(make_recipe):
 def test_lm_head_as_lora_target_is_refused_and_modules_to_save_trains_the_head():
     """Log-probs come from the head's weight in chunks: a LoRA on the head would be bypassed, so it
     is refused; a fully trained head (modules_to_save) is what the chunked log-probs see."""
-    from align.errors import AlignError
     from align.models import Policy
 
     config = ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32")
