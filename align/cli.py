@@ -21,14 +21,15 @@ def _train(args) -> int:
     _refuse_task_file(args.recipe)
     recipe = load_recipe(args.recipe, args.set)
     if os.environ.get("RANK", "0") == "0":  # the main process (torchrun / accelerate launch set RANK)
-        run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)  # before the model loads
+        run_dir.check(recipe.output_dir, recipe.train.resume_from, args.overwrite)  # before the model loads
     _check_adapter(recipe)
     build_for_recipe(recipe)  # the built-ins Align trains itself, before the trainer loads them
     trainer = TRAINERS[recipe.algorithm].from_recipe(recipe)
     record = trainer.fit(overwrite=args.overwrite)
     if trainer.stopped_by:  # preempted: a checkpoint is saved; the shell's code for death by that signal
         print(f"stopped by {trainer.stopped_by} at step {trainer.step}; checkpoint saved in {recipe.output_dir}/"
-              f"checkpoints; continue with: align train {args.recipe} --set train.resume_from=auto", file=sys.stderr)
+              f"checkpoints; continue with: align train {Path(recipe.output_dir) / 'recipe.yaml'} "
+              "--set train.resume_from=auto", file=sys.stderr)
         return 128 + getattr(signal, trainer.stopped_by)
     if trainer.accelerator.is_main_process:
         print(f"done: {trainer.step} steps; outputs in {recipe.output_dir} "
@@ -44,8 +45,13 @@ def _validate(args) -> None:
     if _is_task_file(args.recipe):
         return _validate_task(args)
     recipe = load_recipe(args.recipe, args.set)
-    run_dir.check(recipe.output_dir, bool(recipe.train.resume_from), args.overwrite)
+    run_dir.check(recipe.output_dir, recipe.train.resume_from, args.overwrite)
     print(f"output_dir: {recipe.output_dir} ok")
+    if recipe.train.resume_from:
+        from align.trainers.resume import check_resume
+
+        check_resume(recipe, args.overwrite, applies=TRAINERS[recipe.algorithm].RESUME_APPLIES)
+        print(f"train.resume_from: {recipe.train.resume_from} ok")
     if recipe.algorithm != "reward":
         check_not_a_reward_model(recipe.model)
     columns = {}  # split -> its columns, where the data is on this machine

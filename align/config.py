@@ -762,5 +762,8 @@ def flat_keys(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
-    with open(path, "w") as f:
+    """Write the resolved recipe to `path` atomically (a failed write leaves the old file whole)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
         yaml.safe_dump(recipe.model_dump(mode="json"), f, sort_keys=False)
+    os.replace(temporary, path)

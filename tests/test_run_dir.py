@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from align.cli import main
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 HOLD = """
 import sys, time
 from align.trainers import run_dir
-with run_dir.hold(sys.argv[1], resume=False, overwrite=False):
+with run_dir.hold(sys.argv[1], resume_from=None, overwrite=False):
     print("held", flush=True)
     time.sleep(120)
 """
@@ -122,3 +123,96 @@ def test_a_read_only_output_dir_exits_2_before_the_model_loads(make_recipe, tmp_
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "is not writable" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_auto_resume_of_a_finished_run_without_checkpoints_is_refused(make_recipe, tmp_path, capsys):
+    """(it started over, wrote over the finished model and emptied metrics.jsonl, exit 0)"""
+    run = tmp_path / "run"
+    SFTTrainer.from_recipe(make_recipe(train={"max_steps": 2})).fit()
+    weights, metrics = (run / "model.safetensors").read_bytes(), (run / "metrics.jsonl").read_text()
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(make_recipe(raw=True, train={"max_steps": 2, "seed": 5, "resume_from": "auto"})))
+    for command in ("validate", "train"):
+        assert main([command, str(again)]) == 2
+        assert "holds a finished run (run " in capsys.readouterr().err
+    with pytest.raises(AlignError, match="no checkpoint to resume .*model.name_or_path"):
+        SFTTrainer.from_recipe(make_recipe(train={"max_steps": 2, "resume_from": "auto"})).fit()
+    assert (run / "model.safetensors").read_bytes() == weights and (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_checkpoint_of_another_run_starts_a_new_run_only_in_a_new_output_dir(make_recipe, tmp_path):
+    """(resumed into a finished run's output_dir, it wrote over its model and checkpoints, exit 0)"""
+    run = tmp_path / "run"
+    SFTTrainer.from_recipe(make_recipe(train={"max_steps": 2, "save_every": 1})).fit()
+    weights, run_id = (run / "model.safetensors").read_bytes(), yaml.safe_load((run / "run.json").read_text())["run_id"]
+    other = tmp_path / "other"
+    SFTTrainer.from_recipe(make_recipe(output_dir=str(other), train={"max_steps": 2, "save_every": 1})).fit()
+    theirs = str(other / "checkpoints" / "step-000001")
+    with pytest.raises(AlignError, match=f"holds a run \\(run {run_id}.* is a checkpoint of run .* new output_dir"):
+        SFTTrainer.from_recipe(make_recipe(train={"max_steps": 2, "resume_from": theirs})).fit()
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert {checkpoint.checkpoint_run_id(p) for p in checkpoint.list_checkpoints(run / "checkpoints")} == {run_id}
+    fork = make_recipe(output_dir=str(tmp_path / "fork"), train={"max_steps": 2, "resume_from": theirs})
+    SFTTrainer.from_recipe(fork).fit()  # a new run from that checkpoint
+    forked = yaml.safe_load((tmp_path / "fork" / "run.json").read_text())["run_id"]
+    assert forked != checkpoint.checkpoint_run_id(Path(theirs)) and steps_in(tmp_path / "fork") == [2]
+
+
+def test_a_refused_resume_writes_nothing_and_validate_refuses_it_first(make_recipe, tmp_path, capsys):
+    """(the refusal came after recipe.yaml was rewritten with the refused settings, after the model
+    loaded; into a new output_dir it left a run.json that then blocked the corrected command)"""
+    run = tmp_path / "run"
+    SFTTrainer.from_recipe(make_recipe(train={"max_steps": 2, "save_every": 1})).fit()
+    saved = (run / "recipe.yaml").read_text()
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(make_recipe(raw=True, data={"max_length": 64},
+                                                  train={"max_steps": 2, "seed": 5, "resume_from": "auto"})))
+    for command in ("validate", "train"):
+        assert main([command, str(changed)]) == 2
+        err = capsys.readouterr().err
+        assert "was trained with another recipe" in err and "train.seed: 0 -> 5" in err
+    assert (run / "recipe.yaml").read_text() == saved
+    fork = make_recipe(output_dir=str(tmp_path / "fork"), train={"max_steps": 2, "seed": 5,
+                                                                  "resume_from": str(run / "checkpoints/step-000001")})
+    with pytest.raises(AlignError, match="train.seed: 0 -> 5"):
+        SFTTrainer.from_recipe(fork).fit()
+    assert not (tmp_path / "fork").exists()
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(make_recipe, tmp_path):
+    """(after such a resume was killed, auto went back to the abandoned timeline's newest step)"""
+    run = tmp_path / "run"
+    SFTTrainer.from_recipe(make_recipe(train={"max_steps": 4, "save_every": 1, "keep_checkpoints": 4})).fit()
+    earlier = make_recipe(train={"max_steps": 4, "save_every": 1, "keep_checkpoints": 4, "lr": 1e-4,
+                                 "resume_from": str(run / "checkpoints/step-000001")})
+    trainer = SFTTrainer.from_recipe(earlier)
+    trainer.train_loop = lambda: {}  # killed right after the resume
+    trainer.fit()
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["step-000001"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("abandoned-*")) == [
+        "abandoned-step-000002", "abandoned-step-000003", "abandoned-step-000004"]
+    auto = SFTTrainer.from_recipe(make_recipe(train={"max_steps": 4, "save_every": 1, "keep_checkpoints": 4,
+                                                     "lr": 1e-4, "resume_from": "auto"}))
+    auto.train_loop = lambda: {}
+    auto.fit()
+    assert auto.step == 1
+
+
+def test_overwrite_with_a_checkpoint_inside_output_dir_is_refused_moving_nothing(make_recipe, tmp_path):
+    run = tmp_path / "run"
+    SFTTrainer.from_recipe(make_recipe(train={"max_steps": 1, "save_every": 1})).fit()
+    names = sorted(p.name for p in run.iterdir())
+    with pytest.raises(AlignError, match="which --overwrite would move aside; drop --overwrite"):
+        SFTTrainer.from_recipe(make_recipe(train={"resume_from": str(run / "checkpoints/step-000001")})).fit(
+            overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == names and not list(tmp_path.glob("run.old-*"))
+
+
+def test_a_step_whose_new_copy_was_not_yet_in_place_keeps_its_old_one(tmp_path):
+    """A kill between `_put_in_place`'s two renames leaves the old copy as .retired-step-N."""
+    checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {}, keep=2, run_id="r")
+    os.replace(tmp_path / "step-000001", tmp_path / ".retired-step-000001")
+    (tmp_path / ".staging-step-000001").mkdir()
+    checkpoint.clean_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
+    assert checkpoint.load_newest(tmp_path, "r")[0].name == "step-000001"

@@ -284,12 +284,13 @@ class Trainer(Batches, Resumable):
         """Train in output_dir, which this run holds until it returns (see `align.trainers.run_dir`):
         a directory holding another run is refused unless train.resume_from resumes it or
         `overwrite` moves it aside. Returns the last logged record."""
-        if self.cfg.resume_from not in (None, "auto"):
-            self.checkpoint_path(self.cfg.resume_from)
         self.inputs  # (fingerprinted before training: what the run starts from)
+        self.check_resume(overwrite)  # (before output_dir is touched: a refused resume writes nothing)
         with self.hold_output_dir(overwrite), self.stop_on_signals():
             if self.cfg.resume_from:
                 self.resume(self.cfg.resume_from)
+            if self.accelerator.is_main_process:  # (once the resume is accepted: the recipe the weights go on with)
+                save_recipe(self.recipe, self.output_dir / "recipe.yaml")
             return self.train_loop()
 
     @contextlib.contextmanager
@@ -326,13 +327,11 @@ class Trainer(Batches, Resumable):
 
     @contextlib.contextmanager
     def hold_output_dir(self, overwrite: bool):
-        """Claim output_dir (main process), save the recipe there and set `run_id` on every process."""
+        """Claim output_dir (main process) and set `run_id` on every process."""
         main = self.accelerator.is_main_process
-        claim = run_dir.hold(self.output_dir, bool(self.cfg.resume_from), overwrite) if main \
+        claim = run_dir.hold(self.output_dir, self.cfg.resume_from, overwrite) if main \
             else contextlib.nullcontext()
         with claim:
-            if main:
-                save_recipe(self.recipe, self.output_dir / "recipe.yaml")
             self.accelerator.wait_for_everyone()
             self.run_id = run_dir.read_run(self.output_dir)["run_id"]
             yield

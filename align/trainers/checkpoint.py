@@ -416,7 +416,8 @@ def write_atomically(directory: Path, write, what: str) -> None:
     staging.rmdir()
 
 
-def _run_id_of(path: Path) -> str | None:
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint `path` (None: unreadable, or from before run ids)."""
     try:
         return json.loads((path / STATE_FILE).read_text()).get("run_id")
     except (OSError, ValueError):
@@ -430,11 +431,33 @@ def list_checkpoints(root: Path, run_id: str | None = None) -> list[Path]:
         return []
     done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
     if run_id is not None:
-        done = [p for p in done if _run_id_of(p) == run_id]
+        done = [p for p in done if checkpoint_run_id(p) == run_id]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def set_aside_after(root: Path, run_id: str | None, step: int) -> list[Path]:
+    """Rename run `run_id`'s checkpoints after `step` to `abandoned-step-N` (a run resumed from an
+    earlier step leaves them: `auto` must not go back to them); returns their new paths."""
+    moved = []
+    for path in list_checkpoints(root, run_id):
+        if int(path.name.split("-")[1]) > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"abandoned-{n}-{path.name}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
 def clean_staging(root: Path) -> None:
+    """Remove what interrupted saves left; a step's old copy moved aside by `_put_in_place` goes back
+    where a kill came before the new one took its place."""
+    for retired in root.glob(".retired-step-*"):
+        final = root / retired.name.removeprefix(".retired-")
+        if not final.exists():
+            os.replace(retired, final)
     for leftover in [*root.glob(".staging-step-*"), *root.glob(".retired-step-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
 

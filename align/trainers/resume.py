@@ -7,6 +7,7 @@ process), and which recipe changes a resumed run may apply."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from align.distributed import from_main_process, gather_shares, sum_tensors_over
 from align.errors import AlignError
 from align.models import sharding, zero
 from align.models.policy import unwrap
-from align.trainers import checkpoint
+from align.trainers import checkpoint, run_dir
 from align.trainers.inputs import changed_inputs, input_fingerprints
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,13 @@ class Resumable:
         self.check_same_inputs(path, state)
         self.restore_state(objects)
         self.step = state["step"]
+        self.accelerator.wait_for_everyone()  # (every process has read its rows before any is moved)
+        if self.accelerator.is_main_process:
+            abandoned = checkpoint.set_aside_after(self.output_dir / "checkpoints", self.run_id, self.step)
+            if abandoned:
+                log.warning("resumed at step %d: this run's later checkpoints belong to the timeline it leaves; "
+                            "moved aside (not resumed by auto, nor rotated): %s", self.step,
+                            ", ".join(str(p) for p in abandoned))
         for group in self.torch_optimizer.param_groups:  # this recipe's settings, not the checkpoint's
             group.update(betas=self.cfg.adam_betas, weight_decay=self.cfg.weight_decay)
         self.scheduler = self.make_scheduler(self.step)
@@ -171,38 +179,92 @@ class Resumable:
     process-group timeout: the memory and time a step takes, not what it computes); any other change
     (model, adapter, data, algorithm, its section, seed, ...) is refused by `check_resumable`."""
 
-    def check_same_inputs(self, path: Path, state: dict) -> None:
-        """AlignError if a local input (the model, data, a reward file, ...) changed since the
-        checkpoint was written (a checkpoint from before fingerprints were kept is not checked)."""
-        changed = changed_inputs(state.get("inputs") or {}, self.inputs, self.recipe.model_dump(mode="json"))
-        if changed:
-            raise AlignError(f"train.resume_from: {path} was trained on other inputs than these files hold now: "
-                             f"{', '.join(changed)} changed since (another model or data under the same name, "
-                             "e.g. a run trained again into that directory); the resumed run would go on from the "
-                             "old one's weights on the new inputs. Restore them, or start a new run (a new "
-                             "output_dir, or --overwrite)")
+    def check_resume(self, overwrite: bool) -> None:
+        """Before `fit` takes output_dir (nothing written yet): AlignError where `resume` would refuse
+        train.resume_from's checkpoint for this recipe (see `check_resume`)."""
+        check_resume(self.recipe, overwrite, self.global_batch_size, self.RESUME_APPLIES, self.inputs)
 
     def check_resumable(self, path: Path, state: dict) -> list[str]:
-        """The changes between the checkpoint's recipe and this one, as "key: old -> new" lines, if
-        all are in RESUME_APPLIES (batch_size/grad_accum too when the global batch stays the same, as
-        when resuming at another process count); else AlignError listing the refused ones."""
-        if "recipe" not in state:
-            return []
-        old = flat_keys(saved_recipe_now(state["recipe"], self.recipe.algorithm))
-        new = flat_keys(self.recipe.model_dump(mode="json"))
-        changed = sorted(k for k in old.keys() | new.keys()
-                         if old.get(k) != new.get(k) and not same_by_default(k, old.get(k), new.get(k)))
-        same_global_batch = state.get("global_batch_size") == self.global_batch_size
-        batch_keys = ("train.batch_size", "train.grad_accum") if same_global_batch else ()
-        lines = {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed}
-        refused = [k for k in changed if k not in self.RESUME_APPLIES and k not in batch_keys]
-        if not same_global_batch and state.get("global_batch_size") is not None:
-            lines["global batch"] = (f"global batch (examples per optimizer step, batch_size * grad_accum * "
-                                     f"processes): {state['global_batch_size']} -> {self.global_batch_size}")
-            refused.append("global batch")
-        if refused:
-            raise AlignError(f"train.resume_from: {path} was trained with another recipe; these changes cannot be "
-                             "applied to a resumed run:\n  " + "\n  ".join(lines[k] for k in refused) +
-                             "\nrevert them, or start a new run (a new output_dir, or --overwrite). Changes to the "
-                             "optimizer, schedule and cadence keys are applied on resume.")
-        return [lines[k] for k in changed if k not in ("train.resume_from", "output_dir")]
+        """The changes from the checkpoint's recipe to this one, as "key: old -> new" lines; AlignError
+        if one cannot be applied to a resumed run (`resume_changes`)."""
+        return resume_changes(self.recipe, path, state, self.global_batch_size, self.RESUME_APPLIES)
+
+    def check_same_inputs(self, path: Path, state: dict) -> None:
+        check_same_inputs(self.recipe, path, state, self.inputs)
+
+
+def resume_target(recipe, overwrite: bool = False) -> tuple[Path, dict] | None:
+    """(path, state as written, its files not yet checked) of the checkpoint `recipe`'s
+    train.resume_from names (auto: the newest of the run in output_dir); None where the run starts
+    afresh (auto with no checkpoint, or with `overwrite`, which moves that run aside)."""
+    where = recipe.train.resume_from
+    if not where or (where == "auto" and overwrite):
+        return None
+    if where == "auto":
+        run = run_dir.read_run(Path(recipe.output_dir))
+        found = checkpoint.list_checkpoints(Path(recipe.output_dir) / "checkpoints", run["run_id"]) if run else []
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Resumable.checkpoint_path(where)
+    try:
+        return path, json.loads((path / checkpoint.STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # (damaged: `resume` says so, or falls back to an older one)
+
+
+def check_resume(recipe, overwrite: bool = False, global_batch_size: int | None = None,
+                 applies: tuple[str, ...] = Resumable.RESUME_APPLIES, inputs: dict | None = None) -> None:
+    """AlignError where the checkpoint `recipe` resumes from was trained with a recipe or on inputs this
+    one may not go on from (`resume_changes`, `check_same_inputs`): what `fit` and `align validate`
+    check before anything is written. global_batch_size None (validate: the process count is not
+    known yet): batch_size and grad_accum changes are left for `fit` to judge."""
+    found = resume_target(recipe, overwrite)
+    if found:
+        resume_changes(recipe, *found, global_batch_size, applies)
+        check_same_inputs(recipe, *found, inputs)
+
+
+def check_same_inputs(recipe, path: Path, state: dict, inputs: dict | None = None) -> None:
+    """AlignError if a local input (the model, data, a reward file, ...) changed since the
+    checkpoint was written (a checkpoint from before fingerprints were kept is not checked).
+    inputs: the recipe's fingerprints, if taken already."""
+    dumped = recipe.model_dump(mode="json")
+    saved = state.get("inputs") or {}
+    changed = changed_inputs(saved, input_fingerprints(dumped) if inputs is None and saved else inputs or {}, dumped)
+    if changed:
+        raise AlignError(f"train.resume_from: {path} was trained on other inputs than these files hold now: "
+                         f"{', '.join(changed)} changed since (another model or data under the same name, "
+                         "e.g. a run trained again into that directory); the resumed run would go on from the "
+                         "old one's weights on the new inputs. Restore them, or start a new run (a new "
+                         "output_dir, or --overwrite)")
+
+
+def resume_changes(recipe, path: Path, state: dict, global_batch_size: int | None,
+                   applies: tuple[str, ...] = Resumable.RESUME_APPLIES) -> list[str]:
+    """The changes between the checkpoint's recipe and this one, as "key: old -> new" lines, if
+    all are in `applies` (batch_size/grad_accum too when the global batch stays the same, as
+    when resuming at another process count; not judged when global_batch_size is None); else
+    AlignError listing the refused ones."""
+    if "recipe" not in state:
+        return []
+    old = flat_keys(saved_recipe_now(state["recipe"], recipe.algorithm))
+    new = flat_keys(recipe.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not same_by_default(k, old.get(k), new.get(k)))
+    saved_batch = state.get("global_batch_size")
+    same_global_batch = global_batch_size is None or saved_batch == global_batch_size
+    batch_keys = ("train.batch_size", "train.grad_accum") if same_global_batch else ()
+    lines = {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed}
+    refused = [k for k in changed if k not in applies and k not in batch_keys]
+    if not same_global_batch and saved_batch is not None:
+        lines["global batch"] = (f"global batch (examples per optimizer step, batch_size * grad_accum * "
+                                 f"processes): {saved_batch} -> {global_batch_size}")
+        refused.append("global batch")
+    if refused:
+        raise AlignError(f"train.resume_from: {path} was trained with another recipe; these changes cannot be "
+                         "applied to a resumed run:\n  " + "\n  ".join(lines[k] for k in refused) +
+                         "\nrevert them, or start a new run (a new output_dir, or --overwrite). Changes to the "
+                         "optimizer, schedule and cadence keys are applied on resume.")
+    return [lines[k] for k in changed if k not in ("train.resume_from", "output_dir")]

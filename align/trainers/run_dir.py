@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from align.errors import AlignError
-from align.trainers.checkpoint import clean_staging
+from align.trainers.checkpoint import checkpoint_run_id, clean_staging, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ LOCK_FILE = ".align.lock"
 RUN_FILE = "run.json"
 OLD_RUN_FILES = {"recipe.yaml", "metrics.jsonl"}
 """Together, they mark the output dir of a run from before run.json existed."""
+PLACEHOLDER_FILES = {RUN_FILE, "recipe.yaml"}
+"""All a run that stopped before its first step leaves (say, a refused resume): nothing to lose."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin")
+"""A finished run's final model (one of them)."""
 
 
 def check_writable(path: Path) -> None:
@@ -87,27 +92,49 @@ def refuse_foreign(path: Path) -> None:
                          "choose a new or empty directory")
 
 
-def refuse_other_run(path: Path, resume: bool, overwrite: bool) -> None:
-    """AlignError if `path` holds a run that this one neither resumes nor overwrites."""
-    run = read_run(path)
-    if not contents(path) or overwrite or (resume and run):
+def refuse_other_run(path: Path, resume_from: str | None, overwrite: bool) -> None:
+    """AlignError if `path` holds a run that this one neither resumes nor overwrites. A run resumes
+    from a checkpoint of its own only (another run's checkpoint starts a new run, in a new or empty
+    output_dir); `auto` resumes its newest checkpoint, or, with none, starts over only where no model
+    would be lost (a run killed before its first checkpoint; not a finished run that saved none)."""
+    checkpoint = None if resume_from in (None, "auto") else Path(resume_from).expanduser().resolve()
+    if checkpoint is not None and overwrite and path.resolve() in checkpoint.parents:
+        raise AlignError(f"train.resume_from: {resume_from!r} lies in output_dir {str(path)!r}, which --overwrite "
+                         "would move aside; drop --overwrite to continue that run")
+    names = contents(path)
+    if overwrite or set(names) <= PLACEHOLDER_FILES:
         return
-    if resume:
+    run = read_run(path)
+    started = f" (run {run.get('run_id')}, started {run.get('started')})" if run else ""
+    if not resume_from:
+        raise AlignError(f"output_dir {str(path)!r} already holds a run{started}; continue it with "
+                         "--set train.resume_from=auto, move it aside with --overwrite, or choose another output_dir")
+    if not run:
         raise AlignError(f"output_dir {str(path)!r} holds a run written without a run.json (an older Align); "
                          "it cannot be resumed: use --overwrite to move it aside, or another output_dir")
-    started = f" (run {run.get('run_id')}, started {run.get('started')})" if run else ""
-    raise AlignError(f"output_dir {str(path)!r} already holds a run{started}; continue it with "
-                     "--set train.resume_from=auto, move it aside with --overwrite, or choose another output_dir")
+    if checkpoint is not None:
+        owner = checkpoint_run_id(checkpoint)
+        if owner != run["run_id"]:
+            raise AlignError(f"output_dir {str(path)!r} holds a run{started}, but train.resume_from {resume_from!r} is "
+                             f"a checkpoint of {'run ' + owner if owner else 'another run'}: resuming it here would "
+                             "write over this one. Give a new output_dir (a new run from that checkpoint), or move "
+                             "this run aside with --overwrite")
+        return
+    if not list_checkpoints(path / "checkpoints", run["run_id"]) and any((path / f).exists() for f in WEIGHT_FILES):
+        raise AlignError(f"output_dir {str(path)!r} holds a finished run{started} with no checkpoint to resume "
+                         "(train.save_every): train.resume_from=auto would start over and write over its model. "
+                         f"Train on from its model in a new run (model.name_or_path: {str(path)!r}, another "
+                         "output_dir), or move it aside with --overwrite")
 
 
-def check(path: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+def check(path: str | os.PathLike, resume_from: str | None, overwrite: bool) -> None:
     """Everything `hold` checks, changing nothing but the lock file: to fail before a model loads."""
     path = Path(path)
     check_writable(path)
     refuse_foreign(path)
     if path.is_dir():
         with _lock(path):
-            refuse_other_run(path, resume, overwrite)
+            refuse_other_run(path, resume_from, overwrite)
 
 
 @contextlib.contextmanager
@@ -161,7 +188,7 @@ def start_run(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def hold(path: str | os.PathLike, resume: bool, overwrite: bool) -> Iterator[str]:
+def hold(path: str | os.PathLike, resume_from: str | None, overwrite: bool) -> Iterator[str]:
     """Claim `path` for a run for the duration of the block; yields the run id (the resumed run's,
     or a new one). `overwrite` first moves a previous run aside; leftovers of interrupted checkpoint
     saves are cleaned up."""
@@ -173,9 +200,11 @@ def hold(path: str | os.PathLike, resume: bool, overwrite: bool) -> Iterator[str
         raise AlignError(f"output_dir {str(path)!r}: cannot create it ({error.strerror})") from None
     refuse_foreign(path)
     with _lock(path):
-        refuse_other_run(path, resume, overwrite)
+        refuse_other_run(path, resume_from, overwrite)
         if overwrite and contents(path):
             log.warning("output_dir %s held a previous run: moved it to %s", path, move_aside(path))
         clean_staging(path / "checkpoints")
         run = read_run(path)
-        yield run["run_id"] if resume and run else start_run(path)
+        resumed = bool(run) and (resume_from == "auto" or bool(resume_from) and
+                                 checkpoint_run_id(Path(resume_from).expanduser()) == run["run_id"])
+        yield run["run_id"] if resumed else start_run(path)
