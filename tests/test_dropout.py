@@ -73,3 +73,32 @@ def test_ppo_first_update_has_ratio_one_despite_model_dropout(make_recipe, dropo
     metrics = first_batch_metrics(trainer)
     assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-10)
     assert metrics["clip_ratio/region"] == 0.0
+
+
+@pytest.mark.parametrize("name, config", [
+    ("opt", dict(word_embed_proj_dim=16, ffn_dim=32, dropout=0.3, attention_dropout=0.3, activation_dropout=0.3,
+                 layerdrop=0.3)),
+    ("xglm", dict(d_model=16, ffn_dim=32, num_layers=2, attention_heads=2, dropout=0.3, attention_dropout=0.3,
+                  activation_dropout=0.3, layerdrop=0.3)),
+    ("biogpt", dict(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3, activation_dropout=0.3, layerdrop=0.3)),
+    ("falcon", dict(hidden_dropout=0.3, attention_dropout=0.3)),
+    ("gpt2", dict(n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)),
+])
+def test_rates_layers_and_configs_keep_as_numbers_are_turned_off_too(name, config):
+    """(OPT, XGLM and BioGPT call `dropout(p=self.dropout)` and skip layers by `self.layerdrop`;
+    Falcon reads `config.hidden_dropout`: with only nn.Dropout set to 0, two training-mode forwards
+    of DPO's policy and reference differed by up to 1.7 nats)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from align.models.dropout import disable_dropout
+
+    config = AutoConfig.for_model(name, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, **config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert has_dropout(model) and not torch.equal(model(ids).logits, model(ids).logits)
+        disable_dropout(model)
+        assert not has_dropout(model)
+        torch.testing.assert_close(model(ids).logits, model.eval()(ids).logits, rtol=0, atol=1e-6)
