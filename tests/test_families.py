@@ -335,6 +335,55 @@ def test_a_model_whose_logits_align_cannot_reproduce_is_refused():
         Policy(ScaledLogitsLlama(config), tokenizer=None)
 
 
+def test_a_separate_reference_model_whose_logits_align_cannot_reproduce_is_refused():
+    """(`reference_model: <path>` was only probed for layouts: a reference with such logits gave
+    reference log-probs up to 2.8 nats off its own forward's, as a policy it was refused)"""
+    config = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    policy = Policy(build("llama"), tokenizer=None)
+    with pytest.raises(AlignError, match="model type 'llama'.*differ from the model's own forward"):
+        policy.use_reference_model(ScaledLogitsLlama(config))
+
+
+LONGROPE = {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4},
+            "original_max_position_embeddings": 32}
+"""Phi-3.5-mini's rotary embedding (its switch at 4,096 tokens here at 32)."""
+
+
+def test_rope_that_a_forwards_longest_sequence_rescales_is_refused_past_its_switch(tmp_path):
+    """(a packed row, padded batch or group holding one sequence past the switch rescaled every other
+    one in it: up to 2 nats per token off their own forward's log-probs, no error)"""
+    from align.config import recipe_from_dict
+    from align.models.layouts import rope_switch_length
+    from align.toy import chat_rows, prompt_rows
+    from align.trainers import GRPOTrainer, SFTTrainer
+
+    model = build("phi3", sliding_window=None, **LONGROPE)
+    assert rope_switch_length(model) == 32 and rope_switch_length(build("phi3")) is None
+    assert rope_switch_length(build("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})) == 256
+    short, long = torch.randint(2, VOCAB, (1, 10)), torch.randint(2, VOCAB, (1, 40))
+    position_ids = torch.cat([torch.arange(10), torch.arange(40)])[None]
+    with torch.no_grad():  # the reason: a short sequence packed with a long one is computed otherwise
+        alone = model(input_ids=short).logits
+        packed = model(input_ids=torch.cat([short, long], 1), position_ids=position_ids).logits[:, :10]
+    assert (packed - alone).abs().max() > 0.01
+    path = tmp_path / "phi3-longrope"
+    model.save_pretrained(path)
+    T.AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(path)
+    recipe = {"algorithm": "sft", "output_dir": str(tmp_path / "run"),
+              "model": {"name_or_path": str(path), "dtype": "float32"},
+              "data": {"train": {"path": write_jsonl(tmp_path / "sft.jsonl", chat_rows(8))}, "max_length": 33},
+              "train": {"max_steps": 1, "progress": False, "plots": False}}
+    with pytest.raises(AlignError, match=r"past 32 tokens.*reach 33 tokens \(data.max_length\).*at most 32"):
+        SFTTrainer.from_recipe(recipe_from_dict(recipe))
+    SFTTrainer.from_recipe(recipe_from_dict({**recipe, "data": {**recipe["data"], "max_length": 32}}))
+    grpo = {**recipe, "algorithm": "grpo",
+            "data": {"train": {"path": write_jsonl(tmp_path / "grpo.jsonl", prompt_rows(4))}, "max_length": 24},
+            "grpo": {"group_size": 2, "sampling": {"max_new_tokens": 16}, "rewards": [{"fn": "exact_answer"}]}}
+    with pytest.raises(AlignError, match=r"reach 40 tokens \(data.max_length \+ grpo.sampling.max_new_tokens\)"):
+        GRPOTrainer.from_recipe(recipe_from_dict(grpo))
+
+
 def test_layer_kinds_a_shared_prompt_mask_cannot_express_are_refused():
     config = T.Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])
     with pytest.raises(AlignError, match="'qwen2' has 'chunked_attention' layers, which no attention mask keeps"):

@@ -125,3 +125,43 @@ def layout_errors(lm: nn.Module) -> dict[str, float | str]:
         return out
     finally:
         lm.train(was_training)
+
+
+LENGTH_SWITCHED_ROPE = ("longrope", "dynamic")
+"""Rotary embeddings whose frequencies every token of a forward shares, chosen by its longest
+position (transformers' `dynamic_rope_update`): Phi-3/3.5/4-mini's `longrope` switches to its
+long-context factors past `original_max_position_embeddings`; `dynamic` NTK rescales past
+`max_position_embeddings` (and keeps the longest length seen, between calls)."""
+
+
+def rope_switch_length(model: nn.Module) -> int | None:
+    """The fewest tokens past which `model`'s rotary embedding changes the frequencies of every
+    sequence in the forward (`LENGTH_SWITCHED_ROPE`); None where it never does."""
+    lengths = []
+    for module in model.modules():
+        kinds = getattr(module, "rope_type", None)
+        config = getattr(module, "config", None)
+        if kinds is None or config is None:
+            continue
+        for layer_type, kind in (kinds.items() if isinstance(kinds, dict) else [(None, kinds)]):
+            if kind == "longrope":
+                params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+                lengths.append(int(params["original_max_position_embeddings"]))
+            elif "dynamic" in str(kind):
+                lengths.append(int(module.original_max_seq_len))
+    return min(lengths, default=None)
+
+
+def check_rope_lengths(model: nn.Module, longest: int, setting: str, what: str = "the model") -> None:
+    """AlignError if sequences of up to `longest` tokens (`setting` bounds them) can pass the length at
+    which `what`'s rotary embedding switches frequencies: a long sequence would change those of every
+    shorter one packed, padded or grouped with it into one forward, so their log-probs would not be
+    their own forward()'s. (Phi-3.5-mini's switch: 4,096 tokens.)"""
+    switch = rope_switch_length(model)
+    if switch is not None and longest > switch:
+        config = getattr(model, "config", None)
+        name = f"model type {getattr(config, 'model_type', '?')!r}"
+        raise AlignError(f"{what} ({name}) scales its rotary embedding by the longest sequence in a forward, past "
+                         f"{switch} tokens, for all the sequences in it; this run's sequences reach {longest} tokens "
+                         f"({setting}), so a short one packed, padded or grouped with a long one would get other "
+                         f"log-probs than its own forward() gives. Keep {setting} at most {switch}")

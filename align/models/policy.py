@@ -227,7 +227,9 @@ class Policy(Trainable):
         return policy
 
     def use_reference_model(self, model: nn.Module) -> None:
-        """Use a separately loaded model (frozen here) as the reference."""
+        """Use a separately loaded model (frozen here) as the reference; its log-probs must be its own
+        forward()'s (the probe the policy passes)."""
+        check_logprobs_match_forward(causal_lm(model))
         self.probe_layouts(model)
         self._reference_module = TokenLogprobModel(model).eval().requires_grad_(False)
         self.reference = "frozen_copy"

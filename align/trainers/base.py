@@ -49,6 +49,7 @@ from align.registry import TRAINERS
 from align.models import Policy, sharding, zero
 from align.models.compiled import compile_layers
 from align.models.packed import attention_kernels
+from align.models.layouts import check_rope_lengths
 from align.rollout import in_process_engine
 from align.trainers import run_dir, samples
 from align.trainers.batches import Batches
@@ -103,6 +104,10 @@ class Trainer(Batches, Resumable):
             else self.cfg.dropout_during_training
         if not self.dropout:
             policy.disable_dropout()
+        longest, setting = self.longest_sequence
+        check_rope_lengths(policy.module, longest, setting)
+        if getattr(policy, "_reference_module", None) is not None:
+            check_rope_lengths(policy._reference_module, longest, setting, f"the {policy.reference_name} model")
         self.accelerator = process_accelerator(self.cfg.ddp_timeout)
         self.sharded = self.cfg.sharding == "fsdp" and self.accelerator.num_processes > 1  # one process: nothing to shard
         self.sampling_copy: torch.nn.Module | None = None
@@ -241,6 +246,11 @@ class Trainer(Batches, Resumable):
         """Rows of format `fmt` -> tokenized examples (a datasets.Dataset or a list). Needs no model:
         `align validate` runs it where the tokenizer is on the machine."""
         raise NotImplementedError
+
+    @property
+    def longest_sequence(self) -> tuple[int, str]:
+        """The most tokens one sequence of this run holds, and the setting that bounds it."""
+        return self.recipe.data.max_length, "data.max_length"
 
     # ---- hooks ----------------------------------------------------------------------------------
     def prepare_data(self) -> None:

@@ -124,11 +124,19 @@ class OnlineTrainer(Trainer):
         """The rollout engine, sampling from the policy's model (under fsdp or ZeRO-3 its unsharded copy), and
         no experience yet."""
         sampling = self.rl.sampling
-        longest = (sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens
+        longest, _ = self.longest_sequence
         model = self.policy.model if self.sampling_copy is None else self.sampling_copy
         with self.whole_policy():  # a server engine is sent the weights at once
             self.engine = make_engine(sampling.engine, model, self.policy.tokenizer, sampling, longest)
         self.experience: dict | None = None
+
+    @property
+    def longest_sequence(self) -> tuple[int, str]:
+        """A prompt and its completion: the most tokens one sequence holds."""
+        sampling = self.rl.sampling
+        prompt = "sampling.max_prompt_length" if sampling.max_prompt_length else "data.max_length"
+        return ((sampling.max_prompt_length or self.recipe.data.max_length) + sampling.max_new_tokens,
+                f"{prompt} + {self.algorithm}.sampling.max_new_tokens")
 
     @property
     def eos_ids(self) -> list[int]:
