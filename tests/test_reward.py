@@ -95,3 +95,43 @@ def test_scorer_takes_a_completion_ending_in_the_policy_s_end_of_turn_id_as_fini
     assert abs(scorer(prompts, texts, completion_ids=sampled)[0] - as_text[0]) > 1e-4  # unfinished: as sampled
     scorer.match_policy(tokenizer, [tokenizer.eos_token_id, end_of_turn], "rm")
     assert scorer(prompts, texts, completion_ids=sampled) == as_text
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_scores_are_read_where_the_models_own_forward_reads_them_when_pad_is_eos(make_recipe, tmp_path,
+                                                                                 shared_prompt):
+    """transformers' sequence-classification forward reads a score at the last token that is not the
+    pad token; with pad = EOS (tokenizers without a pad token, Llama 3's) that is the token before the
+    EOS a completion ends with. (Align read it at the EOS: a reward model it trained scored otherwise
+    under transformers or TRL, and one trained there got other rewards in Align.)"""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+
+    from align.models.reward import RewardScorer
+    from align.models.tiny import resolve
+
+    path = tmp_path / "pad-is-eos"
+    tokenizer = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    trainer = RewardTrainer.from_recipe(make_recipe(algorithm="reward", rows=preference_rows(4, seed=3),
+                                                    model={"name_or_path": str(path)},
+                                                    reward={"shared_prompt": shared_prompt}))
+    examples = [trainer.train_data[i] for i in range(4)]
+    plain = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad(), trainer.policy.eval_mode():
+        ours = trainer.policy.scores(trainer.collate(examples))
+        own = [plain(input_ids=torch.tensor([e["prompt_ids"] + e[side]])).logits[0, 0]
+               for e in examples for side in ("chosen_ids", "rejected_ids")]
+    assert examples[0]["chosen_ids"][-1] == tokenizer.eos_token_id  # the case: a completion ends in the pad id
+    torch.testing.assert_close(ours, torch.stack(own), atol=1e-5, rtol=0)
+    scorer = RewardScorer(trainer.policy)
+    prompts, completions = ["Question: What is 2 + 2?\nAnswer:"] * 2, [" 4", ""]
+    with torch.no_grad():
+        want = [plain(input_ids=torch.tensor([sum(scorer.input_ids(p, c, None, 0), [])])).logits[0, 0].item()
+                for p, c in zip(prompts, completions)]
+    assert scorer(prompts, completions) == pytest.approx(want, abs=1e-5)

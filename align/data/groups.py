@@ -33,7 +33,7 @@ def group_tokens(prompt_length: int, completion_lengths: list[int], shared_promp
 
 
 def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int | None = None,
-                pad_token_id: int = 0, packed: bool = True) -> dict[str, torch.Tensor]:
+                pad_token_id: int = 0, packed: bool = True, score_skip_id: int | None = None) -> dict[str, torch.Tensor]:
     """Groups -> packed rows [R, L]; sequences are numbered 0..S-1 across groups, in order.
 
     A segment (a whole group when `shared_prompt`, else one prompt + completion) never straddles
@@ -50,6 +50,10 @@ def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int
     packed=False (with shared_prompt=False): each sequence in a row of its own, right-padded, and
     attention_mask the [R, L] padding mask: the layout any causal LM runs exactly, for a family that
     cannot run packed rows (`align.models.layouts`).
+
+    score_skip_id: last_index is each sequence's last token other than this id (its first token if
+    all are), where transformers' sequence-classification forward reads the score: at the last token
+    that is not the model's pad token (pad = EOS: before the EOS a completion ends with).
     """
     if shared_prompt and not packed:
         raise ValueError("pack_groups: a shared prompt needs its branches packed in its row")
@@ -80,6 +84,7 @@ def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int
     for r, row in enumerate(rows):
         start, row_blocks = 0, []
         for j in row:
+            shared_at, shared = start, []  # a shared prompt's place and tokens (before its branches)
             for tokens, part_labels, first_position, sid in segments[j]:
                 n = len(tokens)
                 input_ids[r, start:start + n] = torch.tensor(tokens)
@@ -88,6 +93,11 @@ def pack_groups(groups: list[Group], shared_prompt: bool = True, max_length: int
                 if sid >= 0:
                     sequence_ids[r, start:start + n] = torch.where(labels[r, start:start + n] != IGNORE_INDEX, sid, -1)
                     last_index[sid] = r * width + start + n - 1
+                    if score_skip_id is not None:
+                        k = last_other(shared + tokens, score_skip_id)  # in the sequence's own tokens
+                        last_index[sid] = r * width + (start + k - len(shared) if k >= len(shared) else shared_at + k)
+                else:
+                    shared = tokens
                 start += n
             row_blocks.append([len(part[0]) for part in segments[j]])
         position_ids[r, start:] = torch.arange(width - start)
@@ -161,3 +171,8 @@ def packed_tokens(values: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Ten
     row, column, valid = _token_slots(sequence_ids, values.shape[0])
     padded = torch.cat([values, values.new_zeros(1, values.shape[1])])
     return (padded[row, column] * valid).view(sequence_ids.shape)
+
+
+def last_other(tokens: list[int], skip: int) -> int:
+    """The index of the last of `tokens` that is not `skip`; 0 if all are."""
+    return next((i for i in range(len(tokens) - 1, -1, -1) if tokens[i] != skip), 0)

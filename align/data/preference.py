@@ -104,12 +104,13 @@ def warn_identical(data, key: str) -> None:
                     "signal", key, len(identical), identical[0])
 
 
-def pack_pairs(pairs: list[dict], shared_prompt: bool = True, packed: bool = True) -> dict[str, torch.Tensor]:
-    """Pairs -> packed rows [R, N] (see `align.data.groups.pack_groups`, `packed` too): sequence 2i is
-    pair i's chosen completion, 2i+1 its rejected one. Adds margin [B], and label_smoothing [B] (NaN:
-    the recipe's) when the pairs carry their own."""
+def pack_pairs(pairs: list[dict], shared_prompt: bool = True, packed: bool = True,
+               score_skip_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Pairs -> packed rows [R, N] (see `align.data.groups.pack_groups`, `packed` and `score_skip_id`
+    too): sequence 2i is pair i's chosen completion, 2i+1 its rejected one. Adds margin [B], and
+    label_smoothing [B] (NaN: the recipe's) when the pairs carry their own."""
     batch = pack_groups([(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs], shared_prompt,
-                        packed=packed)
+                        packed=packed, score_skip_id=score_skip_id)
     batch["margin"] = torch.tensor([p["margin"] for p in pairs])
     if "label_smoothing" in pairs[0]:
         batch["label_smoothing"] = torch.tensor([p["label_smoothing"] for p in pairs], dtype=torch.float32)

@@ -11,6 +11,7 @@ from torch import nn
 
 from align.config import AdapterConfig, ModelConfig
 from align.data.formats import prompt_completion_ids
+from align.data.groups import last_other
 from align.errors import AlignError
 from align.models import sharding, zero
 from align.models.layouts import PACKED_ROWS
@@ -54,6 +55,11 @@ class RewardModel(Trainable):
     def scores(self, batch: dict) -> torch.Tensor:
         return self.module(**batch)
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """The model's pad token: transformers reads a sequence's score at its last other token."""
+        return causal_lm(self.model).config.pad_token_id
+
 
 class RewardScorer:
     """`scorer(prompts, completions, completion_ids=None) -> list[float]`: a trained reward model as a
@@ -87,15 +93,16 @@ class RewardScorer:
         out = []
         sampled = completion_ids or [None] * len(completions)
         starts = range(0, len(prompts), self.batch_size)
+        pad = self.reward_model.pad_token_id  # (scores read at the last token other than it, as transformers does)
         most = self.most_forwards(len(starts)) if self.sharded else len(starts)  # before any forward: they
         with self.reward_model.eval_mode():                                      # are collectives too
             for start in starts:
                 ids, positions, last = [], [], []
                 for row in range(start, min(start + self.batch_size, len(prompts))):
                     p, c = self.input_ids(prompts[row], completions[row], sampled[row], row)
+                    last.append(len(ids) + (len(p + c) - 1 if pad is None else last_other(p + c, pad)))
                     ids += p + c
                     positions += list(range(len(p) + len(c)))
-                    last.append(len(ids) - 1)
                 out += self.forward(ids, positions, last).tolist()
             for _ in range(most - len(starts)):  # as many forwards as the process with the most rows
                 self.forward([self.reward_model.tokenizer.eos_token_id or 0], [0], [0])

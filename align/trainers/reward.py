@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 import torch
 
+from align.data.preference import pack_pairs
 from align.losses.preference import bradley_terry_loss
 from align.models.reward import RewardModel
 from align.config import Section
@@ -28,6 +29,12 @@ class RewardTrainer(PreferenceTrainer):
     @classmethod
     def build_policy(cls, recipe) -> RewardModel:
         return RewardModel.from_config(recipe.model, recipe.adapter)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Pairs packed as DPO's; each score read where the model's own forward() reads it (its last
+        token that is not the pad token: `pack_groups`' score_skip_id)."""
+        return pack_pairs(examples, shared_prompt=self.shared_prompt, packed=self.packs_rows,
+                          score_skip_id=self.policy.pad_token_id)
 
     def sample_prompt_ids(self) -> list[list[int]]:
         """None: a reward model scores text, it does not write any (no eval samples)."""
