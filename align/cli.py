@@ -17,11 +17,13 @@ def _train(args) -> int:
     from align.builtins import build_for_recipe
     from align.config import load_recipe
     from align.trainers import TRAINERS, run_dir
+    from align.trainers.inputs import check_inputs_outside_output_dir
 
     _refuse_task_file(args.recipe)
     recipe = load_recipe(args.recipe, args.set)
     if os.environ.get("RANK", "0") == "0":  # the main process (torchrun / accelerate launch set RANK)
         run_dir.check(recipe.output_dir, recipe.train.resume_from, args.overwrite)  # before the model loads
+        check_inputs_outside_output_dir(recipe.model_dump(mode="json"))
     _check_adapter(recipe)
     build_for_recipe(recipe)  # the built-ins Align trains itself, before the trainer loads them
     trainer = TRAINERS[recipe.algorithm].from_recipe(recipe)
@@ -32,8 +34,9 @@ def _train(args) -> int:
               "--set train.resume_from=auto", file=sys.stderr)
         return 128 + getattr(signal, trainer.stopped_by)
     if trainer.accelerator.is_main_process:
-        print(f"done: {trainer.step} steps; outputs in {recipe.output_dir} "
-              f"(weights, recipe.yaml, metrics.jsonl); last loss {record.get('loss', float('nan')):.4f}")
+        last = f"last loss {record['loss']:.4f}" if "loss" in record else "no step left to train (resumed at the end)"
+        print(f"done: {trainer.step} steps; outputs in {recipe.output_dir} (weights, recipe.yaml, metrics.jsonl); "
+              f"{last}")
     return 0
 
 
@@ -41,11 +44,13 @@ def _validate(args) -> None:
     from align.config import load_recipe
     from align.models.loading import check_not_a_reward_model, local_tokenizer
     from align.trainers import TRAINERS, run_dir
+    from align.trainers.inputs import check_inputs_outside_output_dir
 
     if _is_task_file(args.recipe):
         return _validate_task(args)
     recipe = load_recipe(args.recipe, args.set)
     run_dir.check(recipe.output_dir, recipe.train.resume_from, args.overwrite)
+    check_inputs_outside_output_dir(recipe.model_dump(mode="json"))
     print(f"output_dir: {recipe.output_dir} ok")
     if recipe.train.resume_from:
         from align.trainers.resume import check_resume
@@ -300,6 +305,12 @@ def _eval(args) -> None:
     for flag, value, least in (("--limit", args.limit, 1), ("--show", args.show, 0)):
         if value is not None and value < least:
             raise AlignError(f"{flag}={value}: must be at least {least}")
+    if args.out:  # before the model loads: never over a file (a run's metrics.jsonl, the data itself)
+        if os.path.exists(args.out):
+            raise AlignError(f"--out {args.out!r}: already exists; give a new file (align eval never writes over one)")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):
+            raise AlignError(f"--out {args.out!r}: its directory {parent!r} does not exist; create it first")
     result = evaluate(args.model, args.data, args.reward, max_new_tokens=args.max_new_tokens, chat=args.chat,
                       limit=args.limit, dtype=args.dtype)
     for i in range(min(args.show, len(result.rows))):
@@ -307,6 +318,7 @@ def _eval(args) -> None:
               f"rewards {[round(v, 3) for v in result.scores[i].tolist()]}")
     if args.out:
         result.save(args.out)
+        print(f"rows with completions and rewards written to {args.out}")
     print(f"{len(result.rows)} prompts from {args.data}, greedy, max {args.max_new_tokens} new tokens")
     for name, mean in result.means.items():
         print(f"{name}: {mean:.4f}")

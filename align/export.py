@@ -41,8 +41,7 @@ def export_merged(run_dir: str, out_dir: str, dtype: str = "auto") -> None:
     model = load_model(config, AdapterConfig(kind="none"), head="score" if reward_model else "causal_lm")
     tokenizer = load_tokenizer(config)
     write_eos_ids(model, tokenizer)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    write_new_dir(out_dir, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
 
 
 def export_checkpoint(path: str, out_dir: str) -> None:
@@ -73,15 +72,26 @@ def export_checkpoint(path: str, out_dir: str) -> None:
         raise AlignError(f"{path}: the checkpoint lacks trained weights its recipe's model has (e.g. "
                          f"{sorted(trained - set(objects['model']))[0]!r}); it was not written for this model")
     policy.load_state_dict(objects["model"])
-    parent = Path(out_dir).expanduser().resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    if not policy.has_adapter:
+        write_new_dir(out_dir, policy.save)
+        return
+    with tempfile.TemporaryDirectory(prefix="align-export-") as adapter:
+        policy.save(adapter)
+        export_merged(adapter, out_dir)
+
+
+def write_new_dir(out_dir: str, write) -> None:
+    """`write(staging)` into a hidden directory beside `out_dir`, then renamed to it: a kill or a full
+    disk never leaves a model directory without some of its files (the staging one is removed)."""
+    path = Path(out_dir).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-")
     try:
-        policy.save(staging)
-        if policy.has_adapter:
-            export_merged(staging, out_dir)
-        else:
-            os.replace(staging, out_dir)  # (out_dir, if there, is empty: renamed over)
+        write(staging)
+        os.replace(staging, path)  # (out_dir, if there, is empty: renamed over)
+    except OSError as error:
+        raise AlignError(f"{out_dir}: could not write the model ({error.strerror or error}); nothing was "
+                         "written there") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -55,9 +55,19 @@ def test_adapter_training_changes_only_the_adapter_and_reloads(make_recipe, tmp_
         torch.testing.assert_close(reloaded(input_ids=INPUT).logits, trained, atol=1e-5, rtol=0)
 
 
-def test_export_merges_a_lora_adapter_into_a_plain_model(make_recipe, tmp_path):
+def test_export_merges_a_lora_adapter_into_a_plain_model(make_recipe, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedTokenizerBase
+
     trainer = SFTTrainer.from_recipe(make_recipe(adapter={"kind": "lora", "r": 4}, train={"max_steps": 2, "lr": 1e-2}))
     trainer.fit()
+    with monkeypatch.context() as patch:  # a full disk once the weights are written: nothing half-written is left
+        patch.setattr(PreTrainedTokenizerBase, "save_pretrained",
+                      lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(AlignError, match="could not write the model .No space left on device"):
+            export_merged(str(tmp_path / "run"), str(tmp_path / "merged"))
+    assert not [p.name for p in tmp_path.iterdir() if "merged" in p.name]
     export_merged(str(tmp_path / "run"), str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     trainer.policy.model.eval()
@@ -93,7 +103,7 @@ def test_export_of_a_checkpoint_gives_that_steps_model(make_recipe, tmp_path, ca
             assert not (tmp_path / f"step{step}" / "adapter_config.json").exists()
             same = torch.allclose(exported(input_ids=INPUT).logits, want, atol=1e-5, rtol=0)
             assert same == (step == 4)  # the last checkpoint is the final model; the earlier one its own step's
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
+    assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
     AutoModelForCausalLM.from_pretrained(base).save_pretrained(base)  # the base written again (same weights)
     with open(base / "config.json", "a") as f:
         f.write("\n")

@@ -69,6 +69,9 @@ def test_rows_with_no_trained_token_after_truncation_are_dropped_and_counted(tok
     assert "dropped 1 of 2 rows (first: row 0" in caplog.text
     with pytest.raises(AlignError, match="every row was dropped.*max_length=20"):
         tokenize(rows.select([0]), sft_encoder(tokenizer, "prompt_completion", 20, "data.train"), "data.train")
+    unanswered = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi?"}]}])
+    with pytest.raises(AlignError, match="row 0: nothing to train: no assistant message"):  # (not: raise max_length)
+        tokenize(unanswered, sft_encoder(tokenizer, "messages", 128, "data.train"), "data.train")
 
 
 def test_pack_restarts_positions_and_pad_masks(tokenizer):

@@ -111,6 +111,10 @@ def test_cli_generate_and_eval(tmp_path, capsys, monkeypatch):
 
     assert main(["eval", ARITH, "--data", str(data), "--reward", "exact_answr"]) == 2
     assert "Did you mean 'exact_answer'" in capsys.readouterr().err
+    for out, why in ((results, "already exists"), (data, "already exists"), (tmp_path / "no" / "r.jsonl", "does not exist")):
+        assert main(["eval", ARITH, "--data", str(data), "--reward", "exact_answer", "--out", str(out)]) == 2
+        assert why in capsys.readouterr().err  # (it wrote over any file, the data itself; a missing folder: a traceback)
+    assert len(results.read_text().splitlines()) == 3 and len(data.read_text().splitlines()) == 4
     assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
     assert "holds no model" in capsys.readouterr().err
     assert main(["generate", ARITH]) == 2

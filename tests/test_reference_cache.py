@@ -244,3 +244,20 @@ def test_a_truncated_cache_is_recomputed_with_a_warning_naming_it(dpo_recipe, ca
         assert f"ignoring {path}: it is not a readable safetensors file" in caplog.text
     assert again.train_data["ref_logps"] == first.train_data["ref_logps"]
     assert not list(reference_cache.cache_path("x").parent.glob("*.pt"))
+
+
+def test_a_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """(a full disk left the temp file, up to its size, in the cache directory: the disk stayed full)"""
+    import errno
+    import os
+
+    from align.models import reference_cache
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(reference_cache.os, "fsync", no_space)
+    path = tmp_path / "reference" / "key.safetensors"
+    with pytest.raises(OSError):
+        reference_cache._write(path, "key", torch.zeros(4, 2))
+    assert list(path.parent.iterdir()) == []

@@ -216,3 +216,29 @@ def test_a_step_whose_new_copy_was_not_yet_in_place_keeps_its_old_one(tmp_path):
     checkpoint.clean_staging(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
     assert checkpoint.load_newest(tmp_path, "r")[0].name == "step-000001"
+
+
+def test_an_output_dir_that_is_or_holds_an_input_is_refused_before_the_model_loads(make_recipe, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """(a DPO run with output_dir its own model's directory and --overwrite moved the model aside and
+    saved an adapter naming itself as its base: a RecursionError for every later load)"""
+    from align.models import loading
+
+    sft = tmp_path / "run"
+    SFTTrainer.from_recipe(make_recipe(train={"max_steps": 1})).fit()
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    recipe = tmp_path / "on-itself.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(raw=True, model={"name_or_path": str(sft)}, train={"max_steps": 1})))
+    for command in ("validate", "train"):
+        assert main([command, str(recipe), "--overwrite"]) == 2
+        assert f"model.name_or_path: {str(sft)!r} is output_dir" in capsys.readouterr().err
+    assert (sft / "model.safetensors").exists() and not list(tmp_path.glob("run.old-*"))
+    monkeypatch.undo()
+    within = tmp_path / "runs"
+    (within / "data").mkdir(parents=True)
+    data = make_recipe(raw=True)["data"]["train"]["path"]
+    shutil.copy(data, within / "data" / "train.jsonl")
+    recipe = make_recipe(output_dir=str(within), data={"train": {"path": str(within / "data" / "train.jsonl")}})
+    with pytest.raises(AlignError, match=r"data.train.path: .* lies in output_dir"):
+        SFTTrainer.from_recipe(recipe).fit(overwrite=True)  # (--overwrite would have moved the data aside)
+    assert (within / "data" / "train.jsonl").exists()

@@ -222,6 +222,31 @@ def test_a_full_disk_during_the_final_save_writes_no_config_without_weights(make
     assert not (run / "config.json").exists() and not list(run.glob(".staging*"))
 
 
+def test_a_full_disk_for_metrics_samples_and_plots_costs_no_model(make_recipe, tmp_path, monkeypatch, caplog):
+    """(a failed metrics.jsonl or samples.jsonl write ended the run with a traceback before its final
+    save; a failed plot made a finished run exit 1)"""
+    import builtins
+
+    from align.toy import chat_rows
+    from align.trainers import callbacks, samples
+
+    def open_but_logs(path, mode="r", *args, **kwargs):
+        if str(path).endswith((".jsonl",)) and "a" in mode:
+            no_space()
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "open", open_but_logs, raising=False)
+    monkeypatch.setattr(samples, "open", open_but_logs, raising=False)
+    monkeypatch.setattr("align.plot.plot_metrics", no_space)
+    trainer = SFTTrainer.from_recipe(make_recipe(eval_rows=chat_rows(4, seed=9),
+                                                 train={"max_steps": 2, "eval_every": 1, "plots": True}))
+    trainer.fit()
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    logged = caplog.text
+    assert "could not write step 1's record" in logged and "could not write step 1's samples" in logged
+    assert "could not draw the plots" in logged and "No space left on device" in logged
+
+
 def test_a_real_full_tmpfs(make_recipe, tmp_path):
     """The same on a real 2 MiB tmpfs (needs mount rights, as root in CI; skipped elsewhere)."""
     mount = tmp_path / "small"

@@ -127,10 +127,13 @@ def sft_encoder(tokenizer, fmt: str, max_length: int, key: str, turns: str = "al
 
     def encode(row: dict, index: int) -> dict:
         ids, trained = sft_tokens(tokenizer, row, fmt, index, key, turns)
+        if not any(trained[1:]):
+            what = "no assistant message" if fmt == "messages" else "an empty completion" \
+                if fmt == "prompt_completion" else "no text"
+            return {"dropped": f"nothing to train: {what}", "input_ids": [], "labels": []}
         if not any(trained[1:max_length]):
-            first = trained.index(True) if True in trained else len(ids)
-            return {"dropped": f"no trained token within max_length={max_length} (the prompt has {first} "
-                               f"tokens); raise data.max_length or shorten the prompt",
+            return {"dropped": f"no trained token within max_length={max_length} (the prompt has "
+                               f"{trained.index(True)} tokens); raise data.max_length or shorten the prompt",
                     "input_ids": [], "labels": []}
         ids, trained = ids[:max_length], trained[:max_length]
         return {"input_ids": ids, "labels": shift_labels(ids, trained)}

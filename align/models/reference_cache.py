@@ -232,9 +232,14 @@ def _write(path: Path, key: str, values: torch.Tensor) -> None:
                                                           "rows": str(len(values)), "sha256": _checksum(values)})
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:  # (a full disk: no partial file left behind)
+            f.close()
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
 
 

@@ -52,6 +52,7 @@ from align.models.packed import attention_kernels
 from align.models.layouts import check_rope_lengths
 from align.rollout import in_process_engine
 from align.trainers import run_dir, samples
+from align.trainers.inputs import check_inputs_outside_output_dir
 from align.trainers.batches import Batches
 from align.trainers.callbacks import Callback, MetricsFile, Plots, ProgressBar, Trackers
 from align.trainers.optimizers import make_optimizer
@@ -294,6 +295,7 @@ class Trainer(Batches, Resumable):
         """Train in output_dir, which this run holds until it returns (see `align.trainers.run_dir`):
         a directory holding another run is refused unless train.resume_from resumes it or
         `overwrite` moves it aside. Returns the last logged record."""
+        check_inputs_outside_output_dir(self.recipe.model_dump(mode="json"))
         self.inputs  # (fingerprinted before training: what the run starts from)
         self.check_resume(overwrite)  # (before output_dir is touched: a refused resume writes nothing)
         with self.hold_output_dir(overwrite), self.stop_on_signals():

@@ -60,13 +60,21 @@ class MetricsFile(Callback):
         self.enabled = trainer.accelerator.is_main_process
         if self.enabled and self.path.exists():
             kept = own_lines(self.path, trainer.run_id, trainer.step + 1) if trainer.step > 0 else []
-            self.path.write_text("".join(line + "\n" for line in kept))
+            try:
+                self.path.write_text("".join(line + "\n" for line in kept))
+            except OSError as error:
+                raise AlignError(f"could not write {self.path} ({error.strerror or error}); free some space "
+                                 "(or fix its permissions) and run again") from None
 
     def on_log(self, trainer, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**record, "run_id": trainer.run_id}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**record, "run_id": trainer.run_id}) + "\n")
+        except OSError as error:  # (a full disk: the weights matter more than the log; the saves say so)
+            log.error("could not write step %s's record to %s (%s); training goes on", record.get("step"),
+                      self.path, error.strerror or error)
 
 
 class ProgressBar(Callback):
@@ -102,7 +110,11 @@ class Plots(Callback):
             return
         from align.plot import plot_metrics
 
-        plot_metrics(trainer.output_dir)
+        try:
+            plot_metrics(trainer.output_dir)
+        except OSError as error:  # (a full disk, after the weights are saved)
+            log.error("could not draw the plots in %s (%s); draw them later with `align plot %s`",
+                      trainer.output_dir / "plots", error.strerror or error, trainer.output_dir)
 
 
 class Trackers(Callback):

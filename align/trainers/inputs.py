@@ -54,6 +54,23 @@ def local_path(key: str, value: str) -> Path | None:
     return None
 
 
+def check_inputs_outside_output_dir(recipe: dict) -> None:
+    """AlignError if a local input the recipe (as dumped to JSON) names is its output_dir or lies in
+    it: the run writes there (its final model over a model it started from; --overwrite moves it all
+    aside), so an adapter trained there would name itself as its base."""
+    from align.errors import AlignError
+
+    if not recipe.get("output_dir"):
+        return
+    output_dir = Path(os.path.expanduser(recipe["output_dir"])).resolve()
+    for key, value in recipe_strings(recipe):
+        path = local_path(key, value)
+        if path is not None and path.resolve().is_relative_to(output_dir):
+            where = "is" if path.resolve() == output_dir else "lies in"
+            raise AlignError(f"{key}: {value!r} {where} output_dir {recipe['output_dir']!r}, which the run writes "
+                             "(its model, checkpoints; --overwrite moves it aside): choose another output_dir")
+
+
 def file_fingerprint(path: Path, digest) -> None:
     size = path.stat().st_size
     digest.update(f"{size}\0".encode())

@@ -152,10 +152,13 @@ def _lock(path: Path) -> Iterator[None]:
             holder = handle.read().strip() or "unknown"
             raise AlignError(f"output_dir {str(path)!r} is in use by another run (pid {holder}); wait for it "
                              "to finish or choose another output_dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:  # the holder's pid, for the refusal above (a full disk may refuse it: only informational)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError:
+            pass
         try:
             yield
         finally:

@@ -6,9 +6,12 @@ the model says and not only numbers. Online trainers write the completions their
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from align.trainers.callbacks import own_lines
+
+log = logging.getLogger(__name__)
 
 SHOWN = 4
 """Eval prompts shown at each evaluation: the first ones of the eval split."""
@@ -48,9 +51,13 @@ class SamplesFile:
     def write(self, step: int, samples: list[dict]) -> None:
         if step in self.written:
             return
-        if not self.written and self.path.exists():
-            self.path.write_text("".join(line + "\n" for line in own_lines(self.path, self.run_id, step)))
-        self.written.add(step)
-        with open(self.path, "a") as f:
-            for sample in samples:
-                f.write(json.dumps({"step": step, **sample, "run_id": self.run_id}) + "\n")
+        try:
+            if not self.written and self.path.exists():
+                self.path.write_text("".join(line + "\n" for line in own_lines(self.path, self.run_id, step)))
+            self.written.add(step)
+            with open(self.path, "a") as f:
+                for sample in samples:
+                    f.write(json.dumps({"step": step, **sample, "run_id": self.run_id}) + "\n")
+        except OSError as error:  # (a full disk: samples are for show; the weights matter, the saves say so)
+            log.error("could not write step %d's samples to %s (%s); training goes on", step, self.path,
+                      error.strerror or error)
