@@ -155,6 +155,18 @@ class AdapterConfig(Section):
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
 
+    @model_validator(mode="after")
+    def _check_kind(self) -> "AdapterConfig":
+        """LoRA settings with no `kind` would train the whole model (kind: none, the default; in TRL a
+        peft config is what turns LoRA on): refused, where a setting differs from its default."""
+        given = [name for name in ("r", "alpha", "dropout", "target_modules", "modules_to_save")
+                 if getattr(self, name) != type(self).model_fields[name].default]
+        if "kind" not in self.model_fields_set and given:
+            raise ValueError(f"no kind is given, so the whole model would be trained (kind: none), but "
+                             f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, which only a LoRA reads: "
+                             "set kind: lora (or qlora), or kind: none to train the whole model")
+        return self
+
 
 class DataSource(Section):
     path: str
@@ -486,6 +498,10 @@ class Recipe(Section):
             raise ValueError(f"data.packing: false pads one example per row for sft only; {self.algorithm} packs its "
                              "sequences (pairs, prompt groups) into rows wherever the model runs them exactly, and "
                              "else gives each its own row by itself (align.models.layouts): remove data.packing")
+        if self.data.pack_length is not None and self.algorithm != "sft":
+            raise ValueError(f"data.pack_length sets sft's packed rows; {self.algorithm} packs its sequences (pairs, "
+                             "prompt groups) into rows of the longest one's length, and ignores it: remove "
+                             "data.pack_length")
         return self
 
     @model_validator(mode="after")
@@ -521,6 +537,38 @@ def unsupported_data_file(path: str) -> str | None:
             f"{', '.join(DATA_FILE_TYPES)} (or give a directory of them, or a hub dataset id)")
 
 
+TRL_NAMES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "warmup_ratio": "train.warmup", "lr_scheduler_type": "train.schedule", "logging_steps": "train.log_every",
+    "save_steps": "train.save_every", "eval_steps": "train.eval_every", "save_total_limit": "train.keep_checkpoints",
+    "bf16": "train.mixed_precision: bf16", "fp16": "train.mixed_precision: fp16", "optim": "train.optimizer",
+    "resume_from_checkpoint": "train.resume_from", "gradient_checkpointing": "model.gradient_checkpointing",
+    "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype", "max_seq_length": "data.max_length",
+    "max_length": "data.max_length", "dataset_name": "data.train.path", "lora_r": "adapter.r",
+    "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout", "lora_target_modules": "adapter.target_modules",
+    "use_peft": "adapter.kind: lora", "load_in_4bit": "adapter.kind: qlora",
+    "num_generations": "{section}.group_size", "max_completion_length": "{section}.sampling.max_new_tokens",
+    "max_prompt_length": "{section}.sampling.max_prompt_length", "temperature": "{section}.sampling.temperature",
+    "top_p": "{section}.sampling.top_p", "use_vllm": "{section}.sampling.engine: vllm",
+}
+"""TRL's (and transformers' TrainingArguments) names of settings, for a recipe written with them:
+Align's key ({section}: the algorithm's own section), named in the error instead of a spelling guess
+(num_generations is not num_iterations)."""
+
+
+def _trl_name(model: type[BaseModel], loc: tuple) -> str | None:
+    """Align's key for a TRL setting named at `loc`, if it is one (and this algorithm has it)."""
+    target = TRL_NAMES.get(str(loc[-1]))
+    section = getattr(model, "section_key", None)
+    if target is None or ("{section}" in target and not section):
+        return None
+    target = target.format(section=section)
+    if ".".join(map(str, loc)) == target.split(":")[0]:
+        return None  # the key itself, unknown for another reason
+    return target
+
+
 def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
     """The valid key nearest to the unknown one at `loc`, looked up in the nested pydantic model."""
     for part in loc[:-1]:
@@ -543,8 +591,9 @@ def format_validation_error(error: ValidationError, source: str, model: type[Bas
         loc = tuple(item["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            hint = _closest_key(model, loc)
-            msg = "unknown key" + (f"; did you mean {'.'.join(map(str, loc[:-1] + (hint,)))!r}?" if hint else "")
+            hint, trl = _closest_key(model, loc), _trl_name(model, loc)
+            msg = f"unknown key; TRL's {str(loc[-1])!r} is {trl!r} here" if trl else \
+                "unknown key" + (f"; did you mean {'.'.join(map(str, loc[:-1] + (hint,)))!r}?" if hint else "")
         elif item["type"] == "missing":
             msg = "required key is missing"
         else:
@@ -644,14 +693,21 @@ def _reference_free(values: dict) -> bool:
 
 
 IGNORED = [
-    ("data", "eval_fraction", lambda data: bool(data.get("eval")), 0.0),
-    ("dpo", "reference", lambda dpo: bool(dpo.get("reference_model")), "auto"),
-    ("kto", "reference", lambda kto: bool(kto.get("reference_model")), "auto"),
-    ("dpo", "reference_model", _reference_free, None),
-    ("ppo", "value_model", lambda ppo: ppo.get("critic") == "shared", None),
+    ("data", "eval_fraction", lambda data, _: bool(data.get("eval")), 0.0),
+    ("dpo", "reference", lambda dpo, _: bool(dpo.get("reference_model")), "auto"),
+    ("kto", "reference", lambda kto, _: bool(kto.get("reference_model")), "auto"),
+    ("dpo", "reference_model", lambda dpo, _: _reference_free(dpo), None),
+    ("dpo", "reference", lambda dpo, _: _reference_free(dpo), "auto"),
+    ("dpo", "precompute_reference", lambda dpo, _: _reference_free(dpo), True),
+    ("grpo", "reference", lambda grpo, _: grpo.get("beta", 0.0) == 0, "auto"),
+    ("ppo", "reference", lambda ppo, _: ppo.get("kl_coef", 0.05) == 0, "auto"),
+    ("ppo", "value_model", lambda ppo, _: ppo.get("critic") == "shared", None),
+    ("grpo", "normalize_advantages", lambda grpo, _: grpo.get("advantage") in ("grpo", "reinforce_pp"), False),
+    ("data", "pack_length", lambda data, algorithm: algorithm != "sft", None),
 ]
-"""(section, key, when a saved run ignored the key, the value it had in effect): pairs an earlier
-version accepted and ignored one side of, now refused together."""
+"""(section, key, when a saved run ignored the key (given the section's values and the algorithm),
+the value it had in effect): pairs an earlier version accepted and ignored one side of, now refused
+together."""
 
 
 def saved_recipe_now(saved: dict, algorithm: str) -> dict:
@@ -662,7 +718,7 @@ def saved_recipe_now(saved: dict, algorithm: str) -> dict:
     saved = {k: v for k, v in saved.items() if k not in sections_of_other_algorithms(saved, algorithm)}
     for section, key, ignored_beside, cleared in IGNORED:
         values = saved.get(section)
-        if isinstance(values, dict) and values.get(key) not in (None, cleared) and ignored_beside(values):
+        if isinstance(values, dict) and values.get(key) not in (None, cleared) and ignored_beside(values, algorithm):
             saved[section] = {**values, key: cleared}
     try:
         return recipe_class(algorithm).model_validate(saved).model_dump(mode="json")

@@ -5,6 +5,7 @@ from align.config import AdapterConfig, ModelConfig
 from align.data.preference import pack_pairs, preference_encoder, pair_sums, split_implicit_prompt
 from align.errors import AlignError
 from align.models import Policy
+from align.toy import preference_rows
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,15 @@ def test_pair_sums_cover_exactly_the_completion_tokens():
     assert chosen.tolist() == [3, 6] and rejected.tolist() == [4, 1]
 
 
-def test_implicit_prompt_is_the_shared_prefix():
-    assert split_implicit_prompt("Q: 2+2? A: 4", "Q: 2+2? A: 5") == ("Q: 2+2? A: ", "4", "5")
+def test_implicit_prompt_is_the_shared_prefix(policy):
+    """The spaces before the cut go with the completions, so implicit string pairs encode as the same
+    pairs given explicitly do (a lone " " token closed the prompt, and "16" was read without its space)."""
+    assert split_implicit_prompt("Q: 2+2? A: 4", "Q: 2+2? A: 5") == ("Q: 2+2? A:", " 4", " 5")
+    assert split_implicit_prompt("Q: 2+2?\n4", "Q: 2+2?\n5") == ("Q: 2+2?\n", "4", "5")
+    for row in preference_rows(4, seed=7):
+        encode = preference_encoder(policy.tokenizer, 128, "data.train")
+        implicit = {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]}
+        assert encode(implicit, 0) == encode(row, 0)
     chat = [{"role": "user", "content": "hi"}]
     assert split_implicit_prompt(chat + [{"role": "assistant", "content": "a"}],
                                  chat + [{"role": "assistant", "content": "b"}])[0] == chat

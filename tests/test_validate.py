@@ -516,13 +516,18 @@ def test_a_checkpoint_missing_weights_the_model_needs_is_refused(tmp_path):
      "a reference_model is the reference", "reference"),
     ("dpo", {"loss_type": "simpo", "reference_model": "builtin:tiny-llama"}, "loss_type simpo is reference-free",
      "reference_model"),
+    ("dpo", {"loss_type": "simpo", "reference": "frozen_copy"}, "loss_type simpo is reference-free", "reference"),
+    ("dpo", {"loss_type": "orpo", "precompute_reference": False}, "loss_type orpo is reference-free",
+     "precompute_reference"),
+    ("grpo", {"reference": "frozen_copy"}, "beta is 0, so there is no KL term", "reference"),
+    ("ppo", {"kl_coef": 0.0, "reference": "frozen_copy"}, "kl_coef is 0, so there is no KL penalty", "reference"),
 ])
 def test_a_setting_the_run_would_ignore_is_refused_and_an_earlier_run_with_it_resumes(make_recipe, tmp_path, capsys,
                                                                                       algorithm, overrides, message, key):
     """Each was accepted and one side silently ignored (the value model, the reference strategy, a reference
     model of a reference-free loss); a run saved so by an earlier version reads as the setting it ran."""
-    rows = prompt_rows(8) if algorithm == "ppo" else preference_rows(8)
-    sections = {"ppo": {"rewards": [{"fn": "exact_answer"}]}} if algorithm == "ppo" else {}
+    rows = prompt_rows(8) if algorithm in ("ppo", "grpo") else preference_rows(8)
+    sections = {algorithm: {"rewards": [{"fn": "exact_answer"}]}} if algorithm in ("ppo", "grpo") else {}
     raw = make_recipe(raw=True, algorithm=algorithm, rows=rows, **sections)
     raw.setdefault(algorithm, {}).update(overrides)
     recipe = tmp_path / "recipe.yaml"
@@ -530,4 +535,51 @@ def test_a_setting_the_run_would_ignore_is_refused_and_an_earlier_run_with_it_re
     code, err = cli(capsys, "validate", str(recipe))
     assert code == 2 and f"  {algorithm}: {key}: " in err and message in err, err
     ran = saved_recipe_now(raw, algorithm)[algorithm]
-    assert ran[key] == {"value_model": None, "reference_model": None, "reference": "auto"}[key], ran
+    assert ran[key] == {"value_model": None, "reference_model": None, "reference": "auto", "kl_in": "loss",
+                        "precompute_reference": True}[key], ran
+
+
+@pytest.mark.parametrize("algorithm, section, overrides, message", [
+    ("grpo", "grpo", {"advantage": "grpo", "normalize_advantages": True, "group_size": 4},
+     "grpo.normalize_advantages applies to grpo.advantage: rloo only"),
+    ("dpo", "data", {"pack_length": 2048}, "data.pack_length sets sft's packed rows"),
+    ("dpo", "dpo", {"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing applies only to"),
+])
+def test_a_setting_the_trainer_ignores_or_fails_on_is_refused_by_validate(make_recipe, tmp_path, capsys, algorithm,
+                                                                         section, overrides, message):
+    """(normalize_advantages and pack_length were ignored; label_smoothing with ipo failed at step 1)"""
+    rows = prompt_rows(8) if algorithm == "grpo" else preference_rows(8)
+    raw = make_recipe(raw=True, algorithm=algorithm, rows=rows,
+                      **({"grpo": {"rewards": [{"fn": "exact_answer"}]}} if algorithm == "grpo" else {}))
+    raw.setdefault(section, {}).update(overrides)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    code, err = cli(capsys, "validate", str(recipe))
+    assert code == 2 and message in err, err
+    ran = saved_recipe_now(raw, algorithm)
+    if section != "dpo":  # an earlier run with the ignored setting resumes as the run it was
+        assert ran[section][next(iter(overrides.keys() - {"advantage", "group_size"}))] in (None, False), ran
+
+
+def test_lora_settings_without_an_adapter_kind_are_refused(recipe_file, capsys):
+    """(adapter: {r: 8, target_modules: [...]} with no kind trained the whole model, no word said)"""
+    code, err = cli(capsys, "validate", recipe_file(adapter={"r": 8, "target_modules": ["q_proj", "v_proj"]}))
+    assert code == 2 and "adapter" in err and "no kind is given" in err and "r, target_modules are set" in err
+    assert cli(capsys, "validate", recipe_file(adapter={"kind": "none"}))[0] == 0
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.learning_rate=1e-4", "TRL's 'learning_rate' is 'train.lr' here"),
+    ("train.per_device_train_batch_size=4", "TRL's 'per_device_train_batch_size' is 'train.batch_size' here"),
+    ("grpo.num_generations=4", "TRL's 'num_generations' is 'grpo.group_size' here"),
+    ("grpo.max_completion_length=64", "'grpo.sampling.max_new_tokens'"),
+    ("train.gradient_checkpointing=true", "'model.gradient_checkpointing'"),
+    ("train.lrr=1", "did you mean 'train.lr'?"),
+])
+def test_trl_names_of_settings_are_answered_with_aligns_key(make_recipe, tmp_path, capsys, override, named):
+    """(difflib's guesses sent num_generations to num_iterations, another setting; learning_rate got none)"""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(raw=True, algorithm="grpo", rows=prompt_rows(8),
+                                                 grpo={"rewards": [{"fn": "exact_answer"}]})))
+    code, err = cli(capsys, "validate", str(recipe), "--set", override)
+    assert code == 2 and named in err, err

@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 def split_implicit_prompt(chosen, rejected):
     """(prompt, chosen, rejected) from a pair whose two sides share a prefix (the prompt).
 
-    Message lists: the shared leading messages. Strings: the common prefix, cut back to whitespace.
+    Message lists: the shared leading messages. Strings: the common prefix, cut back to whitespace,
+    the spaces before the cut going with the completions (as TRL's `extract_prompt` moves a space):
+    "Answer:" + " 16" as an explicit pair is written, so a tokenizer reads " 16" as generation does,
+    not a lone " " closing the prompt.
     """
     if isinstance(chosen, list):
         n = 0
@@ -34,6 +37,8 @@ def split_implicit_prompt(chosen, rejected):
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    while n > 0 and chosen[n - 1] in " \t":
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
 

@@ -54,11 +54,33 @@ class DPOConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_label_smoothing(self) -> "DPOConfig":
+        """A label_smoothing the loss refuses is refused here (it failed at the first step): the loss is
+        tried on one made-up pair."""
+        if self.label_smoothing:
+            loss = PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type")
+            one = torch.tensor([-1.0])
+            pair = PairLogps(one, one * 2, one.abs(), one.abs(), *((one * 1.5, one * 1.5) if loss.needs_reference
+                                                                 else (None, None)))
+            try:
+                loss.fn(pair, self.beta, self.label_smoothing, **self.loss_kwargs)
+            except ValueError as error:
+                raise ValueError(f"label_smoothing: {error}; set it to 0, or use a loss that takes it "
+                                 "(sigmoid, robust, simpo)") from None
+        return self
+
+    @model_validator(mode="after")
     def _check_reference(self) -> "DPOConfig":
         check_one_reference(self.reference, self.reference_model)
-        if self.reference_model and not PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type").needs_reference:
-            raise ValueError(f"reference_model: loss_type {self.loss_type} is reference-free and loads no reference "
-                             "model; drop reference_model")
+        if not PREFERENCE_LOSSES.get(self.loss_type, key="dpo.loss_type").needs_reference:
+            ignored = [f"{key}: {value}" for key, value, unset in (("reference_model", self.reference_model, None),
+                                                                   ("reference", self.reference, "auto"),
+                                                                   ("precompute_reference",
+                                                                    self.precompute_reference, True))
+                       if value != unset]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)}: loss_type {self.loss_type} is reference-free and loads no "
+                                 f"reference model; drop {'it' if len(ignored) == 1 else 'them'}")
         return self
 
 

@@ -8,7 +8,7 @@ import functools
 import logging
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -68,6 +68,14 @@ class GRPOConfig(Section):
     shared_prompt: bool = True
     """Training forward runs each prompt once for its G completions (4D attention mask)."""
 
+    @model_validator(mode="after")
+    def _check_kl_settings(self) -> "GRPOConfig":
+        """A reference strategy with beta 0 (no KL term, no reference model loaded) would be ignored."""
+        if self.beta == 0 and self.reference != "auto":
+            raise ValueError(f"reference: {self.reference}: beta is 0, so there is no KL term and no reference model; "
+                             "set beta (e.g. 0.04) or remove reference")
+        return self
+
 
 @register_trainer("grpo", GRPOConfig)
 class GRPOTrainer(OnlineTrainer):
@@ -100,6 +108,10 @@ class GRPOTrainer(OnlineTrainer):
             _warn_once(f"grpo.importance: sequence (GSPO) with grpo.loss_norm: {recipe.grpo.loss_norm} sums per-token "
                        "terms, which weights each sequence by its completion length instead of optimizing GSPO's "
                        "per-sequence objective; to reproduce the GSPO paper's setup, set grpo.loss_norm: grpo")
+        if recipe.grpo.normalize_advantages and recipe.grpo.advantage in ("grpo", "reinforce_pp"):
+            raise AlignError(f"grpo.normalize_advantages applies to grpo.advantage: rloo only (TRL's RLOO option); "
+                             f"the {recipe.grpo.advantage} estimator normalizes by itself (grpo: see grpo.scale_rewards) "
+                             "and would ignore it: remove it")
         if recipe.grpo.advantage != "grpo" and recipe.grpo.scale_rewards != "group":
             _warn_once(f"grpo.scale_rewards: {recipe.grpo.scale_rewards} applies to grpo.advantage: grpo only; the "
                        f"{recipe.grpo.advantage} estimator ignores it")

@@ -50,6 +50,9 @@ class PPOConfig(Section):
         if self.critic == "shared" and self.value_model:
             raise ValueError(f"value_model: {self.value_model!r} starts a separate critic, but critic is shared (a value "
                              "head on the policy); drop value_model, or set critic: separate")
+        if self.kl_coef == 0 and self.reference != "auto":
+            raise ValueError(f"reference: {self.reference}: kl_coef is 0, so there is no KL penalty and no reference "
+                             "model; set kl_coef or remove reference")
         return self
 
 
