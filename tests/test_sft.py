@@ -278,3 +278,22 @@ def test_tokens_per_s_leaves_out_evaluations_and_checkpoint_saves(make_recipe, m
     for record in read_metrics(trainer.output_dir):
         if "tokens_per_s" in record:
             assert record["tokens_per_s"] > record["num_tokens"] / 2.0, record
+
+
+def test_the_python_api_takes_a_recipe_dict_and_refuses_trl_style_construction(make_recipe):
+    """(a dict was read as a file name; a transformers model or raw rows failed deep inside with an
+    AttributeError or KeyError)"""
+    from transformers import AutoModelForCausalLM
+
+    from align.models.tiny import resolve
+
+    raw = make_recipe(raw=True, train={"max_steps": 1})
+    trainer = SFTTrainer.from_recipe(raw, ["train.lr=1e-4"])
+    assert trainer.cfg.lr == 1e-4 and raw["train"]["lr"] == 3e-3  # the caller's dict is left as it was
+    recipe, rows = trainer.recipe, datasets.Dataset.from_list(chat_rows(4))
+    with pytest.raises(AlignError, match="policy must be an align Policy"):
+        SFTTrainer(recipe, AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-llama")), trainer.train_data)
+    with pytest.raises(AlignError, match=r"train_data holds rows of columns \['messages'\], not tokenized examples"):
+        SFTTrainer(recipe, trainer.policy, rows)
+    with pytest.raises(AlignError, match="recipe must be an align Recipe"):
+        SFTTrainer(raw, trainer.policy, trainer.train_data)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType, set_seed
 
-from align.config import Recipe, Section, load_recipe, save_recipe
+from align.config import Recipe, Section, apply_overrides, load_recipe, recipe_from_dict, save_recipe
 from align.data import detect_format, load_rows
 from align.errors import AlignError
 from align.registry import TRAINERS
@@ -50,6 +50,7 @@ from align.models import Policy, sharding, zero
 from align.models.compiled import compile_layers
 from align.models.packed import attention_kernels
 from align.models.layouts import check_rope_lengths
+from align.models.policy import Trainable
 from align.rollout import in_process_engine
 from align.trainers import run_dir, samples
 from align.trainers.inputs import check_inputs_outside_output_dir
@@ -75,6 +76,25 @@ def register_trainer(name: str, config: type[Section] | None = None):
     return add
 
 
+def check_constructed(trainer: type, recipe, policy, *splits) -> None:
+    """AlignError unless a trainer is built as `from_recipe` builds it (not as TRL's trainers are: a
+    transformers model and raw rows): a validated Recipe, a Policy (or reward model) and tokenized
+    examples (`build_dataset`'s)."""
+    name = trainer.__name__
+    if not isinstance(recipe, Recipe):
+        raise AlignError(f"{name}(recipe, ...): recipe must be an align Recipe (recipe_from_dict(d) or load_recipe(path)),"
+                         f" got {type(recipe).__name__}; or build it all with {name}.from_recipe(recipe)")
+    if not isinstance(policy, Trainable):
+        raise AlignError(f"{name}(recipe, policy, ...): policy must be an align Policy (Policy(model, tokenizer), "
+                         f"or {name}.build_policy(recipe)), got {type(policy).__name__}")
+    for key, data in zip(("train_data", "eval_data"), splits):
+        row = data[0] if data is not None and len(data) else None
+        if isinstance(row, dict) and not {"input_ids", "prompt_ids"} & set(row):
+            raise AlignError(f"{name}: {key} holds rows of columns {sorted(row)}, not tokenized examples; tokenize "
+                             f"them with {name}.build_dataset(recipe, policy.tokenizer, rows, format, key), or build "
+                             f"the trainer with {name}.from_recipe(recipe)")
+
+
 class Trainer(Batches, Resumable):
     algorithm: str = ""
     """The name the trainer is registered under (`register_trainer`)."""
@@ -93,6 +113,7 @@ class Trainer(Batches, Resumable):
 
     def __init__(self, recipe: Recipe, policy: Policy, train_data, eval_data=None,
                  callbacks: list[Callback] | None = None):
+        check_constructed(type(self), recipe, policy, train_data, eval_data)
         self.recipe, self.cfg = recipe, recipe.train
         self.policy = policy
         self.check_layouts()
@@ -192,14 +213,17 @@ class Trainer(Batches, Resumable):
 
     # ---- construction from a recipe -------------------------------------------------------------
     @classmethod
-    def from_recipe(cls, recipe: Recipe | str | os.PathLike, overrides: list[str] | None = None, **kwargs):
-        """Build policy and data as the recipe says. `recipe` may be a path to a YAML file.
+    def from_recipe(cls, recipe: Recipe | dict | str | os.PathLike, overrides: list[str] | None = None, **kwargs):
+        """Build policy and data as the recipe says. `recipe` may be a dict (as a YAML file holds it)
+        or a path to a YAML file.
 
         The data is read and its format checked before the model loads, so data mistakes fail fast.
         Under a launch of several processes the main ones read and tokenize first, and the others
         read what they left in datasets' cache.
         """
-        if not isinstance(recipe, Recipe):
+        if isinstance(recipe, dict):
+            recipe = recipe_from_dict(apply_overrides(copy.deepcopy(recipe), overrides or []))
+        elif not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe, overrides)
         sharding.check_accelerate_launch(recipe.train, recipe.model)  # before any model loads
         process_accelerator(recipe.train.ddp_timeout)  # the launch's process state, as the trainer sets it up
