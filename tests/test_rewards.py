@@ -389,3 +389,14 @@ def test_a_tokenizer_with_more_tokens_than_the_model_s_embedding_is_refused(tmp_
     with pytest.raises(AlignError, match=r"model.tokenizer: the tokenizer has \d+ tokens, more than the model's \d+ "
                                          "embedding rows"):
         Policy.from_config(config, AdapterConfig())
+
+
+def test_a_positional_only_parameter_is_named_as_such():
+    """(its message said 'prompts' was neither 'prompts' nor a column)"""
+    from align.rewards.calling import arguments_for
+
+    def reward(prompts, completions, /):
+        return [0.0] * len(completions)
+
+    with pytest.raises(AlignError, match="'prompts' is positional-only .* drop the `/`"):
+        arguments_for(reward, {"prompts": ["p"], "completions": ["c"]}, "reward")

@@ -133,12 +133,17 @@ def arguments_for(fn: Callable, batch: dict, label: str) -> dict:
             continue
         if name in available and p.kind is not p.POSITIONAL_ONLY:
             out[name] = available[name]
+        elif p.kind is p.POSITIONAL_ONLY and p.default is p.empty:
+            raise AlignError(f"{label}: its parameter {name!r} is positional-only (before a `/`), but reward functions "
+                             "are called with keyword arguments (prompts=..., completions=..., columns by name): "
+                             "drop the `/`")
         elif p.default is p.empty:
             columns = [k for k in batch if k not in STANDARD_ARGS]
             raise AlignError(
                 f"{label} requires a parameter {name!r}, which is neither one of {', '.join(STANDARD_ARGS)} "
                 f"nor a dataset column (columns: {', '.join(columns) or 'none'}). Rename it to a column, give "
-                f"it a default, or bind it with `kwargs: {{{name}: ...}}` in the recipe")
+                f"it a default, or bind it with `kwargs: {{{name}: ...}}` in the recipe (align eval, which takes "
+                f"no recipe: name a column of the data file {name!r})")
     return available if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else out
 
 
