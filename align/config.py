@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -621,11 +622,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set` values written into the recipe dict; a section key may index a list of sections
+    (`grpo.rewards[1].weight=0.5`)."""
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(path[:-1]):
+            name, index = re.fullmatch(r"(.+?)(?:\[(\d+)\])?", part).groups()
+            node = node.setdefault(name, {} if index is None else [])
+            if index is not None:
+                if not isinstance(node, list) or int(index) >= len(node):
+                    size = f"has {len(node)} entries" if isinstance(node, list) else "is not a list"
+                    whole = ".".join(path[:depth] + [name])
+                    raise AlignError(f"--set {text!r}: {whole!r} {size}; set the whole list instead "
+                                     f"(--set '{whole}=[{{...}}, ...]')")
+                node = node[int(index)]
             if not isinstance(node, dict):
                 raise AlignError(f"--set {text!r}: {part!r} is not a section")
         node[path[-1]] = value

@@ -56,6 +56,16 @@ def test_a_set_value_that_is_not_yaml_names_the_set_text(recipe_file, capsys):
     assert code == 2 and "--set 'train.lr=[1,': the value '[1,' is not valid YAML" in err
 
 
+def test_set_indexes_a_list_of_sections():
+    """(`--set 'grpo.rewards[0].weight=2'` was an unknown key; there was no way to change one reward)"""
+    from align.config import apply_overrides
+
+    raw = {"grpo": {"rewards": [{"fn": "a"}, {"fn": "b", "weight": 1.0}]}}
+    assert apply_overrides(raw, ["grpo.rewards[1].weight=0.5"])["grpo"]["rewards"][1] == {"fn": "b", "weight": 0.5}
+    with pytest.raises(AlignError, match=r"'grpo.rewards' has 2 entries; set the whole list instead"):
+        apply_overrides(raw, ["grpo.rewards[2].weight=1"])
+
+
 # 3. data files ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["validate", "train"])
 @pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("empty.jsonl", "\n\n"), ("empty.csv", ""),
