@@ -81,6 +81,8 @@ def test_identical_pairs_are_warned_and_counted(dpo_recipe, caplog):
     rows[2]["rejected"] = rows[2]["chosen"]
     DPOTrainer.from_recipe(dpo_recipe(rows=rows))
     assert "1 pairs have chosen identical to rejected (first: row 2)" in caplog.text
+    with pytest.raises(AlignError, match="in every pair chosen is identical to rejected"):  # (only warned)
+        DPOTrainer.from_recipe(dpo_recipe(rows=[dict(row, rejected=row["chosen"]) for row in rows]))
 
 
 def test_missing_columns_and_foreign_reference_tokenizer(dpo_recipe, tmp_path):

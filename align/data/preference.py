@@ -103,7 +103,12 @@ def pair_smoothing(value, index: int, key: str) -> float:
 
 
 def warn_identical(data, key: str) -> None:
+    """A warning naming pairs whose chosen equals rejected; AlignError if every pair is so (nothing
+    to learn: the loss would sit at its start)."""
     identical = [i for i, same in enumerate(data["identical"]) if same]
+    if identical and len(identical) == len(data):
+        raise AlignError(f"{key}: in every pair chosen is identical to rejected, so there is no preference to "
+                         "learn; check the columns (data.train.columns) or the file")
     if identical:
         log.warning("%s: %d pairs have chosen identical to rejected (first: row %d); they carry no preference "
                     "signal", key, len(identical), identical[0])
