@@ -162,6 +162,12 @@ def test_a_csv_is_read_as_the_text_it_holds_and_kto_labels_as_bools(tmp_path, wh
     assert rows["label"] == [True, False, True, False]
     (folder / "train.csv").write_text("prompt,completion,label\nA?,a,yes\n")
     assert load_rows(DataSource(path=str(folder)))["label"] == ["yes"]  # left for kto's check to name
+    # a reward margin and a tie's own label_smoothing are numbers (a blank cell: none); pandas' index column
+    (folder / "train.csv").write_text(",prompt,chosen,rejected,margin,label_smoothing\n0,Q?, a, b,0.5,\n1,R?, c, d,,0.5\n")
+    (folder / "test.csv").write_text("prompt,chosen,rejected\nS?, e, f\n")  # another split, other columns
+    rows = load_rows(DataSource(path=str(folder / "train.csv" if where == "file" else folder)))
+    assert rows["margin"] == [0.5, None] and rows["label_smoothing"] == [None, 0.5] and rows["Unnamed: 0"] == ["0", "1"]
+    assert load_rows(DataSource(path=str(folder), split="test"))["prompt"] == ["S?"]
 
 
 @pytest.mark.parametrize("name, hint", [("train.jsnl", "(did you mean '.jsonl'?)"), ("train.txt", "")])

@@ -6,15 +6,16 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
 from align.config import DATA_FILE_TYPES, DataSource, unsupported_data_file
 from align.data.formats import check_columns
-from align.data.unpaired import LABEL_COLUMN
 from align.errors import AlignError
 
 
@@ -30,14 +31,16 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
         raise AlignError(f"{key}.path: {problem}")
     if os.path.isfile(path) and os.path.getsize(path) == 0:  # (datasets' readers fail on it, each another way)
         raise AlignError(_no_rows(source, key))
-    as_text = _csv_as_text(path)
+    csv_files = _csv_files(path, source.split)
+    as_text = _text_features(csv_files) if csv_files else None
     try:
         with _datasets_logs_quiet():  # (its reader logs an error of its own, naming the wrong row, before ours)
-            if Path(path).suffix in DATA_FILE_TYPES:
-                data = datasets.load_dataset(DATA_FILE_TYPES[Path(path).suffix], data_files=path, split="train",
-                                             features=as_text)
+            if as_text is not None:
+                data = datasets.load_dataset("csv", data_files=csv_files, split="train", features=as_text)
+            elif Path(path).suffix in DATA_FILE_TYPES:
+                data = datasets.load_dataset(DATA_FILE_TYPES[Path(path).suffix], data_files=path, split="train")
             else:
-                data = datasets.load_dataset(path, source.name, split=source.split, features=as_text)
+                data = datasets.load_dataset(path, source.name, split=source.split)
     except FileNotFoundError as error:
         raise AlignError(f"{key}.path: {source.path!r}: {error}") from None
     except ConnectionError as error:  # a hub id, the hub out of reach (and the dataset not in datasets' cache)
@@ -65,42 +68,71 @@ def load_rows(source: DataSource, key: str = "data.train") -> datasets.Dataset:
     if source.columns:
         data = data.rename_columns(source.columns)
     if as_text is not None:
-        data = _csv_labels_as_bools(data)
+        data = _csv_typed_columns(data)
     if source.max_rows is not None:
         data = data.select(range(min(source.max_rows, len(data))))
     check_columns(data, key, renamed={new: old for old, new in source.columns.items()})
     return data
 
 
-def _csv_as_text(path: str) -> datasets.Features | None:
-    """For a .csv file, or a directory holding only .csv data files: every column read as text, as a
-    .jsonl string would be. (pandas' guess would turn an answer "007" into 7.0, and a column of
-    integers with one blank cell into floats "42.0", before any reward compares them.) None otherwise."""
+def _csv_files(path: str, split: str) -> list[str] | None:
+    """The .csv files `path` holds for `split` (itself, if it is one; a directory's, as datasets picks
+    them by name), or None where any is of another type."""
     if os.path.isdir(path):
-        files = sorted(f for f in Path(path).rglob("*") if f.suffix in DATA_FILE_TYPES and f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
-        if not files or any(f.suffix != ".csv" for f in files):
+        try:
+            files = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path).get(split) or []
+        except (FileNotFoundError, ValueError, EmptyDatasetError):
             return None
-        path = str(files[0])
-    elif Path(path).suffix != ".csv" or not os.path.isfile(path):
+    else:
+        files = [path] if os.path.isfile(path) else []
+    return list(files) if files and all(Path(f).suffix == ".csv" for f in files) else None
+
+
+def _text_features(files: list[str]) -> datasets.Features | None:
+    """Every column of these csv files (one header) read as text, as a .jsonl string would be.
+    (pandas' guess would turn an answer "007" into 7.0, and a column of integers with one blank cell
+    into floats "42.0", before any reward compares them.) None where the headers differ or repeat a
+    name: left to datasets (which reports it)."""
+    headers = set()
+    for file in files:
+        with open(file, encoding="utf-8-sig", errors="replace", newline="") as f:
+            header = next(csv.reader(f), None)
+        if not header:
+            return None
+        headers.add(tuple(name or f"Unnamed: {i}" for i, name in enumerate(header)))  # (pandas' name for a blank)
+    (header,) = headers if len(headers) == 1 else (None,)
+    if header is None or len(set(header)) != len(header):
         return None
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        header = next(csv.reader(f), None)
-    if not header or len(set(header)) != len(header):
-        return None  # no header, or a repeated name: left to datasets (which reports it)
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 
-def _csv_labels_as_bools(data: datasets.Dataset) -> datasets.Dataset:
-    """A csv's `label` column (kto's desirable flag), read as text, made bools when every row reads
-    true/false/1/0 (any case); otherwise left as text, for `check_labels` to name the row."""
-    if LABEL_COLUMN not in data.column_names:
-        return data
+CSV_TYPED = {"label": "bool", "margin": "float", "label_smoothing": "float"}
+"""The csv columns Align reads as values, not text: kto's `label`, a pair's reward `margin` and its
+own `label_smoothing` (`align label` writes one for a tie it keeps)."""
+
+
+def _csv_typed_columns(data: datasets.Dataset) -> datasets.Dataset:
+    """A csv's CSV_TYPED columns, read as text, made bools (true/false/1/0, any case) or numbers (a
+    blank cell: none) when every row reads so; otherwise left as text, for their checks to name the row."""
     truth = {"true": True, "1": True, "false": False, "0": False}
-    labels = [truth.get(str(value).strip().lower()) for value in data[LABEL_COLUMN]]
-    if any(label is None for label in labels):
-        return data
-    return data.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, labels)
+    for name, kind in CSV_TYPED.items():
+        if name not in data.column_names:
+            continue
+        values = []
+        for text in data[name]:
+            if kind == "bool":
+                values.append(truth.get(str(text).strip().lower()))
+            elif text is None or not text.strip():
+                values.append(math.nan)  # (blank: none given; NaN keeps the column a float one)
+            else:
+                try:
+                    values.append(float(text))
+                except ValueError:
+                    values.append(None)
+        if all(value is not None for value in values):
+            values = [None if kind == "float" and math.isnan(v) else v for v in values]
+            data = data.remove_columns(name).add_column(name, values)
+    return data
 
 
 @contextlib.contextmanager
