@@ -549,25 +549,42 @@ TRL_NAMES = {
     "max_length": "data.max_length", "dataset_name": "data.train.path", "lora_r": "adapter.r",
     "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout", "lora_target_modules": "adapter.target_modules",
     "use_peft": "adapter.kind: lora", "load_in_4bit": "adapter.kind: qlora",
-    "num_generations": "{section}.group_size", "max_completion_length": "{section}.sampling.max_new_tokens",
-    "max_prompt_length": "{section}.sampling.max_prompt_length", "temperature": "{section}.sampling.temperature",
-    "top_p": "{section}.sampling.top_p", "use_vllm": "{section}.sampling.engine: vllm",
+    "num_generations": "{section}.group_size",
+    "max_completion_length": ("{section}.sampling.max_new_tokens", "data.max_length"),
+    "max_prompt_length": ("{section}.sampling.max_prompt_length", "data.max_length"),
+    "temperature": "{section}.sampling.temperature", "top_p": "{section}.sampling.top_p",
+    "use_vllm": "{section}.sampling.engine: vllm",
 }
 """TRL's (and transformers' TrainingArguments) names of settings, for a recipe written with them:
-Align's key ({section}: the algorithm's own section), named in the error instead of a spelling guess
-(num_generations is not num_iterations)."""
+Align's key ({section}: the algorithm's own section; of several, the first this recipe has), named
+in the error instead of a spelling guess (num_generations is not num_iterations)."""
 
 
 def _trl_name(model: type[BaseModel], loc: tuple) -> str | None:
     """Align's key for a TRL setting named at `loc`, if it is one (and this algorithm has it)."""
-    target = TRL_NAMES.get(str(loc[-1]))
-    section = getattr(model, "section_key", None)
-    if target is None or ("{section}" in target and not section):
-        return None
-    target = target.format(section=section)
-    if ".".join(map(str, loc)) == target.split(":")[0]:
-        return None  # the key itself, unknown for another reason
-    return target
+    targets = TRL_NAMES.get(str(loc[-1]), ())
+    section = getattr(model, "section_key", None) or ""
+    for target in (targets,) if isinstance(targets, str) else targets:
+        target = target.format(section=section)
+        key = target.split(":")[0]
+        if _has_key(model, key.split(".")) and ".".join(map(str, loc)) != key:  # (not the key itself)
+            return target
+    return None
+
+
+def _has_key(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the recipe model has the nested key `path` (sections followed through their types)."""
+    for depth, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        if depth < len(path) - 1:
+            inner = [c for c in getattr(field.annotation, "__args__", (field.annotation,))
+                     if isinstance(c, type) and issubclass(c, BaseModel)]
+            if not inner:
+                return False
+            model = inner[0]
+    return True
 
 
 def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:

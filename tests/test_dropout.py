@@ -83,6 +83,7 @@ def test_ppo_first_update_has_ratio_one_despite_model_dropout(make_recipe, dropo
     ("biogpt", dict(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3, activation_dropout=0.3, layerdrop=0.3)),
     ("falcon", dict(hidden_dropout=0.3, attention_dropout=0.3)),
     ("gpt2", dict(n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)),
+    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=1, router_jitter_noise=0.3)),
 ])
 def test_rates_layers_and_configs_keep_as_numbers_are_turned_off_too(name, config):
     """(OPT, XGLM and BioGPT call `dropout(p=self.dropout)` and skip layers by `self.layerdrop`;

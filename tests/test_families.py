@@ -382,6 +382,14 @@ def test_rope_that_a_forwards_longest_sequence_rescales_is_refused_past_its_swit
             "grpo": {"group_size": 2, "sampling": {"max_new_tokens": 16}, "rewards": [{"fn": "exact_answer"}]}}
     with pytest.raises(AlignError, match=r"reach 40 tokens \(data.max_length \+ grpo.sampling.max_new_tokens\)"):
         GRPOTrainer.from_recipe(recipe_from_dict(grpo))
+    scorer = tmp_path / "phi3-longrope-rm"  # a reward model scores prompt + completion pairs packed in a row
+    config = T.Phi3Config(**{**model.config.to_dict(), "num_labels": 1, "architectures": None})
+    T.Phi3ForSequenceClassification(config).save_pretrained(scorer)
+    T.AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama")).save_pretrained(scorer)
+    grpo = {**grpo, "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
+            "grpo": {**grpo["grpo"], "rewards": [{"fn": str(scorer)}]}}
+    with pytest.raises(AlignError, match=r"the reward model grpo.rewards\[0\] .*past 32 tokens.*reach 40 tokens"):
+        GRPOTrainer.from_recipe(recipe_from_dict(grpo))
 
 
 def test_layer_kinds_a_shared_prompt_mask_cannot_express_are_refused():

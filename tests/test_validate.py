@@ -599,3 +599,11 @@ def test_trl_names_of_settings_are_answered_with_aligns_key(make_recipe, tmp_pat
                                                  grpo={"rewards": [{"fn": "exact_answer"}]})))
     code, err = cli(capsys, "validate", str(recipe), "--set", override)
     assert code == 2 and named in err, err
+
+
+def test_a_trl_name_is_answered_only_with_a_key_this_algorithm_has(recipe_file, capsys):
+    """(an sft or dpo recipe was sent to 'dpo.sampling.max_prompt_length', which no such recipe has)"""
+    code, err = cli(capsys, "validate", recipe_file(), "--set", "data.max_completion_length=64")
+    assert code == 2 and "TRL's 'max_completion_length' is 'data.max_length' here" in err
+    code, err = cli(capsys, "validate", recipe_file(), "--set", "sft.temperature=0.7")
+    assert code == 2 and "sampling" not in err

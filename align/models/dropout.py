@@ -11,16 +11,21 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-RATE_WORDS = ("dropout", "pdrop", "layerdrop")
+RATE_WORDS = ("dropout", "pdrop", "layerdrop", "jitter_noise")
 """What the name of a rate read in training mode holds, besides `nn.Dropout`'s p: attention layers'
 `attention_dropout`; OPT, XGLM and BioGPT layers' `dropout`, `activation_dropout` and `layerdrop`
-(`nn.functional.dropout(p=self.dropout)`); Falcon's `config.hidden_dropout`; GPT-2's `resid_pdrop`."""
+(`nn.functional.dropout(p=self.dropout)`); Falcon's `config.hidden_dropout`; GPT-2's `resid_pdrop`;
+the noise Mixtral's and PhiMoE's MoE blocks multiply their input by (`jitter_noise`,
+`input_jitter_noise`)."""
+NOT_RATES = ("router_jitter_noise",)
+"""PhiMoE's also sets its eval-mode routing threshold: never changed (it samples experts in training
+mode: left alone, see the README)."""
 
 
 def _rates(obj) -> list[str]:
     """The names of `obj`'s own float attributes that are dropout rates."""
     return [name for name, value in vars(obj).items()
-            if type(value) is float and any(word in name.lower() for word in RATE_WORDS)]
+            if type(value) is float and any(word in name.lower() for word in RATE_WORDS) and name not in NOT_RATES]
 
 
 def _configs(module: nn.Module) -> list[PretrainedConfig]:

@@ -33,6 +33,8 @@ from align.data.prompts import tokenize_prompts
 from align.errors import AlignError
 from align.losses.policy_gradient import nan_std
 from align.models import sharding, zero
+from align.models.layouts import check_rope_lengths
+from align.models.reward import RewardScorer
 from align.rewards import RewardFunctions
 from align.rewards.calling import PROMPT_COLUMNS
 from align.rollout import Rollout, SamplingParams, make_engine
@@ -114,6 +116,10 @@ class OnlineTrainer(Trainer):
         """Reward functions and the rollout engine; then every reward is tried once on real samples."""
         self.rewards = RewardFunctions.from_config(self.rl.rewards, key=f"{self.algorithm}.rewards")
         self.rewards.match_policy(self.policy.tokenizer, self.eos_ids)
+        longest, setting = self.longest_sequence
+        for fn, key in zip(self.rewards.functions, self.rewards.keys):
+            if isinstance(fn, RewardScorer):  # (it packs prompt + completion pairs into one row)
+                check_rope_lengths(fn.reward_model.module, longest, setting, f"the reward model {key}")
         self.start_engine()
         rows = [self.train_data[i] for i in range(min(2, len(self.train_data)))]
         params = self.sampling_params(seed=self.cfg.seed, max_new_tokens=min(16, self.rl.sampling.max_new_tokens))
