@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from align.cli import quiet_libraries
 from align.config import recipe_from_dict
 from align.trainers import SFTTrainer
 
@@ -41,5 +42,6 @@ def main(output_dir: str = "runs/example-python-api", max_steps: int = 20) -> di
 
 
 if __name__ == "__main__":
+    quiet_libraries()  # no per-file progress bars from datasets/transformers, as in the CLI
     torch.manual_seed(0)
     main(*sys.argv[1:2])
