@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -93,9 +94,13 @@ def test_export_of_a_checkpoint_gives_that_steps_model(make_recipe, tmp_path, ca
     if kind == "lora":
         export_merged(str(run), str(tmp_path / "final"))
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "final" if kind == "lora" else run).eval()
+    (tmp_path / "step4").mkdir()  # an empty directory (a mount point, say) is written into, not replaced
     for step in (2, 4):
         assert main(["export", str(run / f"checkpoints/step-{step:06d}"), str(tmp_path / f"step{step}")]) == 0
     assert f"model written to {tmp_path / 'step2'}" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "step2").stat().st_mode & 0o777 == 0o777 & ~umask  # (a staging folder's 0700 was kept)
     with torch.no_grad():
         want = final(input_ids=INPUT).logits
         for step in (2, 4):
@@ -103,13 +108,33 @@ def test_export_of_a_checkpoint_gives_that_steps_model(make_recipe, tmp_path, ca
             assert not (tmp_path / f"step{step}" / "adapter_config.json").exists()
             same = torch.allclose(exported(input_ids=INPUT).logits, want, atol=1e-5, rtol=0)
             assert same == (step == 4)  # the last checkpoint is the final model; the earlier one its own step's
-    assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
+    assert not [p for d in ("step2", "step4") for p in (tmp_path / d).iterdir() if p.name.startswith(".")]
     AutoModelForCausalLM.from_pretrained(base).save_pretrained(base)  # the base written again (same weights)
     with open(base / "config.json", "a") as f:
         f.write("\n")
     with pytest.raises(AlignError, match=r"model.name_or_path .* changed since this checkpoint was written"):
         export(str(run / "checkpoints/step-000002"), str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()
+
+
+def test_export_of_a_dpo_checkpoint_loads_no_reference_model(make_recipe, tmp_path):
+    """(it built the trainer's whole policy: a reference model, a teacher or a critic loaded for nothing,
+    and refused once their folder was gone)"""
+    import shutil
+
+    from align.toy import preference_rows
+    from align.trainers import DPOTrainer
+
+    reference = tmp_path / "reference"
+    shutil.copytree(resolve("builtin:tiny-llama"), reference)
+    DPOTrainer.from_recipe(make_recipe(algorithm="dpo", rows=preference_rows(8), dpo={"reference_model": str(reference)},
+                                       train={"max_steps": 2, "save_every": 2, "lr": 1e-2})).fit()
+    shutil.rmtree(reference)
+    export(str(tmp_path / "run" / "checkpoints" / "step-000002"), str(tmp_path / "exported"))
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()(input_ids=INPUT).logits
+        final = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval()(input_ids=INPUT).logits
+    torch.testing.assert_close(exported, final, atol=1e-6, rtol=0)
 
 
 def test_reference_strategies(make_recipe):

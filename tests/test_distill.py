@@ -254,7 +254,7 @@ def test_recipe_checks(distill_recipe):
     with pytest.raises(AlignError, match=r"distill\.teacher_model: required key is missing"):
         _recipe_without_teacher(distill_recipe)
     with pytest.raises(AlignError, match="beta applies to divergence: generalized_jsd only"):
-        distill_recipe(distill={"beta": 0.5})
+        distill_recipe(distill={"beta": 0.9})
     recipe = distill_recipe(distill={"divergence": "generalized_jsd", "beta": 0.25})
     assert recipe.distill.beta == 0.25
 

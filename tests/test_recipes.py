@@ -23,6 +23,20 @@ def test_tiny_recipe_runs(name, tmp_path, monkeypatch, capsys):
                  "--set", "train.progress=false", "--set", "train.eval_every=null", "--set", "train.save_every=null"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "metrics.jsonl").exists() and (tmp_path / "out" / "recipe.yaml").exists()
+    # the run's own recipe.yaml (what the stop message tells a preempted run to train on) reads again
+    assert main(["validate", str(tmp_path / "out" / "recipe.yaml"), "--set", f"output_dir={tmp_path}/again"]) == 0, \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")
+                                        if "algorithm:" in p.read_text()))
+def test_every_recipe_saved_as_a_run_saves_it_reads_again(path, monkeypatch):
+    """(a distillation run's recipe.yaml, which holds every key, was refused: an explicit default beta)"""
+    from align.config import load_recipe, recipe_from_dict
+
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(path)
+    assert recipe_from_dict(recipe.model_dump(mode="json")) == recipe
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes" / "real").glob("*.yaml")))

@@ -242,3 +242,23 @@ def test_an_output_dir_that_is_or_holds_an_input_is_refused_before_the_model_loa
     with pytest.raises(AlignError, match=r"data.train.path: .* lies in output_dir"):
         SFTTrainer.from_recipe(recipe).fit(overwrite=True)  # (--overwrite would have moved the data aside)
     assert (within / "data" / "train.jsonl").exists()
+
+
+def test_a_resume_past_its_steps_or_from_no_checkpoint_is_refused_before_anything_moves(make_recipe, tmp_path,
+                                                                                        capsys):
+    """(past max_steps was refused after --overwrite had moved a finished run aside, and validate said
+    valid; a run directory given as the checkpoint was called another run's checkpoint)"""
+    run = tmp_path / "run"
+    SFTTrainer.from_recipe(make_recipe(train={"max_steps": 2, "save_every": 2})).fit()
+    other = tmp_path / "other"
+    SFTTrainer.from_recipe(make_recipe(output_dir=str(other), train={"max_steps": 1})).fit()
+    recipe = tmp_path / "past.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(raw=True, output_dir=str(other), train={
+        "max_steps": 1, "resume_from": str(run / "checkpoints" / "step-000002")})))
+    for command in ("validate", "train"):
+        assert main([command, str(recipe), "--overwrite"]) == 2
+        assert "is at step 2, past this run's 1 steps" in capsys.readouterr().err
+    assert (other / "model.safetensors").exists() and not list(tmp_path.glob("other.old-*"))
+    recipe.write_text(yaml.safe_dump(make_recipe(raw=True, train={"max_steps": 2, "resume_from": str(run)})))
+    assert main(["validate", str(recipe)]) == 2
+    assert "is not a complete checkpoint directory" in capsys.readouterr().err

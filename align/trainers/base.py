@@ -267,6 +267,12 @@ class Trainer(Batches, Resumable):
         return Policy.from_config(recipe.model, recipe.adapter, reference="none")
 
     @classmethod
+    def build_exported_policy(cls, recipe: Recipe) -> Trainable:
+        """The trained model alone, as `align export` of a checkpoint loads it (no reference, teacher
+        or critic): a checkpoint's weights of its module are put into it."""
+        return Policy.from_config(recipe.model, recipe.adapter, reference="none")
+
+    @classmethod
     def build_dataset(cls, recipe: Recipe, tokenizer, rows, fmt: str, key: str):
         """Rows of format `fmt` -> tokenized examples (a datasets.Dataset or a list). Needs no model:
         `align validate` runs it where the tokenizer is on the machine."""

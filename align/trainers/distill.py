@@ -65,7 +65,8 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _beta_is_for_the_jsd(self) -> "DistillConfig":
-        if "beta" in self.model_fields_set and self.divergence != "generalized_jsd":
+        # (a beta other than its default: a saved recipe, which holds every key, reads again)
+        if self.beta != type(self).model_fields["beta"].default and self.divergence != "generalized_jsd":
             raise ValueError(f"beta applies to divergence: generalized_jsd only, and divergence is {self.divergence!r}"
                              " (TRL's beta 1.0 is divergence: reverse_kl, 0.0 is forward_kl); set "
                              "divergence: generalized_jsd or remove beta")

@@ -127,9 +127,7 @@ class Resumable:
             return
         path = Path(path)
         state, objects = found[1:] if found else checkpoint.load_checkpoint(path, lazy=True, rows_when_read=True)
-        if state["step"] > self.total_steps:
-            raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
-                             f"{self.total_steps} steps; raise train.max_steps or start a new run")
+        check_steps_left(path, state, self.total_steps)
         applied = self.check_resumable(path, state)
         self.check_same_inputs(path, state)
         self.restore_state(objects)
@@ -182,7 +180,7 @@ class Resumable:
     def check_resume(self, overwrite: bool) -> None:
         """Before `fit` takes output_dir (nothing written yet): AlignError where `resume` would refuse
         train.resume_from's checkpoint for this recipe (see `check_resume`)."""
-        check_resume(self.recipe, overwrite, self.global_batch_size, self.RESUME_APPLIES, self.inputs)
+        check_resume(self.recipe, overwrite, self.global_batch_size, self.RESUME_APPLIES, self.inputs, self.total_steps)
 
     def check_resumable(self, path: Path, state: dict) -> list[str]:
         """The changes from the checkpoint's recipe to this one, as "key: old -> new" lines; AlignError
@@ -215,15 +213,25 @@ def resume_target(recipe, overwrite: bool = False) -> tuple[Path, dict] | None:
 
 
 def check_resume(recipe, overwrite: bool = False, global_batch_size: int | None = None,
-                 applies: tuple[str, ...] = Resumable.RESUME_APPLIES, inputs: dict | None = None) -> None:
+                 applies: tuple[str, ...] = Resumable.RESUME_APPLIES, inputs: dict | None = None,
+                 total_steps: int | None = None) -> None:
     """AlignError where the checkpoint `recipe` resumes from was trained with a recipe or on inputs this
-    one may not go on from (`resume_changes`, `check_same_inputs`): what `fit` and `align validate`
-    check before anything is written. global_batch_size None (validate: the process count is not
-    known yet): batch_size and grad_accum changes are left for `fit` to judge."""
+    one may not go on from (`resume_changes`, `check_same_inputs`), or is past its steps: what `fit`
+    and `align validate` check before anything is written. global_batch_size None (validate: the
+    process count is not known yet): batch_size and grad_accum changes are left for `fit` to judge;
+    total_steps None: train.max_steps, if set."""
     found = resume_target(recipe, overwrite)
     if found:
+        check_steps_left(*found, total_steps or recipe.train.max_steps)
         resume_changes(recipe, *found, global_batch_size, applies)
         check_same_inputs(recipe, *found, inputs)
+
+
+def check_steps_left(path: Path, state: dict, total_steps: int | None) -> None:
+    """AlignError if the checkpoint is past the run's `total_steps` (None: not known yet)."""
+    if total_steps is not None and state.get("step", 0) > total_steps:
+        raise AlignError(f"train.resume_from: {path} is at step {state['step']}, past this run's "
+                         f"{total_steps} steps; raise train.max_steps or start a new run")
 
 
 def check_same_inputs(recipe, path: Path, state: dict, inputs: dict | None = None) -> None:

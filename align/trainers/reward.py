@@ -30,6 +30,10 @@ class RewardTrainer(PreferenceTrainer):
     def build_policy(cls, recipe) -> RewardModel:
         return RewardModel.from_config(recipe.model, recipe.adapter)
 
+    @classmethod
+    def build_exported_policy(cls, recipe) -> RewardModel:
+        return RewardModel.from_config(recipe.model, recipe.adapter)
+
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Pairs packed as DPO's; each score read where the model's own forward() reads it (its last
         token that is not the pad token: `pack_groups`' score_skip_id)."""

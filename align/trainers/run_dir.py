@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from align.errors import AlignError
-from align.trainers.checkpoint import checkpoint_run_id, clean_staging, list_checkpoints
+from align.trainers.checkpoint import STATE_FILE, checkpoint_run_id, clean_staging, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ def refuse_other_run(path: Path, resume_from: str | None, overwrite: bool) -> No
         raise AlignError(f"output_dir {str(path)!r} holds a run written without a run.json (an older Align); "
                          "it cannot be resumed: use --overwrite to move it aside, or another output_dir")
     if checkpoint is not None:
+        if not (checkpoint / STATE_FILE).is_file():
+            raise AlignError(f"train.resume_from: {resume_from!r} is not a complete checkpoint directory (no "
+                             f"{STATE_FILE}): give one of OUTPUT_DIR/checkpoints/step-NNNNNN, or auto")
         owner = checkpoint_run_id(checkpoint)
         if owner != run["run_id"]:
             raise AlignError(f"output_dir {str(path)!r} holds a run{started}, but train.resume_from {resume_from!r} is "
