@@ -9,6 +9,10 @@
   (`train.resume_from`) or asks to `overwrite` it, which moves the old run aside to
   `OUTPUT_DIR.old-<time>` (never deletes it). A non-empty directory that holds no run (say, a
   source tree) is always refused.
+- A run resumes from a checkpoint of its own only: another run's checkpoint starts a new run in a
+  new or empty directory; `auto` on a finished run that saved no checkpoint is refused (it would
+  start over on its model). A run that stopped before its first step (`PLACEHOLDER_FILES`) loses
+  nothing and is taken over.
 """
 
 from __future__ import annotations
