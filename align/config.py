@@ -572,32 +572,28 @@ def _trl_name(model: type[BaseModel], loc: tuple) -> str | None:
     return None
 
 
+def _section_type(model: type[BaseModel], name) -> type[BaseModel] | None:
+    """The pydantic model `model`'s field `name` holds (a section, optional or not), or None."""
+    field = model.model_fields.get(name) if isinstance(name, str) else None
+    if field is None:
+        return None
+    return next((c for c in getattr(field.annotation, "__args__", (field.annotation,))
+                 if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
 def _has_key(model: type[BaseModel], path: list[str]) -> bool:
     """Whether the recipe model has the nested key `path` (sections followed through their types)."""
-    for depth, part in enumerate(path):
-        field = model.model_fields.get(part)
-        if field is None:
+    for part in path[:-1]:
+        model = _section_type(model, part)
+        if model is None:
             return False
-        if depth < len(path) - 1:
-            inner = [c for c in getattr(field.annotation, "__args__", (field.annotation,))
-                     if isinstance(c, type) and issubclass(c, BaseModel)]
-            if not inner:
-                return False
-            model = inner[0]
-    return True
+    return path[-1] in model.model_fields
 
 
 def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
     """The valid key nearest to the unknown one at `loc`, looked up in the nested pydantic model."""
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        if field is None:
-            continue
-        inner = field.annotation
-        for candidate in getattr(inner, "__args__", (inner,)):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                model = candidate
-                break
+        model = _section_type(model, part) or model  # (a list index, or no section: the same model)
     match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
     return match[0] if match else None
 

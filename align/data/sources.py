@@ -6,7 +6,6 @@ import contextlib
 import csv
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -100,8 +99,10 @@ def _text_features(files: list[str]) -> datasets.Features | None:
         if not header:
             return None
         headers.add(tuple(name or f"Unnamed: {i}" for i, name in enumerate(header)))  # (pandas' name for a blank)
-    (header,) = headers if len(headers) == 1 else (None,)
-    if header is None or len(set(header)) != len(header):
+    if len(headers) != 1:
+        return None
+    (header,) = headers
+    if len(set(header)) != len(header):
         return None
     return datasets.Features({name: datasets.Value("string") for name in header})
 
@@ -111,26 +112,30 @@ CSV_TYPED = {"label": "bool", "margin": "float", "label_smoothing": "float"}
 own `label_smoothing` (`align label` writes one for a tie it keeps)."""
 
 
+_UNREADABLE = object()
+
+
+def _csv_value(text: str | None, kind: str):
+    """A csv cell of a CSV_TYPED column as a bool (true/false/1/0, any case) or a number (a blank
+    cell: None), or _UNREADABLE."""
+    if kind == "bool":
+        return {"true": True, "1": True, "false": False, "0": False}.get(str(text).strip().lower(), _UNREADABLE)
+    if text is None or not text.strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return _UNREADABLE
+
+
 def _csv_typed_columns(data: datasets.Dataset) -> datasets.Dataset:
-    """A csv's CSV_TYPED columns, read as text, made bools (true/false/1/0, any case) or numbers (a
-    blank cell: none) when every row reads so; otherwise left as text, for their checks to name the row."""
-    truth = {"true": True, "1": True, "false": False, "0": False}
+    """A csv's CSV_TYPED columns, read as text, made values (`_csv_value`) when every row reads so;
+    otherwise left as text, for their checks to name the row."""
     for name, kind in CSV_TYPED.items():
         if name not in data.column_names:
             continue
-        values = []
-        for text in data[name]:
-            if kind == "bool":
-                values.append(truth.get(str(text).strip().lower()))
-            elif text is None or not text.strip():
-                values.append(math.nan)  # (blank: none given; NaN keeps the column a float one)
-            else:
-                try:
-                    values.append(float(text))
-                except ValueError:
-                    values.append(None)
-        if all(value is not None for value in values):
-            values = [None if kind == "float" and math.isnan(v) else v for v in values]
+        values = [_csv_value(text, kind) for text in data[name]]
+        if _UNREADABLE not in values:
             data = data.remove_columns(name).add_column(name, values)
     return data
 

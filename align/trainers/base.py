@@ -269,8 +269,8 @@ class Trainer(Batches, Resumable):
     @classmethod
     def build_exported_policy(cls, recipe: Recipe) -> Trainable:
         """The trained model alone, as `align export` of a checkpoint loads it (no reference, teacher
-        or critic): a checkpoint's weights of its module are put into it."""
-        return Policy.from_config(recipe.model, recipe.adapter, reference="none")
+        or critic): a checkpoint's weights of its module are put into it. The base trainer's policy."""
+        return Trainer.build_policy(recipe)
 
     @classmethod
     def build_dataset(cls, recipe: Recipe, tokenizer, rows, fmt: str, key: str):

@@ -30,9 +30,7 @@ class RewardTrainer(PreferenceTrainer):
     def build_policy(cls, recipe) -> RewardModel:
         return RewardModel.from_config(recipe.model, recipe.adapter)
 
-    @classmethod
-    def build_exported_policy(cls, recipe) -> RewardModel:
-        return RewardModel.from_config(recipe.model, recipe.adapter)
+    build_exported_policy = build_policy  # (a reward model holds nothing besides what it exports)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Pairs packed as DPO's; each score read where the model's own forward() reads it (its last
